@@ -1,0 +1,52 @@
+"""Canonizers by name: ``vgg``, ``resnet``, ``merge_batchnorm``, ``residual``; lists compose."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .base import Canonizer, Composed
+
+_FACTORIES: dict[str, Callable[[], Canonizer]] = {}
+
+
+def _builtin() -> None:
+    from .batchnorm import MergeBatchNorm
+    from .residual import ResidualAdditions, TorchvisionResidualBlocks
+
+    _FACTORIES.update({
+        "merge_batchnorm": MergeBatchNorm,
+        "vgg": lambda: Composed("vgg", [MergeBatchNorm()]),
+        "resnet": lambda: Composed("resnet", [MergeBatchNorm(), TorchvisionResidualBlocks()]),
+        "residual": ResidualAdditions,
+    })
+
+
+def names() -> list[str]:
+    """The canonizer names accepted in configs and by ``attribute(canonizers=[...])``."""
+    if not _FACTORIES:
+        _builtin()
+    return sorted(_FACTORIES)
+
+
+def make(spec: str | Canonizer) -> Canonizer:
+    """A fresh canonizer from a name, or a copy of a canonizer object (each session needs its own state)."""
+    if isinstance(spec, Canonizer):
+        return copy.deepcopy(spec)
+    if not isinstance(spec, str) or spec not in names():
+        raise ValueError(f"unknown canonizer {spec!r}; valid canonizers: {', '.join(names())}")
+    return _FACTORIES[spec]()
+
+
+def make_all(specs: Sequence[Any] | None) -> list[Canonizer]:
+    return [make(s) for s in (specs or [])]
+
+
+def register(name: str, factory: Callable[[], Canonizer]) -> None:
+    """Add a canonizer factory under a name."""
+    names()
+    _FACTORIES[name] = factory
+
+
+__all__ = ["Canonizer", "Composed", "names", "make", "make_all", "register"]

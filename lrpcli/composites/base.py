@@ -1,0 +1,124 @@
+"""Composites: which rule each module gets. Building blocks and the context that applies them.
+
+A composite answers ``rule_for(name, module, state)`` with a Rule or None (no rule: the plain gradient flows
+and the module is reported). The blocks compose: ``LayerMap`` by type, ``NameMap`` by module-name glob,
+``FirstLayer`` for the first matching layer in forward order, ``Mixture`` tries its parts in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..hooks import Recorder, Session
+from ..rules.base import Rule
+
+Types = type | tuple[type, ...]
+
+
+class Composite:
+    """Base: subclasses implement ``rule_for``. ``seed`` is 'output' (relevance: start from the logit) or
+    'onehot' (gradient-space composites: start from a one-hot, as gradients do)."""
+
+    seed: str = "output"
+    name: str = "custom"
+
+    def __init__(self, canonizers: Sequence[Any] = (), strict: bool = False, seed: str | None = None,
+                 name: str | None = None) -> None:
+        self.canonizers = list(canonizers)
+        self.strict = strict
+        if seed is not None:
+            self.seed = seed
+        if name is not None:
+            self.name = name
+
+    def rule_for(self, name: str, module: nn.Module, state: dict) -> Rule | None:
+        raise NotImplementedError
+
+    def context(self, model: nn.Module, *, canonizers: Sequence[Any] | None = None, strict: bool | None = None,
+                recorder: Recorder | None = None) -> Session:
+        """``with composite.context(model) as m:`` — rules active on ``m`` inside, everything undone on exit."""
+        from ..canonizers import make_all
+
+        specs = self.canonizers if canonizers is None else list(canonizers)
+        return Session(self, model, canonizers=make_all(specs), strict=self.strict if strict is None else strict,
+                       recorder=recorder)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class LayerMap(Composite):
+    """Rules by module type: ``LayerMap([(nn.Linear, Epsilon()), ((nn.Conv2d, nn.Conv1d), Gamma())])``."""
+
+    def __init__(self, pairs: Sequence[tuple[Types, Rule]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pairs = [(types if isinstance(types, tuple) else (types,), rule) for types, rule in pairs]
+
+    def rule_for(self, name: str, module: nn.Module, state: dict) -> Rule | None:
+        for types, rule in self.pairs:
+            if isinstance(module, types):
+                return rule
+        return None
+
+
+class NameMap(Composite):
+    """Rules by module name glob (``features.0``, ``layer4.*``) or, for a type key, by type."""
+
+    def __init__(self, pairs: Sequence[tuple[str | Types, Rule]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pairs = list(pairs)
+
+    def rule_for(self, name: str, module: nn.Module, state: dict) -> Rule | None:
+        for key, rule in self.pairs:
+            if isinstance(key, str):
+                if fnmatch.fnmatchcase(name, key):
+                    return rule
+            elif isinstance(module, key):
+                return rule
+        return None
+
+
+class FirstLayer(Composite):
+    """The special rule for the first module of the given types in forward order (not definition order)."""
+
+    def __init__(self, types: Types, rule: Rule, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.types = types if isinstance(types, tuple) else (types,)
+        self.rule = rule
+
+    def rule_for(self, name: str, module: nn.Module, state: dict) -> Rule | None:
+        if not isinstance(module, self.types):
+            return None
+        key = ("first", id(self))
+        if key in state:
+            return None
+        state[key] = name
+        return self.rule
+
+
+class Mixture(Composite):
+    """Tries its parts in order; the first rule found wins."""
+
+    def __init__(self, parts: Sequence[Composite], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.parts = list(parts)
+
+    def rule_for(self, name: str, module: nn.Module, state: dict) -> Rule | None:
+        for part in self.parts:
+            rule = part.rule_for(name, module, state)
+            if rule is not None:
+                return rule
+        return None
+
+
+def with_options(composite: Composite, **options: Any) -> Composite:
+    """A shallow copy with other canonizers/strict/seed (the rules are shared)."""
+    clone = copy.copy(composite)
+    for key, value in options.items():
+        setattr(clone, key, value)
+    return clone

@@ -1,0 +1,415 @@
+"""The hook machinery: one autograd node per module call that swaps the gradient for the rule's relevance.
+
+How it works. Inside a ``Session`` every leaf module has a forward hook. When a module that got a rule
+runs, the hook wraps its output ``z`` in ``_RuleFunction``, an identity in the forward whose backward calls
+the rule with the relevance arriving at ``z`` and returns the relevance for each of the module's inputs
+directly. The module's own backward is never run (the rule's result replaces it) and the layer is never
+re-run: the forward already computed ``z``, and rules reuse it.
+
+Per-call state (inputs, output, rule) lives in a ``LayerCall`` owned by the autograd node, so a module called
+twice in one forward gets two independent records, and everything is freed with the graph. The session can be
+made inactive (``inactive()``): nodes then pass the plain gradient to ``z``, which is what a second backward
+through a relevance (create_graph=True) must see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .layerops import bias_shape
+from .rules.base import Rule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .canonizers.base import Canonizer
+    from .composites.base import Composite
+
+
+class LayerCall:
+    """One call of a hooked module: what its rule needs in the backward."""
+
+    __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions")
+
+    def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
+                 inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self.session = session
+        self.module = module
+        self.name = name
+        self.key = key
+        self.rule = rule
+        self.inputs = inputs
+        self.output = output
+        self.versions = tuple(t._version for t in inputs) + (output._version,)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.inputs[0]
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias in effect for this call (merged ones while a canonizer is active)."""
+        return self.session.params_of(self.module)
+
+    def output_without_bias(self) -> torch.Tensor:
+        """z - b: the layer output without its bias term, from the stored output (no re-run)."""
+        _, bias = self.params()
+        if bias is None:
+            return self.output
+        return self.output - bias.view(bias_shape(self.module, self.output))
+
+    def native_vjp(self, v: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The module's own vector-Jacobian product at v, for each input (None where an input has no path)."""
+        wanted = [t for t in self.inputs if t.requires_grad]
+        if not wanted:
+            return tuple(None for _ in self.inputs)
+        grads = iter(torch.autograd.grad(self.output, wanted, v, retain_graph=True,
+                                          create_graph=torch.is_grad_enabled(), allow_unused=True))
+        return tuple(next(grads) if t.requires_grad else None for t in self.inputs)
+
+    def check_unmodified(self) -> None:
+        now = tuple(t._version for t in self.inputs) + (self.output._version,)
+        if now != self.versions:
+            raise RuntimeError(
+                f"lrpcli: the input or output of module {self.name!r} ({type(self.module).__name__}) was modified "
+                "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
+                "tensors (e.g. `out += identity`: use the 'residual' canonizer, or `out = out + identity`)."
+            )
+
+
+class _RuleFunction(torch.autograd.Function):
+    """Identity in the forward; the rule's relevance in the backward (plain gradient when inactive)."""
+
+    @staticmethod
+    def forward(ctx: Any, call: LayerCall, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.call = call
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        call: LayerCall = ctx.call
+        n = len(call.inputs)
+        if not call.session.active:
+            return (None, relevance) + (None,) * n
+        call.check_unmodified()
+        result = call.rule.relevance(call, relevance)
+        if call.session.recorder is not None:
+            call.session.recorder.on_backward(call, relevance, result)
+        return (None, None) + tuple(result)
+
+
+@dataclass
+class Assignment:
+    """What a leaf module got: its rule (None = nothing, the plain gradient flows) and how often it ran."""
+
+    name: str
+    module: nn.Module
+    rule: Rule | None
+    calls: int = 0
+    order: int = -1
+
+    @property
+    def type_name(self) -> str:
+        return type(self.module).__name__
+
+
+@dataclass
+class ProbeCall:
+    """One leaf call seen by the probe forward: which tensors went in and came out (by identity)."""
+
+    name: str
+    module: nn.Module
+    inputs: tuple[int, ...]
+    output: int | None
+
+
+@dataclass
+class Probe:
+    """The leaf calls of one real forward, in the order they ran (for canonizers that need data flow)."""
+
+    calls: list[ProbeCall] = field(default_factory=list)
+
+
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, list[Session]] = weakref.WeakKeyDictionary()
+
+
+class Session:
+    """A context in which a model's leaf modules carry LRP rules; everything is undone on exit.
+
+    Use ``with composite.context(model) as m:`` — ``m`` is the model to call (a canonizer may wrap it).
+    On exit, also on exceptions, all hooks are removed, canonizers reverted and ``inplace`` flags restored.
+    """
+
+    def __init__(self, composite: Composite, model: nn.Module, *, canonizers: Sequence[Canonizer] = (),
+                 strict: bool = False, recorder: Recorder | None = None) -> None:
+        self.composite = composite
+        self.original = model
+        self.model = model
+        self.canonizers = list(canonizers)
+        self.strict = strict
+        self.recorder = recorder
+        self.active = True
+        self.assignments: dict[nn.Module, Assignment] = {}
+        self.param_overrides: dict[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self.notes: list[str] = []  # what canonizers did, for reports
+        self._handles: list[Any] = []
+        self._inplace: list[nn.Module] = []
+        self._names: dict[nn.Module, str] = {}
+        self._call_counts: dict[nn.Module, int] = {}
+        self._state: dict[Any, Any] = {}
+        self._order = 0
+        self._probed = False
+        self._probing = False
+        self._warned = False
+        self._entered = False
+
+    # -- context -------------------------------------------------------------------------------------------
+    def __enter__(self) -> nn.Module:
+        if self._entered:
+            raise RuntimeError("lrpcli: a session can be entered once; make a new context")
+        self._entered = True
+        try:
+            for module in self.original.modules():
+                if getattr(module, "inplace", False) is True:
+                    module.inplace = False
+                    self._inplace.append(module)
+            model = self.original
+            for canonizer in self.canonizers:
+                model = canonizer.apply(model, self)
+            self.model = model
+            self._register(model)
+        except BaseException:
+            self._undo()
+            raise
+        _SESSIONS.setdefault(self.original, []).append(self)
+        if self.model is not self.original:
+            _SESSIONS.setdefault(self.model, []).append(self)
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for key in {self.original, self.model}:
+            sessions = _SESSIONS.get(key, [])
+            if self in sessions:
+                sessions.remove(self)
+        self._undo()
+
+    def _undo(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for canonizer in reversed(self.canonizers):
+            canonizer.revert()
+        self.param_overrides.clear()
+        for module in self._inplace:
+            module.inplace = True
+        self._inplace.clear()
+
+    @contextlib.contextmanager
+    def inactive(self) -> Iterator[None]:
+        """Rules off: backward passes inside this block see the plain gradient (second-order use)."""
+        previous, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    # -- registration --------------------------------------------------------------------------------------
+    def _register(self, model: nn.Module) -> None:
+        self._names = {}
+        for name, module in model.named_modules():
+            if next(module.children(), None) is None:
+                self._names[module] = name or type(module).__name__
+                self.assignments[module] = Assignment(name or type(module).__name__, module, None)
+                self._handles.append(module.register_forward_hook(self._forward_hook))
+        self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
+        self._handles.append(model.register_forward_hook(self._root_hook))
+
+    def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if self._probing:
+            return
+        if not self._probed:
+            self._probed = True
+            if any(c.needs_probe for c in self.canonizers):
+                self._run_probe(args)
+        self._call_counts = {}
+        if self.recorder is not None:
+            self.recorder.start()
+
+    def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._probing or self._warned:
+            return
+        missing = [a for a in self.assignments.values() if a.rule is None and a.calls > 0]
+        if missing:
+            self._warned = True
+            names = ", ".join(f"{a.name!r} ({a.type_name})" for a in missing[:8])
+            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            warnings.warn(
+                f"lrpcli: no rule for modules that compute something: {names}{more}; the plain gradient flows "
+                "through them. Add a rule override or use a composite that covers them.",
+                UnhandledModuleWarning, stacklevel=2)
+
+    def _run_probe(self, args: tuple) -> None:
+        """One forward on the first sample, recording which leaf produced the tensor each leaf consumed."""
+        probe = Probe()
+        keep: list[Any] = []  # hold every tensor seen so that ids stay unique during the probe
+
+        def record(module: nn.Module, inputs: tuple, output: Any) -> None:
+            keep.append((inputs, output))
+            ids = tuple(id(t) for t in inputs if isinstance(t, torch.Tensor))
+            out = id(output) if isinstance(output, torch.Tensor) else None
+            probe.calls.append(ProbeCall(self._names.get(module, type(module).__name__), module, ids, out))
+
+        handles = [m.register_forward_hook(record) for m in self._names]
+        small = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
+        self._probing = True
+        try:
+            with torch.no_grad():
+                keep.append(self.model(*small))
+        finally:
+            self._probing = False
+            for handle in handles:
+                handle.remove()
+        for canonizer in self.canonizers:
+            if canonizer.needs_probe:
+                canonizer.on_probe(probe, self)
+
+    # -- rules ---------------------------------------------------------------------------------------------
+    def rule_for(self, module: nn.Module) -> Rule | None:
+        assignment = self.assignments[module]
+        if assignment.order < 0:
+            assignment.order = self._order
+            self._order += 1
+            rule = self.composite.rule_for(assignment.name, module, self._state)
+            if rule is not None:
+                rule.check(module, assignment.name)
+            elif self.strict:
+                raise UnhandledModuleError(
+                    f"lrpcli: no rule for module {assignment.name!r} ({assignment.type_name}) and strict=True")
+            assignment.rule = rule
+        return assignment.rule
+
+    def params_of(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        override = self.param_overrides.get(module)
+        if override is not None:
+            return override()
+        return module.weight, module.bias
+
+    def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self._probing:
+            return None
+        rule = self.rule_for(module)
+        assignment = self.assignments[module]
+        count = self._call_counts.get(module, 0)
+        self._call_counts[module] = count + 1
+        assignment.calls += 1
+        if rule is None or not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
+            return None
+        inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
+        if not output.requires_grad:
+            return None
+        key = assignment.name if count == 0 else f"{assignment.name}#{count + 1}"
+        call = LayerCall(self, module, assignment.name, key, rule, inputs, output)
+        if self.recorder is not None:
+            self.recorder.on_forward(call)
+        return _RuleFunction.apply(call, output, *inputs)
+
+    # -- reports -------------------------------------------------------------------------------------------
+    def coverage(self) -> list[Assignment]:
+        """Every leaf module in forward order (modules that never ran last), with the rule it got."""
+        ran = sorted((a for a in self.assignments.values() if a.order >= 0), key=lambda a: a.order)
+        idle = [a for a in self.assignments.values() if a.order < 0]
+        return ran + idle
+
+    def unhandled(self) -> list[Assignment]:
+        """Leaf modules that ran and got no rule (their plain gradient flowed)."""
+        return [a for a in self.coverage() if a.rule is None and a.calls > 0]
+
+
+class UnhandledModuleWarning(UserWarning):
+    """A module that computes something got no rule."""
+
+
+class UnhandledModuleError(ValueError):
+    """strict=True and a module that computes something got no rule."""
+
+
+class Recorder:
+    """Per-layer relevance sums (and optionally maps) collected during the one backward pass.
+
+    ``layers``: glob patterns of module names whose output relevance maps are kept (issue: per-layer maps).
+    """
+
+    def __init__(self, layers: Sequence[str] = (), keep_graph: bool = False) -> None:
+        self.patterns = list(layers)
+        self.keep_graph = keep_graph
+        self.start()
+
+    def start(self) -> None:
+        self.order: list[str] = []
+        self.rules: dict[str, str] = {}
+        self.relevance_out: dict[str, torch.Tensor] = {}
+        self.relevance_in: dict[str, torch.Tensor] = {}
+        self.maps: dict[str, torch.Tensor] = {}
+
+    def wants_map(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def on_forward(self, call: LayerCall) -> None:
+        self.order.append(call.key)
+        self.rules[call.key] = repr(call.rule)
+
+    def on_backward(self, call: LayerCall, relevance: torch.Tensor,
+                    result: tuple[torch.Tensor | None, ...]) -> None:
+        with torch.no_grad():
+            self.relevance_out[call.key] = _per_sample_sum(relevance)
+            total = None
+            for r in result:
+                if r is not None:
+                    s = _per_sample_sum(r)
+                    total = s if total is None else total + s
+            if total is not None:
+                self.relevance_in[call.key] = total
+        if self.patterns and self.wants_map(call.key):
+            self.maps[call.key] = relevance if self.keep_graph else relevance.detach()
+
+    def table(self) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
+        """(layers, rules, relevance_in N×L, relevance_out N×L) in forward order; NaN where nothing arrived."""
+        layers = list(self.order)
+        ref = next(iter(self.relevance_out.values()), None)
+        n = ref.shape[0] if ref is not None else 0
+        device = ref.device if ref is not None else "cpu"
+        r_in = torch.full((n, len(layers)), float("nan"), dtype=torch.float64, device=device)
+        r_out = torch.full_like(r_in, float("nan"))
+        for j, key in enumerate(layers):
+            if key in self.relevance_in:
+                r_in[:, j] = self.relevance_in[key]
+            if key in self.relevance_out:
+                r_out[:, j] = self.relevance_out[key]
+        return layers, [self.rules[k] for k in layers], r_in, r_out
+
+
+def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.dim() == 0:
+        return t.reshape(1).to(torch.float64)
+    return t.reshape(t.shape[0], -1).sum(dim=1, dtype=torch.float64)
+
+
+def sessions_of(model: nn.Module) -> list[Session]:
+    """The sessions currently entered on a model (or on the model a canonizer returned)."""
+    return list(_SESSIONS.get(model, []))
+
+
+@contextlib.contextmanager
+def rules_off(model: nn.Module) -> Iterator[None]:
+    """Switch the rules of every active session on ``model`` off: backward passes see plain gradients."""
+    with contextlib.ExitStack() as stack:
+        for session in sessions_of(model):
+            stack.enter_context(session.inactive())
+        yield

@@ -1,0 +1,81 @@
+"""Linear layers as functions of substituted weights: f(x; W, b) and its input-vjp W^T v.
+
+Rules that modify weights (ZPlus, Gamma, AlphaBeta, ZBox, Flat, WSquare) need the layer's operation with
+other weights and inputs, and the transposed operation applied to a relevance-derived vector. Both are
+expressed here once for Linear, ConvNd and ConvTransposeNd (any groups, stride, dilation, padding), so the
+rules never depend on the layer type. The transposed operation is computed directly (no forward, no graph);
+it stays differentiable for second-order use.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """True for the layer types the parameter rules handle."""
+    return isinstance(module, LINEAR_TYPES)
+
+
+def bias_shape(module: nn.Module, z: torch.Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a bias vector over the output z (features last for Linear, channel dim 1 else)."""
+    if isinstance(module, nn.Linear):
+        return (z.shape[-1],)
+    return (1, z.shape[1]) + (1,) * (z.dim() - 2)
+
+
+def _simple_padding(module: nn.Module) -> bool:
+    return isinstance(module.padding, tuple) and getattr(module, "padding_mode", "zeros") == "zeros"
+
+
+def _transpose_output_padding(module: nn.Module, x: torch.Tensor, z: torch.Tensor) -> list[int]:
+    """The output_padding that reproduces z's spatial size (also when forward was given output_size)."""
+    n = z.dim() - 2
+    pads = []
+    for d in range(n):
+        base = (x.shape[2 + d] - 1) * module.stride[d] - 2 * module.padding[d]
+        base += module.dilation[d] * (module.kernel_size[d] - 1) + 1
+        pads.append(z.shape[2 + d] - base)
+    return pads
+
+
+def forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            z: torch.Tensor) -> torch.Tensor:
+    """The layer's operation on x with the given weight and bias (z only supplies the output shape)."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(module, CONV_TYPES):
+        return module._conv_forward(x, weight, bias)
+    return torch.convolution(x, weight, bias, list(module.stride), list(module.padding), list(module.dilation),
+                             True, _transpose_output_padding(module, x, z), module.groups)
+
+
+def input_vjp(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, v: torch.Tensor,
+              z: torch.Tensor) -> torch.Tensor:
+    """W^T v: the vector-Jacobian product of x -> f(x; W) at v, shaped like x (x supplies only the shape)."""
+    if isinstance(module, nn.Linear):
+        return v.matmul(weight)
+    if isinstance(module, CONV_TYPES) and _simple_padding(module):
+        shape = x if x.shape[0] == v.shape[0] else x.new_empty((v.shape[0],) + x.shape[1:])
+        return torch.ops.aten.convolution_backward(
+            v, shape, weight, None, list(module.stride), list(module.padding), list(module.dilation),
+            False, [0] * (x.dim() - 2), module.groups, [True, False, False])[0]
+    if isinstance(module, CONV_TRANSPOSE_TYPES):
+        shape = x if x.shape[0] == v.shape[0] else x.new_empty((v.shape[0],) + x.shape[1:])
+        return torch.ops.aten.convolution_backward(
+            v, shape, weight, None, list(module.stride), list(module.padding), list(module.dilation),
+            True, _transpose_output_padding(module, x, z), module.groups, [True, False, False])[0]
+    # padding given as a string or a non-zero padding mode: go through autograd on a fresh forward
+    batch = v.shape[0]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        xi = x.detach()[:1].expand((batch,) + x.shape[1:]).clone().requires_grad_(True)
+        out = module._conv_forward(xi, weight, None)
+        (grad,) = torch.autograd.grad(out, xi, v, create_graph=create_graph)
+    return grad

@@ -1,0 +1,16 @@
+"""Modules lrpcli adds to models: ``Sum`` makes a tensor addition visible to the rules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Sum(nn.Module):
+    """``Sum()(a, b, ...)`` returns a + b + ...; as a module it gets a rule (Norm: split by contribution)."""
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        out = tensors[0]
+        for t in tensors[1:]:
+            out = out + t
+        return out

@@ -1,0 +1,50 @@
+"""LRP rules, one module each; ``make(name, **params)`` builds one by its config name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .activations import BetaSmooth, DeconvNet, GuidedBackprop
+from .alphabeta import AlphaBeta
+from .base import ParamRule, Rule
+from .epsilon import Epsilon
+from .flat import Flat, WSquare
+from .gamma import Gamma
+from .maxpool import MaxPoolAverage
+from .norm import Norm
+from .passthrough import Gradient, Pass
+from .stabilizer import Stabilizer
+from .zbox import ZBox
+from .zplus import ZPlus
+
+RULES: dict[str, type[Rule]] = {
+    cls.name: cls
+    for cls in (Epsilon, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Norm, Pass, Gradient, GuidedBackprop,
+                DeconvNet, BetaSmooth, MaxPoolAverage)
+}
+ALIASES = {"alphabeta": "alpha_beta", "z_plus": "zplus", "w_square": "wsquare", "z_box": "zbox",
+           "wta": "gradient", "guidedbackprop": "guided_backprop", "betasmooth": "beta_smooth"}
+
+
+def names() -> list[str]:
+    """The rule names accepted by ``make`` and in configs."""
+    return sorted(RULES)
+
+
+def make(name: str, **params: Any) -> Rule:
+    """Build a rule by name; unknown names raise ValueError listing the valid ones, bad params TypeError/ValueError."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in RULES:
+        raise ValueError(f"unknown rule {name!r}; valid rules: {', '.join(names())}")
+    try:
+        return RULES[key](**params)
+    except TypeError as err:
+        import inspect
+
+        allowed = [p for p in inspect.signature(RULES[key].__init__).parameters if p != "self"]
+        raise TypeError(f"rule {key!r}: {err}; its parameters: {', '.join(allowed) or 'none'}") from None
+
+
+__all__ = ["Rule", "ParamRule", "Stabilizer", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare",
+           "Norm", "Pass", "Gradient", "GuidedBackprop", "DeconvNet", "BetaSmooth", "MaxPoolAverage", "make",
+           "names"]

@@ -1,0 +1,38 @@
+"""AlphaBeta: positive and negative contributions normalised separately, alpha - beta = 1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import ParamRule, check_number
+from .signsplit import SignSplit
+from .stabilizer import Stabilizer
+
+
+class AlphaBeta(ParamRule):
+    """R_i = sum_j [alpha (x+W+ + x-W-)_ij / s(z+_j) - beta (x+W- + x-W+)_ij / s(z-_j)] R_j.
+
+    z+ = sum_i (x+ W+ + x- W-) + b+ and z- = sum_i (x+ W- + x- W+) + b-: each bias part is counted once.
+    """
+
+    name = "alpha_beta"
+    shown = ("alpha", "beta")
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabilizer | float | None = None,
+                 zero_params: Sequence[str] = ()) -> None:
+        self.alpha = check_number("AlphaBeta", "alpha", alpha)
+        self.beta = check_number("AlphaBeta", "beta", beta)
+        if abs(self.alpha - self.beta - 1.0) > 1e-12:
+            raise ValueError(f"AlphaBeta: alpha - beta must be 1, got alpha={self.alpha:g}, beta={self.beta:g}")
+        super().__init__(stabilizer, zero_params)
+
+    def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        split = SignSplit(call, self.zero_bias)
+        pp, pn, np_, nn_ = split.products()
+        pos = self.alpha * relevance / self.stabilizer(pp + nn_ + split.bias_pos())
+        neg = None
+        if self.beta:
+            neg = -self.beta * relevance / self.stabilizer(pn + np_ + split.bias_neg())
+        return (split.backproject(pos, neg, neg, pos),)

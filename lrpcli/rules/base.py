@@ -1,0 +1,106 @@
+"""The Rule interface and the per-call record a rule works on.
+
+A rule maps the relevance arriving at a module's output to the relevance at each of its inputs. It sees one
+``LayerCall``: the module, the tensors it was called with, the output it produced (already computed by the
+forward — rules never re-run the original layer) and the effective parameters (canonizers may substitute
+merged weights). Rules are stateless and may be shared by many modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from .stabilizer import Stabilizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..hooks import LayerCall
+
+ZERO_PARAMS = ("bias",)
+
+
+class Rule:
+    """Base class: subclasses set ``name`` and implement ``relevance``."""
+
+    name: ClassVar[str] = "rule"
+    #: attribute names shown in repr, in order
+    shown: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, module: torch.nn.Module, name: str) -> None:
+        """Raise ValueError if this rule cannot handle ``module`` (called once, when the rule is assigned)."""
+
+    def relevance(self, call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Relevance at each input of the call, given the relevance at its output."""
+        raise NotImplementedError
+
+    def _repr_parts(self) -> list[str]:
+        return [f"{key}={_short(getattr(self, key))}" for key in self.shown]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self._repr_parts())})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and repr(self) == repr(other)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))
+
+
+def _short(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1:
+            return f"{value.item():g}"
+        return "[" + ", ".join(f"{v:g}" for v in value.flatten().tolist()[:4]) + (", ..." if value.numel() > 4 else "") + "]"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(repr(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value)
+
+
+def check_number(rule: str, key: str, value: object, minimum: float | None = 0.0, strict: bool = False) -> float:
+    """Validate a numeric rule parameter with a message naming the rule and key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{rule}: {key} must be a number, got {value!r}")
+    value = float(value)
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{rule}: {key} must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
+    return value
+
+
+class ParamRule(Rule):
+    """A rule for layers with weights (Linear, Conv, ConvTranspose): stabilizer and zero_params."""
+
+    def __init__(self, stabilizer: Stabilizer | float | None = None, zero_params: Sequence[str] = ()) -> None:
+        self.stabilizer = Stabilizer.coerce(stabilizer)
+        if isinstance(zero_params, str):
+            zero_params = (zero_params,)
+        for param in zero_params:
+            if param not in ZERO_PARAMS:
+                raise ValueError(
+                    f"{type(self).__name__}: zero_params: unknown parameter {param!r}; allowed: {', '.join(ZERO_PARAMS)}"
+                )
+        self.zero_params = tuple(zero_params)
+
+    @property
+    def zero_bias(self) -> bool:
+        return "bias" in self.zero_params
+
+    def check(self, module: torch.nn.Module, name: str) -> None:
+        from ..layerops import is_linear_layer
+
+        if not is_linear_layer(module):
+            raise ValueError(
+                f"{type(self).__name__} applies to Linear, Conv and ConvTranspose layers; "
+                f"module {name!r} is {type(module).__name__}"
+            )
+
+    def _repr_parts(self) -> list[str]:
+        parts = super()._repr_parts()
+        if self.stabilizer != Stabilizer():
+            parts.append(f"stabilizer={self.stabilizer.epsilon:g}/{self.stabilizer.mode}")
+        if self.zero_params:
+            parts.append(f"zero_params={list(self.zero_params)}")
+        return parts

@@ -1,0 +1,40 @@
+"""Gamma, in its generalised form for signed inputs and outputs.
+
+For outputs z_j >= 0, contributions of the same sign as z_j are scaled by (1 + gamma): x+ with W + gW+, x- with
+W + gW-, bias b + g b+. For z_j < 0 the mirror image: x+ with W + gW-, x- with W + gW+, bias b + g b-. For
+x >= 0 and z >= 0 this is the classic Gamma rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import ParamRule, check_number
+from .signsplit import SignSplit
+from .stabilizer import Stabilizer
+
+
+class Gamma(ParamRule):
+    """den_j = z_j + gamma * (same-sign contributions of j, incl. bias part); numerators scaled alike."""
+
+    name = "gamma"
+    shown = ("gamma",)
+
+    def __init__(self, gamma: float = 0.25, stabilizer: Stabilizer | float | None = None,
+                 zero_params: Sequence[str] = ()) -> None:
+        self.gamma = check_number("Gamma", "gamma", gamma)
+        super().__init__(stabilizer, zero_params)
+
+    def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        split = SignSplit(call, self.zero_bias)
+        pp, pn, np_, nn_ = split.products()
+        z = split.z_rule
+        positive = z >= 0
+        same_sign = torch.where(positive, pp + nn_ + split.bias_pos(), pn + np_ + split.bias_neg())
+        ratio = relevance / self.stabilizer(z + self.gamma * same_sign)
+        up = positive.to(ratio.dtype) * self.gamma
+        boost_pos = ratio * (1.0 + up)                   # outputs >= 0 boost x+W+ and x-W-
+        boost_neg = ratio * (1.0 + self.gamma - up)      # outputs < 0 boost x+W- and x-W+
+        return (split.backproject(boost_pos, boost_neg, boost_neg, boost_pos),)

@@ -1,0 +1,50 @@
+"""Norm: for parameter-free layers (sums, average pools, upsampling). R_i = x_i dz_j/dx_i R_j / s(z_j).
+
+Uses the module's own backward once (reusing the stored output); a module with several inputs (a residual
+``Sum``) gives each input its share x_k * R / s(z).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Rule
+from .stabilizer import Stabilizer
+
+
+class Norm(Rule):
+    """Relevance split in proportion to each input's contribution to the output."""
+
+    name = "norm"
+
+    def __init__(self, stabilizer: Stabilizer | float | None = None) -> None:
+        self.stabilizer = Stabilizer.coerce(stabilizer)
+
+    def _repr_parts(self) -> list[str]:
+        if self.stabilizer == Stabilizer():
+            return []
+        return [f"stabilizer={self.stabilizer.epsilon:g}/{self.stabilizer.mode}"]
+
+    def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ratio = relevance / self.stabilizer(call.output)
+        if _is_sum(call.module):
+            return tuple(_unbroadcast(x * ratio, x) for x in call.inputs)
+        grads = call.native_vjp(ratio)
+        return tuple(None if g is None else x * g for x, g in zip(call.inputs, grads))
+
+
+def _is_sum(module: torch.nn.Module) -> bool:
+    from ..modules import Sum
+
+    return isinstance(module, Sum)
+
+
+def _unbroadcast(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Sum relevance over dimensions an input was broadcast along."""
+    if r.shape == x.shape:
+        return r
+    extra = r.dim() - x.dim()
+    if extra:
+        r = r.sum(dim=tuple(range(extra)))
+    dims = tuple(i for i, (a, b) in enumerate(zip(r.shape, x.shape)) if b == 1 and a != 1)
+    return r.sum(dim=dims, keepdim=True) if dims else r

@@ -1,0 +1,43 @@
+"""Pass-through rules: relevance unchanged (Pass) or routed by the module's own gradient (Gradient).
+
+Pass is for element-wise activations, BatchNorm that is not merged, Dropout, Identity and Flatten: the
+relevance at the input equals the relevance at the output. Gradient is for layers whose Jacobian only moves
+values around (MaxPool: winner takes all; padding: cropped or folded back) and is the explicit choice where
+the plain gradient is wanted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Rule
+
+
+class Pass(Rule):
+    """Relevance unchanged (reshaped to the input)."""
+
+    name = "pass"
+
+    def check(self, module: torch.nn.Module, name: str) -> None:
+        from ..modules import Sum
+
+        if isinstance(module, Sum):
+            raise ValueError(f"Pass cannot split relevance between the inputs of {name!r} (Sum); use Norm")
+
+    def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = call.x
+        if relevance.numel() != x.numel():
+            raise RuntimeError(
+                f"lrpcli: Pass on module {call.name!r} ({type(call.module).__name__}) needs input and output of "
+                f"the same size, got {tuple(x.shape)} -> {tuple(relevance.shape)}; give it another rule"
+            )
+        return (relevance.reshape(x.shape),) + (None,) * (len(call.inputs) - 1)
+
+
+class Gradient(Rule):
+    """The module's own gradient (winner-takes-all for MaxPool, crop for padding)."""
+
+    name = "gradient"
+
+    def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return call.native_vjp(relevance)

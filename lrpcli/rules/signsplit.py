@@ -1,0 +1,100 @@
+"""The sign decomposition shared by ZPlus, AlphaBeta and Gamma.
+
+With x = x+ + x- and W = W+ + W-, the layer output splits into four products
+P_pp = f(x+; W+), P_pn = f(x+; W-), P_np = f(x-; W+), P_nn = f(x-; W-), which sum to z - b. Every rule of this
+family has denominators that are sums of these products (plus parts of the bias) and numerators
+x+ (W+^T G_pp + W-^T G_pn) + x- (W+^T G_np + W-^T G_nn) for per-output vectors G. Because f is linear in W,
+only products with W+ need an extra forward: the W- ones follow by subtraction from the stored output. For
+inputs that are all non-negative (anything after a ReLU) that is one extra forward and at most two
+transposed operations per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layerops import bias_shape, forward, input_vjp
+
+
+class SignSplit:
+    """Products and back-projection of one layer call, computing only what the inputs' signs require."""
+
+    def __init__(self, call, zero_bias: bool) -> None:
+        self.call = call
+        self.module = call.module
+        self.x = call.x
+        self.weight, bias = call.params()
+        self.weight_pos = self.weight.clamp(min=0)
+        z = call.output
+        self.z = z
+        shape = bias_shape(self.module, z)
+        if bias is not None:
+            self.z_nobias = z - bias.view(shape)
+        else:
+            self.z_nobias = z
+        use_bias = bias is not None and not zero_bias
+        self.bias = bias.view(shape) if use_bias else None
+        self.has_pos = bool((self.x > 0).any())
+        self.has_neg = bool((self.x < 0).any())
+        self.x_pos = self.x.clamp(min=0) if self.has_neg else self.x
+        self.x_neg = self.x.clamp(max=0) if self.has_neg else None
+
+    # outputs ------------------------------------------------------------------------------------------------
+    @property
+    def z_rule(self) -> torch.Tensor:
+        """The output the rule sees: z, or z without bias under zero_params=['bias']."""
+        return self.z_nobias if self.bias is None else self.z_nobias + self.bias
+
+    def bias_pos(self) -> torch.Tensor | float:
+        return self.bias.clamp(min=0) if self.bias is not None else 0.0
+
+    def bias_neg(self) -> torch.Tensor | float:
+        return self.bias.clamp(max=0) if self.bias is not None else 0.0
+
+    def products(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(P_pp, P_pn, P_np, P_nn) with the fewest forwards: one when x has a single sign, two else."""
+        f, m, z = forward, self.module, self.z
+        zero = torch.zeros_like(self.z_nobias)
+        if not self.has_neg:
+            pp = f(m, self.x_pos, self.weight_pos, None, z)
+            return pp, self.z_nobias - pp, zero, zero
+        if not self.has_pos:
+            np_ = f(m, self.x_neg, self.weight_pos, None, z)
+            return zero, zero, np_, self.z_nobias - np_
+        both = f(m, torch.cat([self.x_pos, self.x_neg]), self.weight_pos, None, z)
+        pp, np_ = both.chunk(2)
+        nn_ = f(m, self.x_neg, self.weight - self.weight_pos, None, z)
+        return pp, self.z_nobias - pp - np_ - nn_, np_, nn_
+
+    # back-projection ------------------------------------------------------------------------------------------
+    def backproject(self, g_pp, g_pn, g_np, g_nn) -> torch.Tensor:
+        """x+ (W+^T g_pp + W-^T g_pn) + x- (W+^T g_np + W-^T g_nn); None entries count as zero.
+
+        Written as x+ (W^T g_pn + W+^T (g_pp - g_pn)) + x- (W^T g_nn + W+^T (g_np - g_nn)) so that only
+        W and W+ are applied; vectors for the same weight are stacked into one call.
+        """
+        jobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (weight, vector, input part)
+        if self.has_pos:
+            jobs.append((self.weight, g_pn, self.x_pos))
+            jobs.append((self.weight_pos, _sub(g_pp, g_pn), self.x_pos))
+        if self.has_neg:
+            jobs.append((self.weight, g_nn, self.x_neg))
+            jobs.append((self.weight_pos, _sub(g_np, g_nn), self.x_neg))
+        result = None
+        for weight in (self.weight, self.weight_pos):
+            mine = [(v, part) for w, v, part in jobs if w is weight and v is not None]
+            if not mine:
+                continue
+            vjps = input_vjp(self.module, self.x, weight, torch.cat([v for v, _ in mine]), self.z)
+            for (_, part), vjp in zip(mine, vjps.chunk(len(mine))):
+                term = part * vjp
+                result = term if result is None else result + term
+        return result if result is not None else torch.zeros_like(self.x)
+
+
+def _sub(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if b is None:
+        return a
+    if a is None:
+        return -b
+    return a - b

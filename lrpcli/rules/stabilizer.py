@@ -1,0 +1,64 @@
+"""The stabilizer s(z) that keeps LRP denominators away from zero.
+
+Three modes, all with sign(0) = +1 so that a zero denominator is pushed to +epsilon:
+- ``sign``: s(z) = z + eps * sign(z)
+- ``clip``: s(z) = sign(z) * max(|z|, eps)
+- ``rms``:  s(z) = z + eps * rms(z) * sign(z), rms taken over each sample (all non-batch elements), so that
+  epsilon is relative to the scale of the layer's output — useful where magnitudes differ by orders between
+  layers (residual networks with Gamma).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+MODES = ("sign", "clip", "rms")
+
+
+def sign0(z: torch.Tensor) -> torch.Tensor:
+    """sign with sign(0) = +1, in z's dtype."""
+    return torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+@dataclass(frozen=True)
+class Stabilizer:
+    """A denominator stabilizer: ``Stabilizer(1e-6, 'sign')``; call it on a denominator tensor."""
+
+    epsilon: float = 1e-6
+    mode: str = "sign"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, Real):
+            raise TypeError(f"stabilizer epsilon: expected a number >= 0, got {self.epsilon!r}")
+        if not self.epsilon >= 0:
+            raise ValueError(f"stabilizer epsilon: expected a number >= 0, got {self.epsilon!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"stabilizer mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        object.__setattr__(self, "epsilon", float(self.epsilon))
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self.mode == "sign":
+            return z + self.epsilon * sign0(z)
+        if self.mode == "clip":
+            return sign0(z) * z.abs().clamp(min=self.epsilon)
+        dims = tuple(range(1, z.dim()))
+        rms = z.pow(2).mean(dim=dims, keepdim=True).sqrt() if dims else z.pow(2).mean().sqrt()
+        return z + self.epsilon * rms * sign0(z)
+
+    def with_epsilon(self, epsilon: float) -> Stabilizer:
+        """The same mode with another epsilon (the Epsilon rule's own epsilon)."""
+        return Stabilizer(epsilon, self.mode)
+
+    @classmethod
+    def coerce(cls, value: Stabilizer | float | dict | None, default: float = 1e-6) -> Stabilizer:
+        """Accept a Stabilizer, a number (sign mode), a dict of fields or None (the default)."""
+        if value is None:
+            return cls(default)
+        if isinstance(value, Stabilizer):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        return cls(value)

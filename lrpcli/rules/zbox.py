@@ -1,0 +1,70 @@
+"""ZBox: for inputs bounded by [low, high] (the first layer on pixels). Exactly conservative.
+
+c_ij = x_i W_ji - l_i W+_ji - h_i W-_ji and R_i = sum_j c_ij R_j / s(sum_i c_ij); the bias never enters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..layerops import forward, input_vjp
+from .base import ParamRule
+from .stabilizer import Stabilizer
+
+Bound = float | Sequence[float] | torch.Tensor
+
+
+def expand_bound(bound: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A scalar, a per-channel vector (channel dim 1) or a tensor shaped like x or one sample, as a tensor
+    broadcastable to x; per-channel and scalar bounds keep batch size 1 (they are the same for every sample)."""
+    if not isinstance(bound, torch.Tensor):
+        return torch.full((1,) + x.shape[1:], float(bound), dtype=x.dtype, device=x.device)
+    b = bound.to(dtype=x.dtype, device=x.device)
+    if b.dim() == 0:
+        return b.expand((1,) + x.shape[1:])
+    if b.dim() == 1 and x.dim() >= 2 and b.shape[0] == x.shape[1]:
+        return b.view((1, -1) + (1,) * (x.dim() - 2)).expand((1,) + x.shape[1:])
+    if b.shape == x.shape[1:]:
+        return b.unsqueeze(0)
+    if b.shape == x.shape:
+        return b
+    raise ValueError(f"ZBox: a bound of shape {tuple(b.shape)} does not fit an input of shape {tuple(x.shape)}")
+
+
+def _as_bound(value: Bound, key: str) -> float | torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return torch.tensor([float(v) for v in value])
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"ZBox: {key} must be a number or a per-channel list, got {value!r}")
+    return float(value)
+
+
+class ZBox(ParamRule):
+    """LRP-ZBox with lower bound ``low`` and upper bound ``high`` (scalars or per-channel)."""
+
+    name = "zbox"
+    shown = ("low", "high")
+
+    def __init__(self, low: Bound = -3.0, high: Bound = 3.0, stabilizer: Stabilizer | float | None = None,
+                 zero_params: Sequence[str] = ()) -> None:
+        self.low = _as_bound(low, "low")
+        self.high = _as_bound(high, "high")
+        if bool(torch.as_tensor(self.low > self.high).any()):
+            raise ValueError(f"ZBox: low must not exceed high, got low={low!r}, high={high!r}")
+        super().__init__(stabilizer, zero_params)
+
+    def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weight, _ = call.params()
+        x, z, m = call.x, call.output, call.module
+        low, high = expand_bound(self.low, x), expand_bound(self.high, x)
+        w_pos = weight.clamp(min=0)
+        w_neg = weight - w_pos
+        den = call.output_without_bias() - forward(m, low, w_pos, None, z) - forward(m, high, w_neg, None, z)
+        ratio = relevance / self.stabilizer(den)
+        full = input_vjp(m, x, weight, ratio, z)
+        pos = input_vjp(m, x, w_pos, ratio, z)
+        return (x * full - low * pos - high * (full - pos),)

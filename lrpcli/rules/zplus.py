@@ -1,0 +1,20 @@
+"""ZPlus: only positive contributions, generalised to signed inputs (x+ with W+, x- with W-, bias b+)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ParamRule
+from .signsplit import SignSplit
+
+
+class ZPlus(ParamRule):
+    """R_i = sum_j (x+_i W+_ji + x-_i W-_ji) R_j / s(sum_i (x+ W+ + x- W-) + b+_j)."""
+
+    name = "zplus"
+
+    def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        split = SignSplit(call, self.zero_bias)
+        pp, _, _, nn_ = split.products()
+        ratio = relevance / self.stabilizer(pp + nn_ + split.bias_pos())
+        return (split.backproject(ratio, None, None, ratio),)
