@@ -52,7 +52,8 @@ def _short(value: object) -> str:
     if isinstance(value, torch.Tensor):
         if value.numel() == 1:
             return f"{value.item():g}"
-        return "[" + ", ".join(f"{v:g}" for v in value.flatten().tolist()[:4]) + (", ..." if value.numel() > 4 else "") + "]"
+        more = ", ..." if value.numel() > 4 else ""
+        return "[" + ", ".join(f"{v:g}" for v in value.flatten().tolist()[:4]) + more + "]"
     if isinstance(value, tuple):
         return "[" + ", ".join(repr(v) for v in value) + "]"
     if isinstance(value, float):
@@ -80,7 +81,8 @@ class ParamRule(Rule):
         for param in zero_params:
             if param not in ZERO_PARAMS:
                 raise ValueError(
-                    f"{type(self).__name__}: zero_params: unknown parameter {param!r}; allowed: {', '.join(ZERO_PARAMS)}"
+                    f"{type(self).__name__}: zero_params: unknown parameter {param!r}; "
+                    f"allowed: {', '.join(ZERO_PARAMS)}"
                 )
         self.zero_params = tuple(zero_params)
 
