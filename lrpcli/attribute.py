@@ -75,16 +75,17 @@ def attribute(model: nn.Module, x: torch.Tensor, target: Target = None,
               stabilizer: Any = None, zero_params: Sequence[str] | None = None, maxpool: str | None = None,
               overrides: Sequence[tuple[Any, Any]] | None = None, strict: bool | None = None,
               return_output: bool = False, create_graph: bool = False,
-              layers: Sequence[str] | None = None) -> Any:
+              layers: Sequence[str] | None = None, **params: Any) -> Any:
     """Relevance of ``x`` for ``target`` under an LRP composite; see README 'Python API'.
 
     Returns the relevance (shaped like x); with ``return_output`` also the model output first; with ``layers``
     (module-name globs) additionally a dict of the relevance at each matching module's output, last.
+    Further keyword ``params`` go to the composite (e.g. ``beta`` of beta_smooth).
     ``composite=None`` gives the plain gradient. ``create_graph=True`` returns a relevance that can be
     differentiated with respect to x and the parameters (the rules are off for that second backward).
     """
     comp = resolve_composite(composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer,
-                             zero_params=zero_params, maxpool=maxpool, overrides=overrides)
+                             zero_params=zero_params, maxpool=maxpool, overrides=overrides, **params)
     x_in = x if x.requires_grad else x.detach().requires_grad_(True)
     maps: dict[str, torch.Tensor] = {}
     if comp is None:

@@ -193,6 +193,7 @@ class Session:
         return self.model
 
     def __exit__(self, *exc: object) -> None:
+        self.active = False  # graphs that outlive the context differentiate plainly (second-order use)
         for key in {self.original, self.model}:
             sessions = _SESSIONS.get(key, [])
             if self in sessions:

@@ -1,0 +1,321 @@
+"""The hook machinery: contexts undo everything, reused modules, targets, coverage, second order, memory."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lrpcli
+from lrpcli.composites import FirstLayer, LayerMap, Mixture
+from lrpcli.rules import Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
+
+torch.set_default_dtype(torch.float64)
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 3 * 3, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+
+
+def hooks_of(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_context_leaves_model_bitwise_unchanged():
+    model = small_net()
+    x = torch.randn(3, 2, 6, 6)
+    before, out_before = snapshot(model), model(x)
+    params_before = [(n, p.requires_grad, p.data_ptr()) for n, p in model.named_parameters()]
+    relevance = lrpcli.attribute(model, x, 1, composite="epsilon_gamma_box", canonizers=["vgg"])
+    assert relevance.shape == x.shape
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [(n, p.requires_grad, p.data_ptr()) for n, p in model.named_parameters()] == params_before
+    assert torch.equal(model(x), out_before)
+    assert hooks_of(model) == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_hooks_removed_after_exception_inside_context():
+    model = small_net()
+    composite = lrpcli.composites.get("epsilon_plus")
+    with pytest.raises(RuntimeError, match="boom"):
+        with composite.context(model) as m:
+            m(torch.randn(1, 2, 6, 6))
+            assert hooks_of(model) > 0
+            raise RuntimeError("boom")
+    assert hooks_of(model) == 0
+
+
+def test_inplace_relu_restored_and_handled():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 2))
+    x = torch.randn(2, 4)
+    r = lrpcli.attribute(model, x, 0, composite=LayerMap([(nn.Linear, Epsilon(1e-9)), (nn.ReLU, Pass())]))
+    assert model[1].inplace is True
+    ref = nn.Sequential(model[0], nn.ReLU(), model[2])
+    r2 = lrpcli.attribute(ref, x, 0, composite=LayerMap([(nn.Linear, Epsilon(1e-9)), (nn.ReLU, Pass())]))
+    torch.testing.assert_close(r, r2, atol=1e-12, rtol=0)
+
+
+class Reused(nn.Module):
+    """The same Linear and the same ReLU applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(self.relu(self.a(self.relu(self.a(x)))))
+
+
+class Unrolled(nn.Module):
+    def __init__(self, reused: Reused) -> None:
+        super().__init__()
+        self.a1, self.a2, self.b = reused.a, reused.a, reused.b
+        self.r1, self.r2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        return self.b(self.r2(self.a2(self.r1(self.a1(x)))))
+
+
+@pytest.mark.parametrize("rule", [Epsilon(0.01), ZPlus(), Gamma(0.5)])
+def test_module_called_twice_gets_relevance_for_both_calls(rule):
+    torch.manual_seed(1)
+    model = Reused()
+    x = torch.randn(3, 4).abs()
+    comp = LayerMap([(nn.Linear, rule), (nn.ReLU, Pass())])
+    expected = lrpcli.attribute(Unrolled(model), x, 2, composite=comp)
+    torch.testing.assert_close(lrpcli.attribute(model, x, 2, composite=comp), expected, atol=1e-12, rtol=0)
+
+
+def test_epsilon_to_zero_equals_gradient_times_input():
+    model = small_net(3)
+    x = torch.randn(2, 2, 6, 6)
+    comp = LayerMap([((nn.Linear, nn.Conv2d), Epsilon(1e-12)), (nn.ReLU, Pass()), (nn.AvgPool2d, Norm(1e-12)),
+                     (nn.Flatten, Pass())])
+    relevance = lrpcli.attribute(model, x, 0, composite=comp)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xg)[:, 0].sum(), xg)
+    torch.testing.assert_close(relevance, grad * x, atol=1e-8, rtol=0)
+
+
+def test_first_layer_is_first_in_forward_order_not_definition_order():
+    class Backwards(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.late = nn.Linear(3, 2)     # defined first, runs last
+            self.early = nn.Linear(4, 3)    # defined last, runs first
+
+        def forward(self, x):
+            return self.late(torch.relu(self.early(x)))
+
+    model = Backwards()
+    comp = Mixture([FirstLayer(nn.Linear, ZBox(-1.0, 1.0)), LayerMap([(nn.Linear, Epsilon())])])
+    with comp.context(model) as m:
+        m(torch.randn(1, 4))
+        session = lrpcli.hooks.sessions_of(model)[0]
+        rules = {a.name: repr(a.rule) for a in session.coverage()}
+    assert rules["early"].startswith("ZBox") and rules["late"].startswith("Epsilon")
+
+
+def test_target_forms_agree():
+    model = small_net(4)
+    x = torch.randn(2, 2, 6, 6)
+    out = model(x)
+    by_int = lrpcli.attribute(model, x, 1, composite="epsilon_plus")
+    by_vector = lrpcli.attribute(model, x, torch.tensor([1, 1]), composite="epsilon_plus")
+    mask = torch.zeros_like(out)
+    mask[:, 1] = out[:, 1]
+    by_tensor = lrpcli.attribute(model, x, mask, composite="epsilon_plus")
+    by_callable = lrpcli.attribute(model, x, lambda o: o * torch.tensor([0.0, 1.0, 0.0]), composite="epsilon_plus")
+    for other in (by_vector, by_tensor, by_callable):
+        torch.testing.assert_close(other, by_int, atol=1e-12, rtol=0)
+    predicted = lrpcli.attribute(model, x, None, composite="epsilon_plus")
+    explicit = lrpcli.attribute(model, x, out.argmax(1), composite="epsilon_plus")
+    torch.testing.assert_close(predicted, explicit)
+    with pytest.raises(ValueError, match="out of range"):
+        lrpcli.attribute(model, x, 7, composite="epsilon_plus")
+
+
+def test_single_logit_and_segmentation_outputs():
+    torch.manual_seed(0)
+    binary = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 1))
+    x = torch.randn(3, 5)
+    relevance = lrpcli.attribute(binary, x, 0, composite="epsilon_plus", epsilon=1e-12)
+    torch.testing.assert_close(relevance.sum(1), binary(x)[:, 0] - _bias_share(binary, x), atol=1e-9, rtol=0)
+    seg = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 1, 1))
+    img = torch.randn(2, 2, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:5, 2:5] = 1.0
+    rel = lrpcli.attribute(seg, img, mask, composite="epsilon_plus")
+    assert rel.shape == img.shape and torch.isfinite(rel).all()
+
+
+def _bias_share(model, x):
+    """Relevance absorbed by biases under Epsilon(0) = sum over layers of bias * R/z."""
+    comp = LayerMap([(nn.Linear, Epsilon(1e-12)), (nn.ReLU, Pass())])
+    no_bias = nn.Sequential(*[m for m in model])
+    rel = lrpcli.attribute(no_bias, x, 0, composite=comp)
+    return model(x)[:, 0] - rel.sum(1)
+
+
+def test_unhandled_module_warns_and_strict_raises():
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    model = nn.Sequential(nn.Linear(3, 3), Custom(), nn.Softmax(dim=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lrpcli.attribute(model, torch.randn(2, 3), 0, composite="epsilon_plus")
+    messages = [str(w.message) for w in caught if issubclass(w.category, lrpcli.UnhandledModuleWarning)]
+    assert len(messages) == 1 and "'1' (Custom)" in messages[0] and "'2' (Softmax)" in messages[0]
+    with pytest.raises(ValueError, match="no rule for module '1'"):
+        lrpcli.attribute(model, torch.randn(2, 3), 0, composite="epsilon_plus", strict=True)
+
+
+def test_composite_registry_and_parameters():
+    assert set(lrpcli.composites.names()) >= {
+        "epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat",
+        "guided_backprop", "deconvnet", "excitation_backprop", "beta_smooth"}
+    with pytest.raises(ValueError, match="valid composites: .*epsilon_plus"):
+        lrpcli.composites.get("epsilon_plsu")
+    with pytest.raises(ValueError, match="does not use gamma"):
+        lrpcli.composites.get("epsilon_plus", gamma=0.5)
+
+
+@pytest.mark.parametrize("composite,param,values", [
+    ("epsilon_gamma_box", "epsilon", (1e-6, 10.0)),
+    ("epsilon_gamma_box", "gamma", (0.0, 2.0)),
+    ("epsilon_gamma_box", "low", (-3.0, -1.0)),
+    ("epsilon_plus", "epsilon", (1e-6, 10.0)),
+    ("epsilon_plus", "zero_params", ((), ("bias",))),
+    ("epsilon_plus", "stabilizer", (1e-6, 5.0)),
+    ("epsilon_alpha2_beta1", "epsilon", (1e-6, 10.0)),
+])
+def test_every_parameter_reaches_its_rules(composite, param, values):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 5), nn.ReLU(), nn.Linear(5, 3))
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    x = torch.randn(2, 2, 6, 6)
+    a, b = (lrpcli.attribute(model, x, 0, composite=composite, **{param: v}) for v in values)
+    assert not torch.allclose(a, b), f"{param} had no effect on {composite}"
+
+
+def test_composite_object_with_params_is_rejected():
+    comp = lrpcli.composites.get("epsilon_plus")
+    with pytest.raises(ValueError, match="epsilon: only apply with a composite name"):
+        lrpcli.attribute(small_net(), torch.randn(1, 2, 6, 6), 0, composite=comp, epsilon=0.1)
+
+
+def test_gradient_space_composites_start_from_one_hot():
+    model = small_net(6)
+    x = torch.randn(2, 2, 6, 6)
+    guided = lrpcli.attribute(model, x, 0, composite="guided_backprop")
+    beta_large = lrpcli.attribute(model, x, 0, composite="beta_smooth", beta=1e6)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xg)[:, 0].sum(), xg)
+    torch.testing.assert_close(beta_large, grad, atol=1e-8, rtol=0)   # softplus(beta -> inf) = ReLU
+    assert not torch.allclose(guided, grad)
+
+
+def test_rules_off_gives_plain_gradient_inside_context():
+    model = small_net(7)
+    x = torch.randn(2, 2, 6, 6, requires_grad=True)
+    comp = lrpcli.composites.get("epsilon_plus")
+    with comp.context(model) as m:
+        out = m(x)
+        with lrpcli.rules_off(model):
+            (plain,) = torch.autograd.grad(out[:, 0].sum(), x, retain_graph=True)
+        (lrp,) = torch.autograd.grad(out, x, lrpcli.initial_relevance(out, 0))
+    (expected,) = torch.autograd.grad(model(x)[:, 0].sum(), x)
+    torch.testing.assert_close(plain, expected)
+    assert not torch.allclose(lrp, expected)
+
+
+def test_inplace_modification_of_hooked_output_is_an_error():
+    class Bad(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+
+        def forward(self, x):
+            y = self.a(x)
+            y += 1
+            return y
+
+    with pytest.raises(RuntimeError, match="in ?place"):
+        lrpcli.attribute(Bad(), torch.randn(2, 3), 0, composite="epsilon_plus")
+
+
+def _loss_of_relevance(model, x, comp):
+    relevance = lrpcli.attribute(model, x, 1, composite=comp, create_graph=True)
+    return (relevance ** 2).sum()
+
+
+def test_second_order_matches_finite_differences():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    comp = LayerMap([(nn.Linear, Epsilon(0.1)), (nn.ReLU, Pass())])
+    x = torch.randn(2, 4, requires_grad=True)
+    params = list(model.parameters())
+    loss = _loss_of_relevance(model, x, comp)
+    grads = torch.autograd.grad(loss, [x] + params)
+    h = 1e-6
+    for tensor, grad in zip([x] + params, grads):
+        flat = tensor.data.view(-1)
+        for i in range(0, flat.numel(), max(1, flat.numel() // 6)):
+            old = flat[i].item()
+            flat[i] = old + h
+            up = _loss_of_relevance(model, x.detach(), comp).item()
+            flat[i] = old - h
+            down = _loss_of_relevance(model, x.detach(), comp).item()
+            flat[i] = old
+            assert abs((up - down) / (2 * h) - grad.view(-1)[i].item()) < 1e-5
+
+
+def _traced_bytes(fn, warmup: int = 30, repeats: int = 1000) -> int:
+    for _ in range(warmup):
+        fn()
+    gc.collect()
+    tracemalloc.start()
+    start = tracemalloc.get_traced_memory()[0]
+    for _ in range(repeats):
+        fn()
+    gc.collect()
+    end = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return end - start
+
+
+def test_memory_flat_over_1000_attributions():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    comp = lrpcli.composites.get("epsilon_gamma_box", low=-3.0, high=3.0)
+    grown = _traced_bytes(lambda: lrpcli.attribute(model, x, 0, composite=comp))
+    assert grown < 64 * 1024, f"new context each time: memory grew by {grown} bytes over 1000 attributions"
+    with comp.context(model) as m:
+        def once():
+            xi = x.clone().requires_grad_(True)
+            out = m(xi)
+            torch.autograd.grad(out, xi, lrpcli.initial_relevance(out, 0))
+        grown = _traced_bytes(once)
+    assert grown < 64 * 1024, f"one context: memory grew by {grown} bytes over 1000 attributions"
+    assert hooks_of(model) == 0
