@@ -1,0 +1,1096 @@
+"""Load, validate and resolve an ``lrpcli`` YAML config (DESIGN.md section 2).
+
+Every problem becomes one :class:`~lrpcli.errors.ConfigError` line that names the file (or ``command line``
+for overrides), the dotted key path, the value at fault and what is allowed, so a user never sees a traceback
+for a typo. The result is a frozen, fully resolved :class:`Config`; ``to_yaml()`` is stored with the results.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "load_config",
+    "validate",
+    "resolve_bounds",
+    "resolve_baseline",
+    "composite_kwargs",
+    "make_override_rules",
+    "resolve_module_type",
+    "resolve_device",
+    "resolve_path",
+    "channels",
+    "DEFAULTS",
+]
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+# For mode L without an explicit mean/std: the average of the ImageNet channel statistics.
+GRAY_MEAN = [0.449]
+GRAY_STD = [0.226]
+
+METHODS = ("lrp", "gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "occlusion")
+STABILIZER_MODES = ("sign", "clip", "rms")
+ZERO_PARAMS = ("bias",)
+BASELINES = ("zeros", "black", "white")
+
+# The resolved defaults; model.name/entrypoint have none (exactly one is required). Order = output order.
+DEFAULTS: dict[str, Any] = {
+    "model": {"name": None, "entrypoint": None, "weights": None, "kwargs": {}},
+    "input": {"resize": 256, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "mode": "RGB"},
+    "canonizers": [],
+    "composite": {
+        "name": "epsilon_gamma_box",
+        "epsilon": 1.0e-6,
+        "gamma": 0.25,
+        "low": "auto",
+        "high": "auto",
+        "zero_params": [],
+        "stabilizer": {"epsilon": 1.0e-6, "mode": "sign"},
+        "rules": [],
+        "maxpool": "wta",
+        "beta": 10.0,
+        "strict": False,
+    },
+    "attribution": {
+        "method": "lrp",
+        "target": "label",
+        "noise_level": 0.1,
+        "n_iter": 20,
+        "baseline": "zeros",
+        "window": [8, 8],
+        "stride": [8, 8],
+        "fill": 0.0,
+    },
+    "run": {"batch_size": 16, "num_workers": 2, "device": "auto", "max_samples": None, "seed": 0},
+    "output": {"path": "out.h5", "dtype": "float32", "store_input": True, "layers": []},
+}
+SECTIONS = tuple(DEFAULTS)
+# ``canonizers`` may also be written inside ``composite``; it is resolved to the top level.
+_COMPOSITE_KEYS = (*DEFAULTS["composite"], "canonizers")
+
+
+# --------------------------------------------------------------------------------------------------- Config
+class Config(Mapping):
+    """A frozen, resolved config: attribute and item access, ``to_dict()``, ``to_yaml()``, ``base_dir``.
+
+    Sub-sections are Configs too (``config.model.name``) and remember the file they came from, so code that
+    only gets ``config.model`` can still name the file in its errors (``config.model.source``).
+    """
+
+    __slots__ = ("_data", "_source", "_base_dir", "_prefix")
+
+    def __init__(
+        self, data: Mapping, *, source: str = "config", base_dir: str | Path = ".", prefix: str = ""
+    ):
+        object.__setattr__(self, "_data", dict(data))
+        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_base_dir", Path(base_dir))
+        object.__setattr__(self, "_prefix", prefix)
+
+    # Mapping protocol -------------------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        return self._wrap(self._data[key], f"{self._prefix}{key}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self[key]
+        except KeyError:
+            where = self._prefix.rstrip(".") or "config"
+            raise AttributeError(f"{where} has no key {key!r}") from None
+
+    def __setattr__(self, key: str, value: Any) -> NoReturn:
+        raise AttributeError("Config is frozen; use load_config(..., overrides=...) to change values")
+
+    def __delattr__(self, key: str) -> NoReturn:
+        raise AttributeError("Config is frozen")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Config):
+            return self._data == other._data
+        if isinstance(other, Mapping):
+            return self._data == dict(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Config({self._data!r})"
+
+    def __reduce__(self):
+        return (_rebuild, (self._data, self._source, str(self._base_dir), self._prefix))
+
+    def _wrap(self, value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return Config(value, source=self._source, base_dir=self._base_dir, prefix=path + ".")
+        if isinstance(value, list):
+            return tuple(self._wrap(v, f"{path}[{i}]") for i, v in enumerate(value))
+        return value
+
+    # Public helpers ---------------------------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        """The config file as the user named it (used at the start of error messages)."""
+        return self._source
+
+    @property
+    def base_dir(self) -> Path:
+        """The config file's directory: relative entrypoint and weights paths are looked up here first."""
+        return self._base_dir
+
+    @property
+    def prefix(self) -> str:
+        """The dotted path of this section (``"model."``), empty for the root."""
+        return self._prefix
+
+    def to_dict(self) -> dict[str, Any]:
+        """A deep, plain-Python copy (defaults filled), safe to modify."""
+        return _deepcopy(self._data)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML; ``load_config`` reads it back to an equal config."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        """A ConfigError for ``key`` of this section, in the usual ``file: key.path: message`` form."""
+        return ConfigError(f"{self._source}: {self._prefix}{key}: {message}")
+
+
+def _rebuild(data: dict, source: str, base_dir: str, prefix: str) -> Config:
+    return Config(data, source=source, base_dir=base_dir, prefix=prefix)
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------ error helpers
+def show(value: Any, limit: int = 60) -> str:
+    """A value as the user wrote it in YAML: strings quoted, null/true/false, long values shortened."""
+    if value is None:
+        text = "null"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = repr(value)
+    elif isinstance(value, Mapping | list | tuple):
+        try:
+            text = yaml.safe_dump(_deepcopy(value), default_flow_style=True, width=10**6).strip()
+        except yaml.YAMLError:
+            text = repr(value)
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def did_you_mean(word: str, candidates: list[str] | tuple[str, ...], *, cutoff: float = 0.6) -> str:
+    """``"; did you mean 'x'?"`` when a candidate is close to ``word``, else an empty string."""
+    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=cutoff)
+    if not close:
+        lowered = {str(c).lower(): c for c in candidates}
+        if str(word).lower() in lowered:
+            close = [lowered[str(word).lower()]]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class _Ctx:
+    """Where values came from: errors on overridden keys say ``command line`` instead of the file."""
+
+    def __init__(self, source: str, overridden: set[str] | None = None):
+        self.source = source
+        self.overridden = overridden or set()
+
+    def origin(self, path: str) -> str:
+        for key in self.overridden:
+            if path == key or path.startswith(key + ".") or path.startswith(key + "["):
+                return "command line"
+        return self.source
+
+    def fail(self, path: str, message: str) -> NoReturn:
+        raise ConfigError(f"{self.origin(path)}: {path}: {message}")
+
+    def expected(self, path: str, what: str, value: Any) -> NoReturn:
+        self.fail(path, f"expected {what}, got {show(value)}")
+
+
+# ------------------------------------------------------------------------------------- scalar validators
+_NUMBER_RE = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+
+
+def _number(ctx: _Ctx, path: str, value: Any, *, minimum: float | None = None, strict: bool = False) -> float:
+    """A finite number; numeric strings such as ``1e-6`` (which YAML 1.1 reads as a string) are accepted."""
+    what = "a number" if minimum is None else f"a number {'>' if strict else '>='} {minimum:g}"
+    if isinstance(value, bool):
+        ctx.expected(path, what, value)
+    if isinstance(value, str) and _NUMBER_RE.match(value):
+        value = float(value)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        ctx.expected(path, what, value)
+    if minimum is not None and (value < minimum or (strict and value == minimum)):
+        ctx.expected(path, what, value)
+    return value if isinstance(value, int) else float(value)
+
+
+def _integer(ctx: _Ctx, path: str, value: Any, *, minimum: int | None = None, nullable: bool = False) -> Any:
+    what = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if nullable:
+        what += " or null"
+        if value is None:
+            return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        ctx.expected(path, what, value)
+    if minimum is not None and value < minimum:
+        ctx.expected(path, what, value)
+    return value
+
+
+def _boolean(ctx: _Ctx, path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        ctx.expected(path, "true or false", value)
+    return value
+
+
+def _string(ctx: _Ctx, path: str, value: Any, *, nullable: bool = False) -> Any:
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        ctx.expected(path, "a non-empty string" + (" or null" if nullable else ""), value)
+    return value
+
+
+def _choice(ctx: _Ctx, path: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
+    """One of ``choices``, matched case-insensitively and returned in its canonical spelling."""
+    if isinstance(value, str):
+        for choice in choices:
+            if value.strip().lower() == choice.lower():
+                return choice
+    hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+    ctx.fail(path, f"expected one of {', '.join(choices)}, got {show(value)}{hint}")
+
+
+def _mapping(ctx: _Ctx, path: str, value: Any, *, nullable: bool = True) -> dict:
+    if value is None and nullable:
+        return {}
+    if not isinstance(value, Mapping):
+        ctx.expected(path, "a mapping (key: value lines)", value)
+    for key in value:
+        if not isinstance(key, str):
+            ctx.fail(f"{path}.{key}", f"keys must be strings, got {show(key)}")
+    return dict(value)
+
+
+def _list(ctx: _Ctx, path: str, value: Any, what: str, *, nullable: bool = True) -> list:
+    if value is None and nullable:
+        return []
+    if not isinstance(value, list | tuple):
+        ctx.expected(path, what, value)
+    return list(value)
+
+
+def _check_keys(ctx: _Ctx, path: str, given: Mapping, allowed: tuple[str, ...] | list[str]) -> None:
+    """Unknown keys are errors; suggest a close key here, or the same key in another section."""
+    for key in given:
+        if key in allowed:
+            continue
+        full = f"{path}.{key}" if path else key
+        hint = did_you_mean(key, allowed)
+        if not hint:
+            elsewhere = [
+                f"{section}.{key}"
+                for section in SECTIONS
+                if isinstance(DEFAULTS[section], dict) and key in DEFAULTS[section] and section != path
+            ]
+            if key == "canonizers" and path:
+                elsewhere = ["canonizers"]
+            if elsewhere:
+                hint = f"; did you mean {elsewhere[0]!r}?"
+        ctx.fail(full, f"unknown key{hint} (allowed: {', '.join(allowed)})")
+
+
+# ------------------------------------------------------------------------------------------- YAML loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, list):
+            key = tuple(key)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first on line {seen[key].line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        except TypeError:  # unhashable key: let PyYAML report it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path, label: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label}: is a directory, expected a YAML config file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{label}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{label}: cannot read config file: {err.strerror or err}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = str(err.problem or err.context or "syntax error")
+        if err.context and err.problem:
+            problem += f" ({err.context}"
+            if err.context_mark and err.problem_mark and err.context_mark.line != err.problem_mark.line:
+                problem += f" that starts on line {err.context_mark.line + 1}"
+            problem += ")"
+        raise ConfigError(f"{label}: {where}invalid YAML: {problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{label}: invalid YAML: {str(err).splitlines()[0]}") from None
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read, validate and resolve a config file; ``overrides`` are dotted keys from command-line options.
+
+    Override values of ``None`` are ignored (an option that was not given). Overrides are validated exactly
+    like file values, and their errors say ``command line`` instead of the file name.
+    """
+    label = str(path)
+    path = Path(path)
+    raw = _read_yaml(path, label)
+    if raw is None:
+        raise ConfigError(f"{label}: the config is empty; it needs at least model.name or model.entrypoint")
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{label}: expected a mapping of sections (model, input, ...), got {show(raw)}")
+    base_dir = path.resolve().parent
+    return validate(raw, source=label, base_dir=base_dir, overrides=overrides)
+
+
+def validate(
+    raw: Mapping[str, Any],
+    *,
+    source: str = "config",
+    base_dir: str | Path = ".",
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Validate an already-parsed config mapping (what ``load_config`` does after reading the YAML)."""
+    raw = _deepcopy(raw)
+    ctx = _Ctx(source)
+    if overrides:
+        raw = _apply_overrides(ctx, raw, overrides)
+    _check_keys(ctx, "", raw, SECTIONS)
+    out: dict[str, Any] = {}
+    out["model"] = _validate_model(ctx, raw.get("model"))
+    out["input"] = _validate_input(ctx, raw.get("input"))
+    composite_raw = _mapping(ctx, "composite", raw.get("composite"))
+    out["canonizers"] = _validate_canonizers(ctx, raw, composite_raw)
+    out["composite"] = _validate_composite(ctx, composite_raw, out["input"])
+    out["attribution"] = _validate_attribution(ctx, raw.get("attribution"))
+    out["run"] = _validate_run(ctx, raw.get("run"))
+    out["output"] = _validate_output(ctx, raw.get("output"))
+    return Config(out, source=source, base_dir=base_dir)
+
+
+def _apply_overrides(ctx: _Ctx, raw: dict, overrides: Mapping[str, Any]) -> dict:
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        parts = str(dotted).split(".")
+        if len(parts) == 1 and parts[0] in SECTIONS and not isinstance(DEFAULTS[parts[0]], dict):
+            raw[parts[0]] = value
+            ctx.overridden.add(dotted)
+            continue
+        if len(parts) != 2 or parts[0] not in SECTIONS or not isinstance(DEFAULTS[parts[0]], dict):
+            raise ConfigError(
+                f"command line: {dotted}: unknown override key; expected section.key, e.g. run.batch_size"
+            )
+        section, key = parts
+        allowed = _COMPOSITE_KEYS if section == "composite" else tuple(DEFAULTS[section])
+        if key not in allowed:
+            ctx.overridden.add(dotted)
+            _check_keys(ctx, section, {key: value}, allowed)
+        current = raw.get(section)
+        if current is None:
+            current = {}
+        elif not isinstance(current, Mapping):
+            ctx.expected(section, "a mapping (key: value lines)", current)
+        raw[section] = {**current, key: value}
+        ctx.overridden.add(dotted)
+    return raw
+
+
+# --------------------------------------------------------------------------------------------- sections
+def _validate_model(ctx: _Ctx, value: Any) -> dict:
+    if value is None:
+        ctx.fail("model", "missing; set model.name (a torchvision model) or model.entrypoint (pkg.module:fn)")
+    given = _mapping(ctx, "model", value)
+    _check_keys(ctx, "model", given, tuple(DEFAULTS["model"]))
+    out = {**DEFAULTS["model"], **given}
+    name = _string(ctx, "model.name", out["name"], nullable=True)
+    entry = _string(ctx, "model.entrypoint", out["entrypoint"], nullable=True)
+    if (name is None) == (entry is None):
+        if name is None:
+            ctx.fail("model", "needs exactly one of model.name (a torchvision model) or model.entrypoint")
+        ctx.fail("model.entrypoint", f"give model.name or model.entrypoint, not both (name is {show(name)})")
+    if name is not None:
+        from .models import check_model_name
+
+        check_model_name(name, lambda msg: ctx.fail("model.name", msg))
+    if entry is not None:
+        module_part, _, fn = entry.rpartition(":")
+        if not module_part or not fn.isidentifier():
+            ctx.fail(
+                "model.entrypoint",
+                f"expected 'pkg.module:function' or 'path/to/file.py:function', got {show(entry)}",
+            )
+    out["weights"] = _string(ctx, "model.weights", out["weights"], nullable=True)
+    kwargs = _mapping(ctx, "model.kwargs", out["kwargs"])
+    return {"name": name, "entrypoint": entry, "weights": out["weights"], "kwargs": kwargs}
+
+
+def channels(mode: str) -> int:
+    """Number of channels of an image mode (RGB: 3, L: 1)."""
+    return 3 if mode == "RGB" else 1
+
+
+def _validate_input(ctx: _Ctx, value: Any) -> dict:
+    given = _mapping(ctx, "input", value)
+    _check_keys(ctx, "input", given, tuple(DEFAULTS["input"]))
+    mode = _choice(ctx, "input.mode", given.get("mode", "RGB"), ("RGB", "L"))
+    n = channels(mode)
+    out: dict[str, Any] = {}
+    for key in ("resize", "crop"):
+        out[key] = _integer(
+            ctx, f"input.{key}", given.get(key, DEFAULTS["input"][key]), minimum=1, nullable=True
+        )
+    if out["resize"] is not None and out["crop"] is not None and out["crop"] > out["resize"]:
+        ctx.fail("input.crop", f"expected an integer <= input.resize ({out['resize']}), got {out['crop']}")
+    defaults = (
+        {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        if mode == "RGB"
+        else {"mean": GRAY_MEAN, "std": GRAY_STD}
+    )
+    for key in ("mean", "std"):
+        path = f"input.{key}"
+        raw = given.get(key, defaults[key])
+        what = f"a list of {n} numbers (one per {mode} channel)"
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            raw = [raw] * n
+        items = _list(ctx, path, raw, what, nullable=False)
+        if len(items) != n:
+            ctx.expected(path, what, raw)
+        strict = key == "std"
+        out[key] = [
+            float(_number(ctx, f"{path}[{i}]", v, minimum=0 if strict else None, strict=strict))
+            for i, v in enumerate(items)
+        ]
+    out["mode"] = mode
+    return {k: out[k] for k in DEFAULTS["input"]}
+
+
+def _registry(module: str):
+    """Import a registry package lazily; None when it does not exist (yet)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name and module.startswith(err.name):
+            return None
+        raise
+
+
+def _registered(module: str) -> list[str] | None:
+    reg = _registry(module)
+    if reg is None or not hasattr(reg, "names"):
+        return None
+    return sorted(reg.names())
+
+
+def _validate_canonizers(ctx: _Ctx, raw: Mapping, composite_raw: Mapping) -> list[str]:
+    if "canonizers" in composite_raw and "canonizers" in raw:
+        ctx.fail(
+            "composite.canonizers", "canonizers are given twice; keep the top-level canonizers list only"
+        )
+    path = "composite.canonizers" if "canonizers" in composite_raw else "canonizers"
+    value = composite_raw.get("canonizers", raw.get("canonizers"))
+    if isinstance(value, str):
+        value = [value]
+    items = _list(ctx, path, value, "a list of canonizer names")
+    known = _registered("lrpcli.canonizers")
+    out = []
+    for i, name in enumerate(items):
+        item_path = f"{path}[{i}]"
+        _string(ctx, item_path, name)
+        if known is not None and name not in known:
+            ctx.fail(
+                item_path,
+                f"unknown canonizer {show(name)}{did_you_mean(name, known)} (known: {', '.join(known)})",
+            )
+        if name in out:
+            ctx.fail(item_path, f"canonizer {show(name)} is listed twice")
+        out.append(name)
+    return out
+
+
+def _bounds_spec(ctx: _Ctx, path: str, value: Any, n: int) -> Any:
+    """``auto``, a number, or a list of ``n`` numbers (one per channel)."""
+    what = f"auto, a number or a list of {n} numbers (one per channel)"
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, list | tuple):
+        if len(value) != n:
+            ctx.expected(path, what, value)
+        return [float(_number(ctx, f"{path}[{i}]", v)) for i, v in enumerate(value)]
+    if isinstance(value, str) and not _NUMBER_RE.match(value):
+        ctx.expected(path, what, value)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        ctx.expected(path, what, value)
+    return float(_number(ctx, path, value))
+
+
+def _bounds_value(spec: Any, which: str, mean: list[float], std: list[float]) -> Any:
+    """A bounds spec as a float (scalar) or a list of floats per channel; ``auto`` from mean/std."""
+    if spec == "auto":
+        pixel = 0.0 if which == "low" else 1.0
+        return [(pixel - m) / s for m, s in zip(mean, std)]
+    return spec
+
+
+def _check_low_high(ctx: _Ctx, path_low: str, path_high: str, low: Any, high: Any, inp: Mapping) -> None:
+    lo = _bounds_value(low, "low", inp["mean"], inp["std"])
+    hi = _bounds_value(high, "high", inp["mean"], inp["std"])
+    n = len(inp["mean"])
+    los = lo if isinstance(lo, list) else [lo] * n
+    his = hi if isinstance(hi, list) else [hi] * n
+    for i, (a, b) in enumerate(zip(los, his)):
+        if not a < b:
+            where = "" if not isinstance(lo, list) and not isinstance(hi, list) else f" (channel {i})"
+            ctx.fail(path_high, f"expected a value above {path_low} ({a:g}){where}, got {show(high)} ({b:g})")
+
+
+def _stabilizer(ctx: _Ctx, path: str, value: Any, default: Mapping) -> dict:
+    if isinstance(value, int | float | str) and not isinstance(value, bool) and _is_number(value):
+        value = {"epsilon": value}
+    given = _mapping(ctx, path, value)
+    _check_keys(ctx, path, given, ("epsilon", "mode"))
+    eps = _number(ctx, f"{path}.epsilon", given.get("epsilon", default["epsilon"]), minimum=0, strict=True)
+    mode = _choice(ctx, f"{path}.mode", given.get("mode", default["mode"]), STABILIZER_MODES)
+    return {"epsilon": float(eps), "mode": mode}
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | float):
+        return True
+    return isinstance(value, str) and bool(_NUMBER_RE.match(value))
+
+
+def _zero_params(ctx: _Ctx, path: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    items = _list(ctx, path, value, f"a list of parameter names from: {', '.join(ZERO_PARAMS)}")
+    out = []
+    for i, v in enumerate(items):
+        choice = _choice(ctx, f"{path}[{i}]", v, ZERO_PARAMS)
+        if choice not in out:
+            out.append(choice)
+    return out
+
+
+# Composite parameters in the config; a composite that does not use one gets null (given: an error).
+COMPOSITE_PARAMS = ("epsilon", "gamma", "low", "high", "zero_params", "stabilizer", "maxpool", "beta")
+
+
+def _composite_params(name: str) -> tuple[str, ...]:
+    """The parameters composite ``name`` uses; all of them when the registry cannot tell."""
+    reg = _registry("lrpcli.composites")
+    if reg is None or not hasattr(reg, "parameters"):
+        return COMPOSITE_PARAMS
+    return tuple(reg.parameters(name))
+
+
+def _validate_composite(ctx: _Ctx, given: dict, inp: Mapping) -> dict:
+    _check_keys(ctx, "composite", given, _COMPOSITE_KEYS)
+    d = DEFAULTS["composite"]
+    out: dict[str, Any] = {}
+    name = _string(ctx, "composite.name", given.get("name", d["name"]))
+    known = _registered("lrpcli.composites")
+    if known is not None and name not in known:
+        ctx.fail(
+            "composite.name",
+            f"unknown composite {show(name)}{did_you_mean(name, known)} (known: {', '.join(known)})",
+        )
+    out["name"] = name
+    used = _composite_params(name)
+    for key in COMPOSITE_PARAMS:
+        if key not in used and given.get(key) is not None:
+            ctx.fail(
+                f"composite.{key}",
+                f"composite {name!r} does not use {key} (got {show(given[key])}); remove it "
+                f"(its parameters: {', '.join(p for p in COMPOSITE_PARAMS if p in used) or 'none'})",
+            )
+
+    def value(key: str) -> Any:
+        return d[key] if given.get(key) is None else given[key]
+
+    n = len(inp["mean"])
+    out["epsilon"] = float(_number(ctx, "composite.epsilon", value("epsilon"), minimum=0, strict=True))
+    out["gamma"] = float(_number(ctx, "composite.gamma", value("gamma"), minimum=0))
+    out["low"] = _bounds_spec(ctx, "composite.low", value("low"), n)
+    out["high"] = _bounds_spec(ctx, "composite.high", value("high"), n)
+    _check_low_high(ctx, "composite.low", "composite.high", out["low"], out["high"], inp)
+    out["zero_params"] = _zero_params(ctx, "composite.zero_params", value("zero_params"))
+    out["stabilizer"] = _stabilizer(ctx, "composite.stabilizer", given.get("stabilizer"), d["stabilizer"])
+    out["maxpool"] = _choice(ctx, "composite.maxpool", value("maxpool"), ("wta", "average"))
+    out["beta"] = float(_number(ctx, "composite.beta", value("beta"), minimum=0, strict=True))
+    for key in COMPOSITE_PARAMS:
+        if key not in used:
+            out[key] = None
+    out["rules"] = _validate_rules(ctx, given.get("rules"), out, inp)
+    out["strict"] = _boolean(ctx, "composite.strict", value("strict"))
+    return {k: out[k] for k in d}
+
+
+# ---------------------------------------------------------------------------------------------- rules
+_RULE_ITEM_KEYS = ("match", "type", "rule")
+
+
+def _validate_rules(ctx: _Ctx, value: Any, comp: Mapping, inp: Mapping) -> list[dict]:
+    items = _list(
+        ctx, "composite.rules", value, "a list of {match: glob, rule: ...} or {type: Class, rule: ...}"
+    )
+    out = []
+    for i, item in enumerate(items):
+        path = f"composite.rules[{i}]"
+        if not isinstance(item, Mapping):
+            ctx.expected(
+                path,
+                "a mapping like {match: 'features.0', rule: zbox} or {type: Linear, rule: epsilon}",
+                item,
+            )
+        _check_keys(ctx, path, item, _RULE_ITEM_KEYS)
+        if ("match" in item) == ("type" in item):
+            ctx.fail(
+                path,
+                f"needs exactly one of match (a module-name glob) or type (a module class), got {show(item)}",
+            )
+        entry: dict[str, Any] = {}
+        if "match" in item:
+            entry["match"] = _string(ctx, f"{path}.match", item["match"])
+        else:
+            type_name = _string(ctx, f"{path}.type", item["type"])
+            resolve_module_type(type_name, lambda msg, p=f"{path}.type": ctx.fail(p, msg))
+            entry["type"] = type_name
+        if "rule" not in item:
+            ctx.fail(
+                f"{path}.rule", "missing; give a rule name (e.g. epsilon) or {name: epsilon, epsilon: 0.25}"
+            )
+        entry["rule"] = _validate_rule_spec(ctx, f"{path}.rule", item["rule"], comp, inp)
+        out.append(entry)
+    return out
+
+
+def _canonical_rule(rules: Any, name: str) -> str | None:
+    """The registry key for a rule name (aliases and case accepted), or None when unknown."""
+    key = getattr(rules, "ALIASES", {}).get(name.lower(), name.lower())
+    if hasattr(rules, "names"):
+        return key if key in rules.names() else None
+    return name
+
+
+def _validate_rule_spec(ctx: _Ctx, path: str, spec: Any, comp: Mapping, inp: Mapping) -> Any:
+    """A rule name or ``{name: ..., **params}``; checked by building it with ``lrpcli.rules.make``."""
+    if isinstance(spec, str):
+        name, params, name_path = spec, {}, path
+    elif isinstance(spec, Mapping):
+        if "name" not in spec:
+            ctx.fail(f"{path}.name", f"missing; a rule mapping needs a name, got {show(spec)}")
+        name, params, name_path = spec["name"], {k: v for k, v in spec.items() if k != "name"}, f"{path}.name"
+    else:
+        ctx.expected(path, "a rule name or a mapping {name: ..., param: value}", spec)
+    name = _string(ctx, name_path, name)
+    for key in params:
+        if not isinstance(key, str):
+            ctx.fail(f"{path}.{key}", f"parameter names must be strings, got {show(key)}")
+    checked: dict[str, Any] = {}
+    n = len(inp["mean"])
+    for key, value in params.items():
+        p = f"{path}.{key}"
+        if key == "epsilon":
+            checked[key] = float(_number(ctx, p, value, minimum=0, strict=True))
+        elif key in ("gamma", "alpha", "beta"):
+            checked[key] = float(_number(ctx, p, value, minimum=0))
+        elif key in ("low", "high"):
+            checked[key] = _bounds_spec(ctx, p, value, n)
+        elif key == "stabilizer":
+            checked[key] = _stabilizer(
+                ctx, p, value, comp["stabilizer"] or DEFAULTS["composite"]["stabilizer"]
+            )
+        elif key == "zero_params":
+            checked[key] = _zero_params(ctx, p, value)
+        else:
+            checked[key] = _deepcopy(value)
+    if "low" in checked or "high" in checked:
+        _check_low_high(
+            ctx,
+            f"{path}.low",
+            f"{path}.high",
+            checked.get("low", comp["low"] or "auto"),
+            checked.get("high", comp["high"] or "auto"),
+            inp,
+        )
+    rules = _registry("lrpcli.rules")
+    if rules is None or not hasattr(rules, "make"):
+        return name if isinstance(spec, str) else {"name": name, **checked}
+    key = _canonical_rule(rules, name)
+    if key is None:
+        known = sorted(rules.names())
+        ctx.fail(
+            name_path,
+            f"unknown rule {show(name)}{did_you_mean(name.lower(), known)} (known: {', '.join(known)})",
+        )
+    try:
+        rules.make(key, **_rule_kwargs(rules, key, checked, comp, inp))
+    except (ValueError, TypeError, KeyError) as err:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        for param in checked:
+            if re.search(rf"(?<![\w]){re.escape(param)}(?![\w])", message):
+                ctx.fail(f"{path}.{param}", f"{message} (got {show(params[param])})")
+        ctx.fail(path, f"{message} (got {show(spec)})")
+    return key if isinstance(spec, str) else {"name": key, **checked}
+
+
+def _accepted_params(rules: Any, name: str) -> set[str]:
+    """The keyword parameters rule ``name`` accepts (from its class signature), empty when unknown."""
+    import inspect
+
+    cls = getattr(rules, "RULES", {}).get(name)
+    if cls is None:
+        return set()
+    try:
+        return {p for p in inspect.signature(cls.__init__).parameters if p != "self"}
+    except (TypeError, ValueError):
+        return set()
+
+
+def _rule_kwargs(rules: Any, name: str, params: Mapping, comp: Mapping, inp: Mapping) -> dict:
+    """Keyword arguments for ``rules.make``: the rule's own params, composite-level values as defaults.
+
+    Composite-level epsilon/gamma/low/high/stabilizer/zero_params reach an override rule for the parameters
+    it accepts and did not set itself, so ``{type: Linear, rule: epsilon}`` uses composite.epsilon and
+    ``{match: features.0, rule: zbox}`` gets the input's ``auto`` bounds.
+    """
+    import torch
+
+    accepted = _accepted_params(rules, name)
+    kwargs: dict[str, Any] = {}
+    for key in ("epsilon", "gamma", "low", "high", "stabilizer", "zero_params"):
+        if key in accepted and key not in params:
+            value = comp.get(key)
+            if value is None and key in ("low", "high"):
+                value = "auto"
+            if value is not None:
+                kwargs[key] = value
+    kwargs.update(params)
+    for key in ("low", "high"):
+        if key in kwargs:
+            value = _bounds_value(kwargs[key], key, list(inp["mean"]), list(inp["std"]))
+            kwargs[key] = (
+                torch.tensor(list(value), dtype=torch.float32)
+                if isinstance(value, list | tuple)
+                else float(value)
+            )
+    if isinstance(kwargs.get("stabilizer"), Mapping):
+        kwargs["stabilizer"] = _make_stabilizer(rules, kwargs["stabilizer"])
+    if "zero_params" in kwargs:
+        kwargs["zero_params"] = list(kwargs["zero_params"])
+    return kwargs
+
+
+def _make_stabilizer(rules: Any, spec: Mapping) -> Any:
+    stabilizer = getattr(rules, "Stabilizer", None) if rules is not None else None
+    if stabilizer is None:
+        return dict(spec)
+    return stabilizer(spec["epsilon"], spec["mode"])
+
+
+# ------------------------------------------------------------------------------------ other sections
+def _validate_attribution(ctx: _Ctx, value: Any) -> dict:
+    given = _mapping(ctx, "attribution", value)
+    d = DEFAULTS["attribution"]
+    _check_keys(ctx, "attribution", given, tuple(d))
+    out: dict[str, Any] = {}
+    out["method"] = _choice(ctx, "attribution.method", given.get("method", d["method"]), METHODS)
+    target = given.get("target", d["target"])
+    if isinstance(target, str) and target.strip().lower() in ("label", "prediction"):
+        out["target"] = target.strip().lower()
+    elif isinstance(target, int) and not isinstance(target, bool) and target >= 0:
+        out["target"] = target
+    else:
+        ctx.expected("attribution.target", "label, prediction or a class index >= 0", target)
+    out["noise_level"] = float(
+        _number(ctx, "attribution.noise_level", given.get("noise_level", d["noise_level"]), minimum=0)
+    )
+    out["n_iter"] = _integer(ctx, "attribution.n_iter", given.get("n_iter", d["n_iter"]), minimum=1)
+    baseline = given.get("baseline", d["baseline"])
+    if _is_number(baseline):
+        out["baseline"] = float(_number(ctx, "attribution.baseline", baseline))
+    elif isinstance(baseline, str) and baseline.strip().lower() in BASELINES:
+        out["baseline"] = baseline.strip().lower()
+    else:
+        ctx.expected("attribution.baseline", f"one of {', '.join(BASELINES)} or a number", baseline)
+    for key in ("window", "stride"):
+        path = f"attribution.{key}"
+        raw = given.get(key, d[key])
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            raw = [raw, raw]
+        items = _list(ctx, path, raw, "an integer >= 1 or a list of 2 (height, width)", nullable=False)
+        if len(items) != 2:
+            ctx.expected(path, "an integer >= 1 or a list of 2 (height, width)", raw)
+        out[key] = [_integer(ctx, f"{path}[{i}]", v, minimum=1) for i, v in enumerate(items)]
+    out["fill"] = float(_number(ctx, "attribution.fill", given.get("fill", d["fill"])))
+    return {k: out[k] for k in d}
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _validate_run(ctx: _Ctx, value: Any) -> dict:
+    given = _mapping(ctx, "run", value)
+    d = DEFAULTS["run"]
+    _check_keys(ctx, "run", given, tuple(d))
+    out: dict[str, Any] = {}
+    out["batch_size"] = _integer(ctx, "run.batch_size", given.get("batch_size", d["batch_size"]), minimum=1)
+    out["num_workers"] = _integer(
+        ctx, "run.num_workers", given.get("num_workers", d["num_workers"]), minimum=0
+    )
+    device = given.get("device", d["device"])
+    if not isinstance(device, str) or not _DEVICE_RE.match(device.strip().lower()):
+        ctx.expected("run.device", "auto, cpu, cuda or cuda:N", device)
+    out["device"] = device.strip().lower()
+    out["max_samples"] = _integer(
+        ctx, "run.max_samples", given.get("max_samples", d["max_samples"]), minimum=1, nullable=True
+    )
+    out["seed"] = _integer(ctx, "run.seed", given.get("seed", d["seed"]), minimum=0)
+    return {k: out[k] for k in d}
+
+
+def _validate_output(ctx: _Ctx, value: Any) -> dict:
+    given = _mapping(ctx, "output", value)
+    d = DEFAULTS["output"]
+    _check_keys(ctx, "output", given, tuple(d))
+    out: dict[str, Any] = {}
+    out["path"] = str(_string(ctx, "output.path", given.get("path", d["path"])))
+    out["dtype"] = _choice(ctx, "output.dtype", given.get("dtype", d["dtype"]), ("float32", "float16"))
+    out["store_input"] = _boolean(ctx, "output.store_input", given.get("store_input", d["store_input"]))
+    layers = given.get("layers", d["layers"])
+    if isinstance(layers, str):
+        layers = [layers]
+    items = _list(ctx, "output.layers", layers, "a list of module-name globs (e.g. layer4, features.*)")
+    out["layers"] = [_string(ctx, f"output.layers[{i}]", v) for i, v in enumerate(items)]
+    return {k: out[k] for k in d}
+
+
+# ------------------------------------------------------------------------------------- resolved values
+def resolve_bounds(config: Mapping) -> tuple[Any, Any]:
+    """``(low, high)`` of the composite in normalised input space: a float, or a float32 tensor of shape (C,).
+
+    ``auto`` is the normalised value of pixel 0.0 (low) and pixel 1.0 (high) per channel, (0 - mean) / std
+    and (1 - mean) / std, so ZBox bounds follow the preprocessing without the user computing them.
+    """
+    import torch
+
+    inp, comp = config["input"], config["composite"]
+    out = []
+    for which in ("low", "high"):
+        spec = "auto" if comp[which] is None else comp[which]
+        value = _bounds_value(spec, which, list(inp["mean"]), list(inp["std"]))
+        if isinstance(value, list | tuple):
+            out.append(torch.tensor(list(value), dtype=torch.float32))
+        else:
+            out.append(float(value))
+    return out[0], out[1]
+
+
+def resolve_baseline(config: Mapping) -> Any:
+    """The integrated-gradients/occlusion baseline in normalised input space: a float or a (C,) tensor.
+
+    ``zeros`` is 0 after normalisation, ``black``/``white`` the normalised pixel 0.0/1.0, a number is used
+    as is.
+    """
+    import torch
+
+    inp, baseline = config["input"], config["attribution"]["baseline"]
+    if baseline == "zeros":
+        return 0.0
+    if baseline in ("black", "white"):
+        value = _bounds_value(
+            "auto", "low" if baseline == "black" else "high", list(inp["mean"]), list(inp["std"])
+        )
+        return torch.tensor(value, dtype=torch.float32)
+    return float(baseline)
+
+
+def resolve_module_type(name: str, fail: Callable[[str], NoReturn] | None = None) -> type:
+    """A module class by name: ``torch.nn.<name>``, an lrpcli layer (e.g. ``Sum``) or ``pkg.mod.Class``."""
+    import torch
+
+    def _fail(msg: str) -> NoReturn:
+        if fail is not None:
+            fail(msg)
+        raise ConfigError(msg)
+
+    def _is_module(obj: Any) -> bool:
+        return isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+
+    if "." in name:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError as err:
+            _fail(f"cannot import {module_name!r} for module type {name!r}: {err}")
+        if not _is_module(obj):
+            _fail(f"{name!r} is not a torch.nn.Module class")
+        return obj
+    obj = getattr(torch.nn, name, None)
+    if _is_module(obj):
+        return obj
+    for module_name in ("lrpcli.modules", "lrpcli.layers", "lrpcli.canonizers"):
+        mod = _registry(module_name)
+        obj = getattr(mod, name, None) if mod is not None else None
+        if _is_module(obj):
+            return obj
+    candidates = [n for n in dir(torch.nn) if _is_module(getattr(torch.nn, n, None))] + ["Sum"]
+    _fail(
+        f"unknown module type {name!r}{did_you_mean(name, candidates)} "
+        "(a torch.nn class name such as Linear or Conv2d, an lrpcli layer such as Sum, or pkg.module.Class)"
+    )
+
+
+def make_override_rules(config: Mapping) -> list[tuple[Any, Any]]:
+    """The composite's rule overrides as ``(matcher, rule)``: a glob string (``match``) or a class (``type``).
+
+    Rules are built fresh on every call (``lrpcli.rules.make``), so contexts never share rule state.
+    """
+    comp, inp = config["composite"], config["input"]
+    rules = _registry("lrpcli.rules")
+    if rules is None:
+        raise ConfigError("lrpcli.rules is not available; cannot build composite.rules")
+    out = []
+    for item in comp["rules"]:
+        spec = item["rule"]
+        if isinstance(spec, str):
+            name, params = spec, {}
+        else:
+            name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
+        rule = rules.make(name, **_rule_kwargs(rules, name, params, comp, inp))
+        matcher = item["match"] if "match" in item else resolve_module_type(item["type"])
+        out.append((matcher, rule))
+    return out
+
+
+def composite_kwargs(config: Mapping) -> dict[str, Any]:
+    """Keyword arguments for ``lrpcli.composites.get(config.composite.name, **kwargs)``.
+
+    Only the parameters the composite uses (its others are null in the resolved config): epsilon, gamma,
+    low/high (floats or (C,) float32 tensors), stabilizer (an ``lrpcli.rules.Stabilizer``), zero_params,
+    maxpool, beta; always canonizers (names), overrides (``make_override_rules``) and strict.
+    """
+    comp = config["composite"]
+    rules = _registry("lrpcli.rules")
+    low, high = (
+        resolve_bounds(config) if comp["low"] is not None and comp["high"] is not None else (None, None)
+    )
+    values: dict[str, Any] = {
+        "epsilon": comp["epsilon"],
+        "gamma": comp["gamma"],
+        "low": low,
+        "high": high,
+        "stabilizer": None if comp["stabilizer"] is None else _make_stabilizer(rules, comp["stabilizer"]),
+        "zero_params": None if comp["zero_params"] is None else list(comp["zero_params"]),
+        "maxpool": comp["maxpool"],
+        "beta": comp["beta"],
+    }
+    kwargs = {k: v for k, v in values.items() if v is not None}
+    kwargs["canonizers"] = list(config["canonizers"])
+    kwargs["overrides"] = make_override_rules(config) if comp["rules"] else []
+    kwargs["strict"] = bool(comp["strict"])
+    return kwargs
+
+
+def resolve_device(device: str) -> Any:
+    """``run.device`` as a ``torch.device``: auto picks cuda when available; no GPU is a ConfigError."""
+    import torch
+
+    device = device.strip().lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"run.device: {device!r} requested but CUDA is not available here; use auto or cpu"
+            )
+        index = int(device.split(":")[1]) if ":" in device else 0
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(
+                f"run.device: {device!r} does not exist; this machine has cuda:0..cuda:{count - 1}"
+            )
+    return torch.device(device)
+
+
+def resolve_path(path: str | Path, base_dir: str | Path | None) -> Path | None:
+    """A user path: as is when absolute, else against the config's directory first, then the current one."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p if p.exists() else None
+    for root in ([Path(base_dir)] if base_dir is not None else []) + [Path.cwd()]:
+        candidate = root / p
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Module-name glob matching used for ``composite.rules[].match`` and ``output.layers``."""
+    return fnmatch.fnmatchcase(name, pattern)

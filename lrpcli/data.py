@@ -1,0 +1,287 @@
+"""Images from a DATA folder, preprocessed like torchvision's classification transforms.
+
+DATA is an ImageFolder tree (one folder per class, labels = sorted folder index, empty class folders allowed)
+or a flat folder of images (label -1). Order is deterministic (class, then relative path), so row ``i`` of
+an output file is always the same image and ``--resume`` can continue by index. An image that cannot be
+decoded does not stop a 50,000-image run: it comes back as a marker that ``collate`` drops and reports.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import DataError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageDataset",
+    "Sample",
+    "Skipped",
+    "Batch",
+    "Collated",
+    "collate",
+    "make_loader",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class Skipped(NamedTuple):
+    """An image left out of a batch: its path relative to DATA and why."""
+
+    filename: str
+    reason: str
+
+
+@dataclass
+class Sample:
+    """One item of ``ImageDataset``; ``error`` is set (and the tensors are None) when decoding failed."""
+
+    input: torch.Tensor | None  # normalised float32 (C, H, W)
+    image: torch.Tensor | None  # un-normalised uint8 (C, H, W), what the model saw before normalising
+    label: int
+    index: int
+    filename: str
+    error: str | None = None
+
+
+@dataclass
+class Batch:
+    """Stacked samples in dataset order; ``len(batch)`` may be 0 when every image of a batch was skipped."""
+
+    inputs: torch.Tensor  # float32 (N, C, H, W), normalised
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,), -1 without class folders
+    indices: torch.Tensor  # int64 (N,), dataset indices
+    filenames: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.filenames)
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True) on custom batch types."""
+        return Batch(
+            self.inputs.pin_memory(),
+            self.images.pin_memory(),
+            self.labels.pin_memory(),
+            self.indices.pin_memory(),
+            list(self.filenames),
+        )
+
+    def to(self, device: Any, non_blocking: bool = False) -> Batch:
+        """The batch with its tensors on ``device``."""
+        return Batch(
+            *(
+                t.to(device, non_blocking=non_blocking)
+                for t in (self.inputs, self.images, self.labels, self.indices)
+            ),
+            list(self.filenames),
+        )
+
+
+class Collated(NamedTuple):
+    """What the loader yields: the batch and the images skipped from it (as (filename, reason))."""
+
+    batch: Batch
+    skipped: list[Skipped]
+
+
+class ImageDataset(Dataset):
+    """The images under ``root``, preprocessed: resize (shorter side, bilinear, antialias), center crop,
+    scale to [0, 1], normalise with ``mean``/``std``; gray, palette and RGBA images converted to ``mode``."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        resize: int | None = 256,
+        crop: int | None = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        mode: str = "RGB",
+    ) -> None:
+        if mode not in ("RGB", "L"):
+            raise ValueError(f"mode: expected RGB or L, got {mode!r}")
+        n = 3 if mode == "RGB" else 1
+        if len(mean) != n or len(std) != n:
+            raise ValueError(
+                f"mean and std need {n} values for mode {mode}, got {list(mean)} and {list(std)}"
+            )
+        self.root = Path(root)
+        self.resize, self.crop, self.mode = resize, crop, mode
+        self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor([float(s) for s in std], dtype=torch.float32).view(-1, 1, 1)
+        self.classes, self.files, self.labels = _scan(self.root)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Sample:
+        filename, label = self.files[index], self.labels[index]
+        try:
+            image = self.load(self.root / filename)
+        except Exception as err:  # noqa: BLE001 - any decoder failure is reported, never fatal
+            reason = " ".join(str(err).split()) or type(err).__name__
+            return Sample(None, None, label, index, filename, error=f"{type(err).__name__}: {reason}")
+        return Sample(self.normalize(image), image, label, index, filename)
+
+    def load(self, path: str | Path) -> torch.Tensor:
+        """Decode, convert to ``mode``, resize and crop: a uint8 (C, H, W) tensor."""
+        from PIL import Image
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        with Image.open(path) as img:
+            img.load()
+            img = _convert(img, self.mode)
+        tensor = F.pil_to_tensor(img)
+        if self.resize is not None:
+            tensor = F.resize(tensor, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        if self.crop is not None:
+            tensor = F.center_crop(tensor, [self.crop, self.crop])
+        return tensor.contiguous()
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 (C, H, W) to the model's input: (image / 255 - mean) / std, float32."""
+        return (image.to(torch.float32) / 255.0 - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        kind = f"{len(self.classes)} classes" if self.classes else "flat"
+        return f"ImageDataset({str(self.root)!r}, {len(self)} images, {kind})"
+
+
+def _convert(img: Any, mode: str) -> Any:
+    """To RGB or L; 16/32-bit gray scaled (not clipped) to 8 bits, transparency dropped like ImageFolder."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == mode else img.convert(mode)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan(root: Path) -> tuple[list[str], list[str], list[int]]:
+    """(classes, files relative to root in posix form, labels); DataError for a missing or image-less DATA."""
+    if not root.exists():
+        raise DataError(f"{root}: data folder not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: expected a folder of images (or of class folders), got a file")
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as err:
+        raise DataError(f"{root}: cannot list the data folder: {err.strerror or err}") from None
+    class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    top_images = [e.name for e in entries if e.is_file() and _is_image(e.name)]
+    if class_dirs and top_images:
+        raise DataError(
+            f"{root}: has both images ({top_images[0]!r}, ...) and class folders ({class_dirs[0]!r}, ...); "
+            "use either one folder per class or a flat folder of images"
+        )
+    files: list[str] = []
+    labels: list[int] = []
+    if not class_dirs:
+        files = top_images
+        labels = [-1] * len(files)
+    for label, cls in enumerate(class_dirs):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = Path(dirpath).relative_to(root)
+            found.extend((rel / f).as_posix() for f in filenames if _is_image(f))
+        found.sort()
+        files.extend(found)
+        labels.extend([label] * len(found))
+    if not files:
+        where = f" or in its {len(class_dirs)} class folders" if class_dirs else ""
+        raise DataError(
+            f"{root}: no images found{where} (extensions: {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
+        )
+    return class_dirs, files, labels
+
+
+def collate(samples: Sequence[Sample]) -> Collated:
+    """Stack the decodable samples into a Batch; the others become ``Skipped(filename, reason)`` entries."""
+    good = [s for s in samples if s.error is None]
+    skipped = [Skipped(s.filename, s.error or "") for s in samples if s.error is not None]
+    if not good:
+        empty = torch.empty(0)
+        return Collated(
+            Batch(empty, empty.to(torch.uint8), empty.to(torch.int64), empty.to(torch.int64), []), skipped
+        )
+    shapes = {tuple(s.input.shape) for s in good}
+    if len(shapes) > 1:
+        a, b = _two_shapes(good)
+        raise DataError(
+            f"{a.filename} is {tuple(a.input.shape)} but {b.filename} is {tuple(b.input.shape)} after "
+            "preprocessing; set input.crop so every image has the same size"
+        )
+    return Collated(
+        Batch(
+            inputs=torch.stack([s.input for s in good]),
+            images=torch.stack([s.image for s in good]),
+            labels=torch.tensor([s.label for s in good], dtype=torch.int64),
+            indices=torch.tensor([s.index for s in good], dtype=torch.int64),
+            filenames=[s.filename for s in good],
+        ),
+        skipped,
+    )
+
+
+def _two_shapes(samples: Sequence[Sample]) -> tuple[Sample, Sample]:
+    first = samples[0]
+    other = next(s for s in samples if s.input.shape != first.input.shape)
+    return first, other
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    start: int = 0,
+    stop: int | None = None,
+) -> DataLoader:
+    """A DataLoader over dataset indices [start, stop) in order, yielding ``Collated(batch, skipped)``.
+
+    ``start`` resumes a run, ``stop`` applies max_samples; memory is pinned for CUDA, workers are not kept
+    between epochs (one pass only).
+    """
+    n = len(dataset)
+    stop = n if stop is None else min(stop, n)
+    start = max(0, min(start, stop))
+    dev = (
+        device
+        if isinstance(device, torch.device)
+        else torch.device(
+            "cuda"
+            if str(device) == "auto" and torch.cuda.is_available()
+            else ("cpu" if str(device) == "auto" else device)
+        )
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=range(start, stop),
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+        drop_last=False,
+    )

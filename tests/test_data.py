@@ -1,0 +1,234 @@
+"""DATA folders: layout, labels, order, conversion, preprocessing and undecodable images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lrpcli.data import Batch, ImageDataset, Skipped, collate, make_loader
+from lrpcli.errors import DataError
+
+
+def save(path: Path, mode: str = "RGB", size: tuple[int, int] = (40, 30), value: int | tuple = 128) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value).save(path)
+    return path
+
+
+def gradient_image(path: Path, size: tuple[int, int] = (60, 40)) -> Path:
+    w, h = size
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+    arr[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+    arr[..., 2] = 77
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def dataset(root: Path, **kw) -> ImageDataset:
+    args = {"resize": 16, "crop": 16, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "mode": "RGB"}
+    args.update(kw)
+    return ImageDataset(root, **args)
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def test_imagefolder_labels_with_empty_class_folder(tmp_path):
+    save(tmp_path / "cat" / "b.png")
+    save(tmp_path / "cat" / "a.jpg")
+    (tmp_path / "dog").mkdir()  # empty class: still index 1
+    save(tmp_path / "eel" / "x.JPEG")
+    save(tmp_path / "eel" / "sub" / "y.png")  # nested images belong to their class folder
+    ds = dataset(tmp_path)
+    assert ds.classes == ["cat", "dog", "eel"]
+    assert ds.files == ["cat/a.jpg", "cat/b.png", "eel/sub/y.png", "eel/x.JPEG"]
+    assert ds.labels == [0, 0, 2, 2]
+    assert len(ds) == 4
+    sample = ds[3]
+    assert (
+        sample.label == 2 and sample.index == 3 and sample.filename == "eel/x.JPEG" and sample.error is None
+    )
+
+
+def test_flat_folder_labels_minus_one_and_filters(tmp_path):
+    for name in ("b.webp", "a.bmp", "c.PNG"):
+        save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    save(tmp_path / ".hidden.png")
+    (tmp_path / ".cache").mkdir()  # hidden folders are not classes
+    ds = dataset(tmp_path)
+    assert ds.files == ["a.bmp", "b.webp", "c.PNG"]
+    assert ds.labels == [-1, -1, -1] and ds.classes == []
+    assert all(ds[i].label == -1 for i in range(3))
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere: data folder not found"):
+        dataset(tmp_path / "nowhere")
+
+
+def test_empty_data_folder(tmp_path):
+    with pytest.raises(DataError, match=rf"{tmp_path}: no images found"):
+        dataset(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match="no images found or in its 2 class folders"):
+        dataset(tmp_path)
+
+
+def test_data_is_a_file(tmp_path):
+    path = save(tmp_path / "one.png")
+    with pytest.raises(DataError, match="got a file"):
+        dataset(path)
+
+
+def test_images_and_class_folders_mixed(tmp_path):
+    save(tmp_path / "top.png")
+    save(tmp_path / "cls" / "x.png")
+    with pytest.raises(DataError, match="both images .* and class folders"):
+        dataset(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- preprocessing
+def test_resize_crop_and_normalise(tmp_path):
+    gradient_image(tmp_path / "g.png", size=(60, 40))
+    ds = dataset(tmp_path, resize=20, crop=16)
+    s = ds[0]
+    assert s.image.dtype == torch.uint8 and s.image.shape == (3, 16, 16)
+    assert s.input.dtype == torch.float32 and s.input.shape == (3, 16, 16)
+    assert torch.allclose(s.input, (s.image.float() / 255 - 0.5) / 0.25)
+    assert (s.image[2] == 77).all()
+    # the same as torchvision's tensor transforms: resize shorter side (bilinear, antialias), center crop
+    from torchvision.transforms.v2 import functional as F
+
+    ref = F.pil_to_tensor(Image.open(tmp_path / "g.png").convert("RGB"))
+    ref = F.center_crop(F.resize(ref, [20], antialias=True), [16, 16])
+    assert torch.equal(s.image, ref)
+
+
+def test_no_resize_no_crop_keeps_size(tmp_path):
+    save(tmp_path / "a.png", size=(40, 30))
+    s = dataset(tmp_path, resize=None, crop=None)[0]
+    assert s.image.shape == (3, 30, 40)
+
+
+def test_gray_and_rgba_to_rgb(tmp_path):
+    save(tmp_path / "gray.png", mode="L", value=200)
+    save(tmp_path / "rgba.png", mode="RGBA", value=(10, 20, 30, 0))
+    save(tmp_path / "pal.png", mode="P", value=3)
+    ds = dataset(tmp_path)
+    gray = ds.files.index("gray.png")
+    rgba = ds.files.index("rgba.png")
+    assert ds[gray].image.shape == (3, 16, 16) and (ds[gray].image == 200).all()
+    assert ds[rgba].image.shape == (3, 16, 16)
+    assert ds[rgba].image[:, 0, 0].tolist() == [10, 20, 30]
+    assert ds[ds.files.index("pal.png")].image.shape == (3, 16, 16)
+
+
+def test_rgb_and_16bit_to_gray(tmp_path):
+    save(tmp_path / "rgb.png", mode="RGB", value=(255, 255, 255))
+    arr = np.full((20, 20), 65535 // 2, dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "deep.png")
+    ds = dataset(tmp_path, mode="L", mean=[0.5], std=[0.5])
+    white = ds[ds.files.index("rgb.png")]
+    assert white.image.shape == (1, 16, 16) and (white.image == 255).all()
+    assert torch.allclose(white.input, torch.ones(1, 16, 16))
+    deep = ds[ds.files.index("deep.png")].image
+    assert deep.shape == (1, 16, 16) and 120 <= int(deep[0, 0, 0]) <= 135  # scaled, not clipped to 255
+
+
+def test_bad_mean_length(tmp_path):
+    save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="need 1 values for mode L"):
+        ImageDataset(tmp_path, resize=8, crop=8, mean=[0.5] * 3, std=[0.5] * 3, mode="L")
+
+
+# ------------------------------------------------------------------------------------ broken images
+def test_undecodable_image_is_skipped_and_reported(tmp_path):
+    save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"\x89PNG garbage, not an image at all")
+    save(tmp_path / "c.png")
+    ds = dataset(tmp_path)
+    bad = ds[1]
+    assert bad.error is not None and bad.filename == "b.png" and bad.input is None
+    batch, skipped = collate([ds[i] for i in range(3)])
+    assert isinstance(batch, Batch) and len(batch) == 2
+    assert batch.filenames == ["a.png", "c.png"] and batch.indices.tolist() == [0, 2]
+    assert skipped == [Skipped("b.png", bad.error)]
+    assert "UnidentifiedImageError" in skipped[0].reason or "cannot identify" in skipped[0].reason
+
+
+def test_truncated_image_is_skipped(tmp_path):
+    path = gradient_image(tmp_path / "t.png")
+    path.write_bytes(path.read_bytes()[:60])
+    save(tmp_path / "u.png")
+    out = list(make_loader(dataset(tmp_path), batch_size=4, num_workers=0, device="cpu"))
+    assert len(out) == 1
+    batch, skipped = out[0]
+    assert batch.filenames == ["u.png"] and [s.filename for s in skipped] == ["t.png"]
+
+
+def test_batch_of_only_broken_images(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"nope")
+    batch, skipped = collate([dataset(tmp_path)[0]])
+    assert len(batch) == 0 and batch.inputs.numel() == 0 and len(skipped) == 1
+
+
+def test_different_sizes_without_crop_is_a_data_error(tmp_path):
+    save(tmp_path / "a.png", size=(40, 30))
+    save(tmp_path / "b.png", size=(30, 40))
+    ds = dataset(tmp_path, resize=None, crop=None)
+    with pytest.raises(DataError, match="set input.crop"):
+        collate([ds[0], ds[1]])
+
+
+# ------------------------------------------------------------------------------------------- loader
+def make_flat(tmp_path: Path, n: int) -> ImageDataset:
+    for i in range(n):
+        save(tmp_path / f"img{i:02d}.png", value=(i * 10, 0, 0))
+    return dataset(tmp_path)
+
+
+def test_loader_order_start_stop(tmp_path):
+    ds = make_flat(tmp_path, 7)
+    batches = list(make_loader(ds, batch_size=3, num_workers=0, device="cpu", start=2, stop=6))
+    assert [b.batch.indices.tolist() for b in batches] == [[2, 3, 4], [5]]
+    assert batches[0].batch.filenames == ["img02.png", "img03.png", "img04.png"]
+    assert batches[0].batch.images[:, 0, 0, 0].tolist() == [20, 30, 40]
+    assert batches[0].batch.labels.dtype == torch.int64
+    assert batches[0].skipped == []
+    assert len(list(make_loader(ds, batch_size=3, num_workers=0, device="cpu", start=7))) == 0
+    everything = list(make_loader(ds, batch_size=4, num_workers=0, device="cpu", stop=100))
+    assert sum(len(b.batch) for b in everything) == 7
+
+
+def test_loader_with_workers_keeps_order(tmp_path):
+    ds = make_flat(tmp_path, 5)
+    loader = make_loader(ds, batch_size=2, num_workers=2, device="cpu")
+    assert loader.pin_memory is False and loader.persistent_workers is False
+    assert [b.batch.indices.tolist() for b in loader] == [[0, 1], [2, 3], [4]]
+
+
+def test_loader_pins_memory_for_cuda(tmp_path):
+    ds = make_flat(tmp_path, 2)
+    assert make_loader(ds, batch_size=2, device="cuda").pin_memory is True
+    assert make_loader(ds, batch_size=2, device=torch.device("cuda", 0)).pin_memory is True
+    if torch.cuda.is_available():
+        batch, skipped = next(iter(make_loader(ds, batch_size=2, num_workers=0, device="cuda")))
+        assert batch.inputs.is_pinned() and isinstance(skipped, list)
+        assert batch.to("cuda").inputs.device.type == "cuda"
+
+
+def test_dataset_from_config_input_section(tmp_path):
+    from lrpcli.config import load_config
+
+    (tmp_path / "c.yaml").write_text("model: {name: resnet18}\ninput: {resize: 20, crop: 12, mode: L}\n")
+    config = load_config(tmp_path / "c.yaml")
+    save(tmp_path / "data" / "a.png")
+    ds = ImageDataset(tmp_path / "data", **config.input)
+    assert ds[0].input.shape == (1, 12, 12)
