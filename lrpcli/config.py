@@ -953,10 +953,10 @@ def resolve_bounds(config: Mapping) -> tuple[Any, Any]:
 
 
 def resolve_baseline(config: Mapping) -> Any:
-    """The integrated-gradients/occlusion baseline in normalised input space: a float or a (C,) tensor.
+    """The integrated-gradients baseline in normalised input space: a float or a (C, 1, 1) tensor.
 
-    ``zeros`` is 0 after normalisation, ``black``/``white`` the normalised pixel 0.0/1.0, a number is used
-    as is.
+    ``zeros`` is 0 after normalisation, ``black``/``white`` the normalised pixel 0.0/1.0 per channel (shaped
+    to broadcast against an (N, C, H, W) batch), a number is used as is.
     """
     import torch
 
@@ -967,7 +967,7 @@ def resolve_baseline(config: Mapping) -> Any:
         value = _bounds_value(
             "auto", "low" if baseline == "black" else "high", list(inp["mean"]), list(inp["std"])
         )
-        return torch.tensor(value, dtype=torch.float32)
+        return torch.tensor(value, dtype=torch.float32).view(-1, 1, 1)
     return float(baseline)
 
 

@@ -327,7 +327,9 @@ def test_low_high_numbers_and_lists(tmp_path):
 def test_baseline(tmp_path):
     assert resolve_baseline(load(tmp_path, MINIMAL)) == 0.0
     black = resolve_baseline(load(tmp_path, MINIMAL + "attribution: {baseline: black}\n"))
-    assert torch.allclose(black, resolve_bounds(load(tmp_path, MINIMAL))[0])
+    assert black.shape == (3, 1, 1)
+    assert torch.allclose(black.flatten(), resolve_bounds(load(tmp_path, MINIMAL))[0])
+    assert black.expand(2, 3, 5, 4).shape == (2, 3, 5, 4)
     assert resolve_baseline(load(tmp_path, MINIMAL + "attribution: {baseline: 0.5}\n")) == 0.5
 
 
