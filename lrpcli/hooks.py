@@ -74,8 +74,11 @@ class LayerCall:
         return tuple(next(grads) if t.requires_grad else None for t in self.inputs)
 
     def check_unmodified(self) -> None:
+        """Refuse to compute with tensors that an in-place operation changed after the module ran."""
         now = tuple(t._version for t in self.inputs) + (self.output._version,)
-        if now != self.versions:
+        reads = self.rule.reads
+        changed = [a != b for a, b in zip(now, self.versions)]
+        if ("inputs" in reads and any(changed[:-1])) or ("output" in reads and changed[-1]):
             raise RuntimeError(
                 f"lrpcli: the input or output of module {self.name!r} ({type(self.module).__name__}) was modified "
                 "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
@@ -89,7 +92,9 @@ class _RuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: LayerCall, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         ctx.call = call
-        return z.view_as(z)
+        # an alias, not a view: in-place ops downstream stay legal, and check_unmodified catches those that
+        # change a tensor the rule reads (detach shares the version counter)
+        return z.detach()
 
     @staticmethod
     def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

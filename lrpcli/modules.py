@@ -14,3 +14,14 @@ class Sum(nn.Module):
         for t in tensors[1:]:
             out = out + t
         return out
+
+
+class Gate(nn.Module):
+    """``Gate()(x, gate)`` returns x * gate; relevance goes to x only (the gate counts as a constant).
+
+    Multiplicative gates (squeeze-and-excitation) otherwise hand relevance to both factors and break
+    conservation; the standard LRP treatment passes it through the gated signal.
+    """
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return x * gate

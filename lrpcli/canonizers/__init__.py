@@ -1,4 +1,4 @@
-"""Canonizers by name: ``vgg``, ``resnet``, ``merge_batchnorm``, ``residual``; lists compose."""
+"""Canonizers by name (``vgg``, ``resnet``, ``merge_batchnorm``, ``residual``, ``se_gates``, ...); lists compose."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ _FACTORIES: dict[str, Callable[[], Canonizer]] = {}
 
 def _builtin() -> None:
     from .batchnorm import MergeBatchNorm
+    from .densenet import DenseNetHead
+    from .gates import SqueezeExcitationGates
     from .residual import ResidualAdditions, TorchvisionResidualBlocks
 
     _FACTORIES.update({
@@ -20,6 +22,11 @@ def _builtin() -> None:
         "vgg": lambda: Composed("vgg", [MergeBatchNorm()]),
         "resnet": lambda: Composed("resnet", [MergeBatchNorm(), TorchvisionResidualBlocks()]),
         "residual": ResidualAdditions,
+        "se_gates": SqueezeExcitationGates,
+        "mobilenet": lambda: Composed("mobilenet", [MergeBatchNorm(), SqueezeExcitationGates(), ResidualAdditions()]),
+        "efficientnet": lambda: Composed("efficientnet",
+                                         [MergeBatchNorm(), SqueezeExcitationGates(), ResidualAdditions()]),
+        "densenet": lambda: Composed("densenet", [MergeBatchNorm(), DenseNetHead()]),
     })
 
 

@@ -13,9 +13,10 @@ import types
 from typing import TYPE_CHECKING
 
 import torch
+import torch.fx as fx
 from torch import nn
 
-from ..modules import Sum
+from ..modules import Gate, Sum
 from .base import Canonizer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,16 +71,22 @@ class TorchvisionResidualBlocks(Canonizer):
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
+class _Tracer(fx.Tracer):
+    """Keeps lrpcli's own modules (Sum, Gate) as calls, so earlier canonizers' work survives tracing."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (Sum, Gate)) or super().is_leaf_module(m, qualname)
+
+
 class ResidualAdditions(Canonizer):
     """Any fx-traceable model: tensor + tensor in ``forward`` becomes a ``Sum`` module call."""
 
     name = "residual"
 
     def apply(self, model: nn.Module, session: Session) -> nn.Module:
-        import torch.fx as fx
-
         try:
-            traced = fx.symbolic_trace(model)
+            graph = _Tracer().trace(model)
+            traced = fx.GraphModule(model, graph, type(model).__name__)
         except Exception as err:  # fx raises many kinds of errors on untraceable code
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(

@@ -36,7 +36,7 @@ def basics(stabilizer: Stabilizer, maxpool: str = "wta") -> LayerMap:
         raise ValueError(f"maxpool: expected one of {', '.join(MAXPOOL_MODES)}, got {maxpool!r}")
     pool_rule: Rule = Gradient() if maxpool == "wta" else MaxPoolAverage(stabilizer)
     return LayerMap([
-        (L.ACTIVATIONS + L.BATCHNORMS + L.IDENTITIES, Pass()),
+        (L.ACTIVATIONS + L.BATCHNORMS + L.IDENTITIES + L.GATES, Pass()),
         (L.AVGPOOLS + L.UPSAMPLES + L.SUMS, Norm(stabilizer)),
         (L.MAXPOOLS, pool_rule),
         (L.PADDINGS, Gradient()),

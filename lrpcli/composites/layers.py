@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..modules import Sum
+from ..modules import Gate, Sum
 
 
 def _torchvision(*names: str) -> tuple[type, ...]:
@@ -43,3 +43,4 @@ PADDINGS = _nn("ZeroPad1d", "ZeroPad2d", "ZeroPad3d", "ConstantPad1d", "Constant
                "ReplicationPad3d", "CircularPad1d", "CircularPad2d", "CircularPad3d", "PixelShuffle",
                "PixelUnshuffle", "ChannelShuffle")
 SUMS = (Sum,)
+GATES = (Gate,)

@@ -14,6 +14,7 @@ class GuidedBackprop(Rule):
     """Gradient through the ReLU, negative gradients zeroed: (x > 0) * max(R, 0)."""
 
     name = "guided_backprop"
+    reads = ("inputs",)
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return ((call.x > 0).to(relevance.dtype) * relevance.clamp(min=0),)
@@ -23,6 +24,7 @@ class DeconvNet(Rule):
     """The ReLU applied to the backward signal: max(R, 0), regardless of the forward input."""
 
     name = "deconvnet"
+    reads = ()
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (relevance.clamp(min=0),)
@@ -32,6 +34,7 @@ class BetaSmooth(Rule):
     """The ReLU's gradient replaced by softplus_beta's: sigmoid(beta * x) * R."""
 
     name = "beta_smooth"
+    reads = ("inputs",)
     shown = ("beta",)
 
     def __init__(self, beta: float = 10.0) -> None:

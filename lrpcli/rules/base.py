@@ -27,6 +27,8 @@ class Rule:
     name: ClassVar[str] = "rule"
     #: attribute names shown in repr, in order
     shown: ClassVar[tuple[str, ...]] = ()
+    #: which stored tensors the rule reads in the backward ("inputs", "output"): these must not change in place
+    reads: ClassVar[tuple[str, ...]] = ("inputs", "output")
 
     def check(self, module: torch.nn.Module, name: str) -> None:
         """Raise ValueError if this rule cannot handle ``module`` (called once, when the rule is assigned)."""

@@ -22,6 +22,7 @@ class MaxPoolAverage(Rule):
     """Relevance of a max-pool window distributed like average pooling (proportional to the inputs)."""
 
     name = "maxpool_average"
+    reads = ("inputs",)
 
     def __init__(self, stabilizer: Stabilizer | float | None = None) -> None:
         self.stabilizer = Stabilizer.coerce(stabilizer)

@@ -14,9 +14,10 @@ from .base import Rule
 
 
 class Pass(Rule):
-    """Relevance unchanged (reshaped to the input)."""
+    """Relevance unchanged (reshaped to the first input; further inputs, e.g. a Gate's gate, get none)."""
 
     name = "pass"
+    reads = ()
 
     def check(self, module: torch.nn.Module, name: str) -> None:
         from ..modules import Sum
@@ -38,6 +39,7 @@ class Gradient(Rule):
     """The module's own gradient (winner-takes-all for MaxPool, crop for padding)."""
 
     name = "gradient"
+    reads = ()  # autograd checks the tensors the module's own backward saved
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return call.native_vjp(relevance)
