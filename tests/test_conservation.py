@@ -101,15 +101,8 @@ COMBOS = [
 ]
 
 
-# Known engine disagreement: in the mlp (seed 1, class 0, sample 2) the last layer's den- is exactly 0; the
-# engine's AlphaBeta then back-projects R / 1e-12 through W and W+ and the cancellation leaves an error of
-# 9.5e-8 on a sum of 0.0868 (relative 1.1e-6; the reference is off by 1e-10). See
-# test_rules_reference.py::test_exactly_zero_denominator_tiny_stabilizer.
-_XFAIL = pytest.mark.xfail(reason='engine: AlphaBeta cancellation at an exactly-zero den- with stabilizer 1e-12 '
-                                  '(relative error 1.1e-6 > 1e-6)', strict=True)
 CONSERVATION_CASES = [
-    pytest.param(first, rest, net, id=f'{first}+{rest}-{net}',
-                 marks=[_XFAIL] if (rest == 'alphabeta' and net == 'mlp') else [])
+    pytest.param(first, rest, net, id=f'{first}+{rest}-{net}')
     for first, rest in COMBOS
     for net in sorted(NETS)
 ]

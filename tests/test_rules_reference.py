@@ -381,17 +381,11 @@ def _linear_with_zero_denominator(seed: int, kind: str):
     return layer, x, upper
 
 
-# Known engine disagreement (lrpcli/rules/signsplit.py as of commit de448ba): a zero denominator gives a
-# coefficient R / s(0) = R / eps, and the back-projection x (W^T g + W+^T (g' - g)) then cancels two terms of
-# size |R| / eps, leaving rounding noise of about |R| * 1e-16 / eps (1e-7 at eps 1e-9, 1e-4 at eps 1e-12) on
-# inputs whose true relevance from that output is exactly 0. The reference computes 0 * (R / eps) = 0.
-ENGINE_ZERO_DEN_XFAIL = pytest.mark.xfail(
-    reason='engine: cancellation in SignSplit.backproject when a ZPlus/AlphaBeta denominator is exactly 0 '
-           '(coefficient R/eps): error ~ |R| * 1e-16 / eps', strict=True)
-
+# A zero denominator gives a coefficient R / s(0) = R / eps; the back-projection must meet it with exact zeros
+# (x_i W_ji = 0 for every term of that denominator), never cancel two terms of size |R| / eps.
 CASES_ZERO_DEN = [
     pytest.param(kind, rule_id, eps, seed, id=f'{rule_id}-{kind}-eps{eps:g}-seed{seed}',
-                 marks=[ENGINE_ZERO_DEN_XFAIL] if eps < 1e-6 else [])
+                 )
     for kind, rule_id in [('den_neg', 'alphabeta_2_1'), ('den_pos', 'alphabeta_2_1'), ('den_pos', 'zplus')]
     for eps in (1e-6, 1e-9, 1e-12)
     for seed in SEEDS
@@ -418,8 +412,6 @@ def test_exactly_zero_denominator_tiny_stabilizer(kind, rule_id, eps, seed):
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.xfail(reason='engine: same cancellation; in float32 with eps 1e-6 the noise is ~|R| * 1e-7 / 1e-6, '
-                          'observed 0.7% to 10% of max |R|', strict=True)
 @pytest.mark.parametrize('kind,rule_id', [('den_neg', 'alphabeta_2_1'), ('den_pos', 'alphabeta_2_1'),
                                           ('den_pos', 'zplus')])
 def test_exactly_zero_denominator_float32_default_stabilizer(kind, rule_id):

@@ -70,18 +70,18 @@ class SignSplit:
     def backproject(self, g_pp, g_pn, g_np, g_nn) -> torch.Tensor:
         """x+ (W+^T g_pp + W-^T g_pn) + x- (W+^T g_np + W-^T g_nn); None entries count as zero.
 
-        Written as x+ (W^T g_pn + W+^T (g_pp - g_pn)) + x- (W^T g_nn + W+^T (g_np - g_nn)) so that only
-        W and W+ are applied; vectors for the same weight are stacked into one call.
+        W+ and W- are applied separately (not W and W+, which would save nothing here): where a denominator
+        is zero its huge ratio then meets exact zeros instead of cancelling against itself. Vectors for the
+        same weight are stacked into one call.
         """
-        jobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (weight, vector, input part)
+        weight_neg = self.weight - self.weight_pos
+        jobs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # (weight, vector, input part)
         if self.has_pos:
-            jobs.append((self.weight, g_pn, self.x_pos))
-            jobs.append((self.weight_pos, _sub(g_pp, g_pn), self.x_pos))
+            jobs += [(self.weight_pos, g_pp, self.x_pos), (weight_neg, g_pn, self.x_pos)]
         if self.has_neg:
-            jobs.append((self.weight, g_nn, self.x_neg))
-            jobs.append((self.weight_pos, _sub(g_np, g_nn), self.x_neg))
+            jobs += [(self.weight_pos, g_np, self.x_neg), (weight_neg, g_nn, self.x_neg)]
         result = None
-        for weight in (self.weight, self.weight_pos):
+        for weight in (self.weight_pos, weight_neg):
             mine = [(v, part) for w, v, part in jobs if w is weight and v is not None]
             if not mine:
                 continue
@@ -90,11 +90,3 @@ class SignSplit:
                 term = part * vjp
                 result = term if result is None else result + term
         return result if result is not None else torch.zeros_like(self.x)
-
-
-def _sub(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if b is None:
-        return a
-    if a is None:
-        return -b
-    return a - b

@@ -1,0 +1,33 @@
+"""``lrpcli explain CONFIG DATA``: the click command; the work is in ``runner.explain``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("explain")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HDF5 file to write (default: output.path of the config).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per batch (run.batch_size).")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (run.device).")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Explain only the first N images.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Data loading processes.")
+@click.option("--resume/--overwrite", "mode", default=None,
+              help="Continue an interrupted run in the same file, or replace an existing file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
+def explain(config: Path, data: Path, output: Path | None, batch_size: int | None, device: str | None,
+            max_samples: int | None, num_workers: int | None, mode: bool | None, quiet: bool) -> None:
+    """Attributions for every image of DATA (class folders or a flat folder), written to one HDF5 file."""
+    from .config import load_config
+    from .runner import explain as run
+
+    overrides = {"output.path": str(output) if output else None, "run.batch_size": batch_size,
+                 "run.device": device, "run.max_samples": max_samples, "run.num_workers": num_workers}
+    cfg = load_config(config, overrides)
+    summary = run(cfg, data, resume=mode is True, overwrite=mode is False, progress=None if not quiet else False)
+    if not quiet:
+        click.echo(summary.line())

@@ -1,0 +1,313 @@
+"""The batch runner behind ``lrpcli explain``: data -> model + composite -> attribution -> store.
+
+One composite context is entered for the whole run (canonizers are applied once), batches flow from a
+DataLoader, and each finished batch is handed to a writer thread so that HDF5 compression and writing overlap
+the next batch's attribution. The per-layer conservation sums come from the same backward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .attribute import initial_relevance
+from .config import Config, composite_kwargs, resolve_baseline, resolve_device
+from .errors import DataError, LrpcliError, RunError
+from .hooks import Recorder
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for the closing line and for callers."""
+
+    path: Path
+    rows: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+    complete: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.rows - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        done = self.rows - self.resumed_from
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        resumed = f" (resumed after {self.resumed_from})" if self.resumed_from else ""
+        return (f"explained {done} samples{resumed}{skipped} in {self.seconds:.1f} s "
+                f"({self.images_per_second:.1f} images/s) -> {self.path}")
+
+
+class _WriterThread:
+    """Appends batches to the store in a background thread, in order; errors surface in the main thread."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.writer: Any = None
+        self.pending: list[tuple[str, str]] = []  # skipped images seen before the file exists
+        self.thread = threading.Thread(target=self._work, name="lrpcli-writer", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                make_writer, skipped, arrays = item
+                self.pending.extend(skipped)
+                if self.writer is None:
+                    self.writer = make_writer()
+                    if self.writer is None:
+                        continue
+                for filename, reason in self.pending:
+                    self.writer.add_skipped(filename, reason)
+                self.pending.clear()
+                if arrays is not None:
+                    self.writer.append(**arrays)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                self.error = err
+
+    def put(self, item: Any) -> None:
+        self.raise_error()
+        self.queue.put(item)
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+
+def _targets(config: Config, labels: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    target = config.attribution.target
+    if target == "label":
+        return labels
+    if target == "prediction":
+        return output.detach().reshape(output.shape[0], output.shape[1], -1).sum(-1).argmax(1)
+    return torch.full_like(labels, int(target))
+
+
+def _method(config: Config):
+    """A function (model, composite, x, target) -> (output, attribution) for non-LRP methods."""
+    from . import attributors
+
+    att = config.attribution
+    method = att.method
+    fn = attributors.ATTRIBUTORS[method]
+    extra: dict[str, Any] = {}
+    if method == "smoothgrad":
+        extra = {"noise_level": att.noise_level, "n_iter": att.n_iter, "seed": config.run.seed}
+    elif method == "integrated_gradients":
+        extra = {"n_iter": att.n_iter, "baseline": resolve_baseline(config)}
+    elif method == "occlusion":
+        extra = {"window": list(att.window), "stride": list(att.stride), "fill": att.fill}
+    return lambda model, x, target: fn(model, x, target, **extra)
+
+
+def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite: bool = False,
+            progress: bool | None = None) -> RunSummary:
+    """Run the configured attribution over every image of ``data`` and write one HDF5 file."""
+    from . import composites
+    from .data import ImageDataset, make_loader
+    from .models import load_model
+    from .store import ResultWriter
+
+    out_path = Path(config.output.path)
+    if resume and overwrite:
+        raise LrpcliError("--resume and --overwrite exclude each other")
+    resuming = resume and out_path.exists()
+    if out_path.exists() and not (resume or overwrite):
+        raise DataError(f"{out_path} exists; pass --resume to continue it or --overwrite to replace it")
+    _check_output_dir(out_path)
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"DATA folder {data} does not exist")
+    if not data.is_dir():
+        raise DataError(f"DATA {data} is not a folder (expected class folders or images)")
+    inp = config.input
+    try:
+        dataset = ImageDataset(data, resize=inp.resize, crop=inp.crop, mean=list(inp.mean), std=list(inp.std),
+                               mode=inp.mode)
+    except ValueError as err:
+        raise DataError(f"{data}: {err}") from None
+    if len(dataset) == 0:
+        raise DataError(f"DATA folder {data} holds no images (.jpg, .jpeg, .png, .bmp, .webp)")
+    if config.attribution.target == "label" and not dataset.classes:
+        raise DataError(f"{data} has no class folders, so there are no labels to explain: set "
+                        "attribution.target to prediction or a class index")
+    device = resolve_device(config.run.device)
+    total = len(dataset) if config.run.max_samples is None else min(len(dataset), config.run.max_samples)
+
+    writer_for_resume = None
+    start = 0
+    if resuming:
+        writer_for_resume = ResultWriter.resume(out_path, config=config.to_dict())
+        if writer_for_resume.complete:
+            writer_for_resume.close(complete=True)
+            summary = RunSummary(out_path, writer_for_resume.rows_written, resumed_from=writer_for_resume.rows_written,
+                                 complete=True)
+            return summary
+        start = writer_for_resume.rows_written + writer_for_resume.n_skipped
+
+    model = load_model(config).to(device)
+    lrp = config.attribution.method == "lrp"
+    comp = composites.get(config.composite.name, **composite_kwargs(config)) if lrp else None
+    method = None if lrp else _method(config)
+    layer_patterns = list(config.output.layers or [])
+    loader = make_loader(dataset, batch_size=config.run.batch_size, num_workers=config.run.num_workers,
+                         device=device, start=start, stop=total)
+    show = sys.stderr.isatty() if progress is None else progress
+    summary = RunSummary(out_path, rows=start, resumed_from=start)
+    recorder = Recorder(layer_patterns) if lrp else None
+    writer_thread = _WriterThread()
+    if writer_for_resume is not None:
+        writer_thread.writer = writer_for_resume
+    layer_shapes: dict[str, tuple[int, ...]] = {}
+    t0 = time.perf_counter()
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, unit="img", disable=not show, dynamic_ncols=True, leave=False)
+    context = comp.context(model, recorder=recorder) if lrp else contextlib.nullcontext(model)
+    completed = False
+    try:
+        with context as run_model, warnings.catch_warnings():
+            warnings.simplefilter("once")
+            for collated in loader:
+                batch, skipped = collated.batch, collated.skipped
+                for s in skipped:
+                    warnings.warn(f"lrpcli: skipped {s.filename}: {s.reason}", stacklevel=1)
+                    summary.skipped.append((s.filename, s.reason))
+                arrays, table = None, ([], [])
+                if len(batch):
+                    arrays, table = _attribute_batch(config, run_model, model, comp, method, recorder, batch,
+                                                     device, layer_patterns, layer_shapes)
+                    summary.rows += len(batch)
+                make_writer = _writer_factory(config, out_path, total, arrays, table, overwrite, layer_shapes)
+                writer_thread.put((make_writer, [(s.filename, s.reason) for s in skipped], arrays))
+                bar.update(len(batch) + len(skipped))
+                if show:
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix_str(f"{(summary.rows - start) / max(elapsed, 1e-9):.1f} images/s")
+        completed = True
+    except KeyboardInterrupt:
+        raise RunError(f"interrupted; the rows written so far are kept in {out_path}: run again with --resume "
+                       "to continue") from None
+    finally:
+        bar.close()
+        writer_thread.finish()
+        writer = writer_thread.writer
+        if writer is not None:
+            try:
+                writer.close(complete=completed and writer_thread.error is None)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                if writer_thread.error is None and completed:
+                    raise
+        summary.seconds = time.perf_counter() - t0
+    writer_thread.raise_error()
+    if writer_thread.writer is None:
+        raise DataError(f"no image under {data} could be read ({len(summary.skipped)} skipped); nothing written")
+    summary.complete = True
+    return summary
+
+
+def _check_output_dir(path: Path) -> None:
+    """Fail before any work when the output cannot be written (the store checks again when it creates)."""
+    import os
+
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"cannot write {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write {path}: folder {existing} is not writable")
+
+
+def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
+                    table: tuple[list[str], list[str]], overwrite: bool, layer_shapes: dict[str, tuple[int, ...]]):
+    """Creates the store on the first batch, when the layer list and shapes are known."""
+    layers, rules = table
+    layer_shapes = dict(layer_shapes)
+
+    def make():
+        from .store import ResultWriter
+
+        if arrays is None:
+            return None
+        return ResultWriter.create(
+            path, config=config.to_dict(), config_yaml=config.to_yaml(), n_rows=total,
+            num_outputs=arrays["prediction"].shape[1], sample_shape=tuple(arrays["attribution"].shape[1:]),
+            layers=layers, rules=rules, dtype=config.output.dtype, store_input=config.output.store_input,
+            overwrite=overwrite, extra_layers=dict(layer_shapes), torch_version=torch.__version__)
+
+    return make
+
+
+def _attribute_batch(config: Config, run_model, model, comp, method, recorder: Recorder | None, batch, device,
+                     layer_patterns: list[str], layer_shapes: dict[str, tuple[int, ...]]
+                     ) -> tuple[dict[str, Any], tuple[list[str], list[str]]]:
+    """Attribution and conservation sums of one batch, as numpy arrays for the store, and the layer table."""
+    non_blocking = device.type == "cuda"
+    x = batch.inputs.to(device, non_blocking=non_blocking)
+    labels = batch.labels
+    n = x.shape[0]
+    if method is None:
+        xi = x.requires_grad_(True)
+        with torch.enable_grad():
+            output = run_model(xi)
+            target = _targets(config, labels.to(device), output)
+            seed = initial_relevance(output, target, comp.seed)
+            (relevance,) = torch.autograd.grad(output, xi, seed)
+        layers, rules, r_in, r_out = recorder.table()
+        relevance_in, relevance_out = r_in.cpu().numpy(), r_out.cpu().numpy()
+        output_relevance = seed.detach().reshape(n, -1).sum(1, dtype=torch.float64).cpu().numpy()
+        maps = {}
+        for key, value in recorder.maps.items():
+            maps[key] = value.detach().to(torch.float32).cpu().numpy()
+            layer_shapes.setdefault(key, tuple(value.shape[1:]))
+        if layer_patterns and not maps:
+            raise DataError(f"output.layers: no module matched {layer_patterns}")
+    else:
+        with torch.no_grad():
+            target = _targets(config, labels.to(device), model(x))
+        output, relevance = method(model, x, target)
+        layers, rules = [], []
+        relevance_in = np.zeros((n, 0))
+        relevance_out = np.zeros((n, 0))
+        output_relevance = np.full(n, np.nan)
+        maps = {}
+    if torch.isnan(relevance).any():
+        warnings.warn("lrpcli: NaN in the relevance of this batch; see `lrpcli debug` for the layer", stacklevel=2)
+    return {
+        "attribution": relevance.detach().cpu().numpy(),
+        "prediction": output.detach().reshape(n, -1).to(torch.float32).cpu().numpy(),
+        "label": labels.numpy(),
+        "target": target.cpu().numpy(),
+        "index": batch.indices.numpy().astype(np.uint32),
+        "filename": list(batch.filenames),
+        "input": batch.images.numpy() if config.output.store_input else None,
+        "relevance_in": relevance_in,
+        "relevance_out": relevance_out,
+        "output_relevance": output_relevance,
+        "layers": maps,
+    }, (layers, rules)
