@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .composites import Composite, get
-from .hooks import Recorder
+from .recorder import Recorder
 
 Target = int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 

@@ -15,7 +15,6 @@ through a relevance (create_graph=True) must see.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,7 @@ from .rules.base import Rule
 if TYPE_CHECKING:  # pragma: no cover
     from .canonizers.base import Canonizer
     from .composites.base import Composite
+    from .recorder import Recorder
 
 
 class LayerCall:
@@ -343,68 +343,6 @@ class UnhandledModuleWarning(UserWarning):
 
 class UnhandledModuleError(ValueError):
     """strict=True and a module that computes something got no rule."""
-
-
-class Recorder:
-    """Per-layer relevance sums (and optionally maps) collected during the one backward pass.
-
-    ``layers``: glob patterns of module names whose output relevance maps are kept (issue: per-layer maps).
-    """
-
-    def __init__(self, layers: Sequence[str] = (), keep_graph: bool = False) -> None:
-        self.patterns = list(layers)
-        self.keep_graph = keep_graph
-        self.start()
-
-    def start(self) -> None:
-        self.order: list[str] = []
-        self.rules: dict[str, str] = {}
-        self.relevance_out: dict[str, torch.Tensor] = {}
-        self.relevance_in: dict[str, torch.Tensor] = {}
-        self.maps: dict[str, torch.Tensor] = {}
-
-    def wants_map(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
-
-    def on_forward(self, call: LayerCall) -> None:
-        self.order.append(call.key)
-        self.rules[call.key] = repr(call.rule)
-
-    def on_backward(self, call: LayerCall, relevance: torch.Tensor,
-                    result: tuple[torch.Tensor | None, ...]) -> None:
-        with torch.no_grad():
-            self.relevance_out[call.key] = _per_sample_sum(relevance)
-            total = None
-            for r in result:
-                if r is not None:
-                    s = _per_sample_sum(r)
-                    total = s if total is None else total + s
-            if total is not None:
-                self.relevance_in[call.key] = total
-        if self.patterns and self.wants_map(call.key):
-            self.maps[call.key] = relevance if self.keep_graph else relevance.detach()
-
-    def table(self) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
-        """(layers, rules, relevance_in N×L, relevance_out N×L) in forward order; NaN where nothing arrived."""
-        layers = list(self.order)
-        ref = next(iter(self.relevance_out.values()), None)
-        n = ref.shape[0] if ref is not None else 0
-        device = ref.device if ref is not None else "cpu"
-        r_in = torch.full((n, len(layers)), float("nan"), dtype=torch.float64, device=device)
-        r_out = torch.full_like(r_in, float("nan"))
-        for j, key in enumerate(layers):
-            if key in self.relevance_in:
-                r_in[:, j] = self.relevance_in[key]
-            if key in self.relevance_out:
-                r_out[:, j] = self.relevance_out[key]
-        return layers, [self.rules[k] for k in layers], r_in, r_out
-
-
-def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.dim() == 0:
-        return t.reshape(1).to(torch.float64)
-    return t.reshape(t.shape[0], -1).sum(dim=1, dtype=torch.float64)
 
 
 def sessions_of(model: nn.Module) -> list[Session]:

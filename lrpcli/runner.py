@@ -23,7 +23,7 @@ import torch
 from .attribute import initial_relevance
 from .config import Config, composite_kwargs, resolve_baseline, resolve_device
 from .errors import DataError, LrpcliError, RunError
-from .hooks import Recorder
+from .recorder import Recorder
 
 
 @dataclass

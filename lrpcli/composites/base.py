@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from ..hooks import Recorder, Session
+from ..hooks import Session
+from ..recorder import Recorder
 from ..rules.base import Rule
 
 Types = type | tuple[type, ...]

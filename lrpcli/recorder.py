@@ -1,0 +1,113 @@
+"""Per-layer relevance statistics, collected in the same backward pass that computes the attribution.
+
+The ``Recorder`` is the one code path for the conservation numbers: ``explain`` stores its sums in
+``conservation/``, ``debug`` prints them (with ``detail=True`` also sign shares, extremes and non-finite
+counts), and ``attribute(layers=...)`` takes its per-layer maps.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hooks import LayerCall
+
+DETAIL_KEYS = ("negative_share", "max", "min", "nonfinite", "input_negative", "dtype")
+
+
+class Recorder:
+    """Collects, per layer call (``name`` or ``name#2`` for a second call) and per sample, the relevance summed
+    at the layer's output (``relevance_out``) and over its inputs (``relevance_in``).
+
+    ``layers``: glob patterns of module names whose output relevance maps are kept in ``maps``.
+    ``detail``: also per-sample negative share, max, min and non-finite count of the input relevance, and
+    whether the layer saw negative inputs (for diagnoses).
+    """
+
+    def __init__(self, layers: Sequence[str] = (), keep_graph: bool = False, detail: bool = False) -> None:
+        self.patterns = list(layers)
+        self.keep_graph = keep_graph
+        self.detail = detail
+        self.start()
+
+    def start(self) -> None:
+        """Forget the last forward (called at the start of every forward of the model)."""
+        self.order: list[str] = []
+        self.rules: dict[str, str] = {}
+        self.types: dict[str, str] = {}
+        self.relevance_out: dict[str, torch.Tensor] = {}
+        self.relevance_in: dict[str, torch.Tensor] = {}
+        self.maps: dict[str, torch.Tensor] = {}
+        self.details: dict[str, dict[str, torch.Tensor | str]] = {}
+
+    def wants_map(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def on_forward(self, call: LayerCall) -> None:
+        self.order.append(call.key)
+        self.rules[call.key] = repr(call.rule)
+        self.types[call.key] = type(call.module).__name__
+        if self.detail:
+            with torch.no_grad():
+                x = call.inputs[0] if call.inputs else call.output
+                negative = (x.detach() < 0).reshape(x.shape[0], -1).any(1) if x.dim() else (x < 0).reshape(1)
+            self.details[call.key] = {"input_negative": negative, "dtype": str(x.dtype).replace("torch.", "")}
+
+    def on_backward(self, call: LayerCall, relevance: torch.Tensor,
+                    result: tuple[torch.Tensor | None, ...]) -> None:
+        with torch.no_grad():
+            self.relevance_out[call.key] = per_sample_sum(relevance)
+            parts = [r.detach() for r in result if r is not None]
+            if parts:
+                total = per_sample_sum(parts[0])
+                for r in parts[1:]:
+                    total = total + per_sample_sum(r)
+                self.relevance_in[call.key] = total
+                if self.detail:
+                    self.details.setdefault(call.key, {}).update(_detail(parts, relevance))
+        if self.patterns and self.wants_map(call.key):
+            self.maps[call.key] = relevance if self.keep_graph else relevance.detach()
+
+    def table(self) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
+        """(layers, rules, relevance_in N×L, relevance_out N×L) in forward order; NaN where nothing arrived."""
+        layers = list(self.order)
+        ref = next(iter(self.relevance_out.values()), None)
+        n = ref.shape[0] if ref is not None else 0
+        device = ref.device if ref is not None else "cpu"
+        r_in = torch.full((n, len(layers)), float("nan"), dtype=torch.float64, device=device)
+        r_out = torch.full_like(r_in, float("nan"))
+        for j, key in enumerate(layers):
+            if key in self.relevance_in:
+                r_in[:, j] = self.relevance_in[key]
+            if key in self.relevance_out:
+                r_out[:, j] = self.relevance_out[key]
+        return layers, [self.rules[k] for k in layers], r_in, r_out
+
+
+def per_sample_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over everything but the batch dimension, in float64."""
+    t = t.detach()
+    if t.dim() == 0:
+        return t.reshape(1).to(torch.float64)
+    return t.reshape(t.shape[0], -1).sum(dim=1, dtype=torch.float64)
+
+
+def _detail(parts: list[torch.Tensor], relevance_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    n = parts[0].shape[0] if parts[0].dim() else 1
+    flat = torch.cat([p.reshape(n, -1).to(torch.float64) for p in parts], dim=1)
+    finite = torch.isfinite(flat)
+    clean = torch.where(finite, flat, torch.zeros_like(flat))
+    absolute = clean.abs().sum(1)
+    negative = (-clean.clamp(max=0)).sum(1)
+    big = torch.finfo(torch.float64).max
+    out_bad = (~torch.isfinite(relevance_out.detach().reshape(n, -1))).sum(1)
+    return {
+        "negative_share": torch.where(absolute > 0, negative / absolute.clamp(min=1e-300), torch.zeros_like(absolute)),
+        "max": torch.where(finite, flat, torch.full_like(flat, -big)).max(1).values,
+        "min": torch.where(finite, flat, torch.full_like(flat, big)).min(1).values,
+        "nonfinite": (~finite).sum(1) + out_bad,
+    }
