@@ -21,7 +21,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check lrpcli tests share
 
 demo: $(STAMP)
-	@echo "make demo: explain the shipped demo data set (filled in by the explain issue)"
+	$(BIN)/lrpcli explain configs/demo.yaml share/demo/images -o demo.h5 --overwrite
+	$(BIN)/lrpcli render demo.h5 -d demo_heatmaps --grid --cmap coldnhot --overlay 0.6 -q
+	$(BIN)/lrpcli render demo.h5 -d demo_heatmaps --cmap coldnhot -q
+	$(BIN)/python share/demo/report.py demo.h5
+	@echo "heatmaps: demo_heatmaps/ (grid.png is the montage)"
 
 clean:
-	rm -rf $(VENV) demo_out *.egg-info
+	rm -rf $(VENV) demo.h5 demo_heatmaps *.egg-info

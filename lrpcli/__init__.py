@@ -2,16 +2,40 @@
 
     import lrpcli
     relevance = lrpcli.attribute(model, x, target, composite="epsilon_gamma_box", canonizers=["vgg"])
+
+The engine (and torch) is imported on first use, so ``lrpcli render`` and ``lrpcli --help`` start fast.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from . import canonizers, composites, rules  # noqa: E402
-from .attribute import attribute, initial_relevance  # noqa: E402
-from .hooks import Session, UnhandledModuleWarning, rules_off  # noqa: E402
-from .modules import Sum  # noqa: E402
-from .recorder import Recorder  # noqa: E402
-from .rules import Stabilizer  # noqa: E402
+_LAZY = {
+    "attribute": ("attribute", "attribute"),
+    "initial_relevance": ("attribute", "initial_relevance"),
+    "Session": ("hooks", "Session"),
+    "UnhandledModuleWarning": ("hooks", "UnhandledModuleWarning"),
+    "rules_off": ("hooks", "rules_off"),
+    "Recorder": ("recorder", "Recorder"),
+    "Sum": ("modules", "Sum"),
+    "Gate": ("modules", "Gate"),
+    "Stabilizer": ("rules", "Stabilizer"),
+}
+_SUBMODULES = ("attributors", "canonizers", "composites", "hooks", "recorder", "rules", "store")
 
-__all__ = ["attribute", "initial_relevance", "composites", "rules", "canonizers", "Sum", "Stabilizer", "Session",
-           "Recorder", "rules_off", "UnhandledModuleWarning", "__version__"]
+__all__ = ["__version__", *_LAZY, *_SUBMODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'lrpcli' has no attribute {name!r}")
+    globals()[name] = value
+    return value
