@@ -107,7 +107,7 @@ def attribute(model: nn.Module, x: torch.Tensor, target: Target = None,
                 seed = initial_relevance(output, target, comp.seed)
                 (relevance,) = torch.autograd.grad(output, x_in, seed, create_graph=create_graph)
             if recorder is not None:
-                maps = dict(recorder.maps)
+                maps = recorder.ordered_maps()
     result: tuple = (relevance,)
     if return_output:
         result = (output if create_graph else output.detach(),) + result

@@ -109,6 +109,20 @@ class _RuleFunction(torch.autograd.Function):
         return (None, None) + tuple(result)
 
 
+class _Tap(torch.autograd.Function):
+    """Identity both ways; the backward hands the relevance arriving at a module's output to the recorder."""
+
+    @staticmethod
+    def forward(ctx: Any, recorder: Recorder, key: str, z: torch.Tensor) -> torch.Tensor:
+        ctx.recorder, ctx.key = recorder, key
+        return z.detach()
+
+    @staticmethod
+    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        ctx.recorder.on_map(ctx.key, relevance)
+        return None, None, relevance
+
+
 @dataclass
 class Assignment:
     """What a leaf module got: its rule (None = nothing, the plain gradient flows) and how often it ran."""
@@ -167,6 +181,7 @@ class Session:
         self._inplace: list[nn.Module] = []
         self._names: dict[nn.Module, str] = {}
         self._call_counts: dict[nn.Module, int] = {}
+        self._tap_counts: dict[str, int] = {}
         self._state: dict[Any, Any] = {}
         self._order = 0
         self._probed = False
@@ -233,6 +248,10 @@ class Session:
                 self._names[module] = name or type(module).__name__
                 self.assignments[module] = Assignment(name or type(module).__name__, module, None)
                 self._handles.append(module.register_forward_hook(self._forward_hook))
+        if self.recorder is not None and self.recorder.patterns:
+            for name, module in model.named_modules():
+                if name and self.recorder.wants_map(name):
+                    self._handles.append(module.register_forward_hook(self._tap_hook(name)))
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
         self._handles.append(model.register_forward_hook(self._root_hook))
 
@@ -244,6 +263,7 @@ class Session:
             if any(c.needs_probe for c in self.canonizers):
                 self._run_probe(args)
         self._call_counts = {}
+        self._tap_counts: dict[str, int] = {}
         if self.recorder is not None:
             self.recorder.start()
 
@@ -305,6 +325,19 @@ class Session:
         if override is not None:
             return override()
         return module.weight, module.bias
+
+    def _tap_hook(self, name: str) -> Callable[..., Any]:
+        """A forward hook that taps the relevance at this module's output (any module, also containers)."""
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if self._probing or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return None
+            count = self._tap_counts.get(name, 0)
+            self._tap_counts[name] = count + 1
+            key = name if count == 0 else f"{name}#{count + 1}"
+            return _Tap.apply(self.recorder, key, output)
+
+        return hook
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if self._probing:

@@ -23,7 +23,8 @@ class Recorder:
     """Collects, per layer call (``name`` or ``name#2`` for a second call) and per sample, the relevance summed
     at the layer's output (``relevance_out``) and over its inputs (``relevance_in``).
 
-    ``layers``: glob patterns of module names whose output relevance maps are kept in ``maps``.
+    ``layers``: glob patterns of module names (any module, containers too) whose output relevance maps are kept
+    in ``maps``.
     ``detail``: also per-sample negative share, max, min and non-finite count of the input relevance, and
     whether the layer saw negative inputs (for diagnoses).
     """
@@ -42,6 +43,7 @@ class Recorder:
         self.relevance_out: dict[str, torch.Tensor] = {}
         self.relevance_in: dict[str, torch.Tensor] = {}
         self.maps: dict[str, torch.Tensor] = {}
+        self.map_order: list[str] = []
         self.details: dict[str, dict[str, torch.Tensor | str]] = {}
 
     def wants_map(self, name: str) -> bool:
@@ -69,8 +71,15 @@ class Recorder:
                 self.relevance_in[call.key] = total
                 if self.detail:
                     self.details.setdefault(call.key, {}).update(_detail(parts, relevance))
-        if self.patterns and self.wants_map(call.key):
-            self.maps[call.key] = relevance if self.keep_graph else relevance.detach()
+
+    def on_map(self, key: str, relevance: torch.Tensor) -> None:
+        """The relevance at the output of a module matching ``layers`` (same shape as its output)."""
+        self.maps[key] = relevance if self.keep_graph else relevance.detach()
+        self.map_order.append(key)
+
+    def ordered_maps(self) -> dict[str, torch.Tensor]:
+        """The maps in forward order (the backward delivers them in reverse)."""
+        return {key: self.maps[key] for key in reversed(self.map_order)}
 
     def table(self) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
         """(layers, rules, relevance_in N×L, relevance_out N×L) in forward order; NaN where nothing arrived."""

@@ -282,7 +282,7 @@ def _attribute_batch(config: Config, run_model, model, comp, method, recorder: R
         relevance_in, relevance_out = r_in.cpu().numpy(), r_out.cpu().numpy()
         output_relevance = seed.detach().reshape(n, -1).sum(1, dtype=torch.float64).cpu().numpy()
         maps = {}
-        for key, value in recorder.maps.items():
+        for key, value in recorder.ordered_maps().items():
             maps[key] = value.detach().to(torch.float32).cpu().numpy()
             layer_shapes.setdefault(key, tuple(value.shape[1:]))
         if layer_patterns and not maps:
