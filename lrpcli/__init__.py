@@ -14,8 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "attribute": ("attribute", "attribute"),
-    "initial_relevance": ("attribute", "initial_relevance"),
+    "attribute": ("api", "attribute"),
+    "initial_relevance": ("api", "initial_relevance"),
     "Session": ("hooks", "Session"),
     "UnhandledModuleWarning": ("hooks", "UnhandledModuleWarning"),
     "rules_off": ("hooks", "rules_off"),

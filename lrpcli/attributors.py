@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attribute import Target, initial_relevance, resolve_composite
+from .api import Target, initial_relevance, resolve_composite
 from .composites import Composite
 
 METHODS = ("gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "occlusion")

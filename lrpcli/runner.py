@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attribute import initial_relevance
+from .api import initial_relevance
 from .config import Config, composite_kwargs, resolve_baseline, resolve_device
 from .errors import DataError, LrpcliError, RunError
 from .recorder import Recorder

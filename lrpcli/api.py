@@ -1,4 +1,4 @@
-"""``lrpcli.attribute``: relevance for a batch in one call, and the target -> initial relevance logic."""
+"""The one-call API: ``lrpcli.attribute`` (relevance for a batch) and the target -> initial relevance logic."""
 
 from __future__ import annotations
 
