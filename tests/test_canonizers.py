@@ -10,7 +10,7 @@ import lrpcli
 from lrpcli.composites import LayerMap
 from lrpcli.rules import Epsilon, Norm, Pass
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Shuffled(nn.Module):

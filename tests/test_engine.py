@@ -14,7 +14,7 @@ import lrpcli
 from lrpcli.composites import FirstLayer, LayerMap, Mixture
 from lrpcli.rules import Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def small_net(seed: int = 0) -> nn.Module:

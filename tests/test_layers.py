@@ -11,7 +11,7 @@ import lrpcli
 from lrpcli.composites import LayerMap
 from lrpcli.rules import Gradient, MaxPoolAverage
 
-torch.set_default_dtype(torch.float64)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _bias_free_resnet() -> nn.Module:
@@ -50,8 +50,8 @@ def test_unknown_layer_pattern_lists_names():
                          layers=["layr4"])
 
 
-X = torch.tensor([[1.0, 2, 0, 4], [3, 4, 1, 1], [0, 0, 2, 2], [1, 1, 2, 2]]).view(1, 1, 4, 4)
-R = torch.tensor([[5.0, 3], [4, 1]]).view(1, 1, 2, 2)
+X = torch.tensor([[1.0, 2, 0, 4], [3, 4, 1, 1], [0, 0, 2, 2], [1, 1, 2, 2]], dtype=torch.float64).view(1, 1, 4, 4)
+R = torch.tensor([[5.0, 3], [4, 1]], dtype=torch.float64).view(1, 1, 2, 2)
 
 
 def test_maxpool_average_hand_computed():
