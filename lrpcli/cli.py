@@ -37,7 +37,8 @@ def _register() -> None:
     """Attach the commands that exist; each lives in its own module."""
     import importlib
 
-    for module, name in (("lrpcli.explain", "explain"), ("lrpcli.render.command", "render")):
+    for module, name in (("lrpcli.explain", "explain"), ("lrpcli.render.command", "render"),
+                         ("lrpcli.debug.command", "debug")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
