@@ -294,11 +294,15 @@ class Session:
         handles = [m.register_forward_hook(record) for m in self._names]
         small = tuple(a[:1] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
         self._probing = True
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()  # the probe must not update BatchNorm statistics or draw dropout masks
         try:
             with torch.no_grad():
                 keep.append(self.model(*small))
         finally:
             self._probing = False
+            for module, training in modes:
+                module.training = training
             for handle in handles:
                 handle.remove()
         for canonizer in self.canonizers:

@@ -154,3 +154,16 @@ def test_untraceable_model_names_the_class():
 def test_unknown_canonizer_lists_valid_ones():
     with pytest.raises(ValueError, match="valid canonizers: .*resnet"):
         lrpcli.attribute(nn.Linear(2, 2), torch.randn(1, 2), 0, composite="epsilon_plus", canonizers=["resnt"])
+
+
+def test_probe_leaves_training_mode_models_untouched():
+    torch.manual_seed(4)
+    model = Shuffled().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with merged_session(model) as m:
+        m(torch.randn(3, 3, 6, 6))
+        notes = lrpcli.hooks.sessions_of(model)[0].notes
+    assert model.training and all(m.training for m in model.modules())
+    assert any("not merged (training mode" in n for n in notes)
+    # only the real forward (train mode) updated the statistics, the probe did not
+    assert int(model.layers[0].num_batches_tracked) == int(before["layers.0.num_batches_tracked"]) + 1
