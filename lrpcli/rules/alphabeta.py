@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .base import ParamRule, check_number
-from .signsplit import SignSplit
+from .signsplit import SignSplit, total
 from .stabilizer import Stabilizer
 
 
@@ -31,8 +31,8 @@ class AlphaBeta(ParamRule):
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = SignSplit(call, self.zero_bias)
         pp, pn, np_, nn_ = split.products()
-        pos = self.alpha * relevance / self.stabilizer(pp + nn_ + split.bias_pos())
+        pos = self.alpha * relevance / self.stabilizer(total(pp, nn_, split.bias_pos()))
         neg = None
         if self.beta:
-            neg = -self.beta * relevance / self.stabilizer(pn + np_ + split.bias_neg())
+            neg = -self.beta * relevance / self.stabilizer(total(pn, np_, split.bias_neg()))
         return (split.backproject(pos, neg, neg, pos),)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .base import ParamRule, check_number
-from .signsplit import SignSplit
+from .signsplit import SignSplit, total
 from .stabilizer import Stabilizer
 
 
@@ -32,7 +32,7 @@ class Gamma(ParamRule):
         pp, pn, np_, nn_ = split.products()
         z = split.z_rule
         positive = z >= 0
-        same_sign = torch.where(positive, pp + nn_ + split.bias_pos(), pn + np_ + split.bias_neg())
+        same_sign = torch.where(positive, total(pp, nn_, split.bias_pos()), total(pn, np_, split.bias_neg()))
         ratio = relevance / self.stabilizer(z + self.gamma * same_sign)
         up = positive.to(ratio.dtype) * self.gamma
         boost_pos = ratio * (1.0 + up)                   # outputs >= 0 boost x+W+ and x-W-

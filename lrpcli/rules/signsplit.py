@@ -25,46 +25,49 @@ class SignSplit:
         self.x = call.x
         self.weight, bias = call.params()
         self.weight_pos = self.weight.clamp(min=0)
-        z = call.output
-        self.z = z
-        shape = bias_shape(self.module, z)
-        if bias is not None:
-            self.z_nobias = z - bias.view(shape)
-        else:
-            self.z_nobias = z
-        use_bias = bias is not None and not zero_bias
-        self.bias = bias.view(shape) if use_bias else None
-        self.has_pos = bool((self.x > 0).any())
-        self.has_neg = bool((self.x < 0).any())
+        self.z = call.output
+        self._bias_full = None if bias is None else bias.view(bias_shape(self.module, self.z))
+        self.bias = None if zero_bias else self._bias_full
+        low, high = torch.aminmax(self.x.detach())   # one pass for both signs
+        low, high = torch.stack([low, high]).tolist()
+        self.has_pos, self.has_neg = high > 0, low < 0
         self.x_pos = self.x.clamp(min=0) if self.has_neg else self.x
         self.x_neg = self.x.clamp(max=0) if self.has_neg else None
 
     # outputs ------------------------------------------------------------------------------------------------
     @property
+    def z_nobias(self) -> torch.Tensor:
+        """z - b from the stored output (no re-run)."""
+        return self.z if self._bias_full is None else self.z - self._bias_full
+
+    @property
     def z_rule(self) -> torch.Tensor:
         """The output the rule sees: z, or z without bias under zero_params=['bias']."""
-        return self.z_nobias if self.bias is None else self.z_nobias + self.bias
+        return self.z if self.bias is not None or self._bias_full is None else self.z_nobias
 
-    def bias_pos(self) -> torch.Tensor | float:
-        return self.bias.clamp(min=0) if self.bias is not None else 0.0
+    def bias_pos(self) -> torch.Tensor | None:
+        return self.bias.clamp(min=0) if self.bias is not None else None
 
-    def bias_neg(self) -> torch.Tensor | float:
-        return self.bias.clamp(max=0) if self.bias is not None else 0.0
+    def bias_neg(self) -> torch.Tensor | None:
+        return self.bias.clamp(max=0) if self.bias is not None else None
 
-    def products(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(P_pp, P_pn, P_np, P_nn) with the fewest forwards: one when x has a single sign, two else."""
+    def products(self) -> tuple[torch.Tensor | None, ...]:
+        """(P_pp, P_pn, P_np, P_nn) with the fewest forwards: one when x has a single sign, two else.
+
+        Products that are zero because x has no entries of that sign are None.
+        """
         f, m, z = forward, self.module, self.z
-        zero = torch.zeros_like(self.z_nobias)
         if not self.has_neg:
             pp = f(m, self.x_pos, self.weight_pos, None, z)
-            return pp, self.z_nobias - pp, zero, zero
+            return pp, self.z_nobias - pp, None, None
         if not self.has_pos:
             np_ = f(m, self.x_neg, self.weight_pos, None, z)
-            return zero, zero, np_, self.z_nobias - np_
+            return None, None, np_, self.z_nobias - np_
         both = f(m, torch.cat([self.x_pos, self.x_neg]), self.weight_pos, None, z)
         pp, np_ = both.chunk(2)
         nn_ = f(m, self.x_neg, self.weight - self.weight_pos, None, z)
         return pp, self.z_nobias - pp - np_ - nn_, np_, nn_
+
 
     # back-projection ------------------------------------------------------------------------------------------
     def backproject(self, g_pp, g_pn, g_np, g_nn) -> torch.Tensor:
@@ -90,3 +93,12 @@ class SignSplit:
                 term = part * vjp
                 result = term if result is None else result + term
         return result if result is not None else torch.zeros_like(self.x)
+
+
+def total(*terms: torch.Tensor | None) -> torch.Tensor:
+    """The sum of the terms that are not None (at least one must be a tensor)."""
+    present = [t for t in terms if t is not None]
+    result = present[0]
+    for t in present[1:]:
+        result = result + t
+    return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import ParamRule
-from .signsplit import SignSplit
+from .signsplit import SignSplit, total
 
 
 class ZPlus(ParamRule):
@@ -16,5 +16,5 @@ class ZPlus(ParamRule):
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = SignSplit(call, self.zero_bias)
         pp, _, _, nn_ = split.products()
-        ratio = relevance / self.stabilizer(pp + nn_ + split.bias_pos())
+        ratio = relevance / self.stabilizer(total(pp, nn_, split.bias_pos()))
         return (split.backproject(ratio, None, None, ratio),)
