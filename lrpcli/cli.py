@@ -38,7 +38,7 @@ def _register() -> None:
     import importlib
 
     for module, name in (("lrpcli.explain", "explain"), ("lrpcli.render.command", "render"),
-                         ("lrpcli.debug.command", "debug")):
+                         ("lrpcli.debug.command", "debug"), ("lrpcli.merge", "merge")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:

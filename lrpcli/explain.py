@@ -18,16 +18,36 @@ import click
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Data loading processes.")
 @click.option("--resume/--overwrite", "mode", default=None,
               help="Continue an interrupted run in the same file, or replace an existing file.")
+@click.option("--no-merge", is_flag=True,
+              help="Under torchrun: keep the per-rank shards and write OUTPUT as a virtual dataset over them.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 def explain(config: Path, data: Path, output: Path | None, batch_size: int | None, device: str | None,
-            max_samples: int | None, num_workers: int | None, mode: bool | None, quiet: bool) -> None:
-    """Attributions for every image of DATA (class folders or a flat folder), written to one HDF5 file."""
+            max_samples: int | None, num_workers: int | None, mode: bool | None, no_merge: bool,
+            quiet: bool) -> None:
+    """Attributions for every image of DATA (class folders or a flat folder), written to one HDF5 file.
+
+    Started by torchrun (RANK/WORLD_SIZE set), every process explains its own block of DATA into
+    OUTPUT's shard (out.rank00003.h5) and rank 0 merges the shards into OUTPUT at the end.
+    """
     from .config import load_config
-    from .runner import explain as run
+    from .distributed import from_env
 
     overrides = {"output.path": str(output) if output else None, "run.batch_size": batch_size,
                  "run.device": device, "run.max_samples": max_samples, "run.num_workers": num_workers}
     cfg = load_config(config, overrides)
-    summary = run(cfg, data, resume=mode is True, overwrite=mode is False, progress=None if not quiet else False)
+    progress = None if not quiet else False
+    shard = from_env(cfg.output.path)
+    if shard is not None:
+        from .distributed import explain as run_distributed
+
+        result = run_distributed(cfg, data, shard, resume=mode is True, overwrite=mode is False,
+                                 merge_shards=not no_merge, progress=progress)
+        if not quiet:
+            for line in result.lines():
+                click.echo(line)
+        return
+    from .runner import explain as run
+
+    summary = run(cfg, data, resume=mode is True, overwrite=mode is False, progress=progress)
     if not quiet:
         click.echo(summary.line())

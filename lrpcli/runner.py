@@ -123,14 +123,18 @@ def _method(config: Config):
 
 
 def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite: bool = False,
-            progress: bool | None = None) -> RunSummary:
-    """Run the configured attribution over every image of ``data`` and write one HDF5 file."""
+            progress: bool | None = None, shard: Any = None) -> RunSummary:
+    """Run the configured attribution over every image of ``data`` and write one HDF5 file.
+
+    ``shard`` (a :class:`lrpcli.distributed.Shard`) restricts the run to one rank's block of the data set: its
+    samples, its device and its own file (``out.rank00003.h5``); see ``lrpcli.distributed``.
+    """
     from . import composites
     from .data import ImageDataset, make_loader
     from .models import load_model
     from .store import ResultWriter
 
-    out_path = Path(config.output.path)
+    out_path = Path(config.output.path) if shard is None else shard.path
     if resume and overwrite:
         raise LrpcliError("--resume and --overwrite exclude each other")
     resuming = resume and out_path.exists()
@@ -153,19 +157,26 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
     if config.attribution.target == "label" and not dataset.classes:
         raise DataError(f"{data} has no class folders, so there are no labels to explain: set "
                         "attribution.target to prediction or a class index")
-    device = resolve_device(config.run.device)
+    device = resolve_device(config.run.device) if shard is None else shard.device(config.run.device)
     total = len(dataset) if config.run.max_samples is None else min(len(dataset), config.run.max_samples)
+    # this run's samples are [first, stop): everything, or one rank's block
+    first, stop = (0, total) if shard is None else shard.bounds(total, config.run.batch_size)
+    file_attrs = None if shard is None else shard.attrs(total, config.run.batch_size)
+    if first == stop:  # a rank with nothing to do (more ranks than batches) writes no file
+        return RunSummary(out_path, complete=True)
 
     writer_for_resume = None
-    start = 0
+    start = first
     if resuming:
+        if shard is not None:
+            shard.check_file(out_path, total, config.run.batch_size)
         writer_for_resume = ResultWriter.resume(out_path, config=config.to_dict())
         if writer_for_resume.complete:
             writer_for_resume.close(complete=True)
             summary = RunSummary(out_path, writer_for_resume.rows_written, resumed_from=writer_for_resume.rows_written,
                                  complete=True)
             return summary
-        start = writer_for_resume.rows_written + writer_for_resume.n_skipped
+        start = first + writer_for_resume.rows_written + writer_for_resume.n_skipped
 
     model = load_model(config).to(device)
     lrp = config.attribution.method == "lrp"
@@ -173,9 +184,9 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
     method = None if lrp else _method(config)
     layer_patterns = list(config.output.layers or [])
     loader = make_loader(dataset, batch_size=config.run.batch_size, num_workers=config.run.num_workers,
-                         device=device, start=start, stop=total)
+                         device=device, start=start, stop=stop)
     show = sys.stderr.isatty() if progress is None else progress
-    summary = RunSummary(out_path, rows=start, resumed_from=start)
+    summary = RunSummary(out_path, rows=start - first, resumed_from=start - first)
     recorder = Recorder(layer_patterns) if lrp else None
     writer_thread = _WriterThread()
     if writer_for_resume is not None:
@@ -185,7 +196,8 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=start, unit="img", disable=not show, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=stop - first, initial=start - first, unit="img", disable=not show, dynamic_ncols=True,
+               leave=False, desc=None if shard is None else f"rank {shard.rank}")
     context = comp.context(model, recorder=recorder) if lrp else contextlib.nullcontext(model)
     completed = False
     try:
@@ -201,12 +213,13 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
                     arrays, table = _attribute_batch(config, run_model, model, comp, method, recorder, batch,
                                                      device, layer_patterns, layer_shapes)
                     summary.rows += len(batch)
-                make_writer = _writer_factory(config, out_path, total, arrays, table, overwrite, layer_shapes)
+                make_writer = _writer_factory(config, out_path, stop - first, arrays, table, overwrite, layer_shapes,
+                                              file_attrs)
                 writer_thread.put((make_writer, [(s.filename, s.reason) for s in skipped], arrays))
                 bar.update(len(batch) + len(skipped))
                 if show:
                     elapsed = time.perf_counter() - t0
-                    bar.set_postfix_str(f"{(summary.rows - start) / max(elapsed, 1e-9):.1f} images/s")
+                    bar.set_postfix_str(f"{(summary.rows - summary.resumed_from) / max(elapsed, 1e-9):.1f} images/s")
         completed = True
     except KeyboardInterrupt:
         raise RunError(f"interrupted; the rows written so far are kept in {out_path}: run again with --resume "
@@ -244,8 +257,12 @@ def _check_output_dir(path: Path) -> None:
 
 
 def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
-                    table: tuple[list[str], list[str]], overwrite: bool, layer_shapes: dict[str, tuple[int, ...]]):
-    """Creates the store on the first batch, when the layer list and shapes are known."""
+                    table: tuple[list[str], list[str]], overwrite: bool, layer_shapes: dict[str, tuple[int, ...]],
+                    file_attrs: dict[str, Any] | None = None):
+    """Creates the store on the first batch, when the layer list and shapes are known.
+
+    ``file_attrs`` are extra root attributes written with the file, atomically (a shard's place in its run).
+    """
     layers, rules = table
     layer_shapes = dict(layer_shapes)
 
@@ -254,7 +271,12 @@ def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
 
         if arrays is None:
             return None
-        return ResultWriter.create(
+        cls = ResultWriter
+        if file_attrs:
+            from .distributed import writer_with_attrs
+
+            cls = writer_with_attrs(file_attrs)
+        return cls.create(
             path, config=config.to_dict(), config_yaml=config.to_yaml(), n_rows=total,
             num_outputs=arrays["prediction"].shape[1], sample_shape=tuple(arrays["attribution"].shape[1:]),
             layers=layers, rules=rules, dtype=config.output.dtype, store_input=config.output.store_input,
