@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import ParamRule, check_number
+from .base import ParamRule, check_number, scaled
 from .signsplit import SignSplit, total
 from .stabilizer import Stabilizer
 
@@ -30,9 +30,9 @@ class AlphaBeta(ParamRule):
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = SignSplit(call, self.zero_bias)
-        pp, pn, np_, nn_ = split.products()
-        pos = self.alpha * relevance / self.stabilizer(total(pp, nn_, split.bias_pos()))
+        p = split.products()
+        pos = scaled(self.stabilizer.divide(relevance, total(p.pp, p.nn, split.bias_pos())), self.alpha)
         neg = None
         if self.beta:
-            neg = -self.beta * relevance / self.stabilizer(total(pn, np_, split.bias_neg()))
+            neg = scaled(self.stabilizer.divide(relevance, total(p.pn, p.np, split.bias_neg())), -self.beta)
         return (split.backproject(pos, neg, neg, pos),)

@@ -63,6 +63,20 @@ def _short(value: object) -> str:
     return repr(value)
 
 
+def times_input(x: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """x * fresh, into ``fresh`` (a temporary the caller owns) when no graph is being recorded."""
+    if torch.is_grad_enabled():
+        return x * fresh
+    return fresh.mul_(x)
+
+
+def scaled(fresh: torch.Tensor, factor: float) -> torch.Tensor:
+    """fresh * factor, in place on the temporary ``fresh`` when no graph is being recorded."""
+    if torch.is_grad_enabled():
+        return fresh * factor
+    return fresh.mul_(factor)
+
+
 def check_number(rule: str, key: str, value: object, minimum: float | None = 0.0, strict: bool = False) -> float:
     """Validate a numeric rule parameter with a message naming the rule and key."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ..layerops import bias_shape, input_vjp
-from .base import ParamRule, check_number
+from .base import ParamRule, check_number, times_input
 from .stabilizer import Stabilizer
 
 
@@ -40,5 +40,5 @@ class Epsilon(ParamRule):
         z = call.output
         if self.zero_bias and bias is not None:
             z = z - bias.view(bias_shape(call.module, z))
-        ratio = relevance / self.stabilizer(z)
-        return (call.x * input_vjp(call.module, call.x, weight, ratio, z),)
+        ratio = self.stabilizer.divide(relevance, z)
+        return (times_input(call.x, input_vjp(call.module, call.x, weight, ratio, z)),)

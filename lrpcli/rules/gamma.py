@@ -29,12 +29,15 @@ class Gamma(ParamRule):
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = SignSplit(call, self.zero_bias)
-        pp, pn, np_, nn_ = split.products()
+        p = split.products()
         z = split.z_rule
         positive = z >= 0
-        same_sign = torch.where(positive, total(pp, nn_, split.bias_pos()), total(pn, np_, split.bias_neg()))
-        ratio = relevance / self.stabilizer(z + self.gamma * same_sign)
-        up = positive.to(ratio.dtype) * self.gamma
-        boost_pos = ratio * (1.0 + up)                   # outputs >= 0 boost x+W+ and x-W-
-        boost_neg = ratio * (1.0 + self.gamma - up)      # outputs < 0 boost x+W- and x-W+
+        same_sign = torch.where(positive, total(p.pp, p.nn, split.bias_pos()), total(p.pn, p.np, split.bias_neg()))
+        first_order = not torch.is_grad_enabled()   # then temporaries are updated in place (fewer fresh tensors)
+        den = same_sign.mul_(self.gamma).add_(z) if first_order else z + self.gamma * same_sign
+        ratio = self.stabilizer.divide(relevance, den)
+        boosted = ratio * (1.0 + self.gamma)
+        boost_pos = torch.where(positive, boosted, ratio)    # outputs >= 0 boost x+W+ and x-W-
+        boost_neg = torch.where(positive, ratio, boosted, out=boosted) if first_order else \
+            torch.where(positive, ratio, boosted)            # outputs < 0 boost x+W- and x-W+
         return (split.backproject(boost_pos, boost_neg, boost_neg, boost_pos),)

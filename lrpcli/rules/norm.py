@@ -26,7 +26,7 @@ class Norm(Rule):
         return [f"stabilizer={self.stabilizer.epsilon:g}/{self.stabilizer.mode}"]
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        ratio = relevance / self.stabilizer(call.output)
+        ratio = self.stabilizer.divide(relevance, call.output)
         if _is_sum(call.module):
             return tuple(_unbroadcast(x * ratio, x) for x in call.inputs)
         grads = call.native_vjp(ratio)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..layerops import bias_shape, forward, input_vjp
+from .base import times_input
 
 
 class SignSplit:
@@ -51,23 +52,10 @@ class SignSplit:
     def bias_neg(self) -> torch.Tensor | None:
         return self.bias.clamp(max=0) if self.bias is not None else None
 
-    def products(self) -> tuple[torch.Tensor | None, ...]:
-        """(P_pp, P_pn, P_np, P_nn) with the fewest forwards: one when x has a single sign, two else.
-
-        Products that are zero because x has no entries of that sign are None.
-        """
-        f, m, z = forward, self.module, self.z
-        if not self.has_neg:
-            pp = f(m, self.x_pos, self.weight_pos, None, z)
-            return pp, self.z_nobias - pp, None, None
-        if not self.has_pos:
-            np_ = f(m, self.x_neg, self.weight_pos, None, z)
-            return None, None, np_, self.z_nobias - np_
-        both = f(m, torch.cat([self.x_pos, self.x_neg]), self.weight_pos, None, z)
-        pp, np_ = both.chunk(2)
-        nn_ = f(m, self.x_neg, self.weight - self.weight_pos, None, z)
-        return pp, self.z_nobias - pp - np_ - nn_, np_, nn_
-
+    def products(self) -> Products:
+        """P_pp, P_pn, P_np, P_nn, each computed when first used, with the fewest forwards: one when x has a
+        single sign, two else. Products that are zero because x has no entries of that sign are None."""
+        return Products(self)
 
     # back-projection ------------------------------------------------------------------------------------------
     def backproject(self, g_pp, g_pn, g_np, g_nn) -> torch.Tensor:
@@ -88,11 +76,52 @@ class SignSplit:
             mine = [(v, part) for w, v, part in jobs if w is weight and v is not None]
             if not mine:
                 continue
-            vjps = input_vjp(self.module, self.x, weight, torch.cat([v for v, _ in mine]), self.z)
+            stacked = mine[0][0] if len(mine) == 1 else torch.cat([v for v, _ in mine])
+            vjps = input_vjp(self.module, self.x, weight, stacked, self.z)
             for (_, part), vjp in zip(mine, vjps.chunk(len(mine))):
-                term = part * vjp
-                result = term if result is None else result + term
+                term = times_input(part, vjp)
+                result = term if result is None else (result + term if torch.is_grad_enabled() else result.add_(term))
         return result if result is not None else torch.zeros_like(self.x)
+
+
+class Products:
+    """Lazy sign products of one call: only the ones a rule reads are computed (ZPlus never needs P_pn)."""
+
+    def __init__(self, split: SignSplit) -> None:
+        self.split = split
+        self._cache: dict[str, torch.Tensor | None] = {}
+
+    def _compute(self) -> None:
+        sp, f = self.split, forward
+        m, z = sp.module, sp.z
+        if not sp.has_neg:
+            self._cache.update(pp=f(m, sp.x_pos, sp.weight_pos, None, z), np=None, nn=None)
+        elif not sp.has_pos:
+            self._cache.update(pp=None, pn=None, np=f(m, sp.x_neg, sp.weight_pos, None, z))
+        else:
+            pp, np_ = f(m, torch.cat([sp.x_pos, sp.x_neg]), sp.weight_pos, None, z).chunk(2)
+            nn_ = f(m, sp.x_neg, sp.weight - sp.weight_pos, None, z)
+            self._cache.update(pp=pp, np=np_, nn=nn_)
+
+    def _get(self, key: str) -> torch.Tensor | None:
+        if not self._cache:
+            self._compute()
+        if key not in self._cache:  # the one product obtained by subtraction from z - b
+            sp = self.split
+            if key == "pn":
+                rest = sp.z_nobias
+                for other in ("pp", "np", "nn"):
+                    if self._cache.get(other) is not None:
+                        rest = rest - self._cache[other]
+                self._cache["pn"] = rest
+            else:  # nn, x all non-positive
+                self._cache["nn"] = sp.z_nobias - self._cache["np"]
+        return self._cache[key]
+
+    pp = property(lambda self: self._get("pp"))
+    pn = property(lambda self: self._get("pn"))
+    np = property(lambda self: self._get("np"))
+    nn = property(lambda self: self._get("nn"))
 
 
 def total(*terms: torch.Tensor | None) -> torch.Tensor:

@@ -58,13 +58,14 @@ class ZBox(ParamRule):
         super().__init__(stabilizer, zero_params)
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        weight, _ = call.params()
+        weight, bias = call.params()
         x, z, m = call.x, call.output, call.module
         low, high = expand_bound(self.low, x), expand_bound(self.high, x)
         w_pos = weight.clamp(min=0)
         w_neg = weight - w_pos
-        den = call.output_without_bias() - forward(m, low, w_pos, None, z) - forward(m, high, w_neg, None, z)
-        ratio = relevance / self.stabilizer(den)
+        # the bounds' terms (and the bias) are computed at the bounds' batch size, 1 unless given per sample
+        offset = forward(m, low, w_pos, bias, z) + forward(m, high, w_neg, None, z)
+        ratio = self.stabilizer.divide(relevance, z - offset)
         full = input_vjp(m, x, weight, ratio, z)
         pos = input_vjp(m, x, w_pos, ratio, z)
         return (x * full - low * pos - high * (full - pos),)

@@ -15,6 +15,6 @@ class ZPlus(ParamRule):
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = SignSplit(call, self.zero_bias)
-        pp, _, _, nn_ = split.products()
-        ratio = relevance / self.stabilizer(total(pp, nn_, split.bias_pos()))
+        p = split.products()
+        ratio = self.stabilizer.divide(relevance, total(p.pp, p.nn, split.bias_pos()))
         return (split.backproject(ratio, None, None, ratio),)
