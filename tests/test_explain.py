@@ -229,3 +229,21 @@ def test_bad_data_and_output(tmp_path):
     finally:
         locked.chmod(0o700)
     assert not out.exists()
+
+
+def test_layer_maps_are_stored_and_rendered(tmp_path):
+    cfg = tmp_path / "layers.yaml"
+    text = DEMO_CONFIG.read_text().replace("../share", str(ROOT / "share"))
+    cfg.write_text(text.replace("  store_input: true", "  store_input: true\n  layers: [features.18, 'classifier.*']"))
+    out = tmp_path / "layers.h5"
+    code, _, err = explain(out, "--max-samples", "6", "--batch-size", "4", config=cfg)
+    assert code == 0, err
+    r = open_results(out)
+    assert set(r.layers) == {"features.18", "classifier.0", "classifier.1", "classifier.2"}
+    assert r.layers["features.18"].shape == (6, 64, 8, 8) and r.layers["classifier.2"].shape == (6, 4)
+    # the map at the classifier's output is the relevance put in: the target logit
+    np.testing.assert_allclose(r.layers["classifier.2"].sum(1), r.conservation["output_relevance"], rtol=1e-6)
+    code, _, err = run("render", str(out), "--layer", "features.18", "-d", str(tmp_path / "maps"), "-q")
+    assert code == 0, err
+    images = sorted((tmp_path / "maps").glob("*.png"))
+    assert len(images) == 6 and Image.open(images[0]).size == (64, 64)
