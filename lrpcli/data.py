@@ -285,3 +285,21 @@ def make_loader(
         persistent_workers=False,
         drop_last=False,
     )
+
+
+def open_image_folder(data: str | Path, input_cfg: Any) -> ImageDataset:
+    """DATA as an ImageDataset with the config's ``input`` section; a missing, non-folder or image-less DATA is
+    a DataError naming it (explain and debug both start here)."""
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"DATA folder {data} does not exist")
+    if not data.is_dir():
+        raise DataError(f"DATA {data} is not a folder (expected class folders or images)")
+    try:
+        dataset = ImageDataset(data, resize=input_cfg.resize, crop=input_cfg.crop, mean=list(input_cfg.mean),
+                               std=list(input_cfg.std), mode=input_cfg.mode)
+    except ValueError as err:
+        raise DataError(f"{data}: {err}") from None
+    if len(dataset) == 0:
+        raise DataError(f"DATA folder {data} holds no images (.jpg, .jpeg, .png, .bmp, .webp)")
+    return dataset

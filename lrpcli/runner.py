@@ -130,7 +130,7 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
     samples, its device and its own file (``out.rank00003.h5``); see ``lrpcli.distributed``.
     """
     from . import composites
-    from .data import ImageDataset, make_loader
+    from .data import make_loader, open_image_folder
     from .models import load_model
     from .store import ResultWriter
 
@@ -142,18 +142,7 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
         raise DataError(f"{out_path} exists; pass --resume to continue it or --overwrite to replace it")
     _check_output_dir(out_path)
     data = Path(data)
-    if not data.exists():
-        raise DataError(f"DATA folder {data} does not exist")
-    if not data.is_dir():
-        raise DataError(f"DATA {data} is not a folder (expected class folders or images)")
-    inp = config.input
-    try:
-        dataset = ImageDataset(data, resize=inp.resize, crop=inp.crop, mean=list(inp.mean), std=list(inp.std),
-                               mode=inp.mode)
-    except ValueError as err:
-        raise DataError(f"{data}: {err}") from None
-    if len(dataset) == 0:
-        raise DataError(f"DATA folder {data} holds no images (.jpg, .jpeg, .png, .bmp, .webp)")
+    dataset = open_image_folder(data, config.input)
     if config.attribution.target == "label" and not dataset.classes:
         raise DataError(f"{data} has no class folders, so there are no labels to explain: set "
                         "attribution.target to prediction or a class index")

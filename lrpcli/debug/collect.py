@@ -55,19 +55,10 @@ def _inputs(config: Any, data: str | Path | None, samples: int) -> tuple[Any, An
         line = (f"{samples} random input{'s' if samples != 1 else ''} {tuple(shape)} "
                 f"(standard normal in the normalised space, seed {config.run.seed})")
         return x, torch.full((samples,), -1, dtype=torch.long), names, line
-    from ..data import ImageDataset, collate
+    from ..data import collate, open_image_folder
 
     data = Path(data)
-    if not data.exists():
-        raise DataError(f"DATA folder {data} does not exist")
-    if not data.is_dir():
-        raise DataError(f"DATA {data} is not a folder (expected class folders or images)")
-    inp = config.input
-    try:
-        dataset = ImageDataset(data, resize=inp.resize, crop=inp.crop, mean=list(inp.mean), std=list(inp.std),
-                               mode=inp.mode)
-    except ValueError as err:
-        raise DataError(f"{data}: {err}") from None
+    dataset = open_image_folder(data, config.input)
     good, skipped = [], []
     for i in range(len(dataset)):
         sample = dataset[i]
