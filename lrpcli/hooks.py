@@ -73,6 +73,20 @@ class LayerCall:
                                           create_graph=torch.is_grad_enabled(), allow_unused=True))
         return tuple(next(grads) if t.requires_grad else None for t in self.inputs)
 
+    def release(self) -> None:
+        """Keep only the tensors the rule reads; the others become shape-only (meta) stand-ins.
+
+        A LayerCall lives as long as the graph: holding every layer's output would keep activations alive that
+        a plain backward frees (a ReLU's Pass needs none, ZPlus no output), doubling peak memory.
+        """
+        if self.rule.needs_graph:
+            return
+        reads = self.rule.reads
+        if "output" not in reads:
+            self.output = torch.empty_like(self.output, device="meta")
+        if "inputs" not in reads:
+            self.inputs = tuple(torch.empty_like(t, device="meta") for t in self.inputs)
+
     def check_unmodified(self) -> None:
         """Refuse to compute with tensors that an in-place operation changed after the module ran."""
         now = tuple(t._version for t in self.inputs) + (self.output._version,)
@@ -360,7 +374,9 @@ class Session:
         call = LayerCall(self, module, assignment.name, key, rule, inputs, output)
         if self.recorder is not None:
             self.recorder.on_forward(call)
-        return _RuleFunction.apply(call, output, *inputs)
+        result = _RuleFunction.apply(call, output, *inputs)
+        call.release()
+        return result
 
     # -- reports -------------------------------------------------------------------------------------------
     def coverage(self) -> list[Assignment]:

@@ -29,6 +29,8 @@ class Rule:
     shown: ClassVar[tuple[str, ...]] = ()
     #: which stored tensors the rule reads in the backward ("inputs", "output"): these must not change in place
     reads: ClassVar[tuple[str, ...]] = ("inputs", "output")
+    #: the rule runs the module's own backward (needs the real output and inputs, whatever it reads)
+    needs_graph: ClassVar[bool] = False
 
     def check(self, module: torch.nn.Module, name: str) -> None:
         """Raise ValueError if this rule cannot handle ``module`` (called once, when the rule is assigned)."""

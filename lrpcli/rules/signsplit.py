@@ -108,7 +108,10 @@ class Products:
             self._compute()
         if key not in self._cache:  # the one product obtained by subtraction from z - b
             sp = self.split
-            if key == "pn":
+            if sp.z.is_meta:  # the output was not kept (ZPlus): one more forward instead
+                x = sp.x_pos if key == "pn" else sp.x_neg
+                self._cache[key] = forward(sp.module, x, sp.weight - sp.weight_pos, None, sp.z)
+            elif key == "pn":
                 rest = sp.z_nobias
                 for other in ("pp", "np", "nn"):
                     if self._cache.get(other) is not None:
