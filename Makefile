@@ -27,5 +27,8 @@ demo: $(STAMP)
 	$(BIN)/python share/demo/report.py demo.h5
 	@echo "heatmaps: demo_heatmaps/ (grid.png is the montage)"
 
+bench: $(STAMP)
+	$(BIN)/python share/bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) demo.h5 demo_heatmaps *.egg-info
