@@ -26,6 +26,7 @@ from torch import nn
 
 from .layerops import bias_shape
 from .rules.base import Rule
+from .rules.passthrough import Gradient
 
 if TYPE_CHECKING:  # pragma: no cover
     from .canonizers.base import Canonizer
@@ -370,6 +371,8 @@ class Session:
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
         if not output.requires_grad:
             return None
+        if isinstance(rule, Gradient) and self.recorder is None:
+            return None  # the module's own gradient flows unhooked: same result, nothing kept alive
         key = assignment.name if count == 0 else f"{assignment.name}#{count + 1}"
         call = LayerCall(self, module, assignment.name, key, rule, inputs, output)
         if self.recorder is not None:
