@@ -98,11 +98,12 @@ class Recorder:
 
 
 def per_sample_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over everything but the batch dimension, in float64."""
+    """Sum over everything but the batch dimension in the tensor's own dtype (pairwise summation), returned as
+    float64; summing float32 maps in float64 cost a third of a resnet50 backward for a 1e-6 relative gain."""
     t = t.detach()
     if t.dim() == 0:
         return t.reshape(1).to(torch.float64)
-    return t.reshape(t.shape[0], -1).sum(dim=1, dtype=torch.float64)
+    return t.reshape(t.shape[0], -1).sum(dim=1).to(torch.float64)
 
 
 def _detail(parts: list[torch.Tensor], relevance_out: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -65,7 +65,7 @@ class SignSplit:
         is zero its huge ratio then meets exact zeros instead of cancelling against itself. Vectors for the
         same weight are stacked into one call.
         """
-        weight_neg = self.weight - self.weight_pos
+        weight_neg = self.weight - self.weight_pos if (g_pn is not None or g_nn is not None) else None
         jobs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # (weight, vector, input part)
         if self.has_pos:
             jobs += [(self.weight_pos, g_pp, self.x_pos), (weight_neg, g_pn, self.x_pos)]
@@ -73,6 +73,8 @@ class SignSplit:
             jobs += [(self.weight_pos, g_np, self.x_neg), (weight_neg, g_nn, self.x_neg)]
         result = None
         for weight in (self.weight_pos, weight_neg):
+            if weight is None:
+                continue
             mine = [(v, part) for w, v, part in jobs if w is weight and v is not None]
             if not mine:
                 continue
