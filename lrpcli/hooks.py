@@ -58,9 +58,8 @@ class LayerCall:
         """The weight and bias in effect for this call (merged ones while a canonizer is active)."""
         return self.session.params_of(self.module)
 
-    def output_without_bias(self) -> torch.Tensor:
-        """z - b: the layer output without its bias term, from the stored output (no re-run)."""
-        _, bias = self.params()
+    def output_without_bias(self, bias: torch.Tensor | None) -> torch.Tensor:
+        """z - b: the layer output without its bias term (the one from ``params()``), from the stored output."""
         if bias is None:
             return self.output
         return self.output - bias.view(bias_shape(self.module, self.output))

@@ -7,7 +7,6 @@ and the module is reported). The blocks compose: ``LayerMap`` by type, ``NameMap
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from collections.abc import Sequence
 from typing import Any
@@ -115,11 +114,3 @@ class Mixture(Composite):
             if rule is not None:
                 return rule
         return None
-
-
-def with_options(composite: Composite, **options: Any) -> Composite:
-    """A shallow copy with other canonizers/strict/seed (the rules are shared)."""
-    clone = copy.copy(composite)
-    for key, value in options.items():
-        setattr(clone, key, value)
-    return clone

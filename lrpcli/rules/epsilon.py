@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..layerops import bias_shape, input_vjp
+from ..layerops import input_vjp
 from .base import ParamRule, check_number, times_input
 from .stabilizer import Stabilizer
 
@@ -37,8 +37,6 @@ class Epsilon(ParamRule):
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weight, bias = call.params()
-        z = call.output
-        if self.zero_bias and bias is not None:
-            z = z - bias.view(bias_shape(call.module, z))
+        z = call.output_without_bias(bias) if self.zero_bias else call.output
         ratio = self.stabilizer.divide(relevance, z)
         return (times_input(call.x, input_vjp(call.module, call.x, weight, ratio, z)),)

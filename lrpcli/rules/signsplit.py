@@ -27,6 +27,7 @@ class SignSplit:
         self.weight, bias = call.params()
         self.weight_pos = self.weight.clamp(min=0)
         self.z = call.output
+        self._bias = bias
         self._bias_full = None if bias is None else bias.view(bias_shape(self.module, self.z))
         self.bias = None if zero_bias else self._bias_full
         low, high = torch.aminmax(self.x.detach())   # one pass for both signs
@@ -39,7 +40,7 @@ class SignSplit:
     @property
     def z_nobias(self) -> torch.Tensor:
         """z - b from the stored output (no re-run)."""
-        return self.z if self._bias_full is None else self.z - self._bias_full
+        return self.call.output_without_bias(self._bias)
 
     @property
     def z_rule(self) -> torch.Tensor:
