@@ -79,3 +79,28 @@ def input_vjp(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, v: torch
         out = module._conv_forward(xi, weight, None)
         (grad,) = torch.autograd.grad(out, xi, v, create_graph=create_graph)
     return grad
+
+
+def channel_dim(module: nn.Module) -> int:
+    """The output dimension that holds the channels (features last for Linear, dim 1 for convolutions)."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def pairable(module: nn.Module) -> bool:
+    """True where W1^T a + W2^T b can be one transposed operation over the stacked weights [W1; W2].
+
+    Convolutions without groups only: stacking the output channels of a grouped convolution would mix groups,
+    and for Linear layers the stacked weight is a second copy of the largest tensors of a model (vgg16's first
+    dense layer is 400 MB) for no gain (one matrix product is already one call).
+    """
+    return isinstance(module, CONV_TYPES + CONV_TRANSPOSE_TYPES) and module.groups == 1
+
+
+def input_vjp_pair(module: nn.Module, x: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
+                   v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """first^T a + second^T b in one transposed operation, where v stacks a and b along the channels (a first).
+
+    Half the passes of two calls and their sum: one output, one read of the vectors (``pairable`` modules only).
+    """
+    stacked = torch.cat([first, second], dim=1 if isinstance(module, CONV_TRANSPOSE_TYPES) else 0)
+    return input_vjp(module, x, stacked, v, z)

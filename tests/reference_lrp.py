@@ -67,6 +67,8 @@ def stabilize(den: torch.Tensor, eps: float, mode: str = 'sign') -> torch.Tensor
         return sgn * torch.clamp(den.abs(), min=eps)
     if mode == 'rms':
         rms = torch.sqrt(torch.mean(den * den))
+        if rms == 0:  # an all-zero denominator: eps itself (numerators are zero too, relevance 0, not 0/0)
+            rms = torch.ones_like(rms)
         return den + sgn * eps * rms
     raise ValueError(f'unknown stabilizer mode {mode!r}')
 

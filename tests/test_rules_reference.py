@@ -188,12 +188,15 @@ def _smallest_nonzero(t: torch.Tensor) -> float:
     return a.min().item() if a.numel() else float('inf')
 
 
-def well_conditioned_data(layer, in_shape, seed, ref_rule, ref_fn=None):
-    """Draw (x, upper) of mixed sign; redraw while a signed denominator or output is within 1e-3 of zero."""
+def well_conditioned_data(layer, in_shape, seed, ref_rule, ref_fn=None, nonnegative=False):
+    """Draw (x, upper) of mixed sign (x rectified, as after a ReLU, if ``nonnegative``); redraw while a signed
+    denominator or output is within 1e-3 of zero."""
     g = torch.Generator().manual_seed(seed)
     ref_fn = ref_fn or (lambda x_, r_: reference_lrp(layer, x_, r_, ref_rule))
     for _ in range(30):
         x = torch.randn((2, *in_shape), generator=g, dtype=DT)
+        if nonnegative:
+            x = x.clamp(min=0)
         with torch.no_grad():
             out = layer(x)
         upper = torch.randn(out.shape, generator=g, dtype=DT)
@@ -239,6 +242,33 @@ def test_rule_matches_reference(rule_id, zero_bias, layer_id, bias):
         assert got.dtype == DT
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m, s=seed: f'seed {s}: {m}')
         assert_state_unchanged(model, before)
+
+
+SIGN_SPLIT_RULE_IDS = ['zplus', 'alphabeta_2_1', 'alphabeta_1_0', 'gamma_0.25', 'gamma_1', 'zplus_rms',
+                       'alphabeta_2_1_clip', 'alphabeta_2_1_rms', 'gamma_0.25_clip', 'gamma_0.25_rms',
+                       'gamma_0.25_num']
+
+
+@pytest.mark.parametrize('zero_bias,bias', [(False, True), (False, False), (True, True)],
+                         ids=['bias', 'nobias', 'zb'])
+@pytest.mark.parametrize('layer_id', [lid for lid, _, _ in LAYERS])
+@pytest.mark.parametrize('rule_id', SIGN_SPLIT_RULE_IDS)
+def test_rule_matches_reference_nonnegative_input(rule_id, layer_id, zero_bias, bias):
+    """Inputs >= 0 with exact zeros (as after a ReLU): the fused path of Gamma and AlphaBeta (one forward, one
+    transposed operation through [W+; W-]) and ZPlus's single-sign path against the same reference."""
+    from lrpcli.composites import LayerMap
+
+    factory, in_shape = LAYER_BY_ID[layer_id]
+    c = in_shape[0]
+    kw = {'zero_params': ['bias']} if zero_bias else {}
+    for seed in SEEDS:
+        layer = make_layer(factory, bias, seed)
+        ref_rule = _ref_rule(rule_id, c, zero_bias)
+        x, upper, ref = well_conditioned_data(layer, in_shape, seed, ref_rule, nonnegative=True)
+        assert (x == 0).any() and (x > 0).any()
+        rule = _engine_rules()[rule_id](c, **kw)
+        got = engine_attribute(nn.Sequential(layer), x.clone(), upper.clone(), LayerMap([(type(layer), rule)]))
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m, s=seed: f'seed {s}: {m}')
 
 
 def test_reference_gamma_zero_is_zplus_on_positive_data():

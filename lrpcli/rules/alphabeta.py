@@ -30,9 +30,23 @@ class AlphaBeta(ParamRule):
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = SignSplit(call, self.zero_bias)
+        if self.beta and split.nonnegative_fast:
+            return (self._nonnegative(split, relevance),)
         p = split.products()
         pos = scaled(self.stabilizer.divide(relevance, total(p.pp, p.nn, split.bias_pos())), self.alpha)
         neg = None
         if self.beta:
             neg = scaled(self.stabilizer.divide(relevance, total(p.pn, p.np, split.bias_neg())), -self.beta)
         return (split.backproject(pos, neg, neg, pos),)
+
+    def _nonnegative(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
+        """The same rule for x >= 0: z+ = P_pp + b+ from one forward, z- = z - z+, one transposed operation
+        through [W+; |W-|] with alpha R / s(z+) and beta R / s(z-) written into one pair buffer."""
+        positive = split.positive_sum()
+        negative = torch.sub(split.z_rule, positive)
+        buf, to_pos, to_neg = split.pair_buffer()
+        self.stabilizer.divide(relevance, positive, out=to_pos).mul_(self.alpha)
+        del positive
+        self.stabilizer.divide(relevance, negative, out=to_neg).mul_(self.beta)
+        del negative
+        return split.backproject_pair(buf)

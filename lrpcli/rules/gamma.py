@@ -29,6 +29,8 @@ class Gamma(ParamRule):
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = SignSplit(call, self.zero_bias)
+        if split.nonnegative_fast:
+            return (self._nonnegative(split, relevance),)
         p = split.products()
         z = split.z_rule
         positive = z >= 0
@@ -41,3 +43,27 @@ class Gamma(ParamRule):
         boost_neg = torch.where(positive, ratio, boosted, out=boosted) if first_order else \
             torch.where(positive, ratio, boosted)            # outputs < 0 boost x+W- and x-W+
         return (split.backproject(boost_pos, boost_neg, boost_neg, boost_pos),)
+
+    def _nonnegative(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
+        """The same rule for x >= 0 in fewer passes over the output: no torch.where, one transposed operation.
+
+        With s = P_pp + b+, the same-sign sum is s where z >= 0 and z - s (= P_pn + b-) where z < 0, chosen by a
+        0/1 mask through lerp (exact for weights 0 and 1). For x >= 0 the denominator has the sign of z, so the
+        sign stabilizer is folded into s as a bias shift eps / gamma (z + gamma (s + eps/gamma) = den + eps and
+        z + gamma (z - s - eps/gamma) = den - eps). W+ gets a = ratio (1 + gamma [z >= 0]), |W-| gets
+        -ratio (1 + gamma [z < 0]) = a - (2 + gamma) ratio; both live in one pair buffer.
+        """
+        z, g = split.z_rule, self.gamma
+        folded = self.stabilizer.mode == "sign" and g > 0
+        s = split.positive_sum(self.stabilizer.epsilon / g if folded else 0.0)
+        mask = torch.ge(z, 0, out=torch.empty_like(z))  # 1.0 where z >= 0
+        den = torch.sub(z, s).lerp_(s, mask)
+        del s
+        torch.add(z, den, alpha=g, out=den)
+        buf, to_pos, to_neg = split.pair_buffer()
+        ratio = torch.div(relevance, den, out=to_neg) if folded else \
+            self.stabilizer.divide(relevance, den, out=to_neg)
+        del den
+        torch.addcmul(ratio, ratio, mask, value=g, out=to_pos)
+        torch.add(to_pos, ratio, alpha=-(2.0 + g), out=to_neg)
+        return split.backproject_pair(buf)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layerops import bias_shape, forward, input_vjp
+from ..layerops import CONV_TRANSPOSE_TYPES, bias_shape, channel_dim, forward, input_vjp, input_vjp_pair, pairable
 from .base import times_input
 
 
@@ -57,6 +57,43 @@ class SignSplit:
         """P_pp, P_pn, P_np, P_nn, each computed when first used, with the fewest forwards: one when x has a
         single sign, two else. Products that are zero because x has no entries of that sign are None."""
         return Products(self)
+
+    # the non-negative fast path ---------------------------------------------------------------------------------
+    @property
+    def nonnegative_fast(self) -> bool:
+        """True for the common case the fused path serves: x >= 0 (after a ReLU), a convolution without groups,
+        first order. Rules then need one forward P_pp (+ b+) and one transposed operation through [W+; W-]."""
+        return not self.has_neg and not torch.is_grad_enabled() and pairable(self.module)
+
+    def positive_sum(self, shift: float = 0.0) -> torch.Tensor:
+        """P_pp + b+ (+ shift) in one forward, the bias added by the convolution itself; a fresh tensor.
+
+        With x >= 0 this is the same-sign sum of the outputs' positive contributions; its complement,
+        z - P_pp - b+ = P_pn + b-, is the negative one (x >= 0 only: ``nonnegative_fast``). ``shift`` lets
+        a rule fold a constant into the same pass (Gamma folds its stabilizer)."""
+        bias = self.bias.clamp(min=0).flatten() if self.bias is not None else None
+        if shift:
+            channels = self.weight_pos.shape[1 if isinstance(self.module, CONV_TRANSPOSE_TYPES) else 0]
+            bias = bias + shift if bias is not None else self.x.new_full((channels,), shift)
+        return forward(self.module, self.x, self.weight_pos, bias, self.z)
+
+    def pair_buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An uninitialised buffer shaped like z with twice the channels, and its two halves (a, b) for
+        ``backproject_pair``: rules write their two per-output vectors straight into it."""
+        z, dim = self.z, channel_dim(self.module)
+        shape = list(z.shape)
+        shape[dim] *= 2
+        buf = torch.empty(shape, dtype=z.dtype, device=self.x.device)  # z may be a meta stand-in
+        a, b = buf.chunk(2, dim=dim)
+        return buf, a, b
+
+    def backproject_pair(self, buf: torch.Tensor) -> torch.Tensor:
+        """x (W+^T a + |W-|^T b) for x >= 0, with a and b the halves of ``buf``: one transposed operation.
+
+        |W-| = -W- (so a rule passes the negated vector for W-: one pass less for both Gamma and AlphaBeta)."""
+        magnitude_neg = self.weight_pos - self.weight
+        vjp = input_vjp_pair(self.module, self.x, self.weight_pos, magnitude_neg, buf, self.z)
+        return vjp.mul_(self.x)
 
     # back-projection ------------------------------------------------------------------------------------------
     def backproject(self, g_pp, g_pn, g_np, g_nn) -> torch.Tensor:

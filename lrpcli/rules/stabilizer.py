@@ -5,7 +5,7 @@ Three modes, all with sign(0) = +1 so that a zero denominator is pushed to +epsi
 - ``clip``: s(z) = sign(z) * max(|z|, eps)
 - ``rms``:  s(z) = z + eps * rms(z) * sign(z), rms taken over each sample (all non-batch elements), so that
   epsilon is relative to the scale of the layer's output — useful where magnitudes differ by orders between
-  layers (residual networks with Gamma).
+  layers (residual networks with Gamma). A sample whose denominators are all zero uses eps itself.
 """
 
 from __future__ import annotations
@@ -48,18 +48,21 @@ class Stabilizer:
             return sign0(z) * z.abs().clamp(min=self.epsilon)
         dims = tuple(range(1, z.dim()))
         rms = z.pow(2).mean(dim=dims, keepdim=True).sqrt() if dims else z.pow(2).mean().sqrt()
+        rms = torch.where(rms > 0, rms, 1.0)  # an all-zero sample: eps itself, so 0/s(0) is 0, not NaN
         return z + self.epsilon * rms * sign0(z)
 
-    def divide(self, numerator: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    def divide(self, numerator: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """numerator / s(den), with one new tensor instead of three when no graph is being recorded.
 
         Fresh large tensors cost page faults on the CPU (a new 100 MB output triples an addition's time), so the
-        first-order path computes s(den) into one new buffer and divides into it. With grad enabled (second
-        order) it stays out of place.
+        first-order path computes s(den) into one buffer (``out`` when given, e.g. half of a rule's pair buffer)
+        and divides into it. With grad enabled (second order) it stays out of place and ``out`` must be None.
         """
         if torch.is_grad_enabled() or self.mode != "sign":
-            return numerator / self(den)
-        out = torch.copysign(torch.tensor(self.epsilon, dtype=den.dtype, device=den.device), den)
+            result = numerator / self(den)
+            return result if out is None else out.copy_(result)
+        eps = torch.tensor(self.epsilon, dtype=den.dtype, device=den.device)
+        out = torch.copysign(eps, den) if out is None else torch.copysign(eps, den, out=out)
         out.add_(den)
         return torch.div(numerator, out, out=out)
 
