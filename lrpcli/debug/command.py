@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +53,7 @@ def debug(config: Path, data: Path | None, samples: int | None, layers: tuple[st
     the configured shape without DATA), or the conservation table of a stored run (debug OUT.h5)."""
     from .diagnose import diagnose
     from .format import View, render
-    from .stats import compare_bias, summarize
+    from .stats import compare_bias, matches, summarize
 
     patterns = _patterns(layers)
     if is_result_file(config):
@@ -65,8 +64,7 @@ def debug(config: Path, data: Path | None, samples: int | None, layers: tuple[st
     bias_summary = summarize(zero) if zero is not None else None
     bias_rows = compare_bias(summary, bias_summary) if bias_summary is not None else None
     known = [s.layer for s in summary.layers] + [a.name for a in report.assignments or []]
-    if patterns and not any(fnmatchcase(name.split("#", 1)[0], p) or fnmatchcase(name, p)
-                            for name in known for p in patterns):
+    if patterns and not any(matches(name, patterns) for name in known):
         raise LrpcliError(f"--layers: no layer matches {', '.join(patterns)}; layers are e.g. "
                           f"{', '.join(known[:5])}")
     view = View(summary, diagnose(summary, bias_rows), patterns, bias_rows, bias_summary)

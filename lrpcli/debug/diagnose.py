@@ -128,6 +128,32 @@ def _largest(summary: Summary, sample: int, grow: bool) -> LayerStats | None:
     return summary.layers[j]
 
 
+def _pick(hit: np.ndarray, rank: np.ndarray | None = None) -> int:
+    """The sample a line quotes: the hit with the largest ``rank``, else the first hit."""
+    return int(np.argmax(hit if rank is None else np.where(hit, rank, -1.0)))
+
+
+def _each_layer(summary: Summary, kind: str, hit: np.ndarray, say: Callable[[LayerStats, int, str], tuple[str, str]],
+                rank: np.ndarray | None = None) -> list[Diagnosis]:
+    """One line per layer where ``hit`` (N x L) holds in any sample: the one scan the per-layer rules share.
+
+    ``say(layer, sample, "k of N samples")`` gives (message, remedy) for the sample ``_pick`` chose.
+    """
+    found = []
+    for s in summary.layers:
+        column = hit[:, s.index]
+        if column.any():
+            i = _pick(column, None if rank is None else rank[:, s.index])
+            found.append(Diagnosis(kind, s.layer, *say(s, i, _samples(column, summary))))
+    return found
+
+
+def _culprit(s: LayerStats | None, what: str) -> tuple[str | None, str]:
+    """A run-wide line's layer (None without one) and its '; WHAT LAYER' clause."""
+    name = s.layer if s else None
+    return name, f"; {what} {name}" if name else ""
+
+
 # ------------------------------------------------------------------------------------------------ rules
 def nonfinite(summary: Summary) -> list[Diagnosis]:
     """NaN/Inf: the layers where they first appear (their incoming relevance was finite)."""
@@ -140,21 +166,17 @@ def nonfinite(summary: Summary) -> list[Diagnosis]:
     nan, inf, out_bad = (rep.details.get(k) for k in ("nan", "inf", "nonfinite_out"))
     if nan is None or inf is None or out_bad is None:  # a stored run: only the sums tell
         bad_sum = ~np.isfinite(rep.relevance_in) & np.isfinite(rep.relevance_out)
-        for s in summary.layers:
-            if bad_sum[:, s.index].any():
-                found.append(Diagnosis("nan/inf", s.layer, f"the relevance sum turns NaN/Inf at {_this(s)} in "
-                                       f"{_samples(bad_sum[:, s.index], summary)}", stabilize(s)))
-        return found
-    origins = []
-    for s in summary.layers:
+        return found + _each_layer(summary, "nan/inf", bad_sum, lambda s, i, where: (
+            f"the relevance sum turns NaN/Inf at {_this(s)} in {where}", stabilize(s)))
+
+    def appear(s: LayerStats, i: int, where: str) -> tuple[str, str]:
         j = s.index
-        made = (np.nan_to_num(nan[:, j]) + np.nan_to_num(inf[:, j]) > 0) & (np.nan_to_num(out_bad[:, j]) == 0)
-        if made.any():
-            origins.append(s.layer)
-            found.append(Diagnosis(
-                "nan/inf", s.layer, f"{int(np.nansum(nan[:, j]))} NaN and {int(np.nansum(inf[:, j]))} Inf values "
-                f"appear at {_this(s)} in {_samples(made, summary)} (the relevance arriving was finite)",
-                stabilize(s)))
+        return (f"{int(np.nansum(nan[:, j]))} NaN and {int(np.nansum(inf[:, j]))} Inf values appear at {_this(s)} "
+                f"in {where} (the relevance arriving was finite)", stabilize(s))
+
+    made = (np.nan_to_num(nan) + np.nan_to_num(inf) > 0) & (np.nan_to_num(out_bad) == 0)
+    origins = _each_layer(summary, "nan/inf", made, appear)
+    found += origins
     arriving = [s for s in summary.layers if np.nan_to_num(out_bad[:, s.index]).any()]
     if arriving and not origins and not bad_out.any():  # made above a recorded layer: a module without a rule
         s = arriving[-1]
@@ -190,28 +212,25 @@ def batchnorm(summary: Summary) -> list[Diagnosis]:
 
 def explosion(summary: Summary) -> list[Diagnosis]:
     """|sum| grows more than EXPLOSION x across one layer; the input total over EXPLOSION x the output."""
-    rep, scale = summary.report, _scale(summary)
-    found = []
-    for s in summary.layers:
+    rep = summary.report
+    r_in = np.abs(rep.relevance_in)
+    grew = (r_in > EXPLOSION * np.abs(rep.relevance_out)) & (r_in > _scale(summary)[:, None])
+
+    def say(s: LayerStats, i: int, where: str) -> tuple[str, str]:
         j = s.index
-        r_in = np.abs(rep.relevance_in[:, j])
-        grew = (r_in > EXPLOSION * np.abs(rep.relevance_out[:, j])) & (r_in > scale)
-        if grew.any():
-            i = int(np.argmax(np.where(grew, np.abs(summary.ratio[:, j]), -1.0)))
-            found.append(Diagnosis(
-                "explosion", s.layer, f"|relevance| grows {_num(abs(summary.ratio[i, j]))}x across {_this(s)} in "
-                f"{_samples(grew, summary)} (worst {_flow(rep.relevance_out[i, j], rep.relevance_in[i, j], i)})",
-                stabilize(s)))
+        return (f"|relevance| grows {_num(abs(summary.ratio[i, j]))}x across {_this(s)} in {where} "
+                f"(worst {_flow(rep.relevance_out[i, j], rep.relevance_in[i, j], i)})", stabilize(s))
+
+    found = _each_layer(summary, "explosion", grew, say, rank=np.abs(summary.ratio))
     total = np.abs(summary.total_ratio)
-    grew = total > EXPLOSION
-    if grew.any():
-        i = int(np.argmax(np.where(grew, total, -1.0)))
+    grew_total = total > EXPLOSION
+    if grew_total.any():
+        i = _pick(grew_total, total)
         culprit = _largest(summary, i, grow=True)
-        name = culprit.layer if culprit else None
-        where = f"; the largest growth is at {name}" if name else ""
+        name, where = _culprit(culprit, "the largest growth is at")
         found.append(Diagnosis(
             "explosion", name, f"the relevance at the input totals {_num(summary.total_ratio[i])}x the output "
-            f"relevance in {_samples(grew, summary)} (sample {i}: {_num(rep.output_relevance[i])} -> "
+            f"relevance in {_samples(grew_total, summary)} (sample {i}: {_num(rep.output_relevance[i])} -> "
             f"{_num(rep.input_relevance[i])}){where}", stabilize(culprit)))
     return found
 
@@ -219,77 +238,62 @@ def explosion(summary: Summary) -> list[Diagnosis]:
 def sign_flip(summary: Summary) -> list[Diagnosis]:
     """The relevance total changes sign across a layer (or between output and input)."""
     rep, scale = summary.report, _scale(summary)
-    found = []
-    for s in summary.layers:
-        j = s.index
-        r_in, r_out = rep.relevance_in[:, j], rep.relevance_out[:, j]
-        flip = (np.sign(r_in) * np.sign(r_out) < 0) & (np.abs(r_in) > scale) & (np.abs(r_out) > scale)
-        if flip.any():
-            i = int(np.argmax(flip))
-            found.append(Diagnosis(
-                "sign flip", s.layer, f"the relevance total changes sign across {_this(s)} in "
-                f"{_samples(flip, summary)} ({_flow(r_out[i], r_in[i], i)}); biases usually cause it",
-                f"zero_params: [bias], or {stabilize(s)}" if s.param else stabilize(s)))
+    r_in, r_out = rep.relevance_in, rep.relevance_out
+    flip = (np.sign(r_in) * np.sign(r_out) < 0) & (np.abs(r_in) > scale[:, None]) & (np.abs(r_out) > scale[:, None])
+    found = _each_layer(summary, "sign flip", flip, lambda s, i, where: (
+        f"the relevance total changes sign across {_this(s)} in {where} "
+        f"({_flow(r_out[i, s.index], r_in[i, s.index], i)}); biases usually cause it",
+        f"zero_params: [bias], or {stabilize(s)}" if s.param else stabilize(s)))
     tot_in, tot_out = rep.input_relevance, rep.output_relevance
-    flip = (np.sign(tot_in) * np.sign(tot_out) < 0) & (np.abs(tot_in) > _scale(summary))
-    if flip.any():
-        i = int(np.argmax(flip))
-        culprit = next((s for s in reversed(summary.layers) if summary.ratio[i, s.index] < 0), None)
-        name = culprit.layer if culprit else None
-        where = f"; the first flip in the backward pass is at {name}" if name else ""
+    flip_total = (np.sign(tot_in) * np.sign(tot_out) < 0) & (np.abs(tot_in) > scale)
+    if flip_total.any():
+        i = _pick(flip_total)
+        name, where = _culprit(next((s for s in reversed(summary.layers) if summary.ratio[i, s.index] < 0), None),
+                               "the first flip in the backward pass is at")
         found.append(Diagnosis("sign flip", name, f"the relevance at the input totals the opposite sign of the output "
-                               f"relevance in {_samples(flip, summary)}{where}",
+                               f"relevance in {_samples(flip_total, summary)}{where}",
                                "zero_params: [bias], or explain a positive logit (attribution.target)"))
     return found
 
 
 def vanishing(summary: Summary) -> list[Diagnosis]:
     """|sum| shrinks below VANISHING x across one layer, or the input total does."""
-    rep, scale = summary.report, _scale(summary)
-    found = []
-    for s in summary.layers:
+    rep = summary.report
+    r_out = np.abs(rep.relevance_out)
+    lost = (np.abs(rep.relevance_in) < VANISHING * r_out) & (r_out > _scale(summary)[:, None])
+
+    def say(s: LayerStats, i: int, where: str) -> tuple[str, str]:
         j = s.index
-        r_out = np.abs(rep.relevance_out[:, j])
-        lost = (np.abs(rep.relevance_in[:, j]) < VANISHING * r_out) & (r_out > scale)
-        if lost.any():
-            i = int(np.argmax(np.where(lost, r_out, -1.0)))
-            remedy = ("zero_params: [bias] (the bias takes it), or a smaller epsilon" if s.param else
-                      "a rule that passes relevance on (pass, norm), or a smaller stabilizer epsilon")
-            found.append(Diagnosis(
-                "vanishing", s.layer, f"only {_num(abs(summary.ratio[i, j]))}x of the relevance passes {_this(s)} in "
-                f"{_samples(lost, summary)} ({_flow(rep.relevance_out[i, j], rep.relevance_in[i, j], i)})", remedy))
-    total = np.abs(summary.total_ratio)
-    lost = total < VANISHING
-    if lost.any():
-        i = int(np.argmax(lost))
-        culprit = _largest(summary, i, grow=False)
-        name = culprit.layer if culprit else None
-        where = f"; the most is lost at {name}" if name else ""
+        remedy = ("zero_params: [bias] (the bias takes it), or a smaller epsilon" if s.param else
+                  "a rule that passes relevance on (pass, norm), or a smaller stabilizer epsilon")
+        return (f"only {_num(abs(summary.ratio[i, j]))}x of the relevance passes {_this(s)} in {where} "
+                f"({_flow(rep.relevance_out[i, j], rep.relevance_in[i, j], i)})", remedy)
+
+    found = _each_layer(summary, "vanishing", lost, say, rank=r_out)
+    lost_total = np.abs(summary.total_ratio) < VANISHING
+    if lost_total.any():
+        i = _pick(lost_total)
+        name, where = _culprit(_largest(summary, i, grow=False), "the most is lost at")
         found.append(Diagnosis("vanishing", name, f"the relevance at the input totals only "
-                               f"{_num(summary.total_ratio[i])}x the output relevance in {_samples(lost, summary)}"
-                               f"{where}", "zero_params: [bias], a smaller epsilon, or another composite"))
+                               f"{_num(summary.total_ratio[i])}x the output relevance in "
+                               f"{_samples(lost_total, summary)}{where}",
+                               "zero_params: [bias], a smaller epsilon, or another composite"))
     return found
 
 
 def cancellation(summary: Summary) -> list[Diagnosis]:
     """Single relevance values far larger than the layer's sum: large positive and negative parts cancel."""
-    rep, scale = summary.report, _scale(summary)
+    rep, scale = summary.report, _scale(summary)[:, None]
     high, low = rep.details.get("max"), rep.details.get("min")
     if high is None or low is None:
         return []
-    found = []
-    for s in summary.layers:
-        j = s.index
-        peak = np.maximum(np.abs(np.nan_to_num(high[:, j])), np.abs(np.nan_to_num(low[:, j])))
-        size = np.maximum(np.abs(rep.relevance_out[:, j]), scale)
-        big = (peak > CANCELLATION * size) & (peak > scale)
-        if big.any():
-            i = int(np.argmax(np.where(big, peak / size, -1.0)))
-            found.append(Diagnosis(
-                "cancellation", s.layer, f"single relevance values at the input of {_this(s)} reach {_num(peak[i])} "
-                f"while its output carries {_num(rep.relevance_out[i, j])} in total (sample {i}): large positive and "
-                "negative parts cancel, as when the inputs of a residual sum nearly cancel", stabilize(s)))
-    return found
+    peak = np.maximum(np.abs(np.nan_to_num(high)), np.abs(np.nan_to_num(low)))
+    size = np.maximum(np.abs(rep.relevance_out), scale)
+    big = (peak > CANCELLATION * size) & (peak > scale)
+    return _each_layer(summary, "cancellation", big, lambda s, i, where: (
+        f"single relevance values at the input of {_this(s)} reach {_num(peak[i, s.index])} while its output "
+        f"carries {_num(rep.relevance_out[i, s.index])} in total (sample {i}): large positive and negative parts "
+        "cancel, as when the inputs of a residual sum nearly cancel", stabilize(s)), rank=ratios(peak, size))
 
 
 def bias(summary: Summary, rows: list[BiasRow] | None = None) -> list[Diagnosis]:
@@ -331,18 +335,12 @@ def negative_inputs(summary: Summary) -> list[Diagnosis]:
     neg = summary.report.details.get("input_negative")
     if neg is None:
         return []
-    found = []
-    for s in summary.layers:
-        kind = rule_class(s.rule)
-        if kind not in ("Gamma", "ZPlus"):
-            continue
-        seen = np.nan_to_num(neg[:, s.index]) > 0
-        if seen.any():
-            found.append(Diagnosis(
-                "negative inputs", s.layer, f"{kind} sees negative inputs in {_samples(seen, summary)}; it is meant "
-                "for non-negative inputs (after a ReLU) and treats negative evidence differently",
-                f"zbox for an input layer ({_override(s.layer, 'zbox')}), else epsilon or alpha_beta here"))
-    return found
+    kinds = [rule_class(s.rule) for s in summary.layers]
+    seen = (np.nan_to_num(neg) > 0) & np.array([k in ("Gamma", "ZPlus") for k in kinds], dtype=bool)
+    return _each_layer(summary, "negative inputs", seen, lambda s, i, where: (
+        f"{kinds[s.index]} sees negative inputs in {where}; it is meant for non-negative inputs (after a ReLU) and "
+        "treats negative evidence differently",
+        f"zbox for an input layer ({_override(s.layer, 'zbox')}), else epsilon or alpha_beta here"))
 
 
 def low_precision(summary: Summary) -> list[Diagnosis]:

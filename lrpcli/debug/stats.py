@@ -7,7 +7,7 @@ No torch: a stored run is printed without the model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,9 +131,9 @@ def summarize(report: Report) -> Summary:
             out_mean=mean(r_out[:, j]), in_mean=mean(r_in[:, j]), ratio_mean=mean(ratio[:, j]),
             ratio_worst=ratio_worst, worst_sample=sample,
             negative_mean=None if neg is None else mean(neg[:, j]),
-            negative_worst=None if neg is None else _nanmax(neg[:, j]),
-            max=None if "max" not in details else _nanmax(details["max"][:, j]),
-            min=None if "min" not in details else _nanmin(details["min"][:, j]),
+            negative_worst=None if neg is None else _nan_reduce(np.nanmax, neg[:, j]),
+            max=None if "max" not in details else _nan_reduce(np.nanmax, details["max"][:, j]),
+            min=None if "min" not in details else _nan_reduce(np.nanmin, details["min"][:, j]),
             nan=None if "nan" not in details else int(np.nansum(details["nan"][:, j])),
             inf=None if "inf" not in details else int(np.nansum(details["inf"][:, j])),
             param=rule_class(rule) in PARAM_RULES,
@@ -146,14 +146,10 @@ def summarize(report: Report) -> Summary:
                    total_ratio_mean=mean(total), total_ratio_worst=total_worst, total_worst_sample=total_sample)
 
 
-def _nanmax(v: np.ndarray) -> float | None:
+def _nan_reduce(reduce: Callable[[np.ndarray], object], v: np.ndarray) -> float | None:
+    """np.nanmax/np.nanmin without their all-NaN warning: None when no sample has a value."""
     v = np.asarray(v, dtype=np.float64)
-    return None if np.all(np.isnan(v)) else float(np.nanmax(v))
-
-
-def _nanmin(v: np.ndarray) -> float | None:
-    v = np.asarray(v, dtype=np.float64)
-    return None if np.all(np.isnan(v)) else float(np.nanmin(v))
+    return None if np.all(np.isnan(v)) else float(reduce(v))
 
 
 @dataclass
@@ -230,11 +226,15 @@ def from_results(path: str | Path, samples: int | None = None) -> Report:
 GRADIENT_SPACE = ("guided_backprop", "deconvnet", "beta_smooth")
 
 
+def matches(layer: str, patterns: Sequence[str]) -> bool:
+    """Whether any glob matches the row name or its module name ('layer1.0#2' is also 'layer1.0')."""
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(layer.split("#", 1)[0], p) or fnmatchcase(layer, p) for p in patterns)
+
+
 def select(rows: Sequence[LayerStats], patterns: Sequence[str]) -> list[LayerStats]:
     """Rows whose layer name matches any glob (all rows without patterns)."""
-    import fnmatch
-
     if not patterns:
         return list(rows)
-    return [r for r in rows if any(fnmatch.fnmatchcase(r.layer.split("#", 1)[0], p) or
-                                   fnmatch.fnmatchcase(r.layer, p) for p in patterns)]
+    return [r for r in rows if matches(r.layer, patterns)]
