@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .layerops import bias_shape
+from .layerops import bias_shape, forward, is_linear_layer
 from .rules.base import Rule
 from .rules.passthrough import Gradient
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
-    __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions")
+    __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -49,6 +49,7 @@ class LayerCall:
         self.inputs = inputs
         self.output = output
         self.versions = tuple(t._version for t in inputs) + (output._version,)
+        self.rectified = False
 
     @property
     def x(self) -> torch.Tensor:
@@ -87,6 +88,29 @@ class LayerCall:
         if "inputs" not in reads:
             self.inputs = tuple(torch.empty_like(t, device="meta") for t in self.inputs)
 
+    def rectify(self, rectified: torch.Tensor) -> None:
+        """Keep relu(z) instead of z: the ReLU's output, which the next layer keeps anyway (one activation
+        less per layer). Only for rules that ``tolerate_rectified_output``; ``restore_output`` makes it exact."""
+        self.output = rectified.detach()  # detached: no reference cycle through the graph
+        self.versions = self.versions[:-1] + (self.output._version,)
+        self.rectified = True
+
+    def restore_output(self, relevance: torch.Tensor) -> None:
+        """Give the rule an output that yields exactly its relevance, after ``rectify``.
+
+        Where relu(z) > 0 it equals z. Where it is 0 (z <= 0) the rule's ratio R_j / s(den_j) is 0 whatever
+        den_j is, as long as R_j = 0 — which holds whenever the layers above are proportional to their input
+        (every LRP rule but Flat, WSquare and ZBox, and no gradient rule). Otherwise z is recomputed from the
+        stored input, one forward of this layer; also under create_graph=True, where z must carry its graph.
+        """
+        if not self.rectified:
+            return
+        self.rectified = False
+        if torch.is_grad_enabled() or bool(torch.logical_and(relevance != 0, self.output == 0).any()):
+            weight, bias = self.params()
+            self.output = forward(self.module, self.x, weight, bias, self.output)
+            self.versions = self.versions[:-1] + (self.output._version,)
+
     def check_unmodified(self) -> None:
         """Refuse to compute with tensors that an in-place operation changed after the module ran."""
         now = tuple(t._version for t in self.inputs) + (self.output._version,)
@@ -117,6 +141,7 @@ class _RuleFunction(torch.autograd.Function):
         if not call.session.active:
             return (None, relevance) + (None,) * n
         call.check_unmodified()
+        call.restore_output(relevance)
         result = call.rule.relevance(call, relevance)
         if call.session.recorder is not None:
             call.session.recorder.on_backward(call, relevance, result)
@@ -197,6 +222,7 @@ class Session:
         self._call_counts: dict[nn.Module, int] = {}
         self._tap_counts: dict[str, int] = {}
         self._state: dict[Any, Any] = {}
+        self._producers: dict[int, tuple[weakref.ref, LayerCall]] = {}  # hooked outputs that may be rectified
         self._order = 0
         self._probed = False
         self._probing = False
@@ -278,10 +304,12 @@ class Session:
                 self._run_probe(args)
         self._call_counts = {}
         self._tap_counts: dict[str, int] = {}
+        self._producers.clear()
         if self.recorder is not None:
             self.recorder.start()
 
     def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._producers.clear()
         if self._probing or self._warned:
             return
         missing = [a for a in self.assignments.values() if a.rule is None and a.calls > 0]
@@ -378,7 +406,22 @@ class Session:
             self.recorder.on_forward(call)
         result = _RuleFunction.apply(call, output, *inputs)
         call.release()
+        keeps_nothing = not rule.reads and not rule.needs_graph
+        if keeps_nothing and inputs and type(module) is nn.ReLU:
+            self._rectify_producer(inputs[0], output)
+        elif keeps_nothing and inputs and output is inputs[0]:  # an identity (a merged BatchNorm): look through
+            entry = self._producers.pop(id(output), None)
+            if entry is not None and entry[0]() is output:
+                self._producers[id(result)] = (weakref.ref(result), entry[1])
+        elif is_linear_layer(module) and rule.tolerates_rectified_output():
+            self._producers[id(result)] = (weakref.ref(result), call)
         return result
+
+    def _rectify_producer(self, z: torch.Tensor, rectified: torch.Tensor) -> None:
+        """A ReLU whose rule keeps nothing consumed a hooked layer's output: that layer keeps relu(z) instead."""
+        entry = self._producers.pop(id(z), None)
+        if entry is not None and entry[0]() is z:
+            entry[1].rectify(rectified)
 
     # -- reports -------------------------------------------------------------------------------------------
     def coverage(self) -> list[Assignment]:

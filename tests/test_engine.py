@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import lrpcli
-from lrpcli.composites import FirstLayer, LayerMap, Mixture
-from lrpcli.rules import Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
+from lrpcli.composites import FirstLayer, LayerMap, Mixture, NameMap
+from lrpcli.rules import Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -319,3 +319,61 @@ def test_memory_flat_over_1000_attributions():
         grown = _traced_bytes(once)
     assert grown < 64 * 1024, f"one context: memory grew by {grown} bytes over 1000 attributions"
     assert hooks_of(model) == 0
+
+
+class _OtherReLU(nn.ReLU):
+    """A ReLU the session does not recognise as nn.ReLU: its producer keeps z (the reference behaviour)."""
+
+
+def _relu_chain(relu_type: type, upper_rule) -> tuple[nn.Module, object]:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), relu_type(), nn.Conv2d(6, 4, 3, padding=1), relu_type(),
+                          nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
+    comp = Mixture([NameMap([("2", upper_rule)]),
+                    LayerMap([(nn.Conv2d, Gamma(0.25)), (nn.Linear, Epsilon(1e-6)), (nn.ReLU, Pass()),
+                              (nn.Flatten, Pass())])])
+    return model, comp
+
+
+@pytest.mark.parametrize("upper_rule,recomputes", [(Gamma(0.5), 0), (Flat(), 1)], ids=["proportional", "flat"])
+def test_rectified_output_gives_the_same_relevance(monkeypatch, upper_rule, recomputes):
+    """A layer followed by a ReLU keeps relu(z), not z; the relevance is the same as with z kept: exactly the
+    same where no relevance reaches z <= 0 (a rule proportional to its input above), and through one
+    recomputed forward where some does (Flat above gives relevance to inputs that are 0)."""
+    import lrpcli.hooks as hooks
+
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    model, comp = _relu_chain(nn.ReLU, upper_rule)
+    reference_model, _ = _relu_chain(_OtherReLU, upper_rule)
+    reference_model.load_state_dict(model.state_dict())
+    calls = []
+    original = hooks.forward
+    monkeypatch.setattr(hooks, "forward", lambda *a: calls.append(1) or original(*a))
+    got = lrpcli.attribute(model, x, 1, composite=comp)
+    assert len(calls) == recomputes
+    rectified = []
+    monkeypatch.setattr(hooks.LayerCall, "rectify", lambda self, y: rectified.append(self.name))
+    want = lrpcli.attribute(reference_model, x, 1, composite=comp)
+    assert rectified == []  # the reference really kept z
+    assert (want != 0).any()
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_rectified_output_releases_z():
+    """After the forward, a conv followed by a ReLU no longer holds its own output (only the ReLU's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    seen = []
+    import lrpcli.hooks as hooks
+
+    original = hooks.LayerCall.rectify
+
+    def spy(self, y):
+        original(self, y)
+        seen.append((self.name, self.output.data_ptr() == y.data_ptr()))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hooks.LayerCall, "rectify", spy)
+        lrpcli.attribute(model, torch.randn(2, 1, 7, 7), 0, composite=LayerMap(
+            [(nn.Conv2d, Epsilon(1e-6)), (nn.ReLU, Pass())]))
+    assert seen == [("0", True)]

@@ -19,6 +19,7 @@ class AlphaBeta(ParamRule):
 
     name = "alpha_beta"
     shown = ("alpha", "beta")
+    ratio_of_output = True
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabilizer | float | None = None,
                  zero_params: Sequence[str] = ()) -> None:

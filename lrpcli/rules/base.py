@@ -35,6 +35,11 @@ class Rule:
     def check(self, module: torch.nn.Module, name: str) -> None:
         """Raise ValueError if this rule cannot handle ``module`` (called once, when the rule is assigned)."""
 
+    def tolerates_rectified_output(self) -> bool:
+        """True if the output enters only through ratios R_j / s(den_j) with s(den_j) != 0: then relu(z) may
+        stand in for z wherever R_j = 0 (see ``LayerCall.rectify``)."""
+        return False
+
     def relevance(self, call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Relevance at each input of the call, given the relevance at its output."""
         raise NotImplementedError
@@ -103,6 +108,13 @@ class ParamRule(Rule):
                     f"allowed: {', '.join(ZERO_PARAMS)}"
                 )
         self.zero_params = tuple(zero_params)
+
+    #: the output enters only through R_j / s(den_j) (Epsilon, Gamma, AlphaBeta, ZBox)
+    ratio_of_output: ClassVar[bool] = False
+
+    def tolerates_rectified_output(self) -> bool:
+        # rms scales epsilon by all of z (relu(z) would change it); epsilon 0 could make 0 / s(0) a NaN
+        return self.ratio_of_output and self.stabilizer.mode != "rms" and self.stabilizer.epsilon > 0
 
     @property
     def zero_bias(self) -> bool:

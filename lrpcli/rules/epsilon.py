@@ -20,6 +20,7 @@ class Epsilon(ParamRule):
 
     name = "epsilon"
     shown = ("epsilon",)
+    ratio_of_output = True
 
     def __init__(self, epsilon: float = 1e-6, stabilizer: Stabilizer | float | None = None,
                  zero_params: Sequence[str] = ()) -> None:

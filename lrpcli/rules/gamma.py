@@ -21,6 +21,7 @@ class Gamma(ParamRule):
 
     name = "gamma"
     shown = ("gamma",)
+    ratio_of_output = True
 
     def __init__(self, gamma: float = 0.25, stabilizer: Stabilizer | float | None = None,
                  zero_params: Sequence[str] = ()) -> None:

@@ -48,6 +48,7 @@ class ZBox(ParamRule):
 
     name = "zbox"
     shown = ("low", "high")
+    ratio_of_output = True
 
     def __init__(self, low: Bound = -3.0, high: Bound = 3.0, stabilizer: Stabilizer | float | None = None,
                  zero_params: Sequence[str] = ()) -> None:
