@@ -45,6 +45,9 @@ class Recorder:
         self.maps: dict[str, torch.Tensor] = {}
         self.map_order: list[str] = []
         self.details: dict[str, dict[str, torch.Tensor | str]] = {}
+        # (tensor, its version, its per-sample sum) for the relevance the last backward call handed down: in a
+        # chain of layers that tensor is the relevance arriving at the next layer's output, summed only once
+        self._handed_down: list[tuple[torch.Tensor, int, torch.Tensor]] = []
 
     def wants_map(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
@@ -62,15 +65,25 @@ class Recorder:
     def on_backward(self, call: LayerCall, relevance: torch.Tensor,
                     result: tuple[torch.Tensor | None, ...]) -> None:
         with torch.no_grad():
-            self.relevance_out[call.key] = per_sample_sum(relevance)
-            parts = [r.detach() for r in result if r is not None]
-            if parts:
-                total = per_sample_sum(parts[0])
-                for r in parts[1:]:
-                    total = total + per_sample_sum(r)
+            self.relevance_out[call.key] = self._sum(relevance)
+            parts = [r for r in result if r is not None]
+            handed = [(r, r._version, per_sample_sum(r)) for r in parts]
+            self._handed_down = handed
+            if handed:
+                total = handed[0][2]
+                for _, _, s in handed[1:]:
+                    total = total + s
                 self.relevance_in[call.key] = total
                 if self.detail:
-                    self.details.setdefault(call.key, {}).update(_detail(parts, relevance))
+                    self.details.setdefault(call.key, {}).update(_detail([r.detach() for r in parts], relevance))
+
+    def _sum(self, relevance: torch.Tensor) -> torch.Tensor:
+        """``per_sample_sum(relevance)``, taken from the last backward call when it handed down this tensor."""
+        handed, self._handed_down = self._handed_down, []
+        for tensor, version, total in handed:
+            if tensor is relevance and tensor._version == version:
+                return total
+        return per_sample_sum(relevance)
 
     def on_map(self, key: str, relevance: torch.Tensor) -> None:
         """The relevance at the output of a module matching ``layers`` (same shape as its output)."""
@@ -83,6 +96,7 @@ class Recorder:
 
     def table(self) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
         """(layers, rules, relevance_in N×L, relevance_out N×L) in forward order; NaN where nothing arrived."""
+        self._handed_down = []
         layers = list(self.order)
         ref = next(iter(self.relevance_out.values()), None)
         n = ref.shape[0] if ref is not None else 0
