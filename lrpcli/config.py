@@ -30,6 +30,7 @@ __all__ = [
     "make_override_rules",
     "resolve_module_type",
     "resolve_device",
+    "resolve_num_workers",
     "resolve_path",
     "channels",
     "DEFAULTS",
@@ -74,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
         "stride": [8, 8],
         "fill": 0.0,
     },
-    "run": {"batch_size": 16, "num_workers": 2, "device": "auto", "max_samples": None, "seed": 0},
+    "run": {"batch_size": 16, "num_workers": "auto", "device": "auto", "max_samples": None, "seed": 0},
     "output": {"path": "out.h5", "dtype": "float32", "store_input": True, "layers": []},
 }
 SECTIONS = tuple(DEFAULTS)
@@ -901,9 +902,15 @@ def _validate_run(ctx: _Ctx, value: Any) -> dict:
     _check_keys(ctx, "run", given, tuple(d))
     out: dict[str, Any] = {}
     out["batch_size"] = _integer(ctx, "run.batch_size", given.get("batch_size", d["batch_size"]), minimum=1)
-    out["num_workers"] = _integer(
-        ctx, "run.num_workers", given.get("num_workers", d["num_workers"]), minimum=0
-    )
+    workers = given.get("num_workers", d["num_workers"])
+    if isinstance(workers, str) and workers.strip().lower() == "auto":
+        out["num_workers"] = "auto"
+    else:
+        if isinstance(workers, float) and workers.is_integer():
+            workers = int(workers)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            ctx.expected("run.num_workers", "auto or an integer >= 0", workers)
+        out["num_workers"] = workers
     device = given.get("device", d["device"])
     if not isinstance(device, str) or not _DEVICE_RE.match(device.strip().lower()):
         ctx.expected("run.device", "auto, cpu, cuda or cuda:N", device)
@@ -1077,6 +1084,45 @@ def resolve_device(device: str) -> Any:
                 f"run.device: {device!r} does not exist; this machine has cuda:0..cuda:{count - 1}"
             )
     return torch.device(device)
+
+
+#: ``run.num_workers: auto`` never starts more loader processes than this (on a GPU machine).
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_num_workers(num_workers: int | str, *, samples: int, batch_size: int, device: Any,
+                        cpus: int | None = None) -> int:
+    """``run.num_workers`` as a number of DataLoader processes (0: decode in a thread of the main process).
+
+    An integer is used as is. ``auto`` gives 0 on the CPU: the attribution's intra-op threads already occupy
+    every core, so decoding competes with them whether it runs in processes or in a thread, and a thread needs
+    no process start-up and no copy of each batch between processes. With a GPU it gives one process per core
+    left to the main process (``cpus - 1``), at most one per two batches of the run (a process costs more to
+    start than decoding a batch or two) and at most ``MAX_AUTO_WORKERS``. ``samples`` is the number of images
+    the run will decode, ``device`` a ``torch.device`` or a ``run.device`` value, ``cpus`` defaults to the
+    cores this process may use.
+    """
+    import torch
+
+    if num_workers != "auto":
+        return int(num_workers)
+    name = str(device).strip().lower()
+    cuda = torch.cuda.is_available() if name == "auto" else torch.device(name).type == "cuda"
+    if not cuda:
+        return 0
+    cpus = available_cpus() if cpus is None else cpus
+    batches = -(-max(0, samples) // max(1, batch_size))
+    return max(0, min(cpus - 1, batches // 2, MAX_AUTO_WORKERS))
 
 
 def resolve_path(path: str | Path, base_dir: str | Path | None) -> Path | None:

@@ -9,7 +9,9 @@ decoded does not stop a 50,000-image run: it comes back as a marker that ``colla
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +30,7 @@ __all__ = [
     "Collated",
     "collate",
     "make_loader",
+    "prefetch",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -285,6 +288,57 @@ def make_loader(
         persistent_workers=False,
         drop_last=False,
     )
+
+
+def prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """The items of ``items`` in order, produced by a background thread up to ``depth`` items ahead.
+
+    For a loader without worker processes: the next batch is decoded while the current one is attributed
+    (PIL decoding and torch's preprocessing release the GIL). An exception of the producer is raised here, at
+    the item where it happened; closing the generator early (``break``, an error in the loop) stops the thread
+    after the item it is producing.
+    """
+    if depth < 1:
+        raise ValueError(f"depth: expected an integer >= 1, got {depth!r}")
+    return _prefetched(items, depth)
+
+
+def _prefetched(items: Iterable, depth: int) -> Iterator:
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def offer(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((end, None))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread
+            offer((end, err))
+
+    thread = threading.Thread(target=produce, name="lrpcli-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = slots.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def open_image_folder(data: str | Path, input_cfg: Any) -> ImageDataset:

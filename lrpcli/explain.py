@@ -7,6 +7,22 @@ from pathlib import Path
 import click
 
 
+class _Workers(click.ParamType):
+    """``--num-workers``: auto or an integer >= 0 (run.num_workers)."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit():
+            return int(text)
+        self.fail(f"expected auto or an integer >= 0, got {value!r}", param, ctx)
+
+
 @click.command("explain")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
@@ -15,14 +31,15 @@ import click
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per batch (run.batch_size).")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (run.device).")
 @click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Explain only the first N images.")
-@click.option("--num-workers", type=click.IntRange(min=0), default=None, help="Data loading processes.")
+@click.option("--num-workers", type=_Workers(), default=None,
+              help="Data loading processes, or auto (run.num_workers; 0 decodes in a thread).")
 @click.option("--resume/--overwrite", "mode", default=None,
               help="Continue an interrupted run in the same file, or replace an existing file.")
 @click.option("--no-merge", is_flag=True,
               help="Under torchrun: keep the per-rank shards and write OUTPUT as a virtual dataset over them.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary line.")
 def explain(config: Path, data: Path, output: Path | None, batch_size: int | None, device: str | None,
-            max_samples: int | None, num_workers: int | None, mode: bool | None, no_merge: bool,
+            max_samples: int | None, num_workers: int | str | None, mode: bool | None, no_merge: bool,
             quiet: bool) -> None:
     """Attributions for every image of DATA (class folders or a flat folder), written to one HDF5 file.
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .api import initial_relevance
-from .config import Config, composite_kwargs, resolve_baseline, resolve_device
+from .config import Config, composite_kwargs, resolve_baseline, resolve_device, resolve_num_workers
 from .errors import DataError, LrpcliError, RunError
 from .recorder import Recorder
 
@@ -130,7 +130,7 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
     samples, its device and its own file (``out.rank00003.h5``); see ``lrpcli.distributed``.
     """
     from . import composites
-    from .data import make_loader, open_image_folder
+    from .data import make_loader, open_image_folder, prefetch
     from .models import load_model
     from .store import ResultWriter
 
@@ -172,8 +172,12 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
     comp = composites.get(config.composite.name, **composite_kwargs(config)) if lrp else None
     method = None if lrp else _method(config)
     layer_patterns = list(config.output.layers or [])
-    loader = make_loader(dataset, batch_size=config.run.batch_size, num_workers=config.run.num_workers,
-                         device=device, start=start, stop=stop)
+    workers = resolve_num_workers(config.run.num_workers, samples=stop - start, batch_size=config.run.batch_size,
+                                  device=device)
+    loader = make_loader(dataset, batch_size=config.run.batch_size, num_workers=workers, device=device,
+                         start=start, stop=stop)
+    # without worker processes the next batch is decoded in a thread while this one is attributed
+    batches = loader if workers else prefetch(loader)
     show = sys.stderr.isatty() if progress is None else progress
     summary = RunSummary(out_path, rows=start - first, resumed_from=start - first)
     recorder = Recorder(layer_patterns) if lrp else None
@@ -192,7 +196,7 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
     try:
         with context as run_model, warnings.catch_warnings():
             warnings.simplefilter("once")
-            for collated in loader:
+            for collated in batches:
                 batch, skipped = collated.batch, collated.skipped
                 for s in skipped:
                     warnings.warn(f"lrpcli: skipped {s.filename}: {s.reason}", stacklevel=1)
@@ -214,6 +218,8 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
         raise RunError(f"interrupted; the rows written so far are kept in {out_path}: run again with --resume "
                        "to continue") from None
     finally:
+        if batches is not loader:
+            batches.close()
         bar.close()
         writer_thread.finish()
         writer = writer_thread.writer

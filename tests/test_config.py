@@ -99,7 +99,7 @@ def test_defaults_filled_and_frozen(tmp_path):
     assert c.model.name == "resnet18" and c.model.weights is None and dict(c.model.kwargs) == {}
     assert c.input.resize == 256 and c.input.crop == 224 and c.input.mode == "RGB"
     assert list(c.input.mean) == [0.485, 0.456, 0.406]
-    assert c.run.batch_size == 16 and c.run.num_workers == 2 and c.run.device == "auto"
+    assert c.run.batch_size == 16 and c.run.num_workers == "auto" and c.run.device == "auto"
     assert c.run.max_samples is None and c.run.seed == 0
     assert c.output.path == "out.h5" and c.output.dtype == "float32" and c.output.store_input is True
     assert list(c.output.layers) == []
@@ -180,7 +180,10 @@ def test_gamma_wrong_type_message_exact(tmp_path):
         ("composite:\n  gamma: true\n", "composite.gamma", "got true"),
         ("run:\n  batch_size: 0\n", "run.batch_size", "an integer >= 1, got 0"),
         ("run:\n  batch_size: '8'\n", "run.batch_size", "an integer >= 1, got '8'"),
-        ("run:\n  num_workers: -1\n", "run.num_workers", "an integer >= 0"),
+        ("run:\n  num_workers: -1\n", "run.num_workers", "auto or an integer >= 0, got -1"),
+        ("run:\n  num_workers: 1.5\n", "run.num_workers", "auto or an integer >= 0, got 1.5"),
+        ("run:\n  num_workers: true\n", "run.num_workers", "auto or an integer >= 0, got true"),
+        ("run:\n  num_workers: many\n", "run.num_workers", "auto or an integer >= 0, got 'many'"),
         ("run:\n  device: gpu\n", "run.device", "auto, cpu, cuda or cuda:N, got 'gpu'"),
         ("run:\n  max_samples: 0\n", "run.max_samples", "an integer >= 1 or null, got 0"),
         ("run:\n  seed: 1.5\n", "run.seed", "an integer >= 0, got 1.5"),
@@ -492,3 +495,61 @@ def test_composite_epsilon_reaches_the_rules(tmp_path):
     )
     layer = torch.nn.Linear(3, 2)
     assert repr(a.rule_for("fc", layer, {})) != repr(b.rule_for("fc", layer, {}))
+
+
+# ------------------------------------------------------------------------------------------ run.num_workers
+def test_num_workers_message_exact(tmp_path):
+    message = error(tmp_path, MINIMAL + "run:\n  num_workers: some\n")
+    assert message == f"{tmp_path / 'c.yaml'}: run.num_workers: expected auto or an integer >= 0, got 'some'"
+    message = error(tmp_path, MINIMAL, {"run.num_workers": "-2"})
+    assert message == "command line: run.num_workers: expected auto or an integer >= 0, got '-2'"
+
+
+@pytest.mark.parametrize(("given", "resolved"), [("auto", "auto"), ("AUTO ", "auto"), (0, 0), (3, 3), (2.0, 2)])
+def test_num_workers_values(tmp_path, given, resolved):
+    c = load(tmp_path, MINIMAL, {"run.num_workers": given})
+    assert c.run.num_workers == resolved and type(c.run.num_workers) is type(resolved)
+    assert f"num_workers: {resolved}" in c.to_yaml()
+
+
+@pytest.mark.parametrize(
+    ("device", "samples", "batch", "cpus", "expected"),
+    [
+        ("cpu", 50_000, 16, 64, 0),  # CPU: decode in a thread, the cores belong to the attribution
+        ("cpu", 4, 16, 2, 0),
+        ("cuda", 50_000, 64, 16, 8),  # capped at MAX_AUTO_WORKERS
+        ("cuda", 50_000, 64, 4, 3),  # one core left to the main process
+        ("cuda", 50_000, 64, 1, 0),
+        ("cuda", 64, 16, 16, 2),  # 4 batches: one process per two batches
+        ("cuda", 65, 16, 16, 2),  # 5 batches
+        ("cuda", 16, 16, 16, 0),  # 1 batch: in-process
+        ("cuda:1", 3 * 64, 64, 16, 1),
+        ("cuda", 0, 16, 16, 0),
+    ],
+)
+def test_resolve_num_workers_auto(device, samples, batch, cpus, expected):
+    from lrpcli.config import MAX_AUTO_WORKERS, resolve_num_workers
+
+    assert MAX_AUTO_WORKERS == 8
+    got = resolve_num_workers("auto", samples=samples, batch_size=batch, device=torch.device(device), cpus=cpus)
+    assert got == expected
+    # a string device (as make_loader takes) resolves the same
+    assert resolve_num_workers("auto", samples=samples, batch_size=batch, device=device, cpus=cpus) == expected
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_resolve_num_workers_explicit_is_kept(device):
+    from lrpcli.config import resolve_num_workers
+
+    for n in (0, 1, 2, 17):
+        assert resolve_num_workers(n, samples=4, batch_size=16, device=device, cpus=2) == n
+
+
+def test_resolve_num_workers_default_cpus_is_the_affinity(monkeypatch):
+    import os
+
+    from lrpcli import config as config_module
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
+    assert config_module.available_cpus() == 5
+    assert config_module.resolve_num_workers("auto", samples=10_000, batch_size=8, device="cuda") == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,73 @@ def test_dataset_from_config_input_section(tmp_path):
     save(tmp_path / "data" / "a.png")
     ds = ImageDataset(tmp_path / "data", **config.input)
     assert ds[0].input.shape == (1, 12, 12)
+
+
+# -------------------------------------------------------------------------------------------------- prefetch
+def test_prefetch_keeps_order_and_reads_ahead_in_a_thread(tmp_path):
+    import threading
+
+    from lrpcli.data import prefetch
+
+    ds = make_flat(tmp_path, 7)
+    loader = make_loader(ds, batch_size=3, num_workers=0, device="cpu")
+    direct = [b.batch.indices.tolist() for b in loader]
+    assert [b.batch.indices.tolist() for b in prefetch(loader)] == direct == [[0, 1, 2], [3, 4, 5], [6]]
+
+    produced: list[tuple[int, str]] = []
+
+    def items():
+        for i in range(5):
+            produced.append((i, threading.current_thread().name))
+            yield i
+
+    it = prefetch(items(), depth=2)
+    assert next(it) == 0
+    deadline = time.monotonic() + 5
+    # item 0 taken, items 1 and 2 wait in the queue, item 3 waits for a free slot; no further
+    while len(produced) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert [i for i, _ in produced] == [0, 1, 2, 3] and {name for _, name in produced} == {"lrpcli-reader"}
+    assert list(it) == [1, 2, 3, 4]
+
+
+def test_prefetch_raises_the_producers_error_in_place():
+    from lrpcli.data import prefetch
+
+    def items():
+        yield 1
+        yield 2
+        raise DataError("boom at 3")
+
+    got = []
+    with pytest.raises(DataError, match="boom at 3"):
+        for item in prefetch(items()):
+            got.append(item)
+    assert got == [1, 2]
+    with pytest.raises(ValueError, match="depth: expected an integer >= 1, got 0"):
+        prefetch([1], depth=0)
+
+
+def test_prefetch_closed_early_stops_its_thread():
+    import threading
+
+    from lrpcli.data import prefetch
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    before = set(threading.enumerate())
+    it = prefetch(endless(), depth=1)
+    assert [next(it), next(it)] == [0, 1]
+    started = [t for t in threading.enumerate() if t not in before and t.name == "lrpcli-reader"]
+    assert len(started) == 1 and started[0].is_alive()
+    it.close()
+    assert not started[0].is_alive()
+    assert len(produced) <= 4  # two taken, one in the queue, one being offered when closed

@@ -206,6 +206,26 @@ def test_bad_config_inputs_give_one_line_and_exit_2(case, tmp_path):
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
 
 
+def test_num_workers_auto_and_processes_give_the_same_file(demo_h5, tmp_path):
+    """auto (no worker process on the CPU: a reader thread) and 2 worker processes write what --num-workers 0
+    wrote; a bad --num-workers is a one-line usage error."""
+    with h5py.File(demo_h5, "r") as f:
+        expected = {k: f[k][:] for k in ("attribution", "prediction", "index", "conservation/relevance_in")}
+    for workers in ("auto", "2"):
+        out = tmp_path / f"w{workers}.h5"
+        code, _, err = run("explain", str(DEMO_CONFIG), str(DEMO_DATA), "-o", str(out), "--num-workers", workers,
+                           "-q")
+        assert code == 0, err
+        with h5py.File(out, "r") as f:
+            assert f.attrs["rows_written"] == 64
+            for key, value in expected.items():
+                np.testing.assert_array_equal(f[key][:], value, err_msg=f"{workers}: {key}")
+    code, _, err = run("explain", str(DEMO_CONFIG), str(DEMO_DATA), "-o", str(tmp_path / "x.h5"),
+                       "--num-workers", "lots", "-q")
+    assert code == 2 and "--num-workers" in err and "expected auto or an integer >= 0, got 'lots'" in err
+    assert not (tmp_path / "x.h5").exists()
+
+
 def test_bad_data_and_output(tmp_path):
     out = tmp_path / "o.h5"
     code, _, err = explain(out, data=tmp_path / "nope")
