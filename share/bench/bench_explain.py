@@ -1,11 +1,12 @@
 """The ``explain`` pipeline end to end against attribution alone.
 
-End to end is ``lrpcli.runner.explain`` (what ``lrpcli explain`` runs): DataLoader workers decode and
-preprocess, the model and composite attribute each batch with the per-layer conservation recorder, and a
-writer thread appends to the HDF5 file; ``RunSummary.seconds`` covers all of it (the model load only is
-outside). Attribution alone is the same model, composite, canonizers, batches and targets on tensors decoded
-beforehand, in a fresh context per pass (as ``explain`` makes one per run), with no recorder and no writing.
-End-to-end and attribution-only passes alternate, so both see the same machine load.
+End to end is ``lrpcli.runner.explain`` (what ``lrpcli explain`` runs): DataLoader workers (or a reader
+thread, with ``run.num_workers`` 0, which ``auto`` gives on the CPU) decode and preprocess, the model and
+composite attribute each batch with the per-layer conservation recorder, and a writer thread appends to the
+HDF5 file; ``RunSummary.seconds`` covers all of it (the model load only is outside). Attribution alone is the
+same model, composite, canonizers, batches and targets on tensors decoded beforehand, in a fresh context per
+pass (as ``explain`` makes one per run), with no recorder and no writing. End-to-end and attribution-only
+passes alternate, so both see the same machine load.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import yaml
 from benchlib import log, median, timed
 
 import lrpcli
-from lrpcli.config import composite_kwargs, load_config
+from lrpcli.config import composite_kwargs, load_config, resolve_num_workers
 from lrpcli.data import ImageDataset, make_loader
 from lrpcli.models import load_model
 from lrpcli.recorder import Recorder
@@ -36,7 +37,7 @@ class PipelineResult:
     name: str
     images: int
     batch: int
-    workers: int
+    workers: str  # run.num_workers as resolved for the run, e.g. "2" or "auto: 0"
     end_to_end: list[float]  # seconds per pass
     attribution: list[float]
     stats_images: int = 0  # diagnostic: attribution + conservation recorder on the first batches
@@ -89,7 +90,7 @@ def synthetic_config(path: Path, batch: int) -> Path:
         "canonizers": ["resnet"],
         "composite": {"name": "epsilon_gamma_box", "epsilon": 1.0e-6, "gamma": 0.25, "low": "auto", "high": "auto"},
         "attribution": {"method": "lrp", "target": "label"},
-        "run": {"batch_size": batch, "num_workers": 2, "device": "auto"},
+        "run": {"batch_size": batch, "num_workers": "auto", "device": "auto"},
         "output": {"path": "synthetic.h5", "dtype": "float32", "store_input": True},
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -149,7 +150,10 @@ def bench_pipeline(name: str, config_path: Path, data: Path, device: torch.devic
             attr.append(_attribution_pass(config, model, batches, device))
             log(f"explain {name} pass {i + 1}/{repeats}: end to end {images / e2e[-1]:.1f} img/s, "
                 f"attribution alone {images / attr[-1]:.1f} img/s")
-        result = PipelineResult(name, images, config.run.batch_size, config.run.num_workers, e2e, attr)
+        workers = resolve_num_workers(config.run.num_workers, samples=images, batch_size=config.run.batch_size,
+                                      device=device)
+        shown = f"{config.run.num_workers}: {workers}" if config.run.num_workers == "auto" else str(workers)
+        result = PipelineResult(name, images, config.run.batch_size, shown, e2e, attr)
         # diagnostic, not a target: what the conservation recorder alone costs (on at most stats_images images)
         subset = batches[: max(1, -(-stats_images // config.run.batch_size))]
         result.stats_images = sum(len(labels) for _, labels in subset)
