@@ -34,6 +34,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .recorder import Recorder
 
 
+#: largest relevance tensor (bytes) a rule processes in one piece; larger ones are split over the batch
+CHUNK_BYTES = 32 * 2**20
+
+
 class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
@@ -82,7 +86,7 @@ class LayerCall:
         """
         if self.rule.needs_graph:
             return
-        reads = self.rule.reads
+        reads = self.rule.reads_of(self.module)
         if "output" not in reads:
             self.output = torch.empty_like(self.output, device="meta")
         if "inputs" not in reads:
@@ -111,10 +115,45 @@ class LayerCall:
             self.output = forward(self.module, self.x, weight, bias, self.output)
             self.versions = self.versions[:-1] + (self.output._version,)
 
+    def relevance(self, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The rule's relevance for each input; over slices of the batch where the layer is large.
+
+        A rule's temporaries are several tensors of the output's size (products, denominators, a pair buffer, the
+        transposed operation's result); at the first layers of an image model they set the peak memory. Rules
+        are per-sample, so slicing the batch changes no number, and bounds those temporaries to CHUNK_BYTES.
+        """
+        n = relevance.shape[0] if relevance.dim() else 0
+        parts = min(n, -(-relevance.numel() * relevance.element_size() // CHUNK_BYTES))
+        if parts <= 1 or self.rule.needs_graph or torch.is_grad_enabled() or not self._batched(n) \
+                or not self.rule.splits_over_batch(self):
+            return self.rule.relevance(self, relevance)
+        results: list[torch.Tensor | None] = []
+        for rows in torch.arange(n).tensor_split(parts):
+            start, stop = int(rows[0]), int(rows[-1]) + 1
+            part = self.rule.relevance(self._rows(start, stop), relevance[start:stop])
+            if not results:
+                results = [None if r is None else r.new_empty((n,) + r.shape[1:]) for r in part]
+            for out, r in zip(results, part):
+                if out is not None:
+                    out[start:stop] = r
+        return tuple(results)
+
+    def _batched(self, n: int) -> bool:
+        return all(t.dim() > 0 and t.shape[0] == n for t in self.inputs + (self.output,))
+
+    def _rows(self, start: int, stop: int) -> LayerCall:
+        """This call restricted to samples start:stop (the same module, rule and parameters)."""
+        part = object.__new__(LayerCall)
+        for slot in LayerCall.__slots__:
+            setattr(part, slot, getattr(self, slot))
+        part.inputs = tuple(t[start:stop] for t in self.inputs)
+        part.output = self.output[start:stop]
+        return part
+
     def check_unmodified(self) -> None:
         """Refuse to compute with tensors that an in-place operation changed after the module ran."""
         now = tuple(t._version for t in self.inputs) + (self.output._version,)
-        reads = self.rule.reads
+        reads = self.rule.reads_of(self.module)
         changed = [a != b for a, b in zip(now, self.versions)]
         if ("inputs" in reads and any(changed[:-1])) or ("output" in reads and changed[-1]):
             raise RuntimeError(
@@ -142,7 +181,7 @@ class _RuleFunction(torch.autograd.Function):
             return (None, relevance) + (None,) * n
         call.check_unmodified()
         call.restore_output(relevance)
-        result = call.rule.relevance(call, relevance)
+        result = call.relevance(relevance)
         if call.session.recorder is not None:
             call.session.recorder.on_backward(call, relevance, result)
         return (None, None) + tuple(result)
@@ -406,7 +445,7 @@ class Session:
             self.recorder.on_forward(call)
         result = _RuleFunction.apply(call, output, *inputs)
         call.release()
-        keeps_nothing = not rule.reads and not rule.needs_graph
+        keeps_nothing = not rule.reads_of(module) and not rule.needs_graph
         if keeps_nothing and inputs and type(module) is nn.ReLU:
             self._rectify_producer(inputs[0], output)
         elif keeps_nothing and inputs and output is inputs[0]:  # an identity (a merged BatchNorm): look through

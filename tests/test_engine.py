@@ -377,3 +377,39 @@ def test_rectified_output_releases_z():
         lrpcli.attribute(model, torch.randn(2, 1, 7, 7), 0, composite=LayerMap(
             [(nn.Conv2d, Epsilon(1e-6)), (nn.ReLU, Pass())]))
     assert seen == [("0", True)]
+
+
+def test_large_layers_split_over_the_batch_give_the_same_relevance(monkeypatch):
+    """Rules on slices of the batch (CHUNK_BYTES small) give the relevance of one piece: every rule is per
+    sample, also the rms stabilizer and a ZBox with bounds per sample (which is never split)."""
+    import lrpcli.hooks as hooks
+    from lrpcli.rules import AlphaBeta, Stabilizer
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, 5, 5, dtype=torch.float64)
+    low = -torch.rand(5, 3, 5, 5, dtype=torch.float64) - 2
+    rules = [(nn.ReLU, Pass()), (nn.Flatten, Pass()), (nn.Linear, Epsilon(1e-3))]
+    composites = [
+        Mixture([NameMap([("0", ZBox(low=low, high=3.0)), ("2", Gamma(0.25, stabilizer=Stabilizer(0.1, "rms"))),
+                          ("4", AlphaBeta())]), LayerMap(rules)]),
+        Mixture([NameMap([("0", ZBox(low=-3.0, high=3.0)), ("2", ZPlus()), ("4", Gamma(0.5))]), LayerMap(rules)]),
+    ]
+    original = hooks.LayerCall._rows
+    split: list[str] = []
+
+    def spy(self, a, b):
+        split.append(self.name)
+        return original(self, a, b)
+
+    for comp in composites:
+        whole = lrpcli.attribute(model, x, 1, composite=comp)
+        split.clear()
+        monkeypatch.setattr(hooks, "CHUNK_BYTES", 64)
+        monkeypatch.setattr(hooks.LayerCall, "_rows", spy)
+        pieces = lrpcli.attribute(model, x, 1, composite=comp)
+        monkeypatch.undo()
+        assert {"2", "4"} <= set(split)
+        assert ("0" in split) == (comp is composites[1])  # per-sample bounds are never split
+        torch.testing.assert_close(pieces, whole, atol=1e-12, rtol=0)

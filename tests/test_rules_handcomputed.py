@@ -345,3 +345,17 @@ def test_reprs_show_parameters():
     assert r.startswith('AlphaBeta(') and 'alpha=2' in r and 'beta=1' in r
     r = repr(ZBox(-3, 3))
     assert r.startswith('ZBox(') and 'low=-3' in r and 'high=3' in r
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1), nn.Tanh(), nn.Sigmoid()],
+                         ids=["relu", "leaky", "tanh", "sigmoid"])
+def test_guided_backprop_by_hand(act):
+    """(x > 0) max(R, 0) on the activation's input, whether the rule reads the output (ReLU-like) or the input."""
+    import lrpcli
+    from lrpcli.composites import LayerMap
+    from lrpcli.rules import GuidedBackprop
+
+    x = torch.tensor([[-1.0, 0.0, 2.0, 3.0]])
+    upper = torch.tensor([[5.0, 7.0, -2.0, 4.0]])
+    got = lrpcli.attribute(nn.Sequential(act), x, upper, composite=LayerMap([(nn.Module, GuidedBackprop())]))
+    assert got.tolist() == [[0.0, 0.0, 0.0, 4.0]]

@@ -6,6 +6,7 @@ These belong to gradient-space composites: the signal they pass is a (modified) 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .base import Rule, check_number
 
@@ -16,8 +17,20 @@ class GuidedBackprop(Rule):
     name = "guided_backprop"
     reads = ("inputs",)
 
+    def reads_of(self, module: torch.nn.Module) -> tuple[str, ...]:
+        # for ReLU-like modules f(x) > 0 exactly where x > 0: the output, which the next layer keeps anyway,
+        # answers the question, and the input (a whole activation) can be freed
+        return ("output",) if _positive_where_input_is(module) else self.reads
+
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return ((call.x > 0).to(relevance.dtype) * relevance.clamp(min=0),)
+        mask = call.output > 0 if _positive_where_input_is(call.module) else call.x > 0
+        return (mask.to(relevance.dtype) * relevance.clamp(min=0),)
+
+
+def _positive_where_input_is(module: torch.nn.Module) -> bool:
+    if isinstance(module, (nn.ReLU, nn.ReLU6)):
+        return True
+    return isinstance(module, nn.LeakyReLU) and module.negative_slope >= 0
 
 
 class DeconvNet(Rule):

@@ -35,6 +35,15 @@ class Rule:
     def check(self, module: torch.nn.Module, name: str) -> None:
         """Raise ValueError if this rule cannot handle ``module`` (called once, when the rule is assigned)."""
 
+    def splits_over_batch(self, call: LayerCall) -> bool:
+        """True if the relevance of samples a:b depends only on the call's samples a:b (all rules are per
+        sample unless a parameter carries its own batch dimension)."""
+        return True
+
+    def reads_of(self, module: torch.nn.Module) -> tuple[str, ...]:
+        """``reads`` for this module (a rule may need less on some module types)."""
+        return self.reads
+
     def tolerates_rectified_output(self) -> bool:
         """True if the output enters only through ratios R_j / s(den_j) with s(den_j) != 0: then relu(z) may
         stand in for z wherever R_j = 0 (see ``LayerCall.rectify``)."""

@@ -25,6 +25,7 @@ class Flat(ParamRule):
     """Uniform over the receptive field."""
 
     name = "flat"
+    reads = ("inputs",)  # the output only for its shape: it need not be kept
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weight, _ = call.params()
@@ -35,6 +36,7 @@ class WSquare(ParamRule):
     """Proportional to the squared weights; the squared bias joins the denominator."""
 
     name = "wsquare"
+    reads = ("inputs",)  # the output only for its shape
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weight, bias = call.params()

@@ -103,7 +103,8 @@ class SignSplit:
         is zero its huge ratio then meets exact zeros instead of cancelling against itself. Vectors for the
         same weight are stacked into one call.
         """
-        weight_neg = self.weight - self.weight_pos if (g_pn is not None or g_nn is not None) else None
+        needs_neg = (self.has_pos and g_pn is not None) or (self.has_neg and g_nn is not None)
+        weight_neg = self.weight - self.weight_pos if needs_neg else None  # vgg16's first dense W- is 400 MB
         jobs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # (weight, vector, input part)
         if self.has_pos:
             jobs += [(self.weight_pos, g_pp, self.x_pos), (weight_neg, g_pn, self.x_pos)]

@@ -58,6 +58,10 @@ class ZBox(ParamRule):
             raise ValueError(f"ZBox: low must not exceed high, got low={low!r}, high={high!r}")
         super().__init__(stabilizer, zero_params)
 
+    def splits_over_batch(self, call) -> bool:
+        # a bound given per sample (shaped like the whole input) cannot follow a slice of the batch
+        return not any(isinstance(b, torch.Tensor) and b.shape == call.x.shape for b in (self.low, self.high))
+
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weight, bias = call.params()
         x, z, m = call.x, call.output, call.module
