@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 #: largest relevance tensor (bytes) a rule processes in one piece; larger ones are split over the batch
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 class LayerCall:

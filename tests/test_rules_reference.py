@@ -271,6 +271,24 @@ def test_rule_matches_reference_nonnegative_input(rule_id, layer_id, zero_bias, 
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m, s=seed: f'seed {s}: {m}')
 
 
+@pytest.mark.parametrize('rule_id', ['zplus', 'zplus_clip', 'zplus_rms'])
+@pytest.mark.parametrize('zero_bias,bias', [(False, True), (False, False), (True, True)],
+                         ids=['bias', 'nobias', 'zb'])
+def test_zplus_dense_in_blocks_matches_reference(monkeypatch, rule_id, zero_bias, bias):
+    """ZPlus on a large dense layer with x >= 0 forms W+ a block of rows at a time (blocks of 3 of 7 rows here)."""
+    import lrpcli.rules.zplus as zplus
+    from lrpcli.composites import LayerMap
+
+    monkeypatch.setattr(zplus, 'BLOCK_BYTES', 3 * 6 * 8)
+    kw = {'zero_params': ['bias']} if zero_bias else {}
+    for seed in SEEDS:
+        layer = make_layer(lambda: nn.Linear(6, 7), bias, seed)
+        x, upper, ref = well_conditioned_data(layer, (6,), seed, _ref_rule(rule_id, 6, zero_bias), nonnegative=True)
+        rule = _engine_rules()[rule_id](6, **kw)
+        got = engine_attribute(nn.Sequential(layer), x.clone(), upper.clone(), LayerMap([(nn.Linear, rule)]))
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m, s=seed: f'seed {s}: {m}')
+
+
 def test_reference_gamma_zero_is_zplus_on_positive_data():
     """Self-check of the reference: Gamma(0) = Epsilon(stab) and large gamma tends to ZPlus, for x >= 0."""
     layer = make_layer(LAYERS[2][1], True, 0)

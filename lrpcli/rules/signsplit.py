@@ -11,6 +11,8 @@ transposed operations per layer.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..layerops import CONV_TRANSPOSE_TYPES, bias_shape, channel_dim, forward, input_vjp, input_vjp_pair, pairable
@@ -25,7 +27,6 @@ class SignSplit:
         self.module = call.module
         self.x = call.x
         self.weight, bias = call.params()
-        self.weight_pos = self.weight.clamp(min=0)
         self.z = call.output
         self._bias = bias
         self._bias_full = None if bias is None else bias.view(bias_shape(self.module, self.z))
@@ -35,6 +36,11 @@ class SignSplit:
         self.has_pos, self.has_neg = high > 0, low < 0
         self.x_pos = self.x.clamp(min=0) if self.has_neg else self.x
         self.x_neg = self.x.clamp(max=0) if self.has_neg else None
+
+    @functools.cached_property
+    def weight_pos(self) -> torch.Tensor:
+        """W+, formed when first used (ZPlus on a large dense layer forms it block by block instead)."""
+        return self.weight.clamp(min=0)
 
     # outputs ------------------------------------------------------------------------------------------------
     @property
