@@ -41,7 +41,7 @@ CHUNK_BYTES = 16 * 2**20
 class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
-    __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified")
+    __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified", "_memo")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -54,6 +54,7 @@ class LayerCall:
         self.output = output
         self.versions = tuple(t._version for t in inputs) + (output._version,)
         self.rectified = False
+        self._memo: dict[str, Any] = {}
 
     @property
     def x(self) -> torch.Tensor:
@@ -62,6 +63,13 @@ class LayerCall:
     def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight and bias in effect for this call (merged ones while a canonizer is active)."""
         return self.session.params_of(self.module)
+
+    def memo(self, key: str, build: Callable[[], Any]) -> Any:
+        """A value computed once per backward of this call and shared by its batch slices (W+, stacked weights,
+        a ZBox's bound terms): work that depends on the parameters, not on the samples."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     def output_without_bias(self, bias: torch.Tensor | None) -> torch.Tensor:
         """z - b: the layer output without its bias term (the one from ``params()``), from the stored output."""
@@ -182,6 +190,7 @@ class _RuleFunction(torch.autograd.Function):
         call.check_unmodified()
         call.restore_output(relevance)
         result = call.relevance(relevance)
+        call._memo.clear()
         if call.session.recorder is not None:
             call.session.recorder.on_backward(call, relevance, result)
         return (None, None) + tuple(result)

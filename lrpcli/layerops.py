@@ -96,11 +96,8 @@ def pairable(module: nn.Module) -> bool:
     return isinstance(module, CONV_TYPES + CONV_TRANSPOSE_TYPES) and module.groups == 1
 
 
-def input_vjp_pair(module: nn.Module, x: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-                   v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """first^T a + second^T b in one transposed operation, where v stacks a and b along the channels (a first).
-
-    Half the passes of two calls and their sum: one output, one read of the vectors (``pairable`` modules only).
-    """
-    stacked = torch.cat([first, second], dim=1 if isinstance(module, CONV_TRANSPOSE_TYPES) else 0)
-    return input_vjp(module, x, stacked, v, z)
+def stack_pair(module: nn.Module, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """[first; second] along the output channels: ``input_vjp`` with it and v = [a, b] (stacked along the
+    channels) gives first^T a + second^T b in one transposed operation, half the passes of two calls and their
+    sum (``pairable`` modules only)."""
+    return torch.cat([first, second], dim=1 if isinstance(module, CONV_TRANSPOSE_TYPES) else 0)

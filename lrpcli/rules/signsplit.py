@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from ..layerops import CONV_TRANSPOSE_TYPES, bias_shape, channel_dim, forward, input_vjp, input_vjp_pair, pairable
+from ..layerops import CONV_TRANSPOSE_TYPES, bias_shape, channel_dim, forward, input_vjp, pairable, stack_pair
 from .base import times_input
 
 
@@ -39,8 +39,9 @@ class SignSplit:
 
     @functools.cached_property
     def weight_pos(self) -> torch.Tensor:
-        """W+, formed when first used (ZPlus on a large dense layer forms it block by block instead)."""
-        return self.weight.clamp(min=0)
+        """W+, formed when first used (ZPlus on a large dense layer forms it block by block instead), once for all
+        batch slices of the call."""
+        return self.call.memo("weight_pos", lambda: self.weight.clamp(min=0))
 
     # outputs ------------------------------------------------------------------------------------------------
     @property
@@ -97,9 +98,9 @@ class SignSplit:
         """x (W+^T a + |W-|^T b) for x >= 0, with a and b the halves of ``buf``: one transposed operation.
 
         |W-| = -W- (so a rule passes the negated vector for W-: one pass less for both Gamma and AlphaBeta)."""
-        magnitude_neg = self.weight_pos - self.weight
-        vjp = input_vjp_pair(self.module, self.x, self.weight_pos, magnitude_neg, buf, self.z)
-        return vjp.mul_(self.x)
+        w_pos = self.weight_pos
+        stacked = self.call.memo("stacked", lambda: stack_pair(self.module, w_pos, w_pos - self.weight))
+        return input_vjp(self.module, self.x, stacked, buf, self.z).mul_(self.x)
 
     # back-projection ------------------------------------------------------------------------------------------
     def backproject(self, g_pp, g_pn, g_np, g_nn) -> torch.Tensor:

@@ -66,10 +66,15 @@ class ZBox(ParamRule):
         weight, bias = call.params()
         x, z, m = call.x, call.output, call.module
         low, high = expand_bound(self.low, x), expand_bound(self.high, x)
-        w_pos = weight.clamp(min=0)
+        w_pos = call.memo("weight_pos", lambda: weight.clamp(min=0))
         w_neg = weight - w_pos
-        # the bounds' terms (and the bias) are computed at the bounds' batch size, 1 unless given per sample
-        offset = forward(m, low, w_pos, bias, z) + forward(m, high, w_neg, None, z)
+
+        def bound_terms() -> torch.Tensor:
+            return forward(m, low, w_pos, bias, z) + forward(m, high, w_neg, None, z)
+
+        # the bounds' terms (and the bias) are computed at the bounds' batch size: 1 (and once for all slices of
+        # the batch) unless the bounds are given per sample
+        offset = call.memo("zbox_bounds", bound_terms) if low.shape[0] == high.shape[0] == 1 else bound_terms()
         ratio = self.stabilizer.divide(relevance, z - offset)
         full = input_vjp(m, x, weight, ratio, z)
         pos = input_vjp(m, x, w_pos, ratio, z)
