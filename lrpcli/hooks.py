@@ -26,7 +26,6 @@ from torch import nn
 
 from .layerops import bias_shape, forward, is_linear_layer
 from .rules.base import Rule
-from .rules.passthrough import Gradient
 
 if TYPE_CHECKING:  # pragma: no cover
     from .canonizers.base import Canonizer
@@ -446,7 +445,7 @@ class Session:
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
         if not output.requires_grad:
             return None
-        if isinstance(rule, Gradient) and self.recorder is None:
+        if rule.is_native_gradient and self.recorder is None:
             return None  # the module's own gradient flows unhooked: same result, nothing kept alive
         key = assignment.name if count == 0 else f"{assignment.name}#{count + 1}"
         call = LayerCall(self, module, assignment.name, key, rule, inputs, output)

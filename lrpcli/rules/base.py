@@ -31,6 +31,8 @@ class Rule:
     reads: ClassVar[tuple[str, ...]] = ("inputs", "output")
     #: the rule runs the module's own backward (needs the real output and inputs, whatever it reads)
     needs_graph: ClassVar[bool] = False
+    #: the rule is the module's own gradient: with nothing to record, the module can run unhooked
+    is_native_gradient: ClassVar[bool] = False
 
     def check(self, module: torch.nn.Module, name: str) -> None:
         """Raise ValueError if this rule cannot handle ``module`` (called once, when the rule is assigned)."""

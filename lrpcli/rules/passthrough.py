@@ -41,6 +41,7 @@ class Gradient(Rule):
     name = "gradient"
     reads = ()  # autograd checks the tensors the module's own backward saved
     needs_graph = True
+    is_native_gradient = True
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return call.native_vjp(relevance)
