@@ -41,13 +41,21 @@ class AlphaBeta(ParamRule):
         return (split.backproject(pos, neg, neg, pos),)
 
     def _nonnegative(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
-        """The same rule for x >= 0: z+ = P_pp + b+ from one forward, z- = z - z+, one transposed operation
-        through [W+; |W-|] with alpha R / s(z+) and beta R / s(z-) written into one pair buffer."""
-        positive = split.positive_sum()
-        negative = torch.sub(split.z_rule, positive)
+        """The same rule for x >= 0 in three passes over the output besides the two convolutions.
+
+        z+ = P_pp + b+ comes from one forward and z- = z - z+. For x >= 0 their signs are known (z+ >= 0 >= z-), so
+        the sign stabilizer is folded into the forward's bias: s(z+) = P_pp + b+ + eps and s(z-) = z - that.
+        alpha and beta are folded into the stacked weights [alpha W+; beta |W-|], which get R / s(z+) and
+        R / s(z-).
+        """
+        folded = self.stabilizer.mode == "sign"
+        positive = split.positive_sum(self.stabilizer.epsilon if folded else 0.0)
         buf, to_pos, to_neg = split.pair_buffer()
-        self.stabilizer.divide(relevance, positive, out=to_pos).mul_(self.alpha)
+        if folded:
+            torch.div(relevance, torch.sub(split.z_rule, positive, out=to_neg), out=to_neg)
+            torch.div(relevance, positive, out=to_pos)
+        else:
+            self.stabilizer.divide(relevance, torch.sub(split.z_rule, positive), out=to_neg)
+            self.stabilizer.divide(relevance, positive, out=to_pos)
         del positive
-        self.stabilizer.divide(relevance, negative, out=to_neg).mul_(self.beta)
-        del negative
-        return split.backproject_pair(buf)
+        return split.backproject_pair(buf, lambda w_pos, w_neg_abs: (w_pos * self.alpha, w_neg_abs * self.beta))

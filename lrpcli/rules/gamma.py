@@ -49,10 +49,11 @@ class Gamma(ParamRule):
         """The same rule for x >= 0 in fewer passes over the output: no torch.where, one transposed operation.
 
         With s = P_pp + b+, the same-sign sum is s where z >= 0 and z - s (= P_pn + b-) where z < 0, chosen by a
-        0/1 mask through lerp (exact for weights 0 and 1). For x >= 0 the denominator has the sign of z, so the
+        0/1 mask m through lerp (exact for weights 0 and 1). For x >= 0 the denominator has the sign of z, so the
         sign stabilizer is folded into s as a bias shift eps / gamma (z + gamma (s + eps/gamma) = den + eps and
-        z + gamma (z - s - eps/gamma) = den - eps). W+ gets a = ratio (1 + gamma [z >= 0]), |W-| gets
-        -ratio (1 + gamma [z < 0]) = a - (2 + gamma) ratio; both live in one pair buffer.
+        z + gamma (z - s - eps/gamma) = den - eps). With r = R / s(den), W+ gets r (1 + gamma m) and W- gets
+        r (1 + gamma (1 - m)); regrouped by vector that is (W + gamma W-)^T r + gamma |W|^T (r m): one transposed
+        operation through [W + gamma W-; gamma |W|] with r and r m in one pair buffer.
         """
         z, g = split.z_rule, self.gamma
         folded = self.stabilizer.mode == "sign" and g > 0
@@ -61,10 +62,12 @@ class Gamma(ParamRule):
         den = torch.sub(z, s).lerp_(s, mask)
         del s
         torch.add(z, den, alpha=g, out=den)
-        buf, to_pos, to_neg = split.pair_buffer()
-        ratio = torch.div(relevance, den, out=to_neg) if folded else \
-            self.stabilizer.divide(relevance, den, out=to_neg)
+        buf, ratio, masked = split.pair_buffer()
+        if folded:
+            torch.div(relevance, den, out=ratio)
+        else:
+            self.stabilizer.divide(relevance, den, out=ratio)
         del den
-        torch.addcmul(ratio, ratio, mask, value=g, out=to_pos)
-        torch.add(to_pos, ratio, alpha=-(2.0 + g), out=to_neg)
-        return split.backproject_pair(buf)
+        torch.mul(ratio, mask, out=masked)
+        return split.backproject_pair(buf, lambda w_pos, w_neg_abs: (w_pos - (1.0 + g) * w_neg_abs,
+                                                                     (w_pos + w_neg_abs) * g))

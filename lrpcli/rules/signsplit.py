@@ -12,6 +12,7 @@ transposed operations per layer.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -94,13 +95,16 @@ class SignSplit:
         a, b = buf.chunk(2, dim=dim)
         return buf, a, b
 
-    def backproject_pair(self, buf: torch.Tensor) -> torch.Tensor:
-        """x (W+^T a + |W-|^T b) for x >= 0, with a and b the halves of ``buf``: one transposed operation.
+    def backproject_pair(self, buf: torch.Tensor,
+                         weights: Callable[[torch.Tensor, torch.Tensor], tuple]) -> torch.Tensor:
+        """x (A^T a + B^T b) for x >= 0, with a and b the halves of ``buf``: one transposed operation through the
+        stacked [A; B], where (A, B) = weights(W+, |W-|) (rules fold their constant factors into the weights, which
+        costs a pass over the weights instead of one over the output; built once per call)."""
+        def build() -> torch.Tensor:
+            w_pos = self.weight_pos
+            return stack_pair(self.module, *weights(w_pos, w_pos - self.weight))
 
-        |W-| = -W- (so a rule passes the negated vector for W-: one pass less for both Gamma and AlphaBeta)."""
-        w_pos = self.weight_pos
-        stacked = self.call.memo("stacked", lambda: stack_pair(self.module, w_pos, w_pos - self.weight))
-        return input_vjp(self.module, self.x, stacked, buf, self.z).mul_(self.x)
+        return input_vjp(self.module, self.x, self.call.memo("stacked", build), buf, self.z).mul_(self.x)
 
     # back-projection ------------------------------------------------------------------------------------------
     def backproject(self, g_pp, g_pn, g_np, g_nn) -> torch.Tensor:
