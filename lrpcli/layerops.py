@@ -101,3 +101,19 @@ def stack_pair(module: nn.Module, first: torch.Tensor, second: torch.Tensor) -> 
     channels) gives first^T a + second^T b in one transposed operation, half the passes of two calls and their
     sum (``pairable`` modules only)."""
     return torch.cat([first, second], dim=1 if isinstance(module, CONV_TRANSPOSE_TYPES) else 0)
+
+
+def input_vjps(module: nn.Module, x: torch.Tensor, first: torch.Tensor, second: torch.Tensor, v: torch.Tensor,
+               z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first^T v, second^T v): two weights, one vector. Stacked along the input channels where the layer allows
+    (Linear, or no groups), it is one transposed operation with twice the input channels: for a first layer on
+    3-channel images that runs in half the time of two calls."""
+    if isinstance(module, nn.Linear) or module.groups == 1:
+        dim = 0 if isinstance(module, CONV_TRANSPOSE_TYPES) else 1
+        shape = list(x.shape)
+        shape[0] = v.shape[0]
+        shape[-1 if isinstance(module, nn.Linear) else 1] *= 2
+        both = input_vjp(module, x.new_empty(shape), torch.cat([first, second], dim=dim), v, z)
+        first_vjp, second_vjp = both.chunk(2, dim=-1 if isinstance(module, nn.Linear) else 1)
+        return first_vjp, second_vjp
+    return input_vjp(module, x, first, v, z), input_vjp(module, x, second, v, z)

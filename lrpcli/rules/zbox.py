@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..layerops import forward, input_vjp
+from ..layerops import forward, input_vjps
 from .base import ParamRule
 from .stabilizer import Stabilizer
 
@@ -76,6 +76,5 @@ class ZBox(ParamRule):
         # the batch) unless the bounds are given per sample
         offset = call.memo("zbox_bounds", bound_terms) if low.shape[0] == high.shape[0] == 1 else bound_terms()
         ratio = self.stabilizer.divide(relevance, z - offset)
-        full = input_vjp(m, x, weight, ratio, z)
-        pos = input_vjp(m, x, w_pos, ratio, z)
+        full, pos = input_vjps(m, x, weight, w_pos, ratio, z)
         return (x * full - low * pos - high * (full - pos),)
