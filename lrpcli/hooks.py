@@ -40,7 +40,8 @@ CHUNK_BYTES = 16 * 2**20
 class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
-    __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified", "_memo")
+    __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified",
+                 "output_rectified", "_memo")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -53,6 +54,8 @@ class LayerCall:
         self.output = output
         self.versions = tuple(t._version for t in inputs) + (output._version,)
         self.rectified = False
+        #: in the backward: the output is relu(z) and the relevance is 0 wherever it is 0 (see restore_output)
+        self.output_rectified = False
         self._memo: dict[str, Any] = {}
 
     @property
@@ -121,6 +124,8 @@ class LayerCall:
             weight, bias = self.params()
             self.output = forward(self.module, self.x, weight, bias, self.output)
             self.versions = self.versions[:-1] + (self.output._version,)
+        else:
+            self.output_rectified = True  # rules may use it: only outputs > 0 carry relevance
 
     def relevance(self, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """The rule's relevance for each input; over slices of the batch where the layer is large.

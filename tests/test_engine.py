@@ -12,7 +12,7 @@ from torch import nn
 
 import lrpcli
 from lrpcli.composites import FirstLayer, LayerMap, Mixture, NameMap
-from lrpcli.rules import Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
+from lrpcli.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -325,26 +325,32 @@ class _OtherReLU(nn.ReLU):
     """A ReLU the session does not recognise as nn.ReLU: its producer keeps z (the reference behaviour)."""
 
 
-def _relu_chain(relu_type: type, upper_rule) -> tuple[nn.Module, object]:
+def _relu_chain(relu_type: type, lower_rule, upper_rule) -> tuple[nn.Module, object]:
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), relu_type(), nn.Conv2d(6, 4, 3, padding=1), relu_type(),
-                          nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
-    comp = Mixture([NameMap([("2", upper_rule)]),
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), relu_type(), nn.Conv2d(6, 5, 3, padding=1), relu_type(),
+                          nn.Conv2d(5, 4, 3, padding=1), relu_type(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
+    comp = Mixture([NameMap([("2", lower_rule), ("4", upper_rule)]),
                     LayerMap([(nn.Conv2d, Gamma(0.25)), (nn.Linear, Epsilon(1e-6)), (nn.ReLU, Pass()),
                               (nn.Flatten, Pass())])])
     return model, comp
 
 
+LOWER_RULES = [Gamma(0.25), Epsilon(1e-6), AlphaBeta(), Gamma(0.25, zero_params=["bias"]),
+               Epsilon(0.01, zero_params=["bias"])]
+
+
+@pytest.mark.parametrize("lower_rule", LOWER_RULES, ids=["gamma", "epsilon", "alphabeta", "gamma_zb", "epsilon_zb"])
 @pytest.mark.parametrize("upper_rule,recomputes", [(Gamma(0.5), 0), (Flat(), 1)], ids=["proportional", "flat"])
-def test_rectified_output_gives_the_same_relevance(monkeypatch, upper_rule, recomputes):
+def test_rectified_output_gives_the_same_relevance(monkeypatch, lower_rule, upper_rule, recomputes):
     """A layer followed by a ReLU keeps relu(z), not z; the relevance is the same as with z kept: exactly the
-    same where no relevance reaches z <= 0 (a rule proportional to its input above), and through one
-    recomputed forward where some does (Flat above gives relevance to inputs that are 0)."""
+    same where no relevance reaches z <= 0 (a rule proportional to its input above; Gamma and Epsilon then use
+    their branch for z > 0 alone), and through one recomputed forward where some does (Flat above gives
+    relevance to inputs that are 0)."""
     import lrpcli.hooks as hooks
 
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
-    model, comp = _relu_chain(nn.ReLU, upper_rule)
-    reference_model, _ = _relu_chain(_OtherReLU, upper_rule)
+    model, comp = _relu_chain(nn.ReLU, lower_rule, upper_rule)
+    reference_model, _ = _relu_chain(_OtherReLU, lower_rule, upper_rule)
     reference_model.load_state_dict(model.state_dict())
     calls = []
     original = hooks.forward

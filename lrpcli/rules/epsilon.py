@@ -39,5 +39,10 @@ class Epsilon(ParamRule):
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weight, bias = call.params()
         z = call.output_without_bias(bias) if self.zero_bias else call.output
-        ratio = self.stabilizer.divide(relevance, z)
+        if call.output_rectified and self.stabilizer.mode == "sign" and not self.zero_bias:
+            # relu(z): relevance only where z > 0, so s(z) = z + eps, two passes instead of three
+            ratio = torch.add(z, self.epsilon)
+            torch.div(relevance, ratio, out=ratio)
+        else:
+            ratio = self.stabilizer.divide(relevance, z)
         return (times_input(call.x, input_vjp(call.module, call.x, weight, ratio, z)),)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..layerops import input_vjp
 from .base import ParamRule, check_number
 from .signsplit import SignSplit, total
 from .stabilizer import Stabilizer
@@ -30,6 +31,8 @@ class Gamma(ParamRule):
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = SignSplit(call, self.zero_bias)
+        if split.positive_outputs_only and self.stabilizer.mode == "sign" and self.gamma > 0:
+            return (self._positive_outputs(split, relevance),)
         if split.nonnegative_fast:
             return (self._nonnegative(split, relevance),)
         p = split.products()
@@ -44,6 +47,21 @@ class Gamma(ParamRule):
         boost_neg = torch.where(positive, ratio, boosted, out=boosted) if first_order else \
             torch.where(positive, ratio, boosted)            # outputs < 0 boost x+W- and x-W+
         return (split.backproject(boost_pos, boost_neg, boost_neg, boost_pos),)
+
+    def _positive_outputs(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
+        """x >= 0 and relevance only at outputs z > 0 (a layer followed by a ReLU, proportional rules above): the
+        classic Gamma rule, R_i = x_i sum_j (W + gamma W+)_ji R_j / (z_j + gamma (P_pp + b+)_j + eps).
+
+        One forward (with eps / gamma folded into its bias) and ONE transposed operation, through W + gamma W+:
+        the same convolution work as Epsilon plus one forward. Where z_j <= 0 the relevance is 0 and the
+        denominator z_j + gamma s_j >= eps > 0, so the ratio is 0 there, as in the general form.
+        """
+        z, g = split.z_rule, self.gamma
+        den = split.positive_sum(self.stabilizer.epsilon / g)
+        torch.add(z, den, alpha=g, out=den)
+        ratio = torch.div(relevance, den, out=den)
+        weight = split.call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
+        return input_vjp(split.module, split.x, weight, ratio, z).mul_(split.x)
 
     def _nonnegative(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
         """The same rule for x >= 0 in fewer passes over the output: no torch.where, one transposed operation.

@@ -73,6 +73,13 @@ class SignSplit:
         first order. Rules then need one forward P_pp (+ b+) and one transposed operation through [W+; W-]."""
         return not self.has_neg and not torch.is_grad_enabled() and pairable(self.module)
 
+    @property
+    def positive_outputs_only(self) -> bool:
+        """x >= 0, first order, and relevance only at outputs > 0 (``LayerCall.output_rectified``) with the bias
+        as in the layer: then only the rules' branch for outputs > 0 matters."""
+        return (not self.has_neg and not torch.is_grad_enabled() and self.call.output_rectified
+                and (self.bias is not None or self._bias_full is None))
+
     def positive_sum(self, shift: float = 0.0) -> torch.Tensor:
         """P_pp + b+ (+ shift) in one forward, the bias added by the convolution itself; a fresh tensor.
 
