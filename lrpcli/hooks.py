@@ -41,7 +41,7 @@ class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
     __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified",
-                 "output_rectified", "_memo")
+                 "output_rectified", "_memo", "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -157,7 +157,8 @@ class LayerCall:
         """This call restricted to samples start:stop (the same module, rule and parameters)."""
         part = object.__new__(LayerCall)
         for slot in LayerCall.__slots__:
-            setattr(part, slot, getattr(self, slot))
+            if slot != "__weakref__":
+                setattr(part, slot, getattr(self, slot))
         part.inputs = tuple(t[start:stop] for t in self.inputs)
         part.output = self.output[start:stop]
         return part
@@ -274,7 +275,8 @@ class Session:
         self._call_counts: dict[nn.Module, int] = {}
         self._tap_counts: dict[str, int] = {}
         self._state: dict[Any, Any] = {}
-        self._producers: dict[int, tuple[weakref.ref, LayerCall]] = {}  # hooked outputs that may be rectified
+        self._producers: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # hooked outputs that may be rectified
+        self._in_root = False  # inside a forward of the whole model (the producers are cleared at its end)
         self._order = 0
         self._probed = False
         self._probing = False
@@ -357,11 +359,13 @@ class Session:
         self._call_counts = {}
         self._tap_counts: dict[str, int] = {}
         self._producers.clear()
+        self._in_root = True
         if self.recorder is not None:
             self.recorder.start()
 
     def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._producers.clear()
+        self._in_root = False
         if self._probing or self._warned:
             return
         missing = [a for a in self.assignments.values() if a.rule is None and a.calls > 0]
@@ -465,15 +469,17 @@ class Session:
             entry = self._producers.pop(id(output), None)
             if entry is not None and entry[0]() is output:
                 self._producers[id(result)] = (weakref.ref(result), entry[1])
-        elif is_linear_layer(module) and rule.tolerates_rectified_output():
-            self._producers[id(result)] = (weakref.ref(result), call)
+        elif self._in_root and is_linear_layer(module) and rule.tolerates_rectified_output():
+            # weak both ways: an entry never keeps a graph alive (e.g. a submodule called outside the root)
+            self._producers[id(result)] = (weakref.ref(result), weakref.ref(call))
         return result
 
     def _rectify_producer(self, z: torch.Tensor, rectified: torch.Tensor) -> None:
         """A ReLU whose rule keeps nothing consumed a hooked layer's output: that layer keeps relu(z) instead."""
         entry = self._producers.pop(id(z), None)
-        if entry is not None and entry[0]() is z:
-            entry[1].rectify(rectified)
+        call = entry[1]() if entry is not None and entry[0]() is z else None
+        if call is not None:
+            call.rectify(rectified)
 
     # -- reports -------------------------------------------------------------------------------------------
     def coverage(self) -> list[Assignment]:

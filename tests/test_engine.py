@@ -419,3 +419,21 @@ def test_large_layers_split_over_the_batch_give_the_same_relevance(monkeypatch):
         assert {"2", "4"} <= set(split)
         assert ("0" in split) == (comp is composites[1])  # per-sample bounds are never split
         torch.testing.assert_close(pieces, whole, atol=1e-12, rtol=0)
+
+
+def test_submodules_called_directly_leave_no_producer_records():
+    """Outside a forward of the whole model nothing is recorded for rectification (so nothing accumulates), and
+    the relevance through a submodule called directly is still computed."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), nn.Conv2d(2, 2, 3))
+    comp = LayerMap([(nn.Conv2d, Epsilon(1e-6)), (nn.ReLU, Pass())])
+    with comp.context(model) as m:
+        session = lrpcli.hooks.sessions_of(model)[0]
+        for _ in range(20):
+            x = torch.randn(2, 1, 6, 6, requires_grad=True)
+            out = m[0](x)
+            (r,) = torch.autograd.grad(out, x, out)
+            assert r.shape == x.shape and (r != 0).any()
+        assert session._producers == {}
+        m(torch.randn(2, 1, 7, 7))
+        assert session._producers == {} and not session._in_root
