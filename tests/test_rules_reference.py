@@ -154,6 +154,7 @@ for _layer_id, _factory, _shape in LAYERS:
         CASES.append(pytest.param(_rule_id, True, _layer_id, True, id=f'{_rule_id}_zb-{_layer_id}-bias'))
 
 LAYER_BY_ID = {lid: (f, s) for lid, f, s in LAYERS}
+LAYER_BY_ID['linear_6x7'] = (lambda: nn.Linear(6, 7), (6,))  # more outputs than a block of 3 (ZPlus in blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,8 +224,10 @@ def assert_state_unchanged(model: nn.Module, before: dict) -> None:
 # tests
 
 
-@pytest.mark.parametrize('rule_id,zero_bias,layer_id,bias', CASES)
-def test_rule_matches_reference(rule_id, zero_bias, layer_id, bias):
+def check_against_reference(rule_id: str, layer_id: str, zero_bias: bool, bias: bool,
+                            nonnegative: bool = False) -> None:
+    """The engine's rule on one layer against the dense reference, for every seed: values within ATOL, shape and
+    dtype as the input's, the layer's state untouched."""
     from lrpcli.composites import LayerMap
 
     factory, in_shape = LAYER_BY_ID[layer_id]
@@ -233,7 +236,9 @@ def test_rule_matches_reference(rule_id, zero_bias, layer_id, bias):
     for seed in SEEDS:
         layer = make_layer(factory, bias, seed)
         ref_rule = _ref_rule(rule_id, c, zero_bias)
-        x, upper, ref = well_conditioned_data(layer, in_shape, seed, ref_rule)
+        x, upper, ref = well_conditioned_data(layer, in_shape, seed, ref_rule, nonnegative=nonnegative)
+        if nonnegative:
+            assert (x == 0).any() and (x > 0).any()
         rule = _engine_rules()[rule_id](c, **kw)
         model = nn.Sequential(layer)
         before = state_copy(model)
@@ -242,6 +247,11 @@ def test_rule_matches_reference(rule_id, zero_bias, layer_id, bias):
         assert got.dtype == DT
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m, s=seed: f'seed {s}: {m}')
         assert_state_unchanged(model, before)
+
+
+@pytest.mark.parametrize('rule_id,zero_bias,layer_id,bias', CASES)
+def test_rule_matches_reference(rule_id, zero_bias, layer_id, bias):
+    check_against_reference(rule_id, layer_id, zero_bias, bias)
 
 
 SIGN_SPLIT_RULE_IDS = ['zplus', 'alphabeta_2_1', 'alphabeta_1_0', 'gamma_0.25', 'gamma_1', 'zplus_rms',
@@ -255,20 +265,8 @@ SIGN_SPLIT_RULE_IDS = ['zplus', 'alphabeta_2_1', 'alphabeta_1_0', 'gamma_0.25', 
 @pytest.mark.parametrize('rule_id', SIGN_SPLIT_RULE_IDS)
 def test_rule_matches_reference_nonnegative_input(rule_id, layer_id, zero_bias, bias):
     """Inputs >= 0 with exact zeros (as after a ReLU): the fused path of Gamma and AlphaBeta (one forward, one
-    transposed operation through [W+; W-]) and ZPlus's single-sign path against the same reference."""
-    from lrpcli.composites import LayerMap
-
-    factory, in_shape = LAYER_BY_ID[layer_id]
-    c = in_shape[0]
-    kw = {'zero_params': ['bias']} if zero_bias else {}
-    for seed in SEEDS:
-        layer = make_layer(factory, bias, seed)
-        ref_rule = _ref_rule(rule_id, c, zero_bias)
-        x, upper, ref = well_conditioned_data(layer, in_shape, seed, ref_rule, nonnegative=True)
-        assert (x == 0).any() and (x > 0).any()
-        rule = _engine_rules()[rule_id](c, **kw)
-        got = engine_attribute(nn.Sequential(layer), x.clone(), upper.clone(), LayerMap([(type(layer), rule)]))
-        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m, s=seed: f'seed {s}: {m}')
+    transposed operation through stacked weights) and ZPlus's single-sign path against the same reference."""
+    check_against_reference(rule_id, layer_id, zero_bias, bias, nonnegative=True)
 
 
 @pytest.mark.parametrize('rule_id', ['zplus', 'zplus_clip', 'zplus_rms'])
@@ -277,16 +275,9 @@ def test_rule_matches_reference_nonnegative_input(rule_id, layer_id, zero_bias, 
 def test_zplus_dense_in_blocks_matches_reference(monkeypatch, rule_id, zero_bias, bias):
     """ZPlus on a large dense layer with x >= 0 forms W+ a block of rows at a time (blocks of 3 of 7 rows here)."""
     import lrpcli.rules.zplus as zplus
-    from lrpcli.composites import LayerMap
 
     monkeypatch.setattr(zplus, 'BLOCK_BYTES', 3 * 6 * 8)
-    kw = {'zero_params': ['bias']} if zero_bias else {}
-    for seed in SEEDS:
-        layer = make_layer(lambda: nn.Linear(6, 7), bias, seed)
-        x, upper, ref = well_conditioned_data(layer, (6,), seed, _ref_rule(rule_id, 6, zero_bias), nonnegative=True)
-        rule = _engine_rules()[rule_id](6, **kw)
-        got = engine_attribute(nn.Sequential(layer), x.clone(), upper.clone(), LayerMap([(nn.Linear, rule)]))
-        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0, msg=lambda m, s=seed: f'seed {s}: {m}')
+    check_against_reference(rule_id, 'linear_6x7', zero_bias, bias, nonnegative=True)
 
 
 def test_reference_gamma_zero_is_zplus_on_positive_data():
