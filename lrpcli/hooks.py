@@ -104,7 +104,7 @@ class LayerCall:
 
     def rectify(self, rectified: torch.Tensor) -> None:
         """Keep relu(z) instead of z: the ReLU's output, which the next layer keeps anyway (one activation
-        less per layer). Only for rules that ``tolerate_rectified_output``; ``restore_output`` makes it exact."""
+        less per layer). Only for rules that ``tolerates_rectified_output()``; ``restore_output`` makes it exact."""
         self.output = rectified.detach()  # detached: no reference cycle through the graph
         self.versions = self.versions[:-1] + (self.output._version,)
         self.rectified = True

@@ -109,11 +109,12 @@ def input_vjps(module: nn.Module, x: torch.Tensor, first: torch.Tensor, second: 
     (Linear, or no groups), it is one transposed operation with twice the input channels: for a first layer on
     3-channel images that runs in half the time of two calls."""
     if isinstance(module, nn.Linear) or module.groups == 1:
-        dim = 0 if isinstance(module, CONV_TRANSPOSE_TYPES) else 1
+        channels = channel_dim(module)  # inputs hold their channels where outputs do
         shape = list(x.shape)
         shape[0] = v.shape[0]
-        shape[-1 if isinstance(module, nn.Linear) else 1] *= 2
-        both = input_vjp(module, x.new_empty(shape), torch.cat([first, second], dim=dim), v, z)
-        first_vjp, second_vjp = both.chunk(2, dim=-1 if isinstance(module, nn.Linear) else 1)
+        shape[channels] *= 2
+        weight_in_dim = 0 if isinstance(module, CONV_TRANSPOSE_TYPES) else 1
+        both = input_vjp(module, x.new_empty(shape), torch.cat([first, second], dim=weight_in_dim), v, z)
+        first_vjp, second_vjp = both.chunk(2, dim=channels)
         return first_vjp, second_vjp
     return input_vjp(module, x, first, v, z), input_vjp(module, x, second, v, z)

@@ -39,10 +39,6 @@ class Epsilon(ParamRule):
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weight, bias = call.params()
         z = call.output_without_bias(bias) if self.zero_bias else call.output
-        if call.output_rectified and self.stabilizer.mode == "sign" and not self.zero_bias:
-            # relu(z): relevance only where z > 0, so s(z) = z + eps, two passes instead of three
-            ratio = torch.add(z, self.epsilon)
-            torch.div(relevance, ratio, out=ratio)
-        else:
-            ratio = self.stabilizer.divide(relevance, z)
+        # relu(z) (bias kept): z >= 0 wherever relevance arrives
+        ratio = self.stabilizer.divide(relevance, z, nonnegative=call.output_rectified and not self.zero_bias)
         return (times_input(call.x, input_vjp(call.module, call.x, weight, ratio, z)),)

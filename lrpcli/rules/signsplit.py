@@ -68,16 +68,21 @@ class SignSplit:
 
     # the non-negative fast path ---------------------------------------------------------------------------------
     @property
+    def first_order_nonnegative(self) -> bool:
+        """x >= 0 (after a ReLU) and no graph being recorded: what every fast path of this family requires."""
+        return not self.has_neg and not torch.is_grad_enabled()
+
+    @property
     def nonnegative_fast(self) -> bool:
-        """True for the common case the fused path serves: x >= 0 (after a ReLU), a convolution without groups,
-        first order. Rules then need one forward P_pp (+ b+) and one transposed operation through [W+; W-]."""
-        return not self.has_neg and not torch.is_grad_enabled() and pairable(self.module)
+        """True for the common case the fused path serves: x >= 0, first order, a convolution without groups.
+        Rules then need one forward P_pp (+ b+) and one transposed operation through stacked weights."""
+        return self.first_order_nonnegative and pairable(self.module)
 
     @property
     def positive_outputs_only(self) -> bool:
         """x >= 0, first order, and relevance only at outputs > 0 (``LayerCall.output_rectified``) with the bias
         as in the layer: then only the rules' branch for outputs > 0 matters."""
-        return (not self.has_neg and not torch.is_grad_enabled() and self.call.output_rectified
+        return (self.first_order_nonnegative and self.call.output_rectified
                 and (self.bias is not None or self._bias_full is None))
 
     def positive_sum(self, shift: float = 0.0) -> torch.Tensor:

@@ -51,13 +51,21 @@ class Stabilizer:
         rms = torch.where(rms > 0, rms, 1.0)  # an all-zero sample: eps itself, so 0/s(0) is 0, not NaN
         return z + self.epsilon * rms * sign0(z)
 
-    def divide(self, numerator: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def divide(self, numerator: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None = None,
+               nonnegative: bool = False) -> torch.Tensor:
         """numerator / s(den), with one new tensor instead of three when no graph is being recorded.
 
         Fresh large tensors cost page faults on the CPU (a new 100 MB output triples an addition's time), so the
         first-order path computes s(den) into one buffer (``out`` when given, e.g. half of a rule's pair buffer)
         and divides into it. With grad enabled (second order) it stays out of place and ``out`` must be None.
+        ``nonnegative``: den >= 0 (a rectified output), so s(den) is den + eps or max(den, eps), one pass less.
         """
+        if nonnegative and self.mode != "rms" and not torch.is_grad_enabled():
+            if self.mode == "sign":
+                s = torch.add(den, self.epsilon) if out is None else torch.add(den, self.epsilon, out=out)
+            else:
+                s = den.clamp(min=self.epsilon) if out is None else torch.clamp(den, min=self.epsilon, out=out)
+            return torch.div(numerator, s, out=s)
         if torch.is_grad_enabled() or self.mode != "sign":
             result = numerator / self(den)
             return result if out is None else out.copy_(result)

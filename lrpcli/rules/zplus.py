@@ -29,7 +29,7 @@ class ZPlus(ParamRule):
 
     def _in_blocks(self, split: SignSplit) -> bool:
         w = split.weight
-        return (isinstance(split.module, nn.Linear) and not split.has_neg and not torch.is_grad_enabled()
+        return (isinstance(split.module, nn.Linear) and split.first_order_nonnegative
                 and self.stabilizer.mode != "rms" and w.numel() * w.element_size() > BLOCK_BYTES)
 
     def _dense_in_blocks(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
