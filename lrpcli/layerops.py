@@ -86,6 +86,11 @@ def channel_dim(module: nn.Module) -> int:
     return -1 if isinstance(module, nn.Linear) else 1
 
 
+def weight_in_dim(module: nn.Module) -> int:
+    """The weight dimension that holds the input channels (0 for transposed convolutions, 1 else)."""
+    return 0 if isinstance(module, CONV_TRANSPOSE_TYPES) else 1
+
+
 def pairable(module: nn.Module) -> bool:
     """True where W1^T a + W2^T b can be one transposed operation over the stacked weights [W1; W2].
 
@@ -113,8 +118,7 @@ def input_vjps(module: nn.Module, x: torch.Tensor, first: torch.Tensor, second: 
         shape = list(x.shape)
         shape[0] = v.shape[0]
         shape[channels] *= 2
-        weight_in_dim = 0 if isinstance(module, CONV_TRANSPOSE_TYPES) else 1
-        both = input_vjp(module, x.new_empty(shape), torch.cat([first, second], dim=weight_in_dim), v, z)
+        both = input_vjp(module, x.new_empty(shape), torch.cat([first, second], dim=weight_in_dim(module)), v, z)
         first_vjp, second_vjp = both.chunk(2, dim=channels)
         return first_vjp, second_vjp
     return input_vjp(module, x, first, v, z), input_vjp(module, x, second, v, z)

@@ -33,12 +33,11 @@ class AlphaBeta(ParamRule):
         split = SignSplit(call, self.zero_bias)
         if self.beta and split.nonnegative_fast:
             return (self._nonnegative(split, relevance),)
-        p = split.products()
-        pos = scaled(self.stabilizer.divide(relevance, total(p.pp, p.nn, split.bias_pos())), self.alpha)
+        pos = scaled(self.stabilizer.divide(relevance, total(split.aligned, split.bias_pos())), self.alpha)
         neg = None
         if self.beta:
-            neg = scaled(self.stabilizer.divide(relevance, total(p.pn, p.np, split.bias_neg())), -self.beta)
-        return (split.backproject(pos, neg, neg, pos),)
+            neg = scaled(self.stabilizer.divide(relevance, total(split.opposed, split.bias_neg())), -self.beta)
+        return (split.backproject(pos, neg),)
 
     def _nonnegative(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
         """The same rule for x >= 0 in three passes over the output besides the two convolutions.

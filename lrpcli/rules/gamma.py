@@ -35,10 +35,10 @@ class Gamma(ParamRule):
             return (self._positive_outputs(split, relevance),)
         if split.nonnegative_fast:
             return (self._nonnegative(split, relevance),)
-        p = split.products()
         z = split.z_rule
         positive = z >= 0
-        same_sign = torch.where(positive, total(p.pp, p.nn, split.bias_pos()), total(p.pn, p.np, split.bias_neg()))
+        same_sign = torch.where(positive, total(split.aligned, split.bias_pos()),
+                                total(split.opposed, split.bias_neg()))
         first_order = not torch.is_grad_enabled()   # then temporaries are updated in place (fewer fresh tensors)
         den = same_sign.mul_(self.gamma).add_(z) if first_order else z + self.gamma * same_sign
         ratio = self.stabilizer.divide(relevance, den)
@@ -46,7 +46,7 @@ class Gamma(ParamRule):
         boost_pos = torch.where(positive, boosted, ratio)    # outputs >= 0 boost x+W+ and x-W-
         boost_neg = torch.where(positive, ratio, boosted, out=boosted) if first_order else \
             torch.where(positive, ratio, boosted)            # outputs < 0 boost x+W- and x-W+
-        return (split.backproject(boost_pos, boost_neg, boost_neg, boost_pos),)
+        return (split.backproject(boost_pos, boost_neg),)
 
     def _positive_outputs(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
         """x >= 0 and relevance only at outputs z > 0 (a layer followed by a ReLU, proportional rules above): the

@@ -1,12 +1,14 @@
 """The sign decomposition shared by ZPlus, AlphaBeta and Gamma.
 
 With x = x+ + x- and W = W+ + W-, the layer output splits into four products
-P_pp = f(x+; W+), P_pn = f(x+; W-), P_np = f(x-; W+), P_nn = f(x-; W-), which sum to z - b. Every rule of this
-family has denominators that are sums of these products (plus parts of the bias) and numerators
-x+ (W+^T G_pp + W-^T G_pn) + x- (W+^T G_np + W-^T G_nn) for per-output vectors G. Because f is linear in W,
-only products with W+ need an extra forward: the W- ones follow by subtraction from the stored output. For
-inputs that are all non-negative (anything after a ReLU) that is one extra forward and at most two
-transposed operations per layer.
+P_pp = f(x+; W+), P_pn = f(x+; W-), P_np = f(x-; W+), P_nn = f(x-; W-), which sum to z - b. The rules of this
+family only ever need two sums of them: the aligned contributions P_pp + P_nn (x and W of the same sign, each
+>= 0) and the opposed ones P_pn + P_np (each <= 0), plus parts of the bias; and their numerators are
+x+ (W+^T a + W-^T c) + x- (W-^T a + W+^T c) for two per-output vectors a (aligned) and c (opposed). Because f is
+linear in W, the aligned sum takes one extra forward and the opposed one follows by subtraction from the stored
+output. For inputs that are all non-negative (anything after a ReLU) that is one forward through W+ and one
+transposed operation per layer; for mixed signs (a first layer) the two sign parts are stacked along the input
+channels, again one forward and one transposed operation.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..layerops import CONV_TRANSPOSE_TYPES, bias_shape, channel_dim, forward, input_vjp, pairable, stack_pair
+from .. import layerops as ops
+from ..layerops import CONV_TRANSPOSE_TYPES, bias_shape, channel_dim, forward, input_vjp, pairable
 from .base import times_input
 
 
@@ -61,10 +64,46 @@ class SignSplit:
     def bias_neg(self) -> torch.Tensor | None:
         return self.bias.clamp(max=0) if self.bias is not None else None
 
-    def products(self) -> Products:
-        """P_pp, P_pn, P_np, P_nn, each computed when first used, with the fewest forwards: one when x has a
-        single sign, two else. Products that are zero because x has no entries of that sign are None."""
-        return Products(self)
+    @functools.cached_property
+    def aligned(self) -> torch.Tensor:
+        """P_pp + P_nn: the contributions where x and W have the same sign (each >= 0), without bias.
+
+        One forward: through W+ for x >= 0, through W- for x <= 0, and for mixed signs on a ``pairable`` layer
+        through [W+, W-] on [x+, x-] stacked along the input channels (a 3-channel first layer then runs one
+        6-channel convolution instead of two 3-channel ones)."""
+        sp, m = self, self.module
+        if not sp.has_neg:
+            return forward(m, sp.x, sp.weight_pos, None, sp.z)
+        if not sp.has_pos:
+            return forward(m, sp.x, sp.weight_neg, None, sp.z)
+        if self._stacks_inputs:
+            dim = ops.weight_in_dim(m)
+            weights = self.call.memo("aligned", lambda: torch.cat([sp.weight_pos, sp.weight_neg], dim=dim))
+            return forward(m, torch.cat([sp.x_pos, sp.x_neg], dim=channel_dim(m)), weights, None, sp.z)
+        return forward(m, sp.x_pos, sp.weight_pos, None, sp.z) + forward(m, sp.x_neg, sp.weight_neg, None, sp.z)
+
+    @functools.cached_property
+    def opposed(self) -> torch.Tensor:
+        """P_pn + P_np: the contributions where x and W have opposite signs (each <= 0), without bias; by
+        subtraction from the stored output (z - b - aligned), one more forward where the output was not kept."""
+        if not self.z.is_meta:
+            return self.z_nobias - self.aligned
+        sp, m = self, self.module
+        if not sp.has_neg:
+            return forward(m, sp.x, sp.weight_neg, None, sp.z)
+        if not sp.has_pos:
+            return forward(m, sp.x, sp.weight_pos, None, sp.z)
+        return forward(m, sp.x_pos, sp.weight_neg, None, sp.z) + forward(m, sp.x_neg, sp.weight_pos, None, sp.z)
+
+    @functools.cached_property
+    def weight_neg(self) -> torch.Tensor:
+        """W- = W - W+, formed only where a job needs it (vgg16's first dense W- is 400 MB)."""
+        return self.call.memo("weight_neg", lambda: self.weight - self.weight_pos)
+
+    @property
+    def _stacks_inputs(self) -> bool:
+        """Mixed-sign x on a layer whose two sign parts can share one call stacked along the input channels."""
+        return self.has_pos and self.has_neg and pairable(self.module)
 
     # the non-negative fast path ---------------------------------------------------------------------------------
     @property
@@ -114,81 +153,56 @@ class SignSplit:
         costs a pass over the weights instead of one over the output; built once per call)."""
         def build() -> torch.Tensor:
             w_pos = self.weight_pos
-            return stack_pair(self.module, *weights(w_pos, w_pos - self.weight))
+            return ops.stack_pair(self.module, *weights(w_pos, w_pos - self.weight))
 
         return input_vjp(self.module, self.x, self.call.memo("stacked", build), buf, self.z).mul_(self.x)
 
     # back-projection ------------------------------------------------------------------------------------------
-    def backproject(self, g_pp, g_pn, g_np, g_nn) -> torch.Tensor:
-        """x+ (W+^T g_pp + W-^T g_pn) + x- (W+^T g_np + W-^T g_nn); None entries count as zero.
+    def backproject(self, same: torch.Tensor, opposite: torch.Tensor | None) -> torch.Tensor:
+        """x+ (W+^T same + W-^T opposite) + x- (W-^T same + W+^T opposite): ``same`` goes back through the
+        contributions of aligned signs (the denominators of ``aligned``), ``opposite`` through the others;
+        None counts as zero.
 
-        W+ and W- are applied separately (not W and W+, which would save nothing here): where a denominator
-        is zero its huge ratio then meets exact zeros instead of cancelling against itself. Vectors for the
-        same weight are stacked into one call.
+        W+ and W- are applied separately (not W and W+, which would save nothing here): where a denominator is
+        zero its huge ratio then meets exact zeros instead of cancelling against itself. For mixed-sign x on a
+        ``pairable`` layer everything is one transposed operation: [same; opposite] through the block weights
+        [[W+, W-]; [W-, W+]] gives both input-channel halves (for x+ and for x-) at once.
         """
-        needs_neg = (self.has_pos and g_pn is not None) or (self.has_neg and g_nn is not None)
-        weight_neg = self.weight - self.weight_pos if needs_neg else None  # vgg16's first dense W- is 400 MB
-        jobs: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # (weight, vector, input part)
+        m = self.module
+        if self._stacks_inputs:
+            if opposite is None:
+                for_pos, for_neg = ops.input_vjps(m, self.x, self.weight_pos, self.weight_neg, same, self.z)
+            else:
+                def build() -> torch.Tensor:
+                    dim = ops.weight_in_dim(m)
+                    aligned_first = torch.cat([self.weight_pos, self.weight_neg], dim=dim)
+                    opposed_first = torch.cat([self.weight_neg, self.weight_pos], dim=dim)
+                    return ops.stack_pair(m, aligned_first, opposed_first)
+
+                shape = list(self.x.shape)
+                shape[0] = same.shape[0]
+                shape[channel_dim(m)] *= 2
+                both = input_vjp(m, self.x.new_empty(shape), self.call.memo("signed_block", build),
+                                 torch.cat([same, opposite], dim=channel_dim(m)), self.z)
+                for_pos, for_neg = both.chunk(2, dim=channel_dim(m))
+            return times_input(self.x_pos, for_pos) + times_input(self.x_neg, for_neg)
+        jobs: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []  # (weight, vector, input part)
         if self.has_pos:
-            jobs += [(self.weight_pos, g_pp, self.x_pos), (weight_neg, g_pn, self.x_pos)]
+            jobs += [("pos", same, self.x_pos), ("neg", opposite, self.x_pos)]
         if self.has_neg:
-            jobs += [(self.weight_pos, g_np, self.x_neg), (weight_neg, g_nn, self.x_neg)]
+            jobs += [("neg", same, self.x_neg), ("pos", opposite, self.x_neg)]
         result = None
-        for weight in (self.weight_pos, weight_neg):
-            if weight is None:
-                continue
-            mine = [(v, part) for w, v, part in jobs if w is weight and v is not None]
+        for sign in ("pos", "neg"):
+            mine = [(v, part) for w, v, part in jobs if w == sign and v is not None]
             if not mine:
                 continue
-            stacked = mine[0][0] if len(mine) == 1 else torch.cat([v for v, _ in mine])
-            vjps = input_vjp(self.module, self.x, weight, stacked, self.z)
+            weight = self.weight_pos if sign == "pos" else self.weight_neg
+            stacked = mine[0][0] if len(mine) == 1 else torch.cat([v for v, _ in mine])  # along the batch
+            vjps = input_vjp(m, self.x, weight, stacked, self.z)
             for (_, part), vjp in zip(mine, vjps.chunk(len(mine))):
                 term = times_input(part, vjp)
                 result = term if result is None else (result + term if torch.is_grad_enabled() else result.add_(term))
         return result if result is not None else torch.zeros_like(self.x)
-
-
-class Products:
-    """Lazy sign products of one call: only the ones a rule reads are computed (ZPlus never needs P_pn)."""
-
-    def __init__(self, split: SignSplit) -> None:
-        self.split = split
-        self._cache: dict[str, torch.Tensor | None] = {}
-
-    def _compute(self) -> None:
-        sp, f = self.split, forward
-        m, z = sp.module, sp.z
-        if not sp.has_neg:
-            self._cache.update(pp=f(m, sp.x_pos, sp.weight_pos, None, z), np=None, nn=None)
-        elif not sp.has_pos:
-            self._cache.update(pp=None, pn=None, np=f(m, sp.x_neg, sp.weight_pos, None, z))
-        else:
-            pp, np_ = f(m, torch.cat([sp.x_pos, sp.x_neg]), sp.weight_pos, None, z).chunk(2)
-            nn_ = f(m, sp.x_neg, sp.weight - sp.weight_pos, None, z)
-            self._cache.update(pp=pp, np=np_, nn=nn_)
-
-    def _get(self, key: str) -> torch.Tensor | None:
-        if not self._cache:
-            self._compute()
-        if key not in self._cache:  # the one product obtained by subtraction from z - b
-            sp = self.split
-            if sp.z.is_meta:  # the output was not kept (ZPlus): one more forward instead
-                x = sp.x_pos if key == "pn" else sp.x_neg
-                self._cache[key] = forward(sp.module, x, sp.weight - sp.weight_pos, None, sp.z)
-            elif key == "pn":
-                rest = sp.z_nobias
-                for other in ("pp", "np", "nn"):
-                    if self._cache.get(other) is not None:
-                        rest = rest - self._cache[other]
-                self._cache["pn"] = rest
-            else:  # nn, x all non-positive
-                self._cache["nn"] = sp.z_nobias - self._cache["np"]
-        return self._cache[key]
-
-    pp = property(lambda self: self._get("pp"))
-    pn = property(lambda self: self._get("pn"))
-    np = property(lambda self: self._get("np"))
-    nn = property(lambda self: self._get("nn"))
 
 
 def total(*terms: torch.Tensor | None) -> torch.Tensor:

@@ -23,9 +23,8 @@ class ZPlus(ParamRule):
         split = SignSplit(call, self.zero_bias)
         if self._in_blocks(split):
             return (self._dense_in_blocks(split, relevance),)
-        p = split.products()
-        ratio = self.stabilizer.divide(relevance, total(p.pp, p.nn, split.bias_pos()))
-        return (split.backproject(ratio, None, None, ratio),)
+        ratio = self.stabilizer.divide(relevance, total(split.aligned, split.bias_pos()))
+        return (split.backproject(ratio, None),)
 
     def _in_blocks(self, split: SignSplit) -> bool:
         w = split.weight
