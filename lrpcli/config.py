@@ -76,7 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "fill": 0.0,
     },
     "run": {"batch_size": 16, "num_workers": "auto", "device": "auto", "max_samples": None, "seed": 0},
-    "output": {"path": "out.h5", "dtype": "float32", "store_input": True, "layers": []},
+    "output": {"path": "out.h5", "dtype": "float32", "store_input": True, "layers": [], "compression": "auto"},
 }
 SECTIONS = tuple(DEFAULTS)
 # ``canonizers`` may also be written inside ``composite``; it is resolved to the top level.
@@ -935,6 +935,8 @@ def _validate_output(ctx: _Ctx, value: Any) -> dict:
         layers = [layers]
     items = _list(ctx, "output.layers", layers, "a list of module-name globs (e.g. layer4, features.*)")
     out["layers"] = [_string(ctx, f"output.layers[{i}]", v) for i, v in enumerate(items)]
+    out["compression"] = _choice(ctx, "output.compression", given.get("compression", d["compression"]),
+                                 ("auto", "lzf", "none"))
     return {k: out[k] for k in d}
 
 

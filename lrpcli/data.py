@@ -290,55 +290,66 @@ def make_loader(
     )
 
 
-def prefetch(items: Iterable, depth: int = 2) -> Iterator:
+def prefetch(items: Iterable, depth: int = 2) -> Prefetch:
     """The items of ``items`` in order, produced by a background thread up to ``depth`` items ahead.
 
     For a loader without worker processes: the next batch is decoded while the current one is attributed
-    (PIL decoding and torch's preprocessing release the GIL). An exception of the producer is raised here, at
-    the item where it happened; closing the generator early (``break``, an error in the loop) stops the thread
-    after the item it is producing.
+    (PIL decoding and torch's preprocessing release the GIL). The thread starts now, not at the first ``next``:
+    the runner creates it before loading the model, so the first batches decode while the model loads. An
+    exception of the producer is raised here, at the item where it happened; ``close()`` (also before any item
+    was taken) stops the thread after the item it is producing.
     """
     if depth < 1:
         raise ValueError(f"depth: expected an integer >= 1, got {depth!r}")
-    return _prefetched(items, depth)
+    return Prefetch(items, depth)
 
 
-def _prefetched(items: Iterable, depth: int) -> Iterator:
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
+class Prefetch(Iterator):
+    """The iterator ``prefetch`` returns: ``next`` takes the produced items in order, ``close`` ends the thread."""
 
-    def offer(entry: tuple) -> bool:
-        while not stop.is_set():
+    _END = object()
+
+    def __init__(self, items: Iterable, depth: int) -> None:
+        self._slots: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._produce, args=(items,), name="lrpcli-reader", daemon=True)
+        self._thread.start()
+
+    def _offer(self, entry: tuple) -> bool:
+        while not self._stop.is_set():
             try:
-                slots.put(entry, timeout=0.05)
+                self._slots.put(entry, timeout=0.05)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def _produce(self, items: Iterable) -> None:
         try:
             for item in items:
-                if not offer((item, None)):
+                if not self._offer((item, None)):
                     return
-            offer((end, None))
+            self._offer((self._END, None))
         except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread
-            offer((end, err))
+            self._offer((self._END, err))
 
-    thread = threading.Thread(target=produce, name="lrpcli-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = slots.get()
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        item, err = self._slots.get()
+        if item is self._END:
+            self.close()
             if err is not None:
                 raise err
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the producer (after the item it is producing) and wait for its thread."""
+        self._done = True
+        self._stop.set()
+        self._thread.join()
 
 
 def open_image_folder(data: str | Path, input_cfg: Any) -> ImageDataset:

@@ -506,13 +506,15 @@ def _write_merged(infos: list[_ShardInfo], tmp: Path) -> tuple[int, int]:
     attrs = first.attrs
     shapes = first.shapes
     layer_names = [name[len("layers/"):] for name in shapes if name.startswith("layers/")]
+    with h5py.File(first.path, "r") as src:  # the first shard's choice (output.compression: auto decides per file)
+        compressed = {name: src[name].compression is not None for name in shapes}
     ResultWriter.create(
         tmp, config=first.config, config_yaml=str(attrs["config"]), n_rows=int(attrs["shard_total"]),
         num_outputs=shapes["prediction"][0][0], sample_shape=shapes["attribution"][0],
         layers=first.layers, rules=first.rules, dtype=shapes["attribution"][1],
         store_input="input" in shapes, overwrite=True,
         extra_layers={name: shapes[f"layers/{name}"][0] for name in layer_names},
-        torch_version=str(attrs.get("torch_version", ""))).close(complete=False)
+        torch_version=str(attrs.get("torch_version", "")), compressed=compressed).close(complete=False)
     skipped = [s for info in infos for s in info.skipped]
     rows = 0
     with h5py.File(tmp, "r+", libver=("earliest", "v108")) as out:
@@ -544,7 +546,8 @@ def _copy_rows(src: Any, dst: Any, n: int, at: int) -> None:
 
     same_layout = (src.chunks == dst.chunks and src.chunks is not None and src.chunks[0] == 1
                    and src.dtype == dst.dtype and src.compression == dst.compression
-                   and src.compression_opts == dst.compression_opts and tuple(src.chunks[1:]) == src.shape[1:])
+                   and src.compression_opts == dst.compression_opts and src.shuffle == dst.shuffle
+                   and tuple(src.chunks[1:]) == src.shape[1:])
     if same_layout:
         rest = (0,) * (src.ndim - 1)
         for i in range(n):

@@ -167,17 +167,23 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
             return summary
         start = first + writer_for_resume.rows_written + writer_for_resume.n_skipped
 
-    model = load_model(config).to(device)
-    lrp = config.attribution.method == "lrp"
-    comp = composites.get(config.composite.name, **composite_kwargs(config)) if lrp else None
-    method = None if lrp else _method(config)
-    layer_patterns = list(config.output.layers or [])
     workers = resolve_num_workers(config.run.num_workers, samples=stop - start, batch_size=config.run.batch_size,
                                   device=device)
     loader = make_loader(dataset, batch_size=config.run.batch_size, num_workers=workers, device=device,
                          start=start, stop=stop)
-    # without worker processes the next batch is decoded in a thread while this one is attributed
+    # without worker processes the next batch is decoded in a thread while this one is attributed; started
+    # before the model loads, so the first batches are ready when it is
     batches = loader if workers else prefetch(loader)
+    try:
+        model = load_model(config).to(device)
+    except BaseException:
+        if batches is not loader:
+            batches.close()
+        raise
+    lrp = config.attribution.method == "lrp"
+    comp = composites.get(config.composite.name, **composite_kwargs(config)) if lrp else None
+    method = None if lrp else _method(config)
+    layer_patterns = list(config.output.layers or [])
     show = sys.stderr.isatty() if progress is None else progress
     summary = RunSummary(out_path, rows=start - first, resumed_from=start - first)
     recorder = Recorder(layer_patterns) if lrp else None
@@ -262,10 +268,14 @@ def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
     layer_shapes = dict(layer_shapes)
 
     def make():
-        from .store import ResultWriter
+        from .store import ResultWriter, choose_compression
 
         if arrays is None:
             return None
+        first_rows = {"attribution": arrays["attribution"], "prediction": arrays["prediction"]}
+        if config.output.store_input:
+            first_rows["input"] = arrays["input"]
+        first_rows.update({f"layers/{name}": value for name, value in arrays["layers"].items()})
         cls = ResultWriter
         if file_attrs:
             from .distributed import writer_with_attrs
@@ -275,7 +285,8 @@ def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
             path, config=config.to_dict(), config_yaml=config.to_yaml(), n_rows=total,
             num_outputs=arrays["prediction"].shape[1], sample_shape=tuple(arrays["attribution"].shape[1:]),
             layers=layers, rules=rules, dtype=config.output.dtype, store_input=config.output.store_input,
-            overwrite=overwrite, extra_layers=dict(layer_shapes), torch_version=torch.__version__)
+            overwrite=overwrite, extra_layers=dict(layer_shapes), torch_version=torch.__version__,
+            compressed=choose_compression(config.output.compression, first_rows))
 
     return make
 

@@ -52,14 +52,20 @@ import yaml
 from . import __version__
 from .errors import DataError, RunError
 
-__all__ = ["IGNORED_CONFIG_KEYS", "ResultWriter", "Results", "config_differences", "open_results"]
+__all__ = ["COMPRESSIONS", "IGNORED_CONFIG_KEYS", "ResultWriter", "Results", "choose_compression", "config_differences",
+           "open_results", "pays_to_compress"]
 
 #: Config keys that do not change the numbers in the file: a resume may change them freely.
-IGNORED_CONFIG_KEYS = frozenset({"run.num_workers", "run.batch_size", "output.path", "run.device"})
+IGNORED_CONFIG_KEYS = frozenset({"run.num_workers", "run.batch_size", "output.path", "run.device",
+                                 "output.compression"})
 
 #: Compression of the per-sample chunks. lzf measured 3-4x faster than gzip level 1 on float32 relevance
 #: maps (and 1.2x on sparse ones) at a similar ratio; h5py (hence ViRelAy) always ships the lzf filter.
 COMPRESSION = "lzf"
+#: ``output.compression`` values: ``auto`` compresses a dataset only where its first rows shrink by MIN_SAVING
+COMPRESSIONS = ("auto", "lzf", "none")
+MIN_SAVING = 0.1
+_PROBE_ROWS = 4
 
 PARTIAL_SUFFIX = ".partial"
 _LIBVER = ("earliest", "v108")
@@ -131,12 +137,17 @@ def _why(err: BaseException) -> str:
 
 
 def _new_dataset(
-    group: h5py.Group, name: str, n_rows: int, row_shape: tuple[int, ...], dtype: Any, compressed: bool
+    group: h5py.Group, name: str, n_rows: int, row_shape: tuple[int, ...], dtype: Any, compressed: bool,
+    per_row: bool | None = None,
 ) -> h5py.Dataset:
-    """A per-row dataset with every chunk allocated now, so appends never restructure the chunk index."""
+    """A per-row dataset with every chunk allocated now, so appends never restructure the chunk index.
+
+    ``per_row`` (default: ``compressed``) gives one chunk per row; else small rows share a chunk of about 64 KiB.
+    Compressed float data goes through HDF5's shuffle filter first (exponent bytes together: smaller and
+    faster with lzf)."""
     row_shape = tuple(int(s) for s in row_shape)
     itemsize = np.dtype(dtype).itemsize if dtype is not _STR else 16
-    if compressed:
+    if compressed if per_row is None else per_row:
         rows_per_chunk = 1
     else:
         row_bytes = max(1, itemsize * math.prod(row_shape))
@@ -152,9 +163,39 @@ def _new_dataset(
         dtype=dtype,
         chunks=chunks,
         compression=COMPRESSION if compressed else None,
+        shuffle=bool(compressed and itemsize > 1),
         dcpl=dcpl,
         track_times=False,
     )
+
+
+def pays_to_compress(rows: np.ndarray, min_saving: float = MIN_SAVING) -> bool:
+    """True when the first few rows shrink by at least ``min_saving`` under the file's filters.
+
+    For ``output.compression: auto``: dense float relevance maps and noisy images often do not compress at all
+    (lzf measured 1.00 of the raw size on the demo's maps and inputs), and trying costs as much CPU time as a
+    quarter of the demo's attribution; exact zeros, smooth images and float16 maps do compress.
+    """
+    sample = np.ascontiguousarray(rows[:_PROBE_ROWS])
+    if sample.size == 0:
+        return True
+    # an in-memory file (HDF5's core driver, nothing on disk): a Python file object would hold the GIL for
+    # every block HDF5 writes, stalling the attribution thread
+    with h5py.File(f"lrpcli-probe-{id(sample)}", "w", driver="core", backing_store=False) as f:
+        dset = f.create_dataset("probe", data=sample, chunks=(1,) + sample.shape[1:], compression=COMPRESSION,
+                                shuffle=sample.dtype.itemsize > 1)
+        stored = dset.id.get_storage_size()
+    return stored <= (1.0 - min_saving) * sample.nbytes
+
+
+def choose_compression(mode: str, first_rows: Mapping[str, np.ndarray]) -> dict[str, bool]:
+    """Which per-sample datasets to compress: all (``lzf``), none (``none``), or each where it pays (``auto``,
+    judged on the first batch's rows)."""
+    if mode not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {mode!r}")
+    if mode == "auto":
+        return {name: pays_to_compress(rows) for name, rows in first_rows.items()}
+    return dict.fromkeys(first_rows, mode == "lzf")
 
 
 class ResultWriter:
@@ -205,8 +246,13 @@ class ResultWriter:
         overwrite: bool = False,
         extra_layers: dict[str, tuple[int, ...]] | None = None,
         torch_version: str = "",
+        compressed: Mapping[str, bool] | None = None,
     ) -> ResultWriter:
         """Create the result file for ``n_rows`` samples, atomically (see the module docstring).
+
+        ``compressed``: per-sample datasets (``attribution``, ``prediction``, ``input``, ``layers/<name>``) to
+        store uncompressed (False) or compressed (True, the default for names not given); see
+        :func:`choose_compression`. Either way they are chunked one row per chunk.
 
         Refuses an existing ``path`` unless ``overwrite``, and checks that the directory is writable before
         any work, so a bad ``-o`` fails in a second with one line and leaves nothing behind.
@@ -269,6 +315,7 @@ class ResultWriter:
                     store_input=store_input,
                     extra_layers=extra_layers,
                     torch_version=torch_version,
+                    compressed=dict(compressed or {}),
                 )
                 f.flush()
                 _fsync_file(f)
@@ -298,6 +345,7 @@ class ResultWriter:
         store_input: bool,
         extra_layers: dict[str, tuple[int, ...]],
         torch_version: str,
+        compressed: Mapping[str, bool] | None = None,
     ) -> None:
         """Every dataset at full size, every chunk allocated, every attribute present (rule 1 and 2)."""
         f.attrs["config"] = config_yaml
@@ -311,14 +359,19 @@ class ResultWriter:
         f.attrs["skipped_written"] = np.int64(0)
 
         n_layers = len(layers)
-        _new_dataset(f, "attribution", n_rows, sample_shape, dtype, compressed=True)
-        _new_dataset(f, "prediction", n_rows, (num_outputs,), np.float32, compressed=True)
+        packed = dict(compressed or {})
+
+        def per_sample(group: h5py.Group, name: str, shape: tuple[int, ...], dt: Any, path: str = "") -> None:
+            _new_dataset(group, name, n_rows, shape, dt, compressed=packed.get(path or name, True), per_row=True)
+
+        per_sample(f, "attribution", sample_shape, dtype)
+        per_sample(f, "prediction", (num_outputs,), np.float32)
         _new_dataset(f, "label", n_rows, (), np.int64, compressed=False)
         _new_dataset(f, "target", n_rows, (), np.int64, compressed=False)
         _new_dataset(f, "index", n_rows, (), np.uint32, compressed=False)
         _new_dataset(f, "filename", n_rows, (), _STR, compressed=False)
         if store_input:
-            _new_dataset(f, "input", n_rows, sample_shape, np.uint8, compressed=True)
+            per_sample(f, "input", sample_shape, np.uint8)
         cons = f.create_group("conservation")
         cons.create_dataset("layer", data=np.array([_clean_str(s) for s in layers], dtype=object), dtype=_STR)
         cons.create_dataset("rule", data=np.array([_clean_str(s) for s in rules], dtype=object), dtype=_STR)
@@ -327,7 +380,7 @@ class ResultWriter:
         _new_dataset(cons, "output_relevance", n_rows, (), np.float64, compressed=False)
         grp = f.create_group("layers")
         for name, shape in extra_layers.items():
-            _new_dataset(grp, name, n_rows, tuple(shape), dtype, compressed=True)
+            per_sample(grp, name, tuple(shape), dtype, f"layers/{name}")
         skipped = f.create_group("skipped")
         for name in ("filename", "reason"):
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)

@@ -189,6 +189,7 @@ def test_gamma_wrong_type_message_exact(tmp_path):
         ("run:\n  seed: 1.5\n", "run.seed", "an integer >= 0, got 1.5"),
         ("output:\n  dtype: float64\n", "output.dtype", "one of float32, float16, got 'float64'"),
         ("output:\n  store_input: 'no'\n", "output.store_input", "true or false, got 'no'"),
+        ("output:\n  compression: zstd\n", "output.compression", "one of auto, lzf, none, got 'zstd'"),
         ("output:\n  layers: layer4.0\n", None, None),  # a single string is accepted as a list
         ("output:\n  layers: [1]\n", "output.layers[0]", "a non-empty string, got 1"),
         ("input:\n  mode: CMYK\n", "input.mode", "one of RGB, L, got 'CMYK'"),

@@ -303,3 +303,33 @@ def test_prefetch_closed_early_stops_its_thread():
     it.close()
     assert not started[0].is_alive()
     assert len(produced) <= 4  # two taken, one in the queue, one being offered when closed
+
+
+def test_prefetch_reads_before_the_first_next_and_closes_unstarted():
+    """The reader starts at once (the runner creates it before the model loads), and close() stops it also when
+    no item was ever taken."""
+    import threading
+
+    from lrpcli.data import prefetch
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    before = set(threading.enumerate())
+    it = prefetch(endless(), depth=2)
+    deadline = time.monotonic() + 5
+    while len(produced) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert produced[:3] == [0, 1, 2]  # two queued, the third waiting for a slot, before any next()
+    started = [t for t in threading.enumerate() if t not in before and t.name == "lrpcli-reader"]
+    assert len(started) == 1
+    it.close()
+    assert not started[0].is_alive() and len(produced) <= 4
+    with pytest.raises(StopIteration):
+        next(it)

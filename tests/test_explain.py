@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lrpcli.cli import main
-from lrpcli.store import open_results
+from lrpcli.store import open_results, pays_to_compress
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -226,6 +226,26 @@ def test_num_workers_auto_and_processes_give_the_same_file(demo_h5, tmp_path):
     assert not (tmp_path / "x.h5").exists()
 
 
+def test_compression_choice_changes_no_value(demo_h5, tmp_path):
+    """output.compression lzf and none store the same arrays as the default auto, which compresses a dataset
+    only where its first rows shrink by 10 % (the demo's dense float maps do not)."""
+    keys = ("attribution", "prediction", "input", "conservation/relevance_in")
+    with h5py.File(demo_h5, "r") as f:
+        expected = {k: f[k][:] for k in keys}
+        assert f["attribution"].compression == ("lzf" if pays_to_compress(expected["attribution"]) else None)
+        assert f["input"].compression == ("lzf" if pays_to_compress(expected["input"]) else None)
+    for mode in ("lzf", "none"):
+        out = tmp_path / f"{mode}.h5"
+        config = _config(tmp_path, BASE.replace("  store_input: true", f"  store_input: true\n  compression: {mode}"))
+        code, _, err = explain(out, config=config)
+        assert code == 0, err
+        with h5py.File(out, "r") as f:
+            assert {f[k].compression for k in ("attribution", "prediction", "input")} == {
+                "lzf" if mode == "lzf" else None}
+            for key, value in expected.items():
+                np.testing.assert_array_equal(f[key][:], value, err_msg=f"{mode}: {key}")
+
+
 def test_bad_data_and_output(tmp_path):
     out = tmp_path / "o.h5"
     code, _, err = explain(out, data=tmp_path / "nope")
@@ -267,3 +287,20 @@ def test_layer_maps_are_stored_and_rendered(tmp_path):
     assert code == 0, err
     images = sorted((tmp_path / "maps").glob("*.png"))
     assert len(images) == 6 and Image.open(images[0]).size == (64, 64)
+
+
+def test_model_that_fails_to_load_leaves_no_reader_thread(tmp_path):
+    """The reader thread starts before the model loads; a model that cannot load must stop it again."""
+    import threading
+
+    from lrpcli.config import load_config
+    from lrpcli.errors import LrpcliError
+    from lrpcli.runner import explain as run_explain
+
+    config = load_config(_config(tmp_path, BASE.replace("model.pt", "missing.pt")),
+                         {"output.path": str(tmp_path / "o.h5")})
+    with pytest.raises(LrpcliError, match="missing.pt"):
+        run_explain(config, DEMO_DATA)
+    time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "lrpcli-reader" and t.is_alive()]
+    assert not (tmp_path / "o.h5").exists()

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from lrpcli.errors import DataError
-from lrpcli.store import ResultWriter, config_differences, open_results
+from lrpcli.store import ResultWriter, choose_compression, config_differences, open_results, pays_to_compress
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("_kill_writer", ROOT / "tests" / "_kill_writer.py")
@@ -141,6 +141,42 @@ def test_without_input_and_extra_layers(tmp_path):
         np.testing.assert_array_equal(r.index, [7, 8])
     with h5py.File(path, "r") as f:
         assert "input" not in f
+
+
+def test_compression_pays_only_where_rows_shrink():
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+    sparse = np.where(rng.random((4, 3, 16, 16)) < 0.05, noise, 0).astype(np.float32)
+    pixels = rng.integers(0, 256, (4, 3, 16, 16), dtype=np.uint8)
+    flat = np.full((4, 3, 16, 16), 7, dtype=np.uint8)
+    assert not pays_to_compress(noise) and not pays_to_compress(pixels)
+    assert pays_to_compress(sparse) and pays_to_compress(flat)
+    first = {"attribution": noise, "input": flat, "layers/a": sparse}
+    assert choose_compression("auto", first) == {"attribution": False, "input": True, "layers/a": True}
+    assert choose_compression("lzf", first) == dict.fromkeys(first, True)
+    assert choose_compression("none", first) == dict.fromkeys(first, False)
+    with pytest.raises(ValueError, match="auto, lzf, none"):
+        choose_compression("zstd", first)
+
+
+def test_uncompressed_datasets_keep_one_row_chunks_and_read_back_the_same(tmp_path):
+    paths = {}
+    for packed in (True, False):
+        paths[packed] = path = tmp_path / f"{packed}.h5"
+        flags = {"attribution": packed, "input": packed, "prediction": packed, "layers/features.0": packed}
+        with make_writer(path, n_rows=3, compressed=flags) as w:
+            w.append(**batch([4, 5, 6]))
+            w.close(True)
+        with h5py.File(path, "r") as f:
+            for name in flags:
+                dset = f[name]
+                assert dset.chunks[0] == 1 and dset.chunks[1:] == dset.shape[1:]
+                assert dset.compression == ("lzf" if packed else None)
+                assert dset.shuffle == (packed and dset.dtype.itemsize > 1)
+    with open_results(paths[True]) as a, open_results(paths[False]) as b:
+        for field in ROW_FIELDS:
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        np.testing.assert_array_equal(a.layers["features.0"], b.layers["features.0"])
 
 
 def test_append_checks_shapes_and_capacity(tmp_path):
