@@ -10,6 +10,11 @@ Per-call state (inputs, output, rule) lives in a ``LayerCall`` owned by the auto
 twice in one forward gets two independent records, and everything is freed with the graph. The session can be
 made inactive (``inactive()``): nodes then pass the plain gradient to ``z``, which is what a second backward
 through a relevance (create_graph=True) must see.
+
+ReLU outputs that are recomputed. A rule that reads only a ReLU's input (BetaSmooth) keeps z; the layer after
+the ReLU would keep y = relu(z) as well (convolutions save their input), two activations where the plain
+gradient keeps one. During a forward of the whole model the session therefore installs saved-tensor hooks
+(``_SavedTensors``) that store such a y as a reference to z and recompute relu(z) when a backward needs it.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
     __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified",
-                 "output_rectified", "_memo", "__weakref__")
+                 "output_rectified", "relu_recomputed", "_memo", "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -56,6 +61,9 @@ class LayerCall:
         self.rectified = False
         #: in the backward: the output is relu(z) and the relevance is 0 wherever it is 0 (see restore_output)
         self.output_rectified = False
+        #: the call is a ReLU whose output is not in the graph (``_SavedTensors``): the plain gradient is computed
+        #: from the input here instead of by the ReLU's own autograd node
+        self.relu_recomputed = False
         self._memo: dict[str, Any] = {}
 
     @property
@@ -182,6 +190,11 @@ class _RuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: LayerCall, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         ctx.call = call
+        if call.relu_recomputed:
+            # autograd frees saved tensors once the node ran (unless the graph is retained); a LayerCall lives
+            # as long as the graph. The plain gradient frees each activation as the backward passes it: so must
+            # this one, the only copy of the layer's activation
+            ctx.save_for_backward(*inputs)
         # an alias, not a view: in-place ops downstream stay legal, and check_unmodified catches those that
         # change a tensor the rule reads (detach shares the version counter)
         return z.detach()
@@ -189,8 +202,21 @@ class _RuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: LayerCall = ctx.call
+        if not call.relu_recomputed:
+            return _RuleFunction._backward(call, relevance)
+        stand_ins, call.inputs = call.inputs, ctx.saved_tensors
+        try:
+            return _RuleFunction._backward(call, relevance)
+        finally:
+            call.inputs = stand_ins
+
+    @staticmethod
+    def _backward(call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         n = len(call.inputs)
         if not call.session.active:
+            if call.relu_recomputed:  # what the ReLU's own node (ReluBackward0) computes, bit for bit
+                call.check_unmodified()
+                return None, None, torch.ops.aten.threshold_backward(relevance, torch.relu(call.x), 0)
             return (None, relevance) + (None,) * n
         call.check_unmodified()
         call.restore_output(relevance)
@@ -213,6 +239,124 @@ class _Tap(torch.autograd.Function):
     def backward(ctx: Any, relevance: torch.Tensor) -> tuple[None, None, torch.Tensor]:
         ctx.recorder.on_map(ctx.key, relevance)
         return None, None, relevance
+
+
+def _modified(tensor: torch.Tensor, version: int) -> RuntimeError:
+    return RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an inplace operation: "
+        f"[{tensor.type()} {list(tensor.shape)}] is at version {tensor._version}; expected version {version} "
+        "instead (lrpcli checks saved tensors itself while it recomputes ReLU outputs)")
+
+
+class _Recompute:
+    """A saved ReLU output stored as the ReLU's input z, which the rule keeps anyway: relu(z) is rebuilt, bit for
+    bit, only when a backward node unpacks it, and freed after that node ran."""
+
+    __slots__ = ("z", "version")
+
+    def __init__(self, z: torch.Tensor) -> None:
+        self.z = z.detach()  # no graph: the token must not keep nodes alive, and relu records none
+        self.version = z._version
+
+    def unpack(self) -> torch.Tensor:
+        if self.z._version != self.version:
+            raise _modified(self.z, self.version)
+        return torch.relu(self.z)
+
+
+class _Kept:
+    """Any other saved tensor, kept as autograd keeps it. Detached: holding an operation's own output with its
+    graph would make a reference cycle. Autograd skips its version check for hooked tensors; it is done here."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor.detach()
+        self.version = tensor._version
+
+    def unpack(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise _modified(self.tensor, self.version)
+        return self.tensor
+
+
+def _unpack(packed: _Recompute | _Kept) -> torch.Tensor:
+    return packed.unpack()
+
+
+class _SavedTensors:
+    """Saved-tensor hooks for one forward of the whole model (see the module docstring).
+
+    When a ReLU's rule reads only its input z, the session gives the next layer ``result``, an alias of
+    y = relu(z), and keeps z. Whatever autograd saves of that alias (a convolution's input, a pool's input) is
+    stored as a ``_Recompute`` token; nothing then holds y's storage after the forward, and the model keeps one
+    activation per layer, as the plain gradient does.
+
+    The hooks are pushed at the first such ReLU of a forward, only when no other saved-tensor hooks are in effect
+    (they would be shadowed: e.g. checkpointing or offloading) and hooks are enabled (torch.func disables them),
+    and popped when the forward ends, also when it raises (a root hook with always_call=True) and, failing
+    that, when the context exits. Until then every tensor saved passes through ``pack``: one dict look-up.
+    """
+
+    def __init__(self) -> None:
+        #: id(alias) -> (weak alias, its version when registered, token)
+        self.aliases: dict[int, tuple[weakref.ref, int, _Recompute]] = {}
+        self.installed = False
+        aliases = self.aliases
+
+        def pack(tensor: torch.Tensor) -> _Recompute | _Kept:
+            entry = aliases.get(id(tensor))
+            # the very alias, unmodified since the ReLU made it (a weakref: ids of dead tensors are reused)
+            if entry is not None and entry[0]() is tensor and tensor._version == entry[1]:
+                return entry[2]
+            return _Kept(tensor)
+
+        self.pack = pack
+
+    def install(self) -> bool:
+        """Push the hooks (once per forward); False where they cannot be used."""
+        if self.installed:
+            return True
+        if not torch._C._autograd._saved_tensors_hooks_is_enabled() \
+                or torch._C._autograd._top_saved_tensors_default_hooks(True) is not None:
+            return False
+        torch._C._autograd._push_saved_tensors_default_hooks(self.pack, _unpack)
+        self.installed = True
+        return True
+
+    def add(self, alias: torch.Tensor, z: torch.Tensor) -> None:
+        """``alias`` is relu(z): saving it stores z instead."""
+        self.aliases[id(alias)] = (weakref.ref(alias), alias._version, _Recompute(z))
+
+    def follow(self, source: torch.Tensor, alias: torch.Tensor) -> None:
+        """``alias`` has the contents of ``source`` (a tap): if source is recomputable, so is alias."""
+        entry = self.aliases.get(id(source))
+        if entry is not None and entry[0]() is source and source._version == entry[1]:
+            self.aliases[id(alias)] = (weakref.ref(alias), alias._version, entry[2])
+
+    def remove(self) -> None:
+        """Pop the hooks if this forward pushed them (only if they are on top: never someone else's)."""
+        self.aliases.clear()
+        if self.installed:
+            self.installed = False
+            top = torch._C._autograd._top_saved_tensors_default_hooks(True)
+            if top is not None and top[0] is self.pack:
+                torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
+def _recomputable_relu(rule: Rule, module: nn.Module, inputs: tuple[torch.Tensor, ...],
+                       output: torch.Tensor) -> bool:
+    """True if ``output`` is torch.relu of the single input z (its autograd node says so) and the rule reads only
+    z: then output can leave the graph and be recomputed from z wherever autograd saved it."""
+    if len(inputs) != 1 or rule.needs_graph:
+        return False
+    reads = rule.reads_of(module)
+    if "output" in reads or "inputs" not in reads:
+        return False
+    z, node = inputs[0], output.grad_fn
+    return (node is not None and type(node).__name__ == "ReluBackward0" and output is not z
+            and output._version == 0 and z.grad_fn is not None
+            and node.next_functions[0] == (z.grad_fn, z.output_nr))
 
 
 @dataclass
@@ -277,6 +421,7 @@ class Session:
         self._state: dict[Any, Any] = {}
         self._producers: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # hooked outputs that may be rectified
         self._in_root = False  # inside a forward of the whole model (the producers are cleared at its end)
+        self._saved = _SavedTensors()
         self._order = 0
         self._probed = False
         self._probing = False
@@ -315,6 +460,7 @@ class Session:
         self._undo()
 
     def _undo(self) -> None:
+        self._saved.remove()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -348,6 +494,7 @@ class Session:
                     self._handles.append(module.register_forward_hook(self._tap_hook(name)))
         self._handles.append(model.register_forward_pre_hook(self._root_pre_hook))
         self._handles.append(model.register_forward_hook(self._root_hook))
+        self._handles.append(model.register_forward_hook(self._root_end, always_call=True))
 
     def _root_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self._probing:
@@ -359,6 +506,7 @@ class Session:
         self._call_counts = {}
         self._tap_counts: dict[str, int] = {}
         self._producers.clear()
+        self._saved.remove()  # left over only if the last forward was interrupted (KeyboardInterrupt)
         self._in_root = True
         if self.recorder is not None:
             self.recorder.start()
@@ -377,6 +525,14 @@ class Session:
                 f"lrpcli: no rule for modules that compute something: {names}{more}; the plain gradient flows "
                 "through them. Add a rule override or use a composite that covers them.",
                 UnhandledModuleWarning, stacklevel=2)
+
+    def _root_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The end of a forward of the whole model, also when it raised: no saved-tensor hook outlives it."""
+        if self._probing:
+            return
+        self._saved.remove()
+        self._producers.clear()
+        self._in_root = False
 
     def _run_probe(self, args: tuple) -> None:
         """One forward on the first sample, recording which leaf produced the tensor each leaf consumed."""
@@ -437,7 +593,9 @@ class Session:
             count = self._tap_counts.get(name, 0)
             self._tap_counts[name] = count + 1
             key = name if count == 0 else f"{name}#{count + 1}"
-            return _Tap.apply(self.recorder, key, output)
+            tapped = _Tap.apply(self.recorder, key, output)
+            self._saved.follow(output, tapped)
+            return tapped
 
         return hook
 
@@ -460,8 +618,15 @@ class Session:
         call = LayerCall(self, module, assignment.name, key, rule, inputs, output)
         if self.recorder is not None:
             self.recorder.on_forward(call)
-        result = _RuleFunction.apply(call, output, *inputs)
+        # a ReLU output that can be recomputed stays out of the graph: once the forward has moved on, nothing
+        # refers to it or to its autograd node, and its storage is freed
+        recompute = self._in_root and _recomputable_relu(rule, module, inputs, output) and self._saved.install()
+        call.relu_recomputed = recompute
+        result = _RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
         call.release()
+        if recompute:
+            self._saved.add(result, inputs[0])
+            call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # z lives in ctx (above)
         keeps_nothing = not rule.reads_of(module) and not rule.needs_graph
         if keeps_nothing and inputs and type(module) is nn.ReLU:
             self._rectify_producer(inputs[0], output)
