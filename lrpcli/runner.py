@@ -8,6 +8,7 @@ the next batch's attribution. The per-layer conservation sums come from the same
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import sys
 import threading
@@ -49,42 +50,50 @@ class RunSummary:
                 f"({self.images_per_second:.1f} images/s) -> {self.path}")
 
 
-class _WriterThread:
-    """Appends batches to the store in a background thread, in order; errors surface in the main thread."""
+class _BatchWriter:
+    """Appends batches to the store in order, in a background thread (``threaded``) or at once in ``put``;
+    errors surface in the main thread either way."""
 
-    def __init__(self) -> None:
+    def __init__(self, threaded: bool = True) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.writer: Any = None
         self.pending: list[tuple[str, str]] = []  # skipped images seen before the file exists
-        self.thread = threading.Thread(target=self._work, name="lrpcli-writer", daemon=True)
-        self.thread.start()
+        self.thread = threading.Thread(target=self._work, name="lrpcli-writer", daemon=True) if threaded else None
+        if self.thread is not None:
+            self.thread.start()
 
     def _work(self) -> None:
         while True:
             item = self.queue.get()
             if item is None:
                 return
-            if self.error is not None:
-                continue
-            try:
-                make_writer, skipped, arrays = item
-                self.pending.extend(skipped)
+            self._handle(item)
+
+    def _handle(self, item: Any) -> None:
+        if self.error is not None:
+            return
+        try:
+            make_writer, skipped, arrays = item
+            self.pending.extend(skipped)
+            if self.writer is None:
+                self.writer = make_writer()
                 if self.writer is None:
-                    self.writer = make_writer()
-                    if self.writer is None:
-                        continue
-                for filename, reason in self.pending:
-                    self.writer.add_skipped(filename, reason)
-                self.pending.clear()
-                if arrays is not None:
-                    self.writer.append(**arrays)
-            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-                self.error = err
+                    return
+            for filename, reason in self.pending:
+                self.writer.add_skipped(filename, reason)
+            self.pending.clear()
+            if arrays is not None:
+                self.writer.append(**arrays)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+            self.error = err
 
     def put(self, item: Any) -> None:
         self.raise_error()
-        self.queue.put(item)
+        if self.thread is None:
+            self._handle(item)
+        else:
+            self.queue.put(item)
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -92,8 +101,26 @@ class _WriterThread:
             raise err
 
     def finish(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+
+
+def background_threads_help(device: torch.device) -> bool:
+    """True where decoding and writing in background threads overlap the attribution instead of slowing it.
+
+    With a GPU they do. On the CPU only when a core is left over by torch's threads: an extra busy thread on a
+    core that an OpenMP team uses stalls every parallel operation at its barrier (measured on 2 cores: the demo's
+    attribution ran 5-6x slower while a thread decoded images, also with that thread at 1 torch thread).
+    Then the main process decodes and writes between batches, which costs only the work itself.
+    """
+    if device.type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
 
 
 def _targets(config: Config, labels: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -171,9 +198,10 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
                                   device=device)
     loader = make_loader(dataset, batch_size=config.run.batch_size, num_workers=workers, device=device,
                          start=start, stop=stop)
-    # without worker processes the next batch is decoded in a thread while this one is attributed; started
-    # before the model loads, so the first batches are ready when it is
-    batches = loader if workers else prefetch(loader)
+    # without worker processes the next batch is decoded in a thread while this one is attributed (where that
+    # helps, see background_threads_help); started before the model loads, so the first batches are ready
+    threads = background_threads_help(device)
+    batches = prefetch(loader) if threads and not workers else loader
     try:
         model = load_model(config).to(device)
     except BaseException:
@@ -187,9 +215,9 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
     show = sys.stderr.isatty() if progress is None else progress
     summary = RunSummary(out_path, rows=start - first, resumed_from=start - first)
     recorder = Recorder(layer_patterns) if lrp else None
-    writer_thread = _WriterThread()
+    batch_writer = _BatchWriter(threaded=threads)
     if writer_for_resume is not None:
-        writer_thread.writer = writer_for_resume
+        batch_writer.writer = writer_for_resume
     layer_shapes: dict[str, tuple[int, ...]] = {}
     t0 = time.perf_counter()
 
@@ -214,7 +242,7 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
                     summary.rows += len(batch)
                 make_writer = _writer_factory(config, out_path, stop - first, arrays, table, overwrite, layer_shapes,
                                               file_attrs)
-                writer_thread.put((make_writer, [(s.filename, s.reason) for s in skipped], arrays))
+                batch_writer.put((make_writer, [(s.filename, s.reason) for s in skipped], arrays))
                 bar.update(len(batch) + len(skipped))
                 if show:
                     elapsed = time.perf_counter() - t0
@@ -227,17 +255,17 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
         if batches is not loader:
             batches.close()
         bar.close()
-        writer_thread.finish()
-        writer = writer_thread.writer
+        batch_writer.finish()
+        writer = batch_writer.writer
         if writer is not None:
             try:
-                writer.close(complete=completed and writer_thread.error is None)
+                writer.close(complete=completed and batch_writer.error is None)
             except Exception:  # noqa: BLE001 - the first error is the one to report
-                if writer_thread.error is None and completed:
+                if batch_writer.error is None and completed:
                     raise
         summary.seconds = time.perf_counter() - t0
-    writer_thread.raise_error()
-    if writer_thread.writer is None:
+    batch_writer.raise_error()
+    if batch_writer.writer is None:
         raise DataError(f"no image under {data} could be read ({len(summary.skipped)} skipped); nothing written")
     summary.complete = True
     return summary

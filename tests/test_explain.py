@@ -289,13 +289,16 @@ def test_layer_maps_are_stored_and_rendered(tmp_path):
     assert len(images) == 6 and Image.open(images[0]).size == (64, 64)
 
 
-def test_model_that_fails_to_load_leaves_no_reader_thread(tmp_path):
+def test_model_that_fails_to_load_leaves_no_reader_thread(tmp_path, monkeypatch):
     """The reader thread starts before the model loads; a model that cannot load must stop it again."""
     import threading
 
+    import lrpcli.runner
     from lrpcli.config import load_config
     from lrpcli.errors import LrpcliError
     from lrpcli.runner import explain as run_explain
+
+    monkeypatch.setattr(lrpcli.runner, "background_threads_help", lambda device: True)
 
     config = load_config(_config(tmp_path, BASE.replace("model.pt", "missing.pt")),
                          {"output.path": str(tmp_path / "o.h5")})
@@ -304,3 +307,43 @@ def test_model_that_fails_to_load_leaves_no_reader_thread(tmp_path):
     time.sleep(0.05)
     assert not [t for t in threading.enumerate() if t.name == "lrpcli-reader" and t.is_alive()]
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_threads_only_where_a_core_is_free_and_same_file_either_way(demo_h5, tmp_path, monkeypatch):
+    """Decoding and writing go to background threads only with a GPU or a CPU core that torch's threads leave
+    free; the file is the same whichever way it was written."""
+    import threading
+
+    import torch
+
+    import lrpcli.runner
+    from lrpcli.config import load_config
+
+    monkeypatch.setattr(lrpcli.runner.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(lrpcli.runner.torch, "get_num_threads", lambda: 4)
+    assert not lrpcli.runner.background_threads_help(torch.device("cpu"))
+    assert lrpcli.runner.background_threads_help(torch.device("cuda"))
+    monkeypatch.setattr(lrpcli.runner.torch, "get_num_threads", lambda: 3)
+    assert lrpcli.runner.background_threads_help(torch.device("cpu"))
+    monkeypatch.undo()
+
+    keys = ("attribution", "prediction", "input", "index", "conservation/relevance_in", "conservation/relevance_out")
+    with h5py.File(demo_h5, "r") as f:
+        expected = {k: f[k][:] for k in keys}
+    seen = {}
+    original = threading.Thread.start
+
+    def start(thread):
+        seen.setdefault(helps, set()).add(thread.name)
+        return original(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    for helps in (True, False):
+        monkeypatch.setattr(lrpcli.runner, "background_threads_help", lambda device, helps=helps: helps)
+        out = tmp_path / f"{helps}.h5"
+        lrpcli.runner.explain(load_config(DEMO_CONFIG, {"output.path": str(out)}), DEMO_DATA)
+        with h5py.File(out, "r") as f:
+            for key, value in expected.items():
+                np.testing.assert_array_equal(f[key][:], value, err_msg=f"threads {helps}: {key}")
+    assert {"lrpcli-reader", "lrpcli-writer"} <= seen[True]
+    assert not {"lrpcli-reader", "lrpcli-writer"} & seen.get(False, set())
