@@ -329,7 +329,7 @@ class ResultWriter:
             if isinstance(err, OSError):
                 raise DataError(f"cannot write {path}: {_why(err)}") from None
             raise
-        return cls._open_for_append(path)
+        return cls._open_for_append(path, just_created=True)
 
     @staticmethod
     def _build(
@@ -421,14 +421,15 @@ class ResultWriter:
         return cls._open_for_append(path, after_crash=True)
 
     @classmethod
-    def _open_for_append(cls, path: str, after_crash: bool = False) -> ResultWriter:
+    def _open_for_append(cls, path: str, after_crash: bool = False, just_created: bool = False) -> ResultWriter:
         if after_crash:
             if _being_written(path):
                 raise DataError(f"{path} is being written by another process; wait for it or stop it")
             _cover_eof(path)
         f = _open_h5(path, "r+")
         try:
-            _check_lrpcli(f, path)
+            if not just_created:  # a file made by _build a moment ago needs no check (parsing its config: ms)
+                _check_lrpcli(f, path)
             writer = cls(path, f)
             if after_crash and not writer._complete:
                 writer._forget_unfinished_strings()

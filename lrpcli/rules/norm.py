@@ -29,7 +29,11 @@ class Norm(Rule):
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ratio = self.stabilizer.divide(relevance, call.output)
         if _is_sum(call.module):
-            return tuple(_unbroadcast(x * ratio, x) for x in call.inputs)
+            last = len(call.inputs) - 1
+            reuse = not torch.is_grad_enabled() and call.inputs[last].shape == ratio.shape
+            # the last input's share goes into the ratio's own buffer: one fresh output-sized tensor less
+            return tuple(_unbroadcast(torch.mul(x, ratio, out=ratio) if reuse and k == last else x * ratio, x)
+                         for k, x in enumerate(call.inputs))
         grads = call.native_vjp(ratio)
         return tuple(None if g is None else x * g for x, g in zip(call.inputs, grads))
 
