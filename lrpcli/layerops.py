@@ -105,7 +105,23 @@ def stack_pair(module: nn.Module, first: torch.Tensor, second: torch.Tensor) -> 
     """[first; second] along the output channels: ``input_vjp`` with it and v = [a, b] (stacked along the
     channels) gives first^T a + second^T b in one transposed operation, half the passes of two calls and their
     sum (``pairable`` modules only)."""
-    return torch.cat([first, second], dim=1 if isinstance(module, CONV_TRANSPOSE_TYPES) else 0)
+    return torch.cat([first, second], dim=weight_out_dim(module))
+
+
+def pair_of_weights(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An uninitialised stacked weight for ``stack_pair``'s layout and its two halves, for rules that compute
+    the two weights straight into it (no separate tensors, no concatenation)."""
+    dim = weight_out_dim(module)
+    shape = list(weight.shape)
+    shape[dim] *= 2
+    stacked = weight.new_empty(shape)
+    first, second = stacked.chunk(2, dim=dim)
+    return stacked, first, second
+
+
+def weight_out_dim(module: nn.Module) -> int:
+    """The weight dimension that holds the output channels (1 for transposed convolutions, 0 else)."""
+    return 1 if isinstance(module, CONV_TRANSPOSE_TYPES) else 0
 
 
 def input_vjps(module: nn.Module, x: torch.Tensor, first: torch.Tensor, second: torch.Tensor, v: torch.Tensor,

@@ -57,4 +57,11 @@ class AlphaBeta(ParamRule):
             self.stabilizer.divide(relevance, torch.sub(split.z_rule, positive), out=to_neg)
             self.stabilizer.divide(relevance, positive, out=to_pos)
         del positive
-        return split.backproject_pair(buf, lambda w_pos, w_neg_abs: (w_pos * self.alpha, w_neg_abs * self.beta))
+        return split.backproject_pair(buf, self._fill_weights)
+
+    def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_pos: torch.Tensor, w: torch.Tensor) -> None:
+        """[alpha W+; beta |W-|], with |W-| = W+ - W."""
+        torch.mul(w_pos, self.alpha, out=first)
+        torch.sub(w_pos, w, out=second)
+        if self.beta != 1.0:
+            second.mul_(self.beta)

@@ -87,5 +87,12 @@ class Gamma(ParamRule):
             self.stabilizer.divide(relevance, den, out=ratio)
         del den
         torch.mul(ratio, mask, out=masked)
-        return split.backproject_pair(buf, lambda w_pos, w_neg_abs: (w_pos - (1.0 + g) * w_neg_abs,
-                                                                     (w_pos + w_neg_abs) * g))
+        return split.backproject_pair(buf, self._fill_weights)
+
+    def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_pos: torch.Tensor, w: torch.Tensor) -> None:
+        """[W + gamma W-; gamma |W|], with W + gamma W- = (1 + gamma) W - gamma W+."""
+        g = self.gamma
+        torch.mul(w, 1.0 + g, out=first)
+        first.sub_(w_pos, alpha=g)
+        torch.abs(w, out=second)
+        second.mul_(g)

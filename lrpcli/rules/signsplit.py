@@ -147,13 +147,16 @@ class SignSplit:
         return buf, a, b
 
     def backproject_pair(self, buf: torch.Tensor,
-                         weights: Callable[[torch.Tensor, torch.Tensor], tuple]) -> torch.Tensor:
+                         fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+                         ) -> torch.Tensor:
         """x (A^T a + B^T b) for x >= 0, with a and b the halves of ``buf``: one transposed operation through the
-        stacked [A; B], where (A, B) = weights(W+, |W-|) (rules fold their constant factors into the weights, which
-        costs a pass over the weights instead of one over the output; built once per call)."""
+        stacked [A; B]. ``fill(A, B, W+, W)`` writes the two weights into the halves of one stacked buffer (rules
+        fold their constant factors into the weights, which costs a pass over the weights instead of one over the
+        output; built once per call, with no intermediate weight-sized tensors)."""
         def build() -> torch.Tensor:
-            w_pos = self.weight_pos
-            return ops.stack_pair(self.module, *weights(w_pos, w_pos - self.weight))
+            stacked, first, second = ops.pair_of_weights(self.module, self.weight)
+            fill(first, second, self.weight_pos, self.weight)
+            return stacked
 
         return input_vjp(self.module, self.x, self.call.memo("stacked", build), buf, self.z).mul_(self.x)
 
