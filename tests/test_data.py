@@ -281,22 +281,23 @@ def test_prefetch_raises_the_producers_error_in_place():
         prefetch([1], depth=0)
 
 
+def _endless(produced: list[int]):
+    """0, 1, 2, ... forever, noting each item as it is produced."""
+    i = 0
+    while True:
+        produced.append(i)
+        yield i
+        i += 1
+
+
 def test_prefetch_closed_early_stops_its_thread():
     import threading
 
     from lrpcli.data import prefetch
 
-    produced = []
-
-    def endless():
-        i = 0
-        while True:
-            produced.append(i)
-            yield i
-            i += 1
-
+    produced: list[int] = []
     before = set(threading.enumerate())
-    it = prefetch(endless(), depth=1)
+    it = prefetch(_endless(produced), depth=1)
     assert [next(it), next(it)] == [0, 1]
     started = [t for t in threading.enumerate() if t not in before and t.name == "lrpcli-reader"]
     assert len(started) == 1 and started[0].is_alive()
@@ -312,17 +313,9 @@ def test_prefetch_reads_before_the_first_next_and_closes_unstarted():
 
     from lrpcli.data import prefetch
 
-    produced = []
-
-    def endless():
-        i = 0
-        while True:
-            produced.append(i)
-            yield i
-            i += 1
-
+    produced: list[int] = []
     before = set(threading.enumerate())
-    it = prefetch(endless(), depth=2)
+    it = prefetch(_endless(produced), depth=2)
     deadline = time.monotonic() + 5
     while len(produced) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
