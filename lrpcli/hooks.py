@@ -20,6 +20,7 @@ gradient keeps one. During a forward of the whole model the session therefore in
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -248,20 +249,54 @@ def _modified(tensor: torch.Tensor, version: int) -> RuntimeError:
         "instead (lrpcli checks saved tensors itself while it recomputes ReLU outputs)")
 
 
+#: how many tensors hold a storage (private; without it the buffer of ``_Scratch`` is never reused)
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _Scratch:
+    """One reusable buffer for the relu(z) that backward nodes unpack, shared by the tokens of one forward (CPU).
+
+    A recomputed relu(z) lives only while one node runs (a convolution's backward, a pool's), and consecutive
+    layers have the same shape. Fresh CPU memory of an activation's size costs page faults that, on vgg16, take
+    longer than the relu itself (+5 % of the time, against +0-1 % with the buffer). It is reused only when
+    nothing but this cache holds its storage any more; it lives as long as the forward's graph.
+    """
+
+    __slots__ = ("buffer", "lock")
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.lock = threading.Lock()
+
+    def relu(self, z: torch.Tensor) -> torch.Tensor:
+        if z.device.type != "cpu" or z.layout != torch.strided or _storage_use_count is None:
+            return torch.relu(z)  # the CUDA caching allocator is cheap already, and streams make reuse unsafe
+        with self.lock:  # two backward passes through one retained graph may run in two threads
+            buffer = self.buffer
+            if buffer is not None and buffer.shape == z.shape and buffer.dtype == z.dtype \
+                    and buffer.stride() == z.stride() \
+                    and _storage_use_count(buffer.untyped_storage()._cdata) == 2:  # the buffer and this call's
+                torch.clamp_min(z, 0, out=buffer)  # exactly torch.relu(z), which is clamp_min(z, 0)
+            else:
+                buffer = self.buffer = torch.relu(z)
+            return buffer.detach()  # holds the storage before the lock is released
+
+
 class _Recompute:
     """A saved ReLU output stored as the ReLU's input z, which the rule keeps anyway: relu(z) is rebuilt, bit for
-    bit, only when a backward node unpacks it, and freed after that node ran."""
+    bit, only when a backward node unpacks it."""
 
-    __slots__ = ("z", "version")
+    __slots__ = ("z", "version", "scratch")
 
-    def __init__(self, z: torch.Tensor) -> None:
+    def __init__(self, z: torch.Tensor, scratch: _Scratch) -> None:
         self.z = z.detach()  # no graph: the token must not keep nodes alive, and relu records none
         self.version = z._version
+        self.scratch = scratch
 
     def unpack(self) -> torch.Tensor:
         if self.z._version != self.version:
             raise _modified(self.z, self.version)
-        return torch.relu(self.z)
+        return self.scratch.relu(self.z)
 
 
 class _Kept:
@@ -302,6 +337,7 @@ class _SavedTensors:
         #: id(alias) -> (weak alias, its version when registered, token)
         self.aliases: dict[int, tuple[weakref.ref, int, _Recompute]] = {}
         self.installed = False
+        self.scratch = _Scratch()
         aliases = self.aliases
 
         def pack(tensor: torch.Tensor) -> _Recompute | _Kept:
@@ -322,11 +358,12 @@ class _SavedTensors:
             return False
         torch._C._autograd._push_saved_tensors_default_hooks(self.pack, _unpack)
         self.installed = True
+        self.scratch = _Scratch()  # one per forward: it lives as long as that forward's graph
         return True
 
     def add(self, alias: torch.Tensor, z: torch.Tensor) -> None:
         """``alias`` is relu(z): saving it stores z instead."""
-        self.aliases[id(alias)] = (weakref.ref(alias), alias._version, _Recompute(z))
+        self.aliases[id(alias)] = (weakref.ref(alias), alias._version, _Recompute(z, self.scratch))
 
     def follow(self, source: torch.Tensor, alias: torch.Tensor) -> None:
         """``alias`` has the contents of ``source`` (a tap): if source is recomputable, so is alias."""

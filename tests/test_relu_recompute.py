@@ -380,3 +380,40 @@ def test_beta_smooth_memory_flat_over_1000_attributions():
         assert session._saved.aliases == {} and not session._saved.installed
     assert grown < 64 * 1024, f"one context: memory grew by {grown} bytes over 1000 attributions"
     assert top_hooks() is None
+
+
+def test_scratch_buffer_is_reused_only_when_free():
+    """The relu(z) that backward nodes unpack goes into one reused buffer, never into one still held elsewhere,
+    and equals torch.relu bit for bit (also for -0.0 and NaN)."""
+    scratch = hooks._Scratch()
+    z1, z2 = torch.randn(4, 5), torch.randn(4, 5)
+    z1[0] = -0.0
+    z1[1, :2] = float("nan")
+    a = scratch.relu(z1)
+    b = scratch.relu(z2)  # a still holds the first buffer: a new one
+    assert a.data_ptr() != b.data_ptr()
+    assert torch.equal(a.view(torch.int64), torch.relu(z1).view(torch.int64))
+    assert torch.equal(b, torch.relu(z2))
+    kept = b.data_ptr()
+    del a, b
+    c = scratch.relu(z1)  # nothing holds the buffer now: reused
+    assert c.data_ptr() == kept
+    assert torch.equal(c.view(torch.int64), torch.relu(z1).view(torch.int64))
+    d = scratch.relu(z2.t().contiguous().t())  # other strides: a new buffer
+    assert d.data_ptr() != c.data_ptr() and torch.equal(d, torch.relu(z2))
+
+
+def test_scratch_buffer_is_reused_in_the_backward(monkeypatch):
+    """Consecutive layers of one shape share the buffer (vgg_like: the second conv's input and the pool's)."""
+    reused: list[bool] = []
+    original = hooks._Scratch.relu
+
+    def spy(self: hooks._Scratch, z: torch.Tensor) -> torch.Tensor:
+        before = self.buffer
+        result = original(self, z)
+        reused.append(self.buffer is before)
+        return result
+
+    monkeypatch.setattr(hooks._Scratch, "relu", spy)
+    lrpcli.attribute(vgg_like(), torch.randn(2, 3, 8, 8), 0, composite="beta_smooth")
+    assert any(reused) and not all(reused)
