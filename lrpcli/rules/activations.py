@@ -44,7 +44,11 @@ class DeconvNet(Rule):
 
 
 class BetaSmooth(Rule):
-    """The ReLU's gradient replaced by softplus_beta's: sigmoid(beta * x) * R."""
+    """The ReLU's gradient replaced by softplus_beta's: sigmoid(beta * x) * R.
+
+    Reads only the input x, never the output: on a ReLU the session keeps x alone and recomputes relu(x) where
+    autograd saved it for the next layer (see ``lrpcli.hooks``), so the memory stays that of the plain gradient.
+    """
 
     name = "beta_smooth"
     reads = ("inputs",)
