@@ -330,7 +330,9 @@ class _SavedTensors:
     The hooks are pushed at the first such ReLU of a forward, only when no other saved-tensor hooks are in effect
     (they would be shadowed: e.g. checkpointing or offloading) and hooks are enabled (torch.func disables them),
     and popped when the forward ends, also when it raises (a root hook with always_call=True) and, failing
-    that, when the context exits. Until then every tensor saved passes through ``pack``: one dict look-up.
+    that, when the context exits. Until then every tensor saved passes through ``pack``: one dict look-up. Code
+    that refuses saved-tensor hooks (torch.func.grad/vjp/jacrev called inside the model's forward, after such a
+    ReLU) raises there; use another composite for such models.
     """
 
     def __init__(self) -> None:
