@@ -254,31 +254,40 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
 class _Scratch:
-    """One reusable buffer for the relu(z) that backward nodes unpack, shared by the tokens of one forward (CPU).
+    """Reusable buffers for the relu(z) that backward nodes unpack, shared by the tokens of one forward (CPU).
 
-    A recomputed relu(z) lives only while one node runs (a convolution's backward, a pool's), and consecutive
-    layers have the same shape. Fresh CPU memory of an activation's size costs page faults that, on vgg16, take
-    longer than the relu itself (+5 % of the time, against +0-1 % with the buffer). It is reused only when
-    nothing but this cache holds its storage any more; it lives as long as the forward's graph.
+    A recomputed relu(z) lives only while one node runs (a convolution's backward, a pool's), and layers repeat
+    their shapes (vgg16 within a block; resnet50 alternates two shapes within a stage). Fresh CPU memory of an
+    activation's size costs page faults that take longer than the relu itself (vgg16: +5 % of the time with a
+    fresh tensor each time, +1 % with reuse). A buffer is reused only when nothing but this cache holds its
+    storage; the last ``SLOTS`` shapes are kept, as long as the forward's graph lives.
     """
 
-    __slots__ = ("buffer", "lock")
+    SLOTS = 3
+    __slots__ = ("buffers", "lock")
 
     def __init__(self) -> None:
-        self.buffer: torch.Tensor | None = None
+        self.buffers: dict[tuple, torch.Tensor] = {}  # by shape, strides and dtype; least recently used first
         self.lock = threading.Lock()
 
     def relu(self, z: torch.Tensor) -> torch.Tensor:
         if z.device.type != "cpu" or z.layout != torch.strided or _storage_use_count is None:
             return torch.relu(z)  # the CUDA caching allocator is cheap already, and streams make reuse unsafe
+        key = (z.shape, z.stride(), z.dtype)
         with self.lock:  # two backward passes through one retained graph may run in two threads
-            buffer = self.buffer
-            if buffer is not None and buffer.shape == z.shape and buffer.dtype == z.dtype \
-                    and buffer.stride() == z.stride() \
-                    and _storage_use_count(buffer.untyped_storage()._cdata) == 2:  # the buffer and this call's
+            buffer = self.buffers.pop(key, None)
+            if buffer is not None and _storage_use_count(buffer.untyped_storage()._cdata) == 2:  # buffer + call
                 torch.clamp_min(z, 0, out=buffer)  # exactly torch.relu(z), which is clamp_min(z, 0)
             else:
-                buffer = self.buffer = torch.relu(z)
+                buffer = torch.relu(z)
+                if buffer.stride() != z.stride():
+                    return buffer
+                # another spatial size: the backward has left a stage of the model, whose shapes do not return
+                for other in [k for k in self.buffers if k[0][2:] != z.shape[2:]]:
+                    del self.buffers[other]
+            self.buffers[key] = buffer
+            while len(self.buffers) > self.SLOTS:
+                del self.buffers[next(iter(self.buffers))]
             return buffer.detach()  # holds the storage before the lock is released
 
 

@@ -401,6 +401,16 @@ def test_scratch_buffer_is_reused_only_when_free():
     assert torch.equal(c.view(torch.int64), torch.relu(z1).view(torch.int64))
     d = scratch.relu(z2.t().contiguous().t())  # other strides: a new buffer
     assert d.data_ptr() != c.data_ptr() and torch.equal(d, torch.relu(z2))
+    del c, d
+    wide = torch.randn(4, 10)
+    scratch.relu(wide)  # a third shape; the other two stay (shapes alternate, e.g. in a bottleneck)
+    assert scratch.relu(z1).data_ptr() == kept
+    maps = [torch.randn(1, 2, 3, 3), torch.randn(1, 4, 3, 3), torch.randn(1, 2, 6, 6)]
+    scratch.relu(maps[0])  # other trailing dims than the 2-d buffers: those go
+    scratch.relu(maps[1])
+    assert [key[0] for key in scratch.buffers] == [maps[0].shape, maps[1].shape]
+    scratch.relu(maps[2])  # another spatial size: the backward has left those layers, their buffers go
+    assert [key[0] for key in scratch.buffers] == [maps[2].shape]
 
 
 def test_scratch_buffer_is_reused_in_the_backward(monkeypatch):
@@ -409,9 +419,9 @@ def test_scratch_buffer_is_reused_in_the_backward(monkeypatch):
     original = hooks._Scratch.relu
 
     def spy(self: hooks._Scratch, z: torch.Tensor) -> torch.Tensor:
-        before = self.buffer
+        before = set(map(id, self.buffers.values()))
         result = original(self, z)
-        reused.append(self.buffer is before)
+        reused.append(set(map(id, self.buffers.values())) <= before)  # no new buffer
         return result
 
     monkeypatch.setattr(hooks._Scratch, "relu", spy)
