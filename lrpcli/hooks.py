@@ -348,7 +348,7 @@ class _SavedTensors:
         #: id(alias) -> (weak alias, its version when registered, token)
         self.aliases: dict[int, tuple[weakref.ref, int, _Recompute]] = {}
         self.installed = False
-        self.scratch = _Scratch()
+        self.scratch: _Scratch | None = None  # the forward's, while it runs; then only its tokens hold it
         aliases = self.aliases
 
         def pack(tensor: torch.Tensor) -> _Recompute | _Kept:
@@ -374,6 +374,7 @@ class _SavedTensors:
 
     def add(self, alias: torch.Tensor, z: torch.Tensor) -> None:
         """``alias`` is relu(z): saving it stores z instead."""
+        assert self.scratch is not None, "add() outside install() ... remove()"
         self.aliases[id(alias)] = (weakref.ref(alias), alias._version, _Recompute(z, self.scratch))
 
     def follow(self, source: torch.Tensor, alias: torch.Tensor) -> None:
@@ -385,6 +386,7 @@ class _SavedTensors:
     def remove(self) -> None:
         """Pop the hooks if this forward pushed them (only if they are on top: never someone else's)."""
         self.aliases.clear()
+        self.scratch = None  # its buffers must not outlive the graph, e.g. between the batches of one context
         if self.installed:
             self.installed = False
             top = torch._C._autograd._top_saved_tensors_default_hooks(True)

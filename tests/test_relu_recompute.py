@@ -378,6 +378,7 @@ def test_beta_smooth_memory_flat_over_1000_attributions():
         grown = _traced_bytes(once)
         session = hooks.sessions_of(model)[0]
         assert session._saved.aliases == {} and not session._saved.installed
+        assert session._saved.scratch is None  # no relu buffer kept between attributions
     assert grown < 64 * 1024, f"one context: memory grew by {grown} bytes over 1000 attributions"
     assert top_hooks() is None
 
