@@ -249,7 +249,7 @@ def _modified(tensor: torch.Tensor, version: int) -> RuntimeError:
         "instead (lrpcli checks saved tensors itself while it recomputes ReLU outputs)")
 
 
-#: how many tensors hold a storage (private; without it the buffer of ``_Scratch`` is never reused)
+#: how many tensors hold a storage (private; without it the buffers of ``_Scratch`` are never reused)
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
@@ -258,9 +258,9 @@ class _Scratch:
 
     A recomputed relu(z) lives only while one node runs (a convolution's backward, a pool's), and layers repeat
     their shapes (vgg16 within a block; resnet50 alternates two shapes within a stage). Fresh CPU memory of an
-    activation's size costs page faults that take longer than the relu itself (vgg16: +5 % of the time with a
-    fresh tensor each time, +1 % with reuse). A buffer is reused only when nothing but this cache holds its
-    storage; the last ``SLOTS`` shapes are kept, as long as the forward's graph lives.
+    activation's size costs page faults that take longer than the relu itself (vgg16 beta_smooth: about +5 % of
+    the time with a fresh tensor each time; reuse removes most of that). A buffer is reused only when nothing but
+    this cache holds its storage; the last ``SLOTS`` shapes are kept, as long as the forward's graph lives.
     """
 
     SLOTS = 3
