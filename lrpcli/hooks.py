@@ -72,8 +72,9 @@ class LayerCall:
         return self.inputs[0]
 
     def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight and bias in effect for this call (merged ones while a canonizer is active)."""
-        return self.session.params_of(self.module)
+        """The weight and bias in effect for this call (merged ones while a canonizer is active); computed once
+        per backward of the call, also when the rule runs over several batch slices."""
+        return self.memo("params", lambda: self.session.params_of(self.module))
 
     def memo(self, key: str, build: Callable[[], Any]) -> Any:
         """A value computed once per backward of this call and shared by its batch slices (W+, stacked weights,

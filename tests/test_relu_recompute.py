@@ -9,8 +9,6 @@ that no saved-tensor hook outlives a forward, an exception or the context.
 from __future__ import annotations
 
 import copy
-import gc
-import tracemalloc
 
 import pytest
 import torch
@@ -20,6 +18,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import lrpcli
 import lrpcli.hooks as hooks
 from lrpcli.composites import LayerMap
+
+try:
+    from tests.test_engine import _traced_bytes
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from test_engine import _traced_bytes
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -346,20 +349,6 @@ def test_inplace_changes_are_still_errors():
         with pytest.raises(RuntimeError, match="in ?place"):
             lrpcli.attribute(model, x, 0, composite="beta_smooth")
         assert top_hooks() is None
-
-
-def _traced_bytes(fn, warmup: int = 30, repeats: int = 1000) -> int:
-    for _ in range(warmup):
-        fn()
-    gc.collect()
-    tracemalloc.start()
-    start = tracemalloc.get_traced_memory()[0]
-    for _ in range(repeats):
-        fn()
-    gc.collect()
-    end = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
-    return end - start
 
 
 def test_beta_smooth_memory_flat_over_1000_attributions():
