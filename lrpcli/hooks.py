@@ -47,7 +47,7 @@ class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
     __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified",
-                 "output_rectified", "relu_recomputed", "_memo", "__weakref__")
+                 "output_rectified", "relu_recomputed", "input_nonnegative", "_memo", "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -66,6 +66,9 @@ class LayerCall:
         #: from the input here instead of by the ReLU's own autograd node
         self.relu_recomputed = False
         self._memo: dict[str, Any] = {}
+        #: the first input is a hooked ReLU's output (through pooling or reshaping), unmodified: x >= 0 is known
+        #: without reading x (sign-split rules skip their min/max pass)
+        self.input_nonnegative = bool(inputs) and known_nonnegative(inputs[0])
 
     @property
     def x(self) -> torch.Tensor:
@@ -184,6 +187,28 @@ class LayerCall:
                 "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
                 "tensors (e.g. `out += identity`: use the 'residual' canonizer, or `out = out + identity`)."
             )
+
+
+#: modules whose output is >= 0 whatever their input, and modules whose output keeps the signs of their input
+_NONNEGATIVE_OUTPUT = (nn.ReLU, nn.ReLU6)
+_SIGN_KEEPING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                 nn.AdaptiveMaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Identity)
+
+
+def known_nonnegative(x: torch.Tensor, depth: int = 4) -> bool:
+    """True when x is, unmodified, what a hooked ReLU returned (possibly through pooling or reshaping layers).
+
+    Read from the autograd graph: a hooked module's result has its ``_RuleFunction`` node as grad_fn, which
+    carries the LayerCall; an in-place change since then gives x another grad_fn or another version.
+    """
+    call = getattr(x.grad_fn, "call", None)
+    if not isinstance(call, LayerCall) or call.versions[-1] != x._version:
+        return False
+    if isinstance(call.module, _NONNEGATIVE_OUTPUT):
+        return True
+    return (depth > 0 and isinstance(call.module, _SIGN_KEEPING) and bool(call.inputs)
+            and known_nonnegative(call.inputs[0], depth - 1))
 
 
 class _RuleFunction(torch.autograd.Function):

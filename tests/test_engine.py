@@ -437,3 +437,47 @@ def test_submodules_called_directly_leave_no_producer_records():
         assert session._producers == {}
         m(torch.randn(2, 1, 7, 7))
         assert session._producers == {} and not session._in_root
+
+
+def test_inputs_known_nonnegative_from_the_graph_skip_the_sign_pass(monkeypatch):
+    """A conv fed by a hooked ReLU (also through a pooling layer that reads its input) knows x >= 0 from the graph;
+    the first layer, a view (Flatten) and a ReLU output changed in place do not. Attributions are bitwise those
+    computed with the sign pass."""
+    import lrpcli.hooks as hooks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Conv2d(4, 3, 1), nn.Flatten(), nn.Linear(12, 3)).double()
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    seen = {}
+    original = hooks.LayerCall.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen[self.name] = self.input_nonnegative
+
+    def run() -> dict:
+        results = {}
+        for name in ("epsilon_alpha2_beta1", "epsilon_gamma_box", "epsilon_plus"):
+            extra = {"low": -3.0, "high": 3.0} if name == "epsilon_gamma_box" else {}
+            results[name] = lrpcli.attribute(model, x, 1, composite=name, **extra)
+        return results
+
+    monkeypatch.setattr(hooks.LayerCall, "__init__", init)
+    results = run()
+    assert seen["0"] is False and seen["2"] is True and seen["5"] is True and seen["7"] is False
+    monkeypatch.setattr(hooks, "known_nonnegative", lambda x, depth=4: False)
+    for key, again in run().items():
+        assert torch.equal(again, results[key]), key
+    monkeypatch.undo()
+
+    outputs = []
+    handle = model[2].register_forward_pre_hook(lambda module, args: outputs.append(args[0]))  # the ReLU's result
+    with lrpcli.composites.get("epsilon_plus").context(model) as m:
+        m(x.clone().requires_grad_(True))
+        relu_out = outputs[-1]
+        assert hooks.known_nonnegative(relu_out)
+        with torch.no_grad():
+            relu_out.sub_(0.5)  # another version: no longer known (the next layer would read x again)
+        assert not hooks.known_nonnegative(relu_out)
+    handle.remove()

@@ -35,9 +35,12 @@ class SignSplit:
         self._bias = bias
         self._bias_full = None if bias is None else bias.view(bias_shape(self.module, self.z))
         self.bias = None if zero_bias else self._bias_full
-        low, high = torch.aminmax(self.x.detach())   # one pass for both signs
-        low, high = torch.stack([low, high]).tolist()
-        self.has_pos, self.has_neg = high > 0, low < 0
+        if call.input_nonnegative:  # a ReLU's output: no pass over x (has_pos may be True for an all-zero x)
+            self.has_pos, self.has_neg = True, False
+        else:
+            low, high = torch.aminmax(self.x.detach())   # one pass for both signs
+            low, high = torch.stack([low, high]).tolist()
+            self.has_pos, self.has_neg = high > 0, low < 0
         self.x_pos = self.x.clamp(min=0) if self.has_neg else self.x
         self.x_neg = self.x.clamp(max=0) if self.has_neg else None
 
