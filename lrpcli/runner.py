@@ -1,8 +1,9 @@
 """The batch runner behind ``lrpcli explain``: data -> model + composite -> attribution -> store.
 
 One composite context is entered for the whole run (canonizers are applied once), batches flow from a
-DataLoader, and each finished batch is handed to a writer thread so that HDF5 compression and writing overlap
-the next batch's attribution. The per-layer conservation sums come from the same backward pass.
+DataLoader, and each finished batch is handed to the store: to a writer thread, so that HDF5 compression and
+writing overlap the next batch's attribution, where a core is free for it (``background_threads_help``), else
+at once. The per-layer conservation sums come from the same backward pass.
 """
 
 from __future__ import annotations
@@ -204,13 +205,13 @@ def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite
     batches = prefetch(loader) if threads and not workers else loader
     try:
         model = load_model(config).to(device)
-    except BaseException:
+        lrp = config.attribution.method == "lrp"
+        comp = composites.get(config.composite.name, **composite_kwargs(config)) if lrp else None
+        method = None if lrp else _method(config)
+    except BaseException:  # the reader thread must not outlive a run that never started
         if batches is not loader:
             batches.close()
         raise
-    lrp = config.attribution.method == "lrp"
-    comp = composites.get(config.composite.name, **composite_kwargs(config)) if lrp else None
-    method = None if lrp else _method(config)
     layer_patterns = list(config.output.layers or [])
     show = sys.stderr.isatty() if progress is None else progress
     summary = RunSummary(out_path, rows=start - first, resumed_from=start - first)
