@@ -935,8 +935,10 @@ def _validate_output(ctx: _Ctx, value: Any) -> dict:
         layers = [layers]
     items = _list(ctx, "output.layers", layers, "a list of module-name globs (e.g. layer4, features.*)")
     out["layers"] = [_string(ctx, f"output.layers[{i}]", v) for i, v in enumerate(items)]
+    from .store import COMPRESSIONS
+
     out["compression"] = _choice(ctx, "output.compression", given.get("compression", d["compression"]),
-                                 ("auto", "lzf", "none"))
+                                 COMPRESSIONS)
     return {k: out[k] for k in d}
 
 

@@ -9,7 +9,6 @@ at once. The per-layer conservation sums come from the same backward pass.
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import sys
 import threading
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from .api import initial_relevance
-from .config import Config, composite_kwargs, resolve_baseline, resolve_device, resolve_num_workers
+from .config import Config, available_cpus, composite_kwargs, resolve_baseline, resolve_device, resolve_num_workers
 from .errors import DataError, LrpcliError, RunError
 from .recorder import Recorder
 
@@ -117,11 +116,7 @@ def background_threads_help(device: torch.device) -> bool:
     """
     if device.type != "cpu":
         return True
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return cores > torch.get_num_threads()
+    return available_cpus() > torch.get_num_threads()
 
 
 def _targets(config: Config, labels: torch.Tensor, output: torch.Tensor) -> torch.Tensor:

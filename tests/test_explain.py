@@ -319,7 +319,7 @@ def test_threads_only_where_a_core_is_free_and_same_file_either_way(demo_h5, tmp
     import lrpcli.runner
     from lrpcli.config import load_config
 
-    monkeypatch.setattr(lrpcli.runner.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(lrpcli.runner, "available_cpus", lambda: 4)
     monkeypatch.setattr(lrpcli.runner.torch, "get_num_threads", lambda: 4)
     assert not lrpcli.runner.background_threads_help(torch.device("cpu"))
     assert lrpcli.runner.background_threads_help(torch.device("cuda"))
