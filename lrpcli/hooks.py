@@ -588,8 +588,6 @@ class Session:
             self.recorder.start()
 
     def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._producers.clear()
-        self._in_root = False
         if self._probing or self._warned:
             return
         missing = [a for a in self.assignments.values() if a.rule is None and a.calls > 0]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .. import layerops as ops
-from ..layerops import CONV_TRANSPOSE_TYPES, bias_shape, channel_dim, forward, input_vjp, pairable
+from ..layerops import bias_shape, channel_dim, forward, input_vjp, pairable
 from .base import times_input
 
 
@@ -135,7 +135,7 @@ class SignSplit:
         a rule fold a constant into the same pass (Gamma folds its stabilizer)."""
         bias = self.bias.clamp(min=0).flatten() if self.bias is not None else None
         if shift:
-            channels = self.weight_pos.shape[1 if isinstance(self.module, CONV_TRANSPOSE_TYPES) else 0]
+            channels = self.weight_pos.shape[ops.weight_out_dim(self.module)]
             bias = bias + shift if bias is not None else self.x.new_full((channels,), shift)
         return forward(self.module, self.x, self.weight_pos, bias, self.z)
 
@@ -177,21 +177,15 @@ class SignSplit:
         m = self.module
         if self._stacks_inputs:
             if opposite is None:
-                for_pos, for_neg = ops.input_vjps(m, self.x, self.weight_pos, self.weight_neg, same, self.z)
-            else:
-                def build() -> torch.Tensor:
-                    dim = ops.weight_in_dim(m)
-                    aligned_first = torch.cat([self.weight_pos, self.weight_neg], dim=dim)
-                    opposed_first = torch.cat([self.weight_neg, self.weight_pos], dim=dim)
-                    return ops.stack_pair(m, aligned_first, opposed_first)
-
-                shape = list(self.x.shape)
-                shape[0] = same.shape[0]
-                shape[channel_dim(m)] *= 2
-                both = input_vjp(m, self.x.new_empty(shape), self.call.memo("signed_block", build),
-                                 torch.cat([same, opposite], dim=channel_dim(m)), self.z)
-                for_pos, for_neg = both.chunk(2, dim=channel_dim(m))
-            return times_input(self.x_pos, for_pos) + times_input(self.x_neg, for_neg)
+                vector, for_pos, for_neg = same, self.weight_pos, self.weight_neg
+            else:  # [W+; W-] and [W-; W+] along the output channels, for [same; opposite]
+                vector = torch.cat([same, opposite], dim=channel_dim(m))
+                for_pos, for_neg = self.call.memo("signed_pair", lambda: (
+                    ops.stack_pair(m, self.weight_pos, self.weight_neg),
+                    ops.stack_pair(m, self.weight_neg, self.weight_pos)))
+            # input_vjps stacks the two along the input channels: [[W+, W-]; [W-, W+]], one transposed operation
+            to_pos, to_neg = ops.input_vjps(m, self.x, for_pos, for_neg, vector, self.z)
+            return times_input(self.x_pos, to_pos) + times_input(self.x_neg, to_neg)
         jobs: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []  # (weight, vector, input part)
         if self.has_pos:
             jobs += [("pos", same, self.x_pos), ("neg", opposite, self.x_pos)]

@@ -67,10 +67,9 @@ class ZBox(ParamRule):
         x, z, m = call.x, call.output, call.module
         low, high = expand_bound(self.low, x), expand_bound(self.high, x)
         w_pos = call.memo("weight_pos", lambda: weight.clamp(min=0))
-        w_neg = weight - w_pos
 
         def bound_terms() -> torch.Tensor:
-            return forward(m, low, w_pos, bias, z) + forward(m, high, w_neg, None, z)
+            return forward(m, low, w_pos, bias, z) + forward(m, high, weight - w_pos, None, z)
 
         # the bounds' terms (and the bias) are computed at the bounds' batch size: 1 (and once for all slices of
         # the batch) unless the bounds are given per sample
