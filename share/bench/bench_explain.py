@@ -1,9 +1,10 @@
 """The ``explain`` pipeline end to end against attribution alone.
 
-End to end is ``lrpcli.runner.explain`` (what ``lrpcli explain`` runs): DataLoader workers (or a reader
-thread, with ``run.num_workers`` 0, which ``auto`` gives on the CPU) decode and preprocess, the model and
-composite attribute each batch with the per-layer conservation recorder, and a writer thread appends to the
-HDF5 file; ``RunSummary.seconds`` covers all of it (the model load only is outside). Attribution alone is the
+End to end is ``lrpcli.runner.explain`` (what ``lrpcli explain`` runs): DataLoader workers (with
+``run.num_workers`` 0, which ``auto`` gives on the CPU: a reader thread, or the main process between batches
+where no core is free for a thread) decode and preprocess, the model and composite attribute each batch with the
+per-layer conservation recorder, and the batch is appended to the HDF5 file (by a writer thread where a core is
+free for it); ``RunSummary.seconds`` covers all of it (the model load only is outside). Attribution alone is the
 same model, composite, canonizers, batches and targets on tensors decoded beforehand, in a fresh context per
 pass (as ``explain`` makes one per run), with no recorder and no writing. End-to-end and attribution-only
 passes alternate, so both see the same machine load.
