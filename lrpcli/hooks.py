@@ -47,7 +47,7 @@ class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
     __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified",
-                 "output_rectified", "relu_recomputed", "input_nonnegative", "_memo", "__weakref__")
+                 "output_rectified", "relu_recomputed", "input_nonnegative", "into", "_memo", "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -66,6 +66,9 @@ class LayerCall:
         #: from the input here instead of by the ReLU's own autograd node
         self.relu_recomputed = False
         self._memo: dict[str, Any] = {}
+        #: where a rule may write the relevance of the first input (``times_input(..., into=call.into)``): this
+        #: slice's rows of the whole batch's result, when the backward runs over slices of the batch; else None
+        self.into: torch.Tensor | None = None
         #: the first input is a hooked ReLU's output (through pooling or reshaping), unmodified: x >= 0 is known
         #: without reading x (sign-split rules skip their min/max pass)
         self.input_nonnegative = bool(inputs) and known_nonnegative(inputs[0])
@@ -149,17 +152,24 @@ class LayerCall:
         """
         n = relevance.shape[0] if relevance.dim() else 0
         parts = min(n, -(-relevance.numel() * relevance.element_size() // CHUNK_BYTES))
-        if parts <= 1 or self.rule.needs_graph or torch.is_grad_enabled() or not self._batched(n) \
-                or not self.rule.splits_over_batch(self):
+        if parts <= 1 or self.rule.needs_graph or not self.rule.makes_temporaries or torch.is_grad_enabled() \
+                or not self._batched(n) or not self.rule.splits_over_batch(self):
             return self.rule.relevance(self, relevance)
+        # the first input's result is allocated up front, so that rules write each slice's rows straight into
+        # it (``into``) instead of into a temporary that is then copied
+        first = torch.empty(self.x.shape, dtype=torch.result_type(self.x, relevance), device=self.x.device)
         results: list[torch.Tensor | None] = []
         for rows in torch.arange(n).tensor_split(parts):
             start, stop = int(rows[0]), int(rows[-1]) + 1
-            part = self.rule.relevance(self._rows(start, stop), relevance[start:stop])
+            sliced = self._rows(start, stop)
+            sliced.into = first[start:stop]
+            part = self.rule.relevance(sliced, relevance[start:stop])
             if not results:
-                results = [None if r is None else r.new_empty((n,) + r.shape[1:]) for r in part]
+                results = [None if r is None else (first if k == 0 and r.shape[1:] == first.shape[1:]
+                                                   and r.dtype == first.dtype else r.new_empty((n,) + r.shape[1:]))
+                           for k, r in enumerate(part)]
             for out, r in zip(results, part):
-                if out is not None:
+                if out is not None and r is not None and r.data_ptr() != out[start:stop].data_ptr():
                     out[start:stop] = r
         return tuple(results)
 

@@ -421,6 +421,45 @@ def test_large_layers_split_over_the_batch_give_the_same_relevance(monkeypatch):
         torch.testing.assert_close(pieces, whole, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("later", ["alpha_beta", "gamma", "zplus", "epsilon"])
+def test_batch_slices_are_written_into_the_result_and_pass_layers_are_not_sliced(monkeypatch, later):
+    """Slicing the batch bounds a rule's temporaries; the slices' relevance goes straight into the whole batch's
+    result (no copy afterwards), and a Pass layer, which makes no temporaries, is never sliced."""
+    import lrpcli.hooks as hooks
+    from lrpcli.rules import AlphaBeta
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(36, 2)).double()
+    x = torch.randn(5, 3, 5, 5, dtype=torch.float64)
+    rule = {"alpha_beta": AlphaBeta(), "gamma": Gamma(0.25), "zplus": ZPlus(), "epsilon": Epsilon(0.01)}[later]
+    comp = Mixture([NameMap([("0", Epsilon(1e-3)), ("2", rule)]),
+                    LayerMap([(nn.ReLU, Pass()), (nn.Flatten, Pass()), (nn.Linear, Epsilon(1e-3))])])
+    whole = lrpcli.attribute(model, x, 1, composite=comp)
+    original_rows = hooks.LayerCall._rows
+    split: list[str] = []
+    copies: list[tuple[int, ...]] = []
+
+    def rows(self, a, b):
+        split.append(self.name)
+        return original_rows(self, a, b)
+
+    original_setitem = torch.Tensor.__setitem__
+
+    def setitem(self, key, value):
+        copies.append(tuple(self.shape))
+        return original_setitem(self, key, value)
+
+    monkeypatch.setattr(hooks, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(hooks.LayerCall, "_rows", rows)
+    monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)
+    pieces = lrpcli.attribute(model, x, 1, composite=comp)
+    monkeypatch.undo()
+    assert {"0", "2"} <= set(split) and not {"1", "3", "4"} & set(split)
+    assert copies == []
+    torch.testing.assert_close(pieces, whole, atol=1e-12, rtol=0)
+
+
 def test_submodules_called_directly_leave_no_producer_records():
     """Outside a forward of the whole model nothing is recorded for rectification (so nothing accumulates), and
     the relevance through a submodule called directly is still computed."""

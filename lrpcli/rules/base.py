@@ -33,6 +33,10 @@ class Rule:
     needs_graph: ClassVar[bool] = False
     #: the rule is the module's own gradient: with nothing to record, the module can run unhooked
     is_native_gradient: ClassVar[bool] = False
+    #: the rule makes temporaries of the output's size (worth bounding by slicing the batch, see
+    #: ``LayerCall.relevance``); a rule that hands the relevance on unchanged makes none, and slicing would
+    #: only copy it
+    makes_temporaries: ClassVar[bool] = True
 
     def check(self, module: torch.nn.Module, name: str) -> None:
         """Raise ValueError if this rule cannot handle ``module`` (called once, when the rule is assigned)."""
@@ -81,10 +85,13 @@ def _short(value: object) -> str:
     return repr(value)
 
 
-def times_input(x: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-    """x * fresh, into ``fresh`` (a temporary the caller owns) when no graph is being recorded."""
+def times_input(x: torch.Tensor, fresh: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """x * fresh, into ``fresh`` (a temporary the caller owns) when no graph is being recorded, or into ``into``
+    (``LayerCall.into``: the call's slice of the whole batch's result) where it fits."""
     if torch.is_grad_enabled():
         return x * fresh
+    if into is not None and into.shape == fresh.shape and into.dtype == fresh.dtype:
+        return torch.mul(fresh, x, out=into)
     return fresh.mul_(x)
 
 

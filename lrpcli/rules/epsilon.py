@@ -41,4 +41,4 @@ class Epsilon(ParamRule):
         z = call.output_without_bias(bias) if self.zero_bias else call.output
         # relu(z) (bias kept): z >= 0 wherever relevance arrives
         ratio = self.stabilizer.divide(relevance, z, nonnegative=call.output_rectified and not self.zero_bias)
-        return (times_input(call.x, input_vjp(call.module, call.x, weight, ratio, z)),)
+        return (times_input(call.x, input_vjp(call.module, call.x, weight, ratio, z), call.into),)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..layerops import input_vjp
-from .base import ParamRule, check_number
+from .base import ParamRule, check_number, times_input
 from .signsplit import SignSplit, total
 from .stabilizer import Stabilizer
 
@@ -61,7 +61,7 @@ class Gamma(ParamRule):
         torch.add(z, den, alpha=g, out=den)
         ratio = torch.div(relevance, den, out=den)
         weight = split.call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
-        return input_vjp(split.module, split.x, weight, ratio, z).mul_(split.x)
+        return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, z), split.call.into)
 
     def _nonnegative(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
         """The same rule for x >= 0 in fewer passes over the output: no torch.where, one transposed operation.

@@ -18,6 +18,7 @@ class Pass(Rule):
 
     name = "pass"
     reads = ()
+    makes_temporaries = False
 
     def check(self, module: torch.nn.Module, name: str) -> None:
         from ..modules import Sum

@@ -161,7 +161,8 @@ class SignSplit:
             fill(first, second, self.weight_pos, self.weight)
             return stacked
 
-        return input_vjp(self.module, self.x, self.call.memo("stacked", build), buf, self.z).mul_(self.x)
+        vjp = input_vjp(self.module, self.x, self.call.memo("stacked", build), buf, self.z)
+        return times_input(self.x, vjp, self.call.into)
 
     # back-projection ------------------------------------------------------------------------------------------
     def backproject(self, same: torch.Tensor, opposite: torch.Tensor | None) -> torch.Tensor:
@@ -200,7 +201,7 @@ class SignSplit:
             stacked = mine[0][0] if len(mine) == 1 else torch.cat([v for v, _ in mine])  # along the batch
             vjps = input_vjp(m, self.x, weight, stacked, self.z)
             for (_, part), vjp in zip(mine, vjps.chunk(len(mine))):
-                term = times_input(part, vjp)
+                term = times_input(part, vjp, self.call.into if result is None else None)
                 result = term if result is None else (result + term if torch.is_grad_enabled() else result.add_(term))
         return result if result is not None else torch.zeros_like(self.x)
 
