@@ -157,7 +157,8 @@ class LayerCall:
             return self.rule.relevance(self, relevance)
         # the first input's result is allocated up front, so that rules write each slice's rows straight into
         # it (``into``) instead of into a temporary that is then copied
-        first = torch.empty(self.x.shape, dtype=torch.result_type(self.x, relevance), device=self.x.device)
+        # (on the relevance's device: x is a shape-only stand-in where the rule does not read it)
+        first = relevance.new_empty(self.x.shape, dtype=torch.result_type(self.x, relevance))
         results: list[torch.Tensor | None] = []
         for rows in torch.arange(n).tensor_split(parts):
             start, stop = int(rows[0]), int(rows[-1]) + 1

@@ -421,6 +421,33 @@ def test_large_layers_split_over_the_batch_give_the_same_relevance(monkeypatch):
         torch.testing.assert_close(pieces, whole, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("activation", ["deconvnet", "guided_backprop", "beta_smooth"])
+def test_sliced_activation_rules_give_the_same_relevance(monkeypatch, activation):
+    """Activation rules are sliced too, also DeconvNet, which keeps only shape stand-ins of its input."""
+    import lrpcli.hooks as hooks
+    from lrpcli.rules import BetaSmooth, DeconvNet, GuidedBackprop
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(125, 2)).double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    rule = {"deconvnet": DeconvNet(), "guided_backprop": GuidedBackprop(), "beta_smooth": BetaSmooth()}[activation]
+    comp = LayerMap([(nn.ReLU, rule), (nn.Flatten, Pass()), (nn.Conv2d, Epsilon(1e-3)), (nn.Linear, Epsilon(1e-3))])
+    whole = lrpcli.attribute(model, x, 1, composite=comp)
+    split: list[str] = []
+    original_rows = hooks.LayerCall._rows
+
+    def rows(self, a, b):
+        split.append(self.name)
+        return original_rows(self, a, b)
+
+    monkeypatch.setattr(hooks, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(hooks.LayerCall, "_rows", rows)
+    pieces = lrpcli.attribute(model, x, 1, composite=comp)
+    monkeypatch.undo()
+    assert "1" in split and pieces.device == x.device
+    torch.testing.assert_close(pieces, whole, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("later", ["alpha_beta", "gamma", "zplus", "epsilon"])
 def test_batch_slices_are_written_into_the_result_and_pass_layers_are_not_sliced(monkeypatch, later):
     """Slicing the batch bounds a rule's temporaries; the slices' relevance goes straight into the whole batch's
