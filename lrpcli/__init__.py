@@ -23,6 +23,7 @@ _LAZY = {
     "Sum": ("modules", "Sum"),
     "Gate": ("modules", "Gate"),
     "Stabilizer": ("rules", "Stabilizer"),
+    "keep_freed_memory": ("allocator", "keep_freed_memory"),
 }
 _SUBMODULES = ("attributors", "canonizers", "composites", "hooks", "recorder", "rules", "store")
 

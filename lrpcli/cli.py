@@ -29,8 +29,11 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Layer-wise Relevance Propagation for whole data sets."""
+    from .allocator import keep_freed_memory
+
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    keep_freed_memory()  # a batch tool keeps its memory between batches (see lrpcli/allocator.py)
 
 
 def _register() -> None:

@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="passes over the synthetic ImageFolder, each way (default 1: a pass is already 32 batches)")
     p.add_argument("--render-n", type=int, help="heatmaps to render (default 1000, --quick 200)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (by default the run tunes it as the lrpcli command does: "
+                   "lrpcli.keep_freed_memory, for the gradient and the composites alike)")
     p.add_argument("--write", action="store_true", help=f"append the table to {HERE / 'RESULTS.md'}")
     args = p.parse_args(argv)
     if args.threads:
@@ -187,6 +190,10 @@ seconds depend on the machine and on what else ran on it (see the load average o
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # the process as the lrpcli command runs it, from the first gradient on (see lrpcli/allocator.py)
+    malloc = "glibc defaults" if args.system_malloc else (
+        "kept freed memory (lrpcli.keep_freed_memory)" if lrpcli.keep_freed_memory()
+        else "left as it was (not glibc, or LRPCLI_KEEP_FREED_MEMORY=0)")
     from bench_explain import bench_demo, bench_synthetic
     from bench_models import MODELS, bench_model
 
@@ -217,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         f"run: {'quick' if args.quick else 'full'}, {args.repeats} timed repeat(s), sections {','.join(args.sections)},"
         f" {minutes:.1f} min",
         f"load average (1/5/15 min): {load_start} at start, {load()} at end",
+        f"malloc: {malloc}",
     ]
     if "epsilon*" in "".join(r[1] for r in table.rows):
         table.notes.append("epsilon*: not a built-in; Epsilon on every weighted layer, the reference for the "
