@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's); 1 gives op times that "
                    "other processes on a small machine disturb least")
     args = p.parse_args(argv)
+    lrpcli.keep_freed_memory()  # the process as the lrpcli command and make bench run it
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
