@@ -547,3 +547,32 @@ def test_inputs_known_nonnegative_from_the_graph_skip_the_sign_pass(monkeypatch)
             relu_out.sub_(0.5)  # another version: no longer known (the next layer would read x again)
         assert not hooks.known_nonnegative(relu_out)
     handle.remove()
+
+
+@pytest.mark.parametrize("rule_name", ["alpha_beta", "gamma"])
+@pytest.mark.parametrize("layer", ["conv", "conv_transpose"])
+def test_mixed_sign_inputs_take_the_fused_path_with_the_general_result(monkeypatch, rule_name, layer):
+    """A first layer sees inputs of both signs: AlphaBeta and Gamma stack [x+, x-] and back-project through one
+    block weight (x- with W+ and W- swapped); the result equals the general sign-split path's."""
+    from lrpcli.rules import AlphaBeta
+    from lrpcli.rules.signsplit import SignSplit
+
+    torch.manual_seed(6)
+    first = nn.Conv2d(3, 4, 3, padding=1) if layer == "conv" else nn.ConvTranspose2d(3, 4, 3, stride=2)
+    model = nn.Sequential(first, nn.ReLU(), nn.Conv2d(4, 2, 3)).double()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    rule = AlphaBeta() if rule_name == "alpha_beta" else Gamma(0.25)
+    comp = LayerMap([(nn.Conv2d, rule), (nn.ConvTranspose2d, rule), (nn.ReLU, Pass())])
+    stacked: list[bool] = []
+    original = SignSplit.backproject_pair
+
+    def spy(self, buf, fill):
+        stacked.append(self.x_stacked is not None)
+        return original(self, buf, fill)
+
+    monkeypatch.setattr(SignSplit, "backproject_pair", spy)
+    fused = lrpcli.attribute(model, x, 1, composite=comp)
+    assert stacked == [False, True]  # backward order: the second layer (x >= 0), then the first (mixed)
+    monkeypatch.setattr(SignSplit, "pair_fast", property(lambda self: False))
+    general = lrpcli.attribute(model, x, 1, composite=comp)
+    torch.testing.assert_close(fused, general, atol=1e-12, rtol=1e-10)

@@ -31,19 +31,19 @@ class AlphaBeta(ParamRule):
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = SignSplit(call, self.zero_bias)
-        if self.beta and split.nonnegative_fast:
-            return (self._nonnegative(split, relevance),)
+        if self.beta and split.pair_fast:
+            return (self._fused(split, relevance),)
         pos = scaled(self.stabilizer.divide(relevance, total(split.aligned, split.bias_pos())), self.alpha)
         neg = None
         if self.beta:
             neg = scaled(self.stabilizer.divide(relevance, total(split.opposed, split.bias_neg())), -self.beta)
         return (split.backproject(pos, neg),)
 
-    def _nonnegative(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
-        """The same rule for x >= 0 in three passes over the output besides the two convolutions.
+    def _fused(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
+        """The same rule in three passes over the output besides the two convolutions (``split.pair_fast``).
 
-        z+ = P_pp + b+ comes from one forward and z- = z - z+. For x >= 0 their signs are known (z+ >= 0 >= z-), so
-        the sign stabilizer is folded into the forward's bias: s(z+) = P_pp + b+ + eps and s(z-) = z - that.
+        z+ (the aligned sum plus b+) comes from one forward and z- = z - z+. Their signs are known (z+ >= 0 >= z-),
+        so the sign stabilizer is folded into the forward's bias: s(z+) = P_pp + b+ + eps and s(z-) = z - that.
         alpha and beta are folded into the stacked weights [alpha W+; beta |W-|], which get R / s(z+) and
         R / s(z-).
         """
@@ -59,9 +59,11 @@ class AlphaBeta(ParamRule):
         del positive
         return split.backproject_pair(buf, self._fill_weights)
 
-    def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_pos: torch.Tensor, w: torch.Tensor) -> None:
-        """[alpha W+; beta |W-|], with |W-| = W+ - W."""
-        torch.mul(w_pos, self.alpha, out=first)
-        torch.sub(w_pos, w, out=second)
+    def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_aligned: torch.Tensor, w: torch.Tensor,
+                      negative_inputs: bool = False) -> None:
+        """[alpha W+; beta |W-|] for x+ (w_aligned = W+; |W-| = W+ - W), and [alpha W-; -beta W+] for x-
+        (w_aligned = W-; the same expressions)."""
+        torch.mul(w_aligned, self.alpha, out=first)
+        torch.sub(w_aligned, w, out=second)
         if self.beta != 1.0:
             second.mul_(self.beta)

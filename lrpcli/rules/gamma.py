@@ -33,8 +33,8 @@ class Gamma(ParamRule):
         split = SignSplit(call, self.zero_bias)
         if split.positive_outputs_only and self.stabilizer.mode == "sign" and self.gamma > 0:
             return (self._positive_outputs(split, relevance),)
-        if split.nonnegative_fast:
-            return (self._nonnegative(split, relevance),)
+        if split.pair_fast:
+            return (self._fused(split, relevance),)
         z = split.z_rule
         positive = z >= 0
         same_sign = torch.where(positive, total(split.aligned, split.bias_pos()),
@@ -63,15 +63,17 @@ class Gamma(ParamRule):
         weight = split.call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
         return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, z), split.call.into)
 
-    def _nonnegative(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
-        """The same rule for x >= 0 in fewer passes over the output: no torch.where, one transposed operation.
+    def _fused(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
+        """The same rule in fewer passes over the output: no torch.where, one transposed operation
+        (``split.pair_fast``: x >= 0, or mixed signs stacked along the input channels).
 
-        With s = P_pp + b+, the same-sign sum is s where z >= 0 and z - s (= P_pn + b-) where z < 0, chosen by a
-        0/1 mask m through lerp (exact for weights 0 and 1). For x >= 0 the denominator has the sign of z, so the
-        sign stabilizer is folded into s as a bias shift eps / gamma (z + gamma (s + eps/gamma) = den + eps and
-        z + gamma (z - s - eps/gamma) = den - eps). With r = R / s(den), W+ gets r (1 + gamma m) and W- gets
-        r (1 + gamma (1 - m)); regrouped by vector that is (W + gamma W-)^T r + gamma |W|^T (r m): one transposed
-        operation through [W + gamma W-; gamma |W|] with r and r m in one pair buffer.
+        With s the aligned sum plus b+ (P_pp + b+ for x >= 0), the same-sign sum is s where z >= 0 and z - s (the
+        opposed sum plus b-) where z < 0, chosen by a 0/1 mask m through lerp (exact for weights 0 and 1). The
+        denominator has the sign of z, so the sign stabilizer is folded into s as a bias shift eps / gamma
+        (z + gamma (s + eps/gamma) = den + eps and z + gamma (z - s - eps/gamma) = den - eps). With r = R / s(den),
+        for x+ W+ gets r (1 + gamma m) and W- gets r (1 + gamma (1 - m)); regrouped by vector that is
+        (W + gamma W-)^T r + gamma |W|^T (r m): one transposed operation through [W + gamma W-; gamma |W|] with r
+        and r m in one pair buffer. x- has the roles of W+ and W- swapped: (W + gamma W+)^T r - gamma |W|^T (r m).
         """
         z, g = split.z_rule, self.gamma
         folded = self.stabilizer.mode == "sign" and g > 0
@@ -89,10 +91,12 @@ class Gamma(ParamRule):
         torch.mul(ratio, mask, out=masked)
         return split.backproject_pair(buf, self._fill_weights)
 
-    def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_pos: torch.Tensor, w: torch.Tensor) -> None:
-        """[W + gamma W-; gamma |W|], with W + gamma W- = (1 + gamma) W - gamma W+."""
+    def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_aligned: torch.Tensor, w: torch.Tensor,
+                      negative_inputs: bool = False) -> None:
+        """[W + gamma W-; gamma |W|] for x+ (w_aligned = W+; W + gamma W- = (1 + gamma) W - gamma W+), and
+        [W + gamma W+; -gamma |W|] for x- (w_aligned = W-)."""
         g = self.gamma
         torch.mul(w, 1.0 + g, out=first)
-        first.sub_(w_pos, alpha=g)
+        first.sub_(w_aligned, alpha=g)
         torch.abs(w, out=second)
-        second.mul_(g)
+        second.mul_(-g if negative_inputs else g)

@@ -41,8 +41,24 @@ class SignSplit:
             low, high = torch.aminmax(self.x.detach())   # one pass for both signs
             low, high = torch.stack([low, high]).tolist()
             self.has_pos, self.has_neg = high > 0, low < 0
-        self.x_pos = self.x.clamp(min=0) if self.has_neg else self.x
-        self.x_neg = self.x.clamp(max=0) if self.has_neg else None
+        #: [x+, x-] along the input channels, for mixed signs on a ``pairable`` layer (else None); x+ and x- are
+        #: then its halves, written straight into it when no graph is recorded
+        self.x_stacked: torch.Tensor | None = None
+        if self._stacks_inputs:
+            channels = channel_dim(self.module)
+            if torch.is_grad_enabled():
+                self.x_stacked = torch.cat([self.x.clamp(min=0), self.x.clamp(max=0)], dim=channels)
+            else:
+                shape = list(self.x.shape)
+                shape[channels] *= 2
+                self.x_stacked = self.x.new_empty(shape)
+                pos, neg = self.x_stacked.chunk(2, dim=channels)
+                torch.clamp(self.x, min=0, out=pos)
+                torch.clamp(self.x, max=0, out=neg)
+            self.x_pos, self.x_neg = self.x_stacked.chunk(2, dim=channels)
+        else:
+            self.x_pos = self.x.clamp(min=0) if self.has_neg else self.x
+            self.x_neg = self.x.clamp(max=0) if self.has_neg else None
 
     @functools.cached_property
     def weight_pos(self) -> torch.Tensor:
@@ -80,10 +96,14 @@ class SignSplit:
         if not sp.has_pos:
             return forward(m, sp.x, sp.weight_neg, None, sp.z)
         if self._stacks_inputs:
-            dim = ops.weight_in_dim(m)
-            weights = self.call.memo("aligned", lambda: torch.cat([sp.weight_pos, sp.weight_neg], dim=dim))
-            return forward(m, torch.cat([sp.x_pos, sp.x_neg], dim=channel_dim(m)), weights, None, sp.z)
+            return forward(m, sp.x_stacked, self._aligned_weights, None, sp.z)
         return forward(m, sp.x_pos, sp.weight_pos, None, sp.z) + forward(m, sp.x_neg, sp.weight_neg, None, sp.z)
+
+    @property
+    def _aligned_weights(self) -> torch.Tensor:
+        """[W+, W-] along the input channels: the aligned products of [x+, x-] in one forward."""
+        dim = ops.weight_in_dim(self.module)
+        return self.call.memo("aligned", lambda: torch.cat([self.weight_pos, self.weight_neg], dim=dim))
 
     @functools.cached_property
     def opposed(self) -> torch.Tensor:
@@ -115,10 +135,13 @@ class SignSplit:
         return not self.has_neg and not torch.is_grad_enabled()
 
     @property
-    def nonnegative_fast(self) -> bool:
-        """True for the common case the fused path serves: x >= 0, first order, a convolution without groups.
-        Rules then need one forward P_pp (+ b+) and one transposed operation through stacked weights."""
-        return self.first_order_nonnegative and pairable(self.module)
+    def pair_fast(self) -> bool:
+        """True for the cases the fused path serves: first order, a convolution without groups, and x >= 0 (after a
+        ReLU) or x of both signs (a first layer: stacked along the input channels). Rules then need one forward of
+        the aligned sum (``positive_sum``) and one transposed operation through stacked weights
+        (``backproject_pair``)."""
+        return (not torch.is_grad_enabled() and pairable(self.module)
+                and (not self.has_neg or self._stacks_inputs))
 
     @property
     def positive_outputs_only(self) -> bool:
@@ -128,15 +151,17 @@ class SignSplit:
                 and (self.bias is not None or self._bias_full is None))
 
     def positive_sum(self, shift: float = 0.0) -> torch.Tensor:
-        """P_pp + b+ (+ shift) in one forward, the bias added by the convolution itself; a fresh tensor.
+        """The aligned sum plus b+ (+ shift) in one forward, the bias added by the convolution itself; a fresh
+        tensor: P_pp + b+ for x >= 0, P_pp + P_nn + b+ for mixed signs (``pair_fast``).
 
-        With x >= 0 this is the same-sign sum of the outputs' positive contributions; its complement,
-        z - P_pp - b+ = P_pn + b-, is the negative one (x >= 0 only: ``nonnegative_fast``). ``shift`` lets
-        a rule fold a constant into the same pass (Gamma folds its stabilizer)."""
+        It is the sum of the outputs' positive contributions; its complement, z - it, is the opposed sum plus b-,
+        the negative one. ``shift`` lets a rule fold a constant into the same pass (the stabilizer)."""
         bias = self.bias.clamp(min=0).flatten() if self.bias is not None else None
         if shift:
             channels = self.weight_pos.shape[ops.weight_out_dim(self.module)]
             bias = bias + shift if bias is not None else self.x.new_full((channels,), shift)
+        if self.x_stacked is not None:
+            return forward(self.module, self.x_stacked, self._aligned_weights, bias, self.z)
         return forward(self.module, self.x, self.weight_pos, bias, self.z)
 
     def pair_buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,19 +175,44 @@ class SignSplit:
         return buf, a, b
 
     def backproject_pair(self, buf: torch.Tensor,
-                         fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+                         fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
                          ) -> torch.Tensor:
         """x (A^T a + B^T b) for x >= 0, with a and b the halves of ``buf``: one transposed operation through the
-        stacked [A; B]. ``fill(A, B, W+, W)`` writes the two weights into the halves of one stacked buffer (rules
-        fold their constant factors into the weights, which costs a pass over the weights instead of one over the
-        output; built once per call, with no intermediate weight-sized tensors)."""
-        def build() -> torch.Tensor:
-            stacked, first, second = ops.pair_of_weights(self.module, self.weight)
-            fill(first, second, self.weight_pos, self.weight)
-            return stacked
+        stacked [A; B]. ``fill(A, B, W+, W, False)`` writes the two weights into the halves of one stacked buffer
+        (rules fold their constant factors into the weights, which costs a pass over the weights instead of one
+        over the output; built once per call, with no intermediate weight-sized tensors).
 
-        vjp = input_vjp(self.module, self.x, self.call.memo("stacked", build), buf, self.z)
-        return times_input(self.x, vjp, self.call.into)
+        For mixed signs, x- meets the weights with the
+        roles of W+ and W- swapped (W- gives its aligned contributions): x+ (A^T a + B^T b) + x- (A'^T a + B'^T b)
+        with ``fill(A', B', W-, W, True)``. The block weight [[A, A'], [B, B']] over [x+, x-] makes that one
+        transposed operation too."""
+        m = self.module
+        if self.x_stacked is None:
+            def build() -> torch.Tensor:
+                stacked, first, second = ops.pair_of_weights(m, self.weight)
+                fill(first, second, self.weight_pos, self.weight, False)
+                return stacked
+
+            vjp = input_vjp(m, self.x, self.call.memo("stacked", build), buf, self.z)
+            return times_input(self.x, vjp, self.call.into)
+
+        def build_block() -> torch.Tensor:
+            shape = list(self.weight.shape)
+            shape[ops.weight_in_dim(m)] *= 2
+            shape[ops.weight_out_dim(m)] *= 2
+            block = self.weight.new_empty(shape)
+            halves = block.chunk(2, dim=ops.weight_in_dim(m))
+            for half, w_aligned, negative in zip(halves, (self.weight_pos, self.weight_neg), (False, True)):
+                first, second = half.chunk(2, dim=ops.weight_out_dim(m))
+                fill(first, second, w_aligned, self.weight, negative)
+            return block
+
+        vjp = input_vjp(m, self.x_stacked, self.call.memo("block", build_block), buf, self.z)
+        to_pos, to_neg = vjp.chunk(2, dim=channel_dim(m))
+        into = self.call.into
+        result = torch.mul(to_pos, self.x_pos, out=into) if into is not None and into.shape == self.x.shape \
+            else to_pos * self.x_pos
+        return result.addcmul_(to_neg, self.x_neg)
 
     # back-projection ------------------------------------------------------------------------------------------
     def backproject(self, same: torch.Tensor, opposite: torch.Tensor | None) -> torch.Tensor:
