@@ -90,9 +90,14 @@ def times_input(x: torch.Tensor, fresh: torch.Tensor, into: torch.Tensor | None 
     (``LayerCall.into``: the call's slice of the whole batch's result) where it fits."""
     if torch.is_grad_enabled():
         return x * fresh
-    if into is not None and into.shape == fresh.shape and into.dtype == fresh.dtype:
+    if fits(into, fresh):
         return torch.mul(fresh, x, out=into)
     return fresh.mul_(x)
+
+
+def fits(into: torch.Tensor | None, result: torch.Tensor) -> bool:
+    """``into`` (``LayerCall.into``) exists and can hold ``result`` as it is (same shape and dtype)."""
+    return into is not None and into.shape == result.shape and into.dtype == result.dtype
 
 
 def scaled(fresh: torch.Tensor, factor: float) -> torch.Tensor:

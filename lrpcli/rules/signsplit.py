@@ -20,7 +20,7 @@ import torch
 
 from .. import layerops as ops
 from ..layerops import bias_shape, channel_dim, forward, input_vjp, pairable
-from .base import times_input
+from .base import fits, times_input
 
 
 class SignSplit:
@@ -182,10 +182,9 @@ class SignSplit:
         (rules fold their constant factors into the weights, which costs a pass over the weights instead of one
         over the output; built once per call, with no intermediate weight-sized tensors).
 
-        For mixed signs, x- meets the weights with the
-        roles of W+ and W- swapped (W- gives its aligned contributions): x+ (A^T a + B^T b) + x- (A'^T a + B'^T b)
-        with ``fill(A', B', W-, W, True)``. The block weight [[A, A'], [B, B']] over [x+, x-] makes that one
-        transposed operation too."""
+        For mixed signs, x- meets the weights with the roles of W+ and W- swapped (W- gives its aligned
+        contributions): x+ (A^T a + B^T b) + x- (A'^T a + B'^T b) with ``fill(A', B', W-, W, True)``. The block
+        weight [[A, A'], [B, B']] over [x+, x-] makes that one transposed operation too."""
         m = self.module
         if self.x_stacked is None:
             def build() -> torch.Tensor:
@@ -209,9 +208,9 @@ class SignSplit:
 
         vjp = input_vjp(m, self.x_stacked, self.call.memo("block", build_block), buf, self.z)
         to_pos, to_neg = vjp.chunk(2, dim=channel_dim(m))
+        # a fresh result where there is no ``into``: to_pos * x+ in place would return a view of the doubled vjp
         into = self.call.into
-        result = torch.mul(to_pos, self.x_pos, out=into) if into is not None and into.shape == self.x.shape \
-            else to_pos * self.x_pos
+        result = torch.mul(to_pos, self.x_pos, out=into) if fits(into, to_pos) else to_pos * self.x_pos
         return result.addcmul_(to_neg, self.x_neg)
 
     # back-projection ------------------------------------------------------------------------------------------
