@@ -26,6 +26,17 @@ ATOL = 1e-8
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
+@pytest.fixture(autouse=True)
+def pointwise_products(request, monkeypatch):
+    """Layers with 'pointwise' in the test id take layerops' matrix-product path for 1x1 convolutions at any
+    size (it starts at POINTWISE_MIN_POSITIONS output positions, too many for well-conditioned random data);
+    the other 1x1 cases keep the convolution path."""
+    from lrpcli import layerops
+
+    if 'pointwise' in request.node.name:
+        monkeypatch.setattr(layerops, 'POINTWISE_MIN_POSITIONS', 1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # layers: (id, factory, per-sample input shape)
 
@@ -35,6 +46,11 @@ LAYERS = [
     ('conv2d', lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, dilation=2, groups=2), (4, 6, 6)),
     ('conv2d_plain', lambda: nn.Conv2d(2, 3, (2, 3), padding=(1, 0)), (2, 4, 5)),
     ('conv3d', lambda: nn.Conv3d(2, 2, 2, stride=1, padding=1), (2, 3, 3, 3)),
+    # 1x1 convolutions: with 'pointwise' in the id they run as matrix products (see ``pointwise_products``)
+    ('conv2d_pointwise', lambda: nn.Conv2d(3, 4, 1), (3, 4, 4)),
+    ('conv2d_pointwise_strided', lambda: nn.Conv2d(2, 3, 1, stride=2), (2, 5, 4)),
+    ('conv1d_pointwise', lambda: nn.Conv1d(2, 3, 1, stride=(1,)), (2, 5)),
+    ('conv3d_pointwise_strided', lambda: nn.Conv3d(2, 2, 1, stride=(1, 2, 3)), (2, 2, 3, 4)),
     ('convT1d', lambda: nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4)),
     ('convT2d', lambda: nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1, groups=2,
                                            dilation=1), (4, 3, 3)),

@@ -1,0 +1,58 @@
+"""layerops: the layer operation and its transposed one with substituted weights, on every path they take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lrpcli import layerops
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+POINTWISE = [  # (layer, per-sample input shape): 1x1 convolutions with at least 256 output positions
+    (lambda: nn.Conv2d(3, 5, 1), (3, 16, 17)),
+    (lambda: nn.Conv2d(4, 2, 1, stride=2), (4, 33, 35)),            # odd sizes: ceil(n / stride) outputs
+    (lambda: nn.Conv1d(2, 3, 1, stride=3), (2, 800)),
+    (lambda: nn.Conv3d(2, 3, 1, stride=(1, 2, 1)), (2, 4, 9, 16)),
+]
+
+
+def _native(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias, v: torch.Tensor):
+    """The same two operations through the convolution itself and autograd."""
+    xi = x.clone().requires_grad_(True)
+    z = layer._conv_forward(xi, weight, bias)
+    (vjp,) = torch.autograd.grad(z, xi, v)
+    return z.detach(), vjp
+
+
+@pytest.mark.parametrize("factory,shape", POINTWISE)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_pointwise_matrix_products_equal_the_convolution(factory, shape, with_bias):
+    torch.manual_seed(0)
+    layer = factory()
+    x = torch.randn((3,) + shape)
+    weight = torch.randn_like(layer.weight)
+    bias = torch.randn_like(layer.bias) if with_bias else None
+    expected_z = layer._conv_forward(x, weight, bias)
+    assert layerops._pointwise(layer, expected_z[0, 0].numel(), x.device)  # the matrix-product path is taken
+    z = layerops.forward(layer, x, weight, bias, expected_z)
+    v = torch.randn_like(z)
+    native_z, native_vjp = _native(layer, x, weight, bias, v)
+    torch.testing.assert_close(z, native_z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layerops.input_vjp(layer, x, weight, v, z), native_vjp, rtol=0, atol=1e-12)
+    # a vector stacked along the batch (rules do that) gives each part's vjp; x supplies only the shape
+    both = layerops.input_vjp(layer, x.to("meta"), weight, torch.cat([v, 2 * v]), z)
+    torch.testing.assert_close(both, torch.cat([native_vjp, 2 * native_vjp]), rtol=0, atol=1e-12)
+
+
+def test_pointwise_path_is_for_plain_1x1_convolutions_with_enough_positions():
+    cpu = torch.device("cpu")
+    many = layerops.POINTWISE_MIN_POSITIONS
+    assert layerops._pointwise(nn.Conv2d(4, 4, 1, stride=2), many, cpu)
+    assert not layerops._pointwise(nn.Conv2d(4, 4, 1), many - 1, cpu)           # small maps stay with oneDNN
+    assert not layerops._pointwise(nn.Conv2d(4, 4, 1), many, torch.device("meta"))  # CPU only
+    for other in (nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1, padding=1), nn.Conv2d(4, 4, 1, groups=2),
+                  nn.Conv2d(4, 4, 1, dilation=2), nn.Conv2d(4, 4, 1, padding="same"),
+                  nn.ConvTranspose2d(4, 4, 1), nn.Linear(4, 4)):
+        assert not layerops._pointwise(other, many, cpu), other
