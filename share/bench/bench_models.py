@@ -4,15 +4,21 @@ Each composite is timed the way ``lrpcli explain`` uses it: one context for all 
 ``out = m(x); grad(out, x, initial_relevance(out, target, seed))``. The baseline is the plain gradient of the
 same model and batch, ``out = model(x); grad(out, x, onehot * out)``, outside any context.
 
-Order of work, per model: gradient warm-up, gradient memory run, ``repeats`` gradient runs; then per composite:
-enter the context, one warm-up run that is also the memory run (the first call of a context also runs the
-canonizers' probe, which is why it is never timed), ``repeats`` timed runs, exit, and one more gradient run.
-The gradient figure is the median of all its runs, which are thus spread over the whole section: with other
-processes on the machine, each ratio compares runs taken minutes apart at most, never a stale baseline.
+The composites run on a twin of the model (a deep copy with the same weights), so that the plain model stays
+free of hooks while a context is open: each timed composite run is paired with a gradient run just before it,
+and a composite's ratio is the median of its runs over the median of its own paired gradient runs. On a shared
+machine with throughput that drifts by 10-20 % over minutes, a ratio of runs taken seconds apart moves far less
+than one against a baseline timed at the start (we saw the same code read 1.8x and 2.4x that way).
+
+Order of work, per model: gradient warm-up and memory run; then per composite: enter the context on the twin,
+one warm-up run that is also the memory run (the first call of a context also runs the canonizers' probe, which
+is why it is never timed), ``repeats`` pairs (gradient, composite), exit. The gradient row is the median of all
+its runs.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -36,10 +42,20 @@ class Case:
     cpu: list[float] = field(default_factory=list)  # process CPU seconds of the same runs (CPU device only)
     peak: int = 0
     rules: tuple[str, ...] = ()  # the distinct rules of the weighted layers (from the session's coverage)
+    baseline: Case | None = None  # the gradient runs paired with this case's runs
 
     def add(self, wall_cpu: tuple[float, float]) -> None:
         self.seconds.append(wall_cpu[0])
         self.cpu.append(wall_cpu[1])
+
+    @property
+    def ratio(self) -> float:
+        """Wall time against the paired gradient runs (the target)."""
+        return self.time / self.baseline.time if self.baseline else float("nan")
+
+    @property
+    def cpu_ratio(self) -> float:
+        return self.cpu_time / self.baseline.cpu_time if self.baseline else float("nan")
 
     @property
     def time(self) -> float:
@@ -99,17 +115,16 @@ def bench_model(name: str, device: torch.device, batch: int, repeats: int, compo
     log(f"{name}: gradient, batch {batch}")
     timed(gradient, device)  # warm-up (first call: oneDNN/cuDNN kernel selection)
     grad.peak = peak_memory(gradient, device)
-    for _ in range(repeats):
-        grad.add(timed(gradient, device))
-    log(f"{name}: gradient {grad.time:.3f} s, peak {grad.peak / 2**20:.0f} MiB")
+    log(f"{name}: gradient peak {grad.peak / 2**20:.0f} MiB")
+    twin = copy.deepcopy(model)  # the composites' copy: the plain model never carries hooks
 
     todo = [(c, lrpcli.composites.get(c)) for c in composites]
     if with_reference:
         todo.append((EPSILON_REFERENCE, epsilon_reference()))
     cases = []
     for cname, comp in todo:
-        case = Case(name, cname, batch)
-        session = comp.context(model, canonizers=MODELS[name])
+        case = Case(name, cname, batch, baseline=Case(name, "gradient", batch))
+        session = comp.context(twin, canonizers=MODELS[name])
         with session as m:
 
             def run(m: torch.nn.Module = m, comp: lrpcli.composites.Composite = comp) -> torch.Tensor:
@@ -120,11 +135,13 @@ def bench_model(name: str, device: torch.device, batch: int, repeats: int, compo
 
             case.peak = peak_memory(run, device)  # also the warm-up
             for _ in range(repeats):
+                paired = timed(gradient, device)
+                case.baseline.add(paired)
+                grad.add(paired)
                 case.add(timed(run, device))
             case.rules = tuple(sorted({a.rule.name for a in session.coverage()
                                        if a.rule is not None and a.calls and is_linear_layer(a.module)}))
-        grad.add(timed(gradient, device))  # interleaved baseline runs
         cases.append(case)
-        log(f"{name}: {cname} {case.time:.3f} s ({case.time / grad.time:.2f}x), "
+        log(f"{name}: {cname} {case.time:.3f} s against {case.baseline.time:.3f} s ({case.ratio:.2f}x), "
             f"peak {case.peak / 2**20:.0f} MiB ({case.peak / grad.peak:.2f}x)")
     return ModelResult(name, device.type, batch, grad, cases)

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", help=f"comma-separated sections among {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--composites", help="comma-separated composites (default: all built-ins)")
     p.add_argument("--no-reference", action="store_true", help="skip the Epsilon-everywhere reference row")
-    p.add_argument("--repeats", type=int, help="timed repeats per figure (default 3, --quick 1)")
+    p.add_argument("--repeats", type=int, help="timed repeats per figure (default 5, --quick 1)")
     p.add_argument("--batch", type=int, help="model batch size (default 8 on CPU, 64 on CUDA)")
     p.add_argument("--images", type=int, help="synthetic ImageFolder size (default 256, --quick 64)")
     p.add_argument("--explain-batch", type=int, help="batch size of the synthetic explain run (default 8 on CPU, "
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"--composites: unknown {', '.join(bad)}; built-ins: {', '.join(names)}")
     cuda = args.device.type == "cuda"
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.repeats = args.repeats or (1 if args.quick else 5)
     args.batch = args.batch or (64 if cuda else 8)
     args.images = args.images or (64 if args.quick else 256)
     args.explain_batch = args.explain_batch or (64 if cuda else 8)
@@ -121,17 +121,19 @@ def model_rows(table: Table, result, device: str) -> None:
               f"1.00x ({_mib(g.peak)})", "", "")
     for c in result.cases:
         limit = EPSILON_TARGET if c.epsilon_only else TIME_TARGET[device]
-        ratio, mem = c.time / g.time, c.peak / g.peak
-        shown = f"{ratio:.2f}x" + (f" (cpu {c.cpu_time / g.cpu_time:.2f}x)" if device == "cpu" else "")
+        ratio, mem = c.ratio, c.peak / g.peak
+        shown = f"{ratio:.2f}x" + (f" (cpu {c.cpu_ratio:.2f}x)" if device == "cpu" else "")
         misses = [m for m, bad in (("time", ratio > limit), ("memory", mem > MEMORY_TARGET)) if bad]
         name = c.name + (" (epsilon-only)" if c.epsilon_only and c.name != EPSILON_REFERENCE else "")
         table.add(label, name, f"{c.time:.3f}", f"{c.batch / c.time:.1f}", shown, f"{mem:.2f}x",
                   f"<= {limit:.1f}x, <= {MEMORY_TARGET:.1f}x", "MISS " + "+".join(misses) if misses else "ok")
         if misses:
             table.misses.append(f"{label} {c.name}: " + ", ".join(misses))
-    table.notes.append(f"{label}: gradient median of {len(g.seconds)} runs spread over the section "
-                       f"({min(g.seconds):.3f}..{max(g.seconds):.3f} s); composites median of "
-                       f"{len(result.cases[0].seconds) if result.cases else 0} after a warm-up"
+    table.notes.append(f"{label}: each composite run paired with a gradient run just before it; ratio = median "
+                       f"of {len(result.cases[0].seconds) if result.cases else 0} composite runs (after a warm-up) "
+                       f"over the median of its paired gradient runs; gradient row: median of all "
+                       f"{len(g.seconds)} ({min(g.seconds, default=float('nan')):.3f}.."
+                       f"{max(g.seconds, default=float('nan')):.3f} s)"
                        + ("; time: wall-time ratio (the target), with the ratio of process CPU time, which other "
                           "load moves less" if device == "cpu" else ""))
 
