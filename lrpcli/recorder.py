@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .hooks import same_elements
+
 if TYPE_CHECKING:  # pragma: no cover
     from .hooks import LayerCall
 
@@ -68,7 +70,7 @@ class Recorder:
             out_sum = self.relevance_out[call.key] = self._sum(relevance)
             parts = [r for r in result if r is not None]
             # a pass-through (Pass on a ReLU, a reshape) hands down the same elements: its input sum is its output sum
-            handed = [(r, r._version, out_sum if _same_elements(r, relevance) else per_sample_sum(r)) for r in parts]
+            handed = [(r, r._version, out_sum if same_elements(r, relevance) else per_sample_sum(r)) for r in parts]
             self._handed_down = handed
             if handed:
                 total = handed[0][2]
@@ -110,15 +112,6 @@ class Recorder:
             if key in self.relevance_out:
                 r_out[:, j] = self.relevance_out[key]
         return layers, [self.rules[k] for k in layers], r_in, r_out
-
-
-def _same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """a and b hold the same elements in the same order (one is b itself or a contiguous reshape of it)."""
-    if a is b:
-        return True
-    return (a.dim() > 0 and b.dim() > 0 and a.shape[0] == b.shape[0] and a.numel() == b.numel()
-            and a.dtype == b.dtype and a.device == b.device and a.data_ptr() == b.data_ptr()
-            and a.is_contiguous() and b.is_contiguous())
 
 
 def per_sample_sum(t: torch.Tensor) -> torch.Tensor:

@@ -365,6 +365,82 @@ def test_rectified_output_gives_the_same_relevance(monkeypatch, lower_rule, uppe
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("upper_rule,known", [(Gamma(0.5), [True, True, True]), (Flat(), [False, True])],
+                         ids=["proportional", "flat"])
+def test_relevance_made_by_a_proportional_rule_needs_no_zero_check(monkeypatch, upper_rule, known):
+    """Below a rule proportional to its input (through the ReLU's Pass, and Flatten's) the relevance is known to
+    be zero where relu(z) is: restore_output skips its pass over both tensors. Under Flat (layer "4") it is not
+    known, and the check runs (and, Flat giving relevance to zero inputs, z is recomputed: same numbers as in
+    test_rectified_output_gives_the_same_relevance)."""
+    import lrpcli.hooks as hooks
+
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    model, comp = _relu_chain(nn.ReLU, Gamma(0.25), upper_rule)
+    seen, checks = [], []
+    original, logical_and = hooks.zero_where, torch.logical_and
+    monkeypatch.setattr(hooks, "zero_where", lambda r, o: seen.append(original(r, o)) or seen[-1])
+    monkeypatch.setattr(torch, "logical_and", lambda *a: checks.append(1) or logical_and(*a))
+    lrpcli.attribute(model, x, 1, composite=comp)
+    assert seen == known  # backward order: "4" (under the Linear; not rectified under Flat), "2", "0"
+    assert len(checks) == known.count(False)
+
+
+def test_zero_note_passes_a_winner_takes_all_max_pool(monkeypatch):
+    """A MaxPool (the Gradient rule, hooked when a recorder is on) hands the note on: an input of 0 that wins its
+    window made the output 0, whose relevance is 0. The relevance is the same as with z kept."""
+    import lrpcli.hooks as hooks
+    from lrpcli.recorder import Recorder
+
+    def chain(relu_type: type) -> nn.Module:
+        torch.manual_seed(6)
+        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), relu_type(), nn.MaxPool2d(2),
+                             nn.Conv2d(4, 3, 3, padding=1), relu_type(), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double()
+
+    from lrpcli.rules import Gradient
+
+    comp = LayerMap([(nn.Conv2d, Gamma(0.25)), (nn.Linear, Epsilon(1e-6)), (nn.ReLU, Pass()), (nn.Flatten, Pass()),
+                     (nn.MaxPool2d, Gradient())])
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    seen = []
+    original = hooks.zero_where
+    monkeypatch.setattr(hooks, "zero_where", lambda r, o: seen.append(original(r, o)) or seen[-1])
+
+    def attribute(model: nn.Module) -> torch.Tensor:
+        with comp.context(model, recorder=Recorder()) as m:
+            xi = x.clone().requires_grad_(True)
+            out = m(xi)
+            return torch.autograd.grad(out, xi, lrpcli.initial_relevance(out, 1))[0]
+
+    got = attribute(chain(nn.ReLU))
+    assert seen == [True, True, True]  # conv "3" (under the Linear), the pool's note, conv "0"
+    want = attribute(chain(_OtherReLU))
+    assert (want != 0).any()
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_zero_note_holds_only_while_both_tensors_are_unchanged():
+    from lrpcli.hooks import mark_zeros, zero_where
+
+    y = torch.relu(torch.randn(2, 3, 4))
+    r = y * torch.randn(2, 3, 4)
+    mark_zeros([y], [r])
+    assert zero_where(r, y.detach())                       # the same elements: known
+    assert not zero_where(r, y.clone())                    # equal values elsewhere: not known
+    assert not zero_where(r * 1, y)                        # another tensor: no note
+    r2 = y * 2.0
+    mark_zeros([y], [r2])
+    r2.add_(1.0)                                           # changed after the note
+    assert not zero_where(r2, y)
+    y.mul_(1.0)                                            # the input changed after the note
+    assert not zero_where(r, y)
+    z = torch.relu(torch.randn(4))
+    r3 = z * 3.0
+    mark_zeros([z], [r3])
+    ptr = z.data_ptr()
+    del z                                                  # the input is gone
+    assert not zero_where(r3, torch.empty(0)) and ptr
+
+
 def test_rectified_output_releases_z():
     """After the forward, a conv followed by a ReLU no longer holds its own output (only the ReLU's)."""
     torch.manual_seed(0)

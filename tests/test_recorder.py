@@ -57,7 +57,7 @@ def test_handed_down_sums_equal_fresh_sums_and_are_reused(monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(Recorder, "_sum", lambda self, relevance: counting(relevance))
-    monkeypatch.setattr(recorder_module, "_same_elements", lambda a, b: False)
+    monkeypatch.setattr(recorder_module, "same_elements", lambda a, b: False)
     layers_fresh, rules_fresh, r_in_fresh, r_out_fresh = _table(model, x, Recorder())
 
     assert layers == layers_fresh and rules == rules_fresh and len(layers) >= 7

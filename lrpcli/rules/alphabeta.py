@@ -18,6 +18,7 @@ class AlphaBeta(ParamRule):
     """
 
     name = "alpha_beta"
+    proportional_to_inputs = True
     shown = ("alpha", "beta")
     ratio_of_output = True
 

@@ -37,6 +37,14 @@ class Rule:
     #: ``LayerCall.relevance``); a rule that hands the relevance on unchanged makes none, and slicing would
     #: only copy it
     makes_temporaries: ClassVar[bool] = True
+    #: each input's relevance is that input times a factor (R_i = x_i c_i), so it is zero wherever the input is
+    #: (the layer below may then keep relu(z) for z without a check, see ``LayerCall.restore_output``)
+    proportional_to_inputs: ClassVar[bool] = False
+
+    def keeps_zeros(self, module: torch.nn.Module) -> bool:
+        """True if relevance that is zero wherever the module's output is zero gives relevance that is zero
+        wherever its input is (winner-takes-all pooling: an input of 0 that wins its window made the output 0)."""
+        return False
 
     def check(self, module: torch.nn.Module, name: str) -> None:
         """Raise ValueError if this rule cannot handle ``module`` (called once, when the rule is assigned)."""

@@ -19,6 +19,7 @@ class Epsilon(ParamRule):
     """LRP-epsilon; ``epsilon`` is the stabilizer's epsilon (its mode comes from ``stabilizer``)."""
 
     name = "epsilon"
+    proportional_to_inputs = True
     shown = ("epsilon",)
     ratio_of_output = True
 

@@ -21,6 +21,7 @@ class Gamma(ParamRule):
     """den_j = z_j + gamma * (same-sign contributions of j, incl. bias part); numerators scaled alike."""
 
     name = "gamma"
+    proportional_to_inputs = True
     shown = ("gamma",)
     ratio_of_output = True
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Rule
+from .passthrough import MAX_POOLS
 from .stabilizer import Stabilizer
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -28,8 +29,7 @@ class MaxPoolAverage(Rule):
         self.stabilizer = Stabilizer.coerce(stabilizer)
 
     def check(self, module: nn.Module, name: str) -> None:
-        ok = isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
-                                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d))
+        ok = isinstance(module, MAX_POOLS)
         if not ok:
             raise ValueError(f"MaxPoolAverage applies to MaxPool layers; module {name!r} is {type(module).__name__}")
         dilation = getattr(module, "dilation", 1)

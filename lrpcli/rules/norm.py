@@ -16,6 +16,7 @@ class Norm(Rule):
     """Relevance split in proportion to each input's contribution to the output."""
 
     name = "norm"
+    proportional_to_inputs = True
     needs_graph = True  # the module's own backward, once
 
     def __init__(self, stabilizer: Stabilizer | float | None = None) -> None:

@@ -9,8 +9,12 @@ the plain gradient is wanted.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .base import Rule
+
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+             nn.AdaptiveMaxPool3d)
 
 
 class Pass(Rule):
@@ -33,7 +37,9 @@ class Pass(Rule):
                 f"lrpcli: Pass on module {call.name!r} ({type(call.module).__name__}) needs input and output of "
                 f"the same size, got {tuple(x.shape)} -> {tuple(relevance.shape)}; give it another rule"
             )
-        return (relevance.reshape(x.shape),) + (None,) * (len(call.inputs) - 1)
+        # the tensor itself where the shapes agree: what the layers above know about its zeros stays with it
+        handed = relevance if relevance.shape == x.shape else relevance.reshape(x.shape)
+        return (handed,) + (None,) * (len(call.inputs) - 1)
 
 
 class Gradient(Rule):
@@ -43,6 +49,9 @@ class Gradient(Rule):
     reads = ()  # autograd checks the tensors the module's own backward saved
     needs_graph = True
     is_native_gradient = True
+
+    def keeps_zeros(self, module: torch.nn.Module) -> bool:
+        return isinstance(module, MAX_POOLS)
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return call.native_vjp(relevance)

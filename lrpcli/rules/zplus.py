@@ -17,6 +17,7 @@ class ZPlus(ParamRule):
     """R_i = sum_j (x+_i W+_ji + x-_i W-_ji) R_j / s(sum_i (x+ W+ + x- W-) + b+_j)."""
 
     name = "zplus"
+    proportional_to_inputs = True
     reads = ("inputs",)  # the denominator is built from products alone: the output need not be kept
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
