@@ -385,9 +385,11 @@ def test_relevance_made_by_a_proportional_rule_needs_no_zero_check(monkeypatch, 
     assert len(checks) == known.count(False)
 
 
-def test_zero_note_passes_a_winner_takes_all_max_pool(monkeypatch):
-    """A MaxPool (the Gradient rule, hooked when a recorder is on) hands the note on: an input of 0 that wins its
-    window made the output 0, whose relevance is 0. The relevance is the same as with z kept."""
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorder", "no_recorder"])
+def test_zero_note_passes_a_winner_takes_all_max_pool(monkeypatch, recorded):
+    """A MaxPool (the Gradient rule; hooked with a recorder, and without one where its input is a ReLU output that
+    the layer below keeps) hands the note on: an input of 0 that wins its window made the output 0, whose
+    relevance is 0. The relevance is the same as with z kept."""
     import lrpcli.hooks as hooks
     from lrpcli.recorder import Recorder
 
@@ -406,7 +408,7 @@ def test_zero_note_passes_a_winner_takes_all_max_pool(monkeypatch):
     monkeypatch.setattr(hooks, "zero_where", lambda r, o: seen.append(original(r, o)) or seen[-1])
 
     def attribute(model: nn.Module) -> torch.Tensor:
-        with comp.context(model, recorder=Recorder()) as m:
+        with comp.context(model, recorder=Recorder() if recorded else None) as m:
             xi = x.clone().requires_grad_(True)
             out = m(xi)
             return torch.autograd.grad(out, xi, lrpcli.initial_relevance(out, 1))[0]
