@@ -138,13 +138,15 @@ class LayerCall:
         if not self.rectified:
             return
         self.rectified = False
-        if torch.is_grad_enabled() or not (zero_where(relevance, self.output)
-                                           or not bool(torch.logical_and(relevance != 0, self.output == 0).any())):
+        zero_where_rectified = not torch.is_grad_enabled() and (
+            zero_where(relevance, self.output)
+            or not bool(torch.logical_and(relevance != 0, self.output == 0).any()))
+        if zero_where_rectified:
+            self.output_rectified = True  # rules may use it: only outputs > 0 carry relevance
+        else:
             weight, bias = self.params()
             self.output = forward(self.module, self.x, weight, bias, self.output)
             self.versions = self.versions[:-1] + (self.output._version,)
-        else:
-            self.output_rectified = True  # rules may use it: only outputs > 0 carry relevance
 
     def relevance(self, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """The rule's relevance for each input; over slices of the batch where the layer is large.
