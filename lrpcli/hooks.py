@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .layerops import bias_shape, forward, is_linear_layer
-from .rules.base import Rule
+from .rules.base import Rule, fits
 
 if TYPE_CHECKING:  # pragma: no cover
     from .canonizers.base import Canonizer
@@ -171,8 +171,8 @@ class LayerCall:
             sliced.into = first[start:stop]
             part = self.rule.relevance(sliced, relevance[start:stop])
             if not results:
-                results = [None if r is None else (first if k == 0 and r.shape[1:] == first.shape[1:]
-                                                   and r.dtype == first.dtype else r.new_empty((n,) + r.shape[1:]))
+                results = [None if r is None else (first if k == 0 and fits(sliced.into, r)
+                                                   else r.new_empty((n,) + r.shape[1:]))
                            for k, r in enumerate(part)]
             for out, r in zip(results, part):
                 if out is not None and r is not None and r.data_ptr() != out[start:stop].data_ptr():
