@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -10,10 +11,28 @@ from . import __version__
 from .errors import LrpcliError
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, ``lrpcli: warning: ...``, instead of Python's source location and code line.
+
+    Warnings from other libraries keep their category name (``UserWarning: ...``) so they can be told apart.
+    """
+    text = " ".join(str(message).split())
+    if text.startswith("lrpcli: "):
+        text = text[len("lrpcli: "):]
+    elif not category.__module__.startswith("lrpcli"):
+        text = f"{category.__name__}: {text}"
+    try:
+        (file if file is not None else sys.stderr).write(f"lrpcli: warning: {text}\n")
+    except (OSError, AttributeError):  # no usable stderr: like Python's own, drop the warning
+        pass
+
+
 class _Group(click.Group):
-    """Turns LrpcliError into one line on stderr and its exit code; ``--debug`` keeps the traceback."""
+    """Turns LrpcliError into one line on stderr and its exit code, and warnings into one line each;
+    ``--debug`` keeps the traceback and Python's warning format."""
 
     def invoke(self, ctx: click.Context):
+        shown = warnings.showwarning
         try:
             return super().invoke(ctx)
         except LrpcliError as err:
@@ -21,11 +40,13 @@ class _Group(click.Group):
                 raise
             click.echo(f"lrpcli: error: {err}", err=True)
             sys.exit(err.exit_code)
+        finally:
+            warnings.showwarning = shown  # in-process callers (tests, notebooks) get theirs back
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lrpcli")
-@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors, and warnings with their source.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Layer-wise Relevance Propagation for whole data sets."""
@@ -33,6 +54,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if not debug:
+        warnings.showwarning = _show_warning
     keep_freed_memory()  # a batch tool keeps its memory between batches (see lrpcli/allocator.py)
 
 

@@ -163,6 +163,20 @@ def test_undecodable_image_is_skipped_and_recorded(tmp_path):
     assert sorted(set(r.label.tolist())) == [0, 1]
 
 
+def test_warnings_are_one_line_on_the_command_line_and_python_style_with_debug(tmp_path):
+    import warnings
+
+    data = _tree(tmp_path, bad=True)
+    before = warnings.showwarning
+    code, _, err = explain(tmp_path / "o.h5", data=data)
+    assert code == 0 and warnings.showwarning is before  # restored for the caller
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lrpcli: warning: skipped a/broken.png: UnidentifiedImageError: ")
+    with pytest.warns(UserWarning, match="lrpcli: skipped a/broken.png"):  # --debug: Python's own handling
+        code, _, err = run("--debug", "explain", str(DEMO_CONFIG), str(data), "-o", str(tmp_path / "d.h5"), "-q")
+    assert code == 0 and "lrpcli: warning" not in err
+
+
 def _config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "c.yaml"
     path.write_text(text.replace("../share", str(ROOT / "share")))
