@@ -42,6 +42,7 @@ import errno
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -131,9 +132,13 @@ def _being_written(path: str) -> bool:
 
 
 def _why(err: BaseException) -> str:
-    """The useful part of an OSError or h5py error message, on one line."""
+    """The useful part of an OSError or h5py error message, on one line: for HDF5's own wording ("Unable to
+    synchronously create file (unable to open file: name = ..., errno = 2, error message = 'No such file or
+    directory', flags = 13, ...)") the system's message only."""
     text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    return " ".join(str(text or type(err).__name__).split())
+    text = " ".join(str(text or type(err).__name__).split())
+    system = re.search(r"error message = '([^']+)'", text)
+    return system.group(1) if system else text
 
 
 def _new_dataset(
@@ -711,7 +716,7 @@ def _open_h5(path: str, mode: str) -> h5py.File:
         raise DataError(f"{path}: permission denied") from None
     except OSError as err:
         text = _why(err)
-        low = text.lower()
+        low = str(err).lower()  # HDF5's whole wording, for telling the cases apart
         if "lock" in low or getattr(err, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK):
             raise DataError(
                 f"{path} is being written by another process (HDF5 file lock); "

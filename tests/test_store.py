@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 
+from lrpcli import store
 from lrpcli.errors import DataError
 from lrpcli.store import ResultWriter, choose_compression, config_differences, open_results, pays_to_compress
 
@@ -323,6 +324,16 @@ def test_unwritable_directory_is_one_line_and_leaves_nothing(tmp_path, monkeypat
         _no_leftovers(target, "out.h5")
     finally:
         target.chmod(0o755)
+
+
+def test_an_hdf5_error_is_reported_by_its_system_message(tmp_path):
+    missing = tmp_path / "no" / "such" / "dir" / "out.h5"
+    with pytest.raises(OSError) as raw:  # what h5py says: HDF5's call chain with the system's message inside
+        h5py.File(missing, "w")
+    assert "error message = 'No such file or directory'" in str(raw.value)
+    assert store._why(raw.value) == "No such file or directory"
+    assert store._why(OSError("Unable to open file (file signature not found)")) == (
+        "Unable to open file (file signature not found)")
 
 
 def test_failure_while_creating_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeypatch):
