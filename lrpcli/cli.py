@@ -21,8 +21,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         text = text[len("lrpcli: "):]
     elif not category.__module__.startswith("lrpcli"):
         text = f"{category.__name__}: {text}"
-    try:
-        (file if file is not None else sys.stderr).write(f"lrpcli: warning: {text}\n")
+    from tqdm import tqdm
+
+    try:  # above a progress bar when one is showing, which tqdm.write clears and redraws
+        tqdm.write(f"lrpcli: warning: {text}", file=file if file is not None else sys.stderr)
     except (OSError, AttributeError):  # no usable stderr: like Python's own, drop the warning
         pass
 
