@@ -54,6 +54,12 @@ class Case:
         return self.time / self.baseline.time if self.baseline else float("nan")
 
     @property
+    def pair_ratios(self) -> list[float]:
+        """Each run against the gradient run paired with it: their spread shows how far the machine moves the
+        median ratio."""
+        return [s / b for s, b in zip(self.seconds, self.baseline.seconds)] if self.baseline else []
+
+    @property
     def cpu_ratio(self) -> float:
         return self.cpu_time / self.baseline.cpu_time if self.baseline else float("nan")
 

@@ -122,7 +122,10 @@ def model_rows(table: Table, result, device: str) -> None:
     for c in result.cases:
         limit = EPSILON_TARGET if c.epsilon_only else TIME_TARGET[device]
         ratio, mem = c.ratio, c.peak / g.peak
-        shown = f"{ratio:.2f}x" + (f" (cpu {c.cpu_ratio:.2f}x)" if device == "cpu" else "")
+        pairs = c.pair_ratios
+        spread = f"pairs {min(pairs):.2f}-{max(pairs):.2f}" if len(pairs) > 1 else ""
+        extra = "; ".join(part for part in (spread, f"cpu {c.cpu_ratio:.2f}x" if device == "cpu" else "") if part)
+        shown = f"{ratio:.2f}x" + (f" ({extra})" if extra else "")
         misses = [m for m, bad in (("time", ratio > limit), ("memory", mem > MEMORY_TARGET)) if bad]
         name = c.name + (" (epsilon-only)" if c.epsilon_only and c.name != EPSILON_REFERENCE else "")
         table.add(label, name, f"{c.time:.3f}", f"{c.batch / c.time:.1f}", shown, f"{mem:.2f}x",
@@ -131,7 +134,8 @@ def model_rows(table: Table, result, device: str) -> None:
             table.misses.append(f"{label} {c.name}: " + ", ".join(misses))
     table.notes.append(f"{label}: each composite run paired with a gradient run just before it; ratio = median "
                        f"of {len(result.cases[0].seconds) if result.cases else 0} composite runs (after a warm-up) "
-                       f"over the median of its paired gradient runs; gradient row: median of all "
+                       "over the median of its paired gradient runs (pairs: the range of the runs' own ratios); "
+                       "gradient row: median of all "
                        f"{len(g.seconds)} ({min(g.seconds, default=float('nan')):.3f}.."
                        f"{max(g.seconds, default=float('nan')):.3f} s)"
                        + ("; time: wall-time ratio (the target), with the ratio of process CPU time, which other "
