@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .layerops import bias_shape, forward, is_linear_layer
+from .layerops import bias_shape, empty_like_layout, forward, is_linear_layer
 from .rules.base import Rule, fits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -163,7 +163,8 @@ class LayerCall:
         # the first input's result is allocated up front, so that rules write each slice's rows straight into
         # it (``into``) instead of into a temporary that is then copied
         # (on the relevance's device: x is a shape-only stand-in where the rule does not read it)
-        first = relevance.new_empty(self.x.shape, dtype=torch.result_type(self.x, relevance))
+        first = empty_like_layout(self.x, self.x.shape, dtype=torch.result_type(self.x, relevance),
+                                  device=relevance.device)
         results: list[torch.Tensor | None] = []
         for rows in torch.arange(n).tensor_split(parts):
             start, stop = int(rows[0]), int(rows[-1]) + 1

@@ -499,6 +499,30 @@ def test_large_layers_split_over_the_batch_give_the_same_relevance(monkeypatch):
         torch.testing.assert_close(pieces, whole, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("sliced", [False, True])
+def test_channels_last_model_keeps_its_layout_through_the_rules(monkeypatch, sliced):
+    """A channels-last model and input: the rules allocate their buffers in that layout (mixing layouts made every
+    element-wise pass slow), the pointwise matrix-product path stands aside, and the numbers are those of NCHW."""
+    import lrpcli.hooks as hooks
+    from lrpcli.rules import AlphaBeta
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 1), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    comp = Mixture([NameMap([("0", AlphaBeta()), ("2", ZPlus()), ("4", Gamma(0.25))]),
+                    LayerMap([(nn.ReLU, Pass()), (nn.Flatten, Pass()), (nn.AdaptiveAvgPool2d, Norm()),
+                              (nn.Linear, Epsilon(1e-6))])])
+    whole = lrpcli.attribute(model, x, 1, composite=comp)
+    if sliced:
+        monkeypatch.setattr(hooks, "CHUNK_BYTES", 64)
+    cl = torch.channels_last
+    r = lrpcli.attribute(model.to(memory_format=cl), x.contiguous(memory_format=cl), 1, composite=comp)
+    torch.testing.assert_close(r, whole, atol=1e-12, rtol=0)
+    assert r.is_contiguous(memory_format=cl) and not r.is_contiguous()
+
+
 @pytest.mark.parametrize("activation", ["deconvnet", "guided_backprop", "beta_smooth"])
 def test_sliced_activation_rules_give_the_same_relevance(monkeypatch, activation):
     """Activation rules are sliced too, also DeconvNet, which keeps only shape stand-ins of its input."""

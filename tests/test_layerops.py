@@ -35,7 +35,7 @@ def test_pointwise_matrix_products_equal_the_convolution(factory, shape, with_bi
     weight = torch.randn_like(layer.weight)
     bias = torch.randn_like(layer.bias) if with_bias else None
     expected_z = layer._conv_forward(x, weight, bias)
-    assert layerops._pointwise(layer, expected_z[0, 0].numel(), x.device)  # the matrix-product path is taken
+    assert layerops._pointwise(layer, expected_z[0, 0].numel(), x)  # the matrix-product path is taken
     z = layerops.forward(layer, x, weight, bias, expected_z)
     v = torch.randn_like(z)
     native_z, native_vjp = _native(layer, x, weight, bias, v)
@@ -47,11 +47,13 @@ def test_pointwise_matrix_products_equal_the_convolution(factory, shape, with_bi
 
 
 def test_pointwise_path_is_for_plain_1x1_convolutions_with_enough_positions():
-    cpu = torch.device("cpu")
+    cpu = torch.zeros(1, 4, 16, 16)
     many = layerops.POINTWISE_MIN_POSITIONS
     assert layerops._pointwise(nn.Conv2d(4, 4, 1, stride=2), many, cpu)
     assert not layerops._pointwise(nn.Conv2d(4, 4, 1), many - 1, cpu)           # small maps stay with oneDNN
-    assert not layerops._pointwise(nn.Conv2d(4, 4, 1), many, torch.device("meta"))  # CPU only
+    assert not layerops._pointwise(nn.Conv2d(4, 4, 1), many, cpu.to("meta"))  # CPU only
+    # channels-last tensors need no reorder: oneDNN takes them as they are
+    assert not layerops._pointwise(nn.Conv2d(4, 4, 1), many, cpu.contiguous(memory_format=torch.channels_last))
     for other in (nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1, padding=1), nn.Conv2d(4, 4, 1, groups=2),
                   nn.Conv2d(4, 4, 1, dilation=2), nn.Conv2d(4, 4, 1, padding="same"),
                   nn.ConvTranspose2d(4, 4, 1), nn.Linear(4, 4)):

@@ -51,7 +51,7 @@ class SignSplit:
             else:
                 shape = list(self.x.shape)
                 shape[channels] *= 2
-                self.x_stacked = self.x.new_empty(shape)
+                self.x_stacked = ops.empty_like_layout(self.x, shape)
                 pos, neg = self.x_stacked.chunk(2, dim=channels)
                 torch.clamp(self.x, min=0, out=pos)
                 torch.clamp(self.x, max=0, out=neg)
@@ -170,7 +170,7 @@ class SignSplit:
         z, dim = self.z, channel_dim(self.module)
         shape = list(z.shape)
         shape[dim] *= 2
-        buf = torch.empty(shape, dtype=z.dtype, device=self.x.device)  # z may be a meta stand-in
+        buf = ops.empty_like_layout(z, shape, device=self.x.device)  # z may be a meta stand-in
         a, b = buf.chunk(2, dim=dim)
         return buf, a, b
 
