@@ -58,3 +58,17 @@ def test_pointwise_path_is_for_plain_1x1_convolutions_with_enough_positions():
                   nn.Conv2d(4, 4, 1, dilation=2), nn.Conv2d(4, 4, 1, padding="same"),
                   nn.ConvTranspose2d(4, 4, 1), nn.Linear(4, 4)):
         assert not layerops._pointwise(other, many, cpu), other
+
+
+def test_buffers_follow_the_layout_of_the_tensor_they_are_made_for():
+    cl, cl3 = torch.channels_last, torch.channels_last_3d
+    x4, x5 = torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5, 6)
+    assert layerops.memory_format_of(x4) == torch.contiguous_format
+    assert layerops.memory_format_of(x4.contiguous(memory_format=cl)) == cl
+    assert layerops.memory_format_of(x5.contiguous(memory_format=cl3)) == cl3
+    assert layerops.memory_format_of(torch.zeros(2, 1, 4, 5)) == torch.contiguous_format  # both at once: plain
+    assert layerops.memory_format_of(x4.transpose(2, 3)) == torch.contiguous_format  # neither: plain
+    made = layerops.empty_like_layout(x5.contiguous(memory_format=cl3), (4, 6, 4, 5, 6), dtype=torch.float64)
+    assert made.shape == (4, 6, 4, 5, 6) and made.dtype == torch.float64
+    assert made.is_contiguous(memory_format=cl3) and not made.is_contiguous()
+    assert layerops.empty_like_layout(x4.to("meta"), (1, 3, 4, 5)).is_meta  # shape stand-ins stay on meta
