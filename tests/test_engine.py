@@ -467,7 +467,7 @@ def test_large_layers_split_over_the_batch_give_the_same_relevance(monkeypatch):
     """Rules on slices of the batch (CHUNK_BYTES small) give the relevance of one piece: every rule is per
     sample, also the rms stabilizer and a ZBox with bounds per sample (which is never split)."""
     import lrpcli.hooks as hooks
-    from lrpcli.rules import AlphaBeta, Stabilizer
+    from lrpcli.rules import Stabilizer
 
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3), nn.ReLU(),
@@ -504,7 +504,6 @@ def test_channels_last_model_keeps_its_layout_through_the_rules(monkeypatch, sli
     """A channels-last model and input: the rules allocate their buffers in that layout (mixing layouts made every
     element-wise pass slow), the pointwise matrix-product path stands aside, and the numbers are those of NCHW."""
     import lrpcli.hooks as hooks
-    from lrpcli.rules import AlphaBeta
 
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 1), nn.ReLU(),
@@ -555,7 +554,6 @@ def test_batch_slices_are_written_into_the_result_and_pass_layers_are_not_sliced
     """Slicing the batch bounds a rule's temporaries; the slices' relevance goes straight into the whole batch's
     result (no copy afterwards), and a Pass layer, which makes no temporaries, is never sliced."""
     import lrpcli.hooks as hooks
-    from lrpcli.rules import AlphaBeta
 
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3), nn.ReLU(),
@@ -656,7 +654,6 @@ def test_inputs_known_nonnegative_from_the_graph_skip_the_sign_pass(monkeypatch)
 def test_mixed_sign_inputs_take_the_fused_path_with_the_general_result(monkeypatch, rule_name, layer):
     """A first layer sees inputs of both signs: AlphaBeta and Gamma stack [x+, x-] and back-project through one
     block weight (x- with W+ and W- swapped); the result equals the general sign-split path's."""
-    from lrpcli.rules import AlphaBeta
     from lrpcli.rules.signsplit import SignSplit
 
     torch.manual_seed(6)
