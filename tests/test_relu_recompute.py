@@ -17,6 +17,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import lrpcli
 import lrpcli.hooks as hooks
+import lrpcli.relu_recompute as relu_recompute
 from lrpcli.composites import LayerMap
 
 try:
@@ -59,20 +60,20 @@ MODELS = {"vgg_like": (vgg_like, (2, 3, 8, 8)), "residual": (residual, (3, 2, 6,
 @pytest.fixture
 def recompute_off(monkeypatch):
     """The session as it was before the mechanism: every ReLU output stays in the graph."""
-    monkeypatch.setattr(hooks, "_recomputable_relu", lambda *args: False)
+    monkeypatch.setattr(relu_recompute, "recomputable_relu", lambda *args: False)
 
 
 @pytest.fixture
 def count_recomputed(monkeypatch) -> list[int]:
     """Counts the ReLU outputs rebuilt from z in backward passes (a test must exercise the mechanism)."""
     counts = [0]
-    original = hooks._Recompute.unpack
+    original = relu_recompute.Recompute.unpack
 
-    def spy(self: hooks._Recompute) -> torch.Tensor:
+    def spy(self: relu_recompute.Recompute) -> torch.Tensor:
         counts[0] += 1
         return original(self)
 
-    monkeypatch.setattr(hooks._Recompute, "unpack", spy)
+    monkeypatch.setattr(relu_recompute.Recompute, "unpack", spy)
     return counts
 
 
@@ -163,7 +164,7 @@ def test_same_numbers_as_without_recomputation(name, monkeypatch):
 
     got = everything()
     with monkeypatch.context() as mp:
-        mp.setattr(hooks, "_recomputable_relu", lambda *args: False)
+        mp.setattr(relu_recompute, "recomputable_relu", lambda *args: False)
         want = everything()
     assert len(got) == len(want)
     for a, b in zip(got, want):
@@ -236,13 +237,13 @@ def test_only_rules_that_read_only_the_relu_input_engage(monkeypatch):
     """Guided backprop (reads the output), deconvnet and LRP composites (read nothing of a ReLU) never install
     saved-tensor hooks; beta_smooth does, once per forward."""
     installs: list[int] = []
-    original = hooks._SavedTensors.install
+    original = relu_recompute.SavedTensors.install
 
-    def spy(self: hooks._SavedTensors) -> bool:
+    def spy(self: relu_recompute.SavedTensors) -> bool:
         installs.append(self.installed)
         return original(self)
 
-    monkeypatch.setattr(hooks._SavedTensors, "install", spy)
+    monkeypatch.setattr(relu_recompute.SavedTensors, "install", spy)
     model, x = vgg_like(), torch.randn(2, 3, 8, 8)
     for name in ("guided_backprop", "deconvnet", "epsilon_gamma_box", "epsilon_plus"):
         lrpcli.attribute(model, x, 0, composite=name)
@@ -375,7 +376,7 @@ def test_beta_smooth_memory_flat_over_1000_attributions():
 def test_scratch_buffer_is_reused_only_when_free():
     """The relu(z) that backward nodes unpack goes into one reused buffer, never into one still held elsewhere,
     and equals torch.relu bit for bit (also for -0.0 and NaN)."""
-    scratch = hooks._Scratch()
+    scratch = relu_recompute.Scratch()
     z1, z2 = torch.randn(4, 5), torch.randn(4, 5)
     z1[0] = -0.0
     z1[1, :2] = float("nan")
@@ -406,14 +407,14 @@ def test_scratch_buffer_is_reused_only_when_free():
 def test_scratch_buffer_is_reused_in_the_backward(monkeypatch):
     """Consecutive layers of one shape share the buffer (vgg_like: the second conv's input and the pool's)."""
     reused: list[bool] = []
-    original = hooks._Scratch.relu
+    original = relu_recompute.Scratch.relu
 
-    def spy(self: hooks._Scratch, z: torch.Tensor) -> torch.Tensor:
+    def spy(self: relu_recompute.Scratch, z: torch.Tensor) -> torch.Tensor:
         before = set(map(id, self.buffers.values()))
         result = original(self, z)
         reused.append(set(map(id, self.buffers.values())) <= before)  # no new buffer
         return result
 
-    monkeypatch.setattr(hooks._Scratch, "relu", spy)
+    monkeypatch.setattr(relu_recompute.Scratch, "relu", spy)
     lrpcli.attribute(vgg_like(), torch.randn(2, 3, 8, 8), 0, composite="beta_smooth")
     assert any(reused) and not all(reused)
