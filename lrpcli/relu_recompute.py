@@ -1,11 +1,10 @@
 """ReLU outputs that leave the graph: saved-tensor hooks store relu(z) as a reference to z and rebuild it on use.
 
-A rule that reads only a ReLU's input (BetaSmooth, or any rule of a ReLU whose output the next layer saves) keeps
-z; the layer after the ReLU would save y = relu(z) as well (convolutions save their input), two activations where
-the plain gradient keeps one. During a forward of the whole model the session therefore installs these hooks:
-whatever autograd saves of such a y is stored as a token holding z, and relu(z) is recomputed, bit for bit, when a
-backward node unpacks it. The session (``hooks.Session``) decides which ReLUs qualify (``recomputable_relu``) and
-when the hooks are pushed and popped.
+A rule that reads only a ReLU's input (BetaSmooth) keeps z; the layer after the ReLU would save y = relu(z) as well
+(convolutions save their input), two activations where the plain gradient keeps one. During a forward of the whole
+model the session therefore installs these hooks: whatever autograd saves of such a y is stored as a token holding
+z, and relu(z) is recomputed, bit for bit, when a backward node unpacks it. The session (``hooks.Session``) decides
+which ReLUs qualify (``recomputable_relu``) and when the hooks are pushed and popped.
 """
 
 from __future__ import annotations
@@ -106,6 +105,15 @@ def _unpack(packed: Recompute | Kept) -> torch.Tensor:
     return packed.unpack()
 
 
+def _token_of(aliases: dict[int, tuple[weakref.ref, int, Recompute]], tensor: torch.Tensor) -> Recompute | None:
+    """The token registered for ``tensor`` if it is the very alias, unmodified since the ReLU made it (a weakref:
+    ids of dead tensors are reused)."""
+    entry = aliases.get(id(tensor))
+    if entry is not None and entry[0]() is tensor and tensor._version == entry[1]:
+        return entry[2]
+    return None
+
+
 class SavedTensors:
     """Saved-tensor hooks for one forward of the whole model (see the module docstring).
 
@@ -130,11 +138,7 @@ class SavedTensors:
         aliases = self.aliases
 
         def pack(tensor: torch.Tensor) -> Recompute | Kept:
-            entry = aliases.get(id(tensor))
-            # the very alias, unmodified since the ReLU made it (a weakref: ids of dead tensors are reused)
-            if entry is not None and entry[0]() is tensor and tensor._version == entry[1]:
-                return entry[2]
-            return Kept(tensor)
+            return _token_of(aliases, tensor) or Kept(tensor)
 
         self.pack = pack
 
@@ -157,9 +161,9 @@ class SavedTensors:
 
     def follow(self, source: torch.Tensor, alias: torch.Tensor) -> None:
         """``alias`` has the contents of ``source`` (a tap): if source is recomputable, so is alias."""
-        entry = self.aliases.get(id(source))
-        if entry is not None and entry[0]() is source and source._version == entry[1]:
-            self.aliases[id(alias)] = (weakref.ref(alias), alias._version, entry[2])
+        token = _token_of(self.aliases, source)
+        if token is not None:
+            self.aliases[id(alias)] = (weakref.ref(alias), alias._version, token)
 
     def remove(self) -> None:
         """Pop the hooks if this forward pushed them (only if they are on top: never someone else's)."""
@@ -173,7 +177,7 @@ class SavedTensors:
 
 
 def recomputable_relu(rule: Rule, module: nn.Module, inputs: tuple[torch.Tensor, ...],
-                       output: torch.Tensor) -> bool:
+                      output: torch.Tensor) -> bool:
     """True if ``output`` is torch.relu of the single input z (its autograd node says so) and the rule reads only
     z: then output can leave the graph and be recomputed from z wherever autograd saved it."""
     if len(inputs) != 1 or rule.needs_graph:
