@@ -335,6 +335,7 @@ def test_class_names_in_grid_labels_and_names(tmp_path: Path, monkeypatch: pytes
         assert format_template(DEFAULT_GRID_LABEL, src, 0, "--grid-label", classes) == "#100 y=circle t=square"
         assert format_template(DEFAULT_GRID_LABEL, src, 1, "--grid-label", classes) == "#101 y=square t=a/b c"
         assert format_template("{label_name}", src, 2, "--name", classes) == "a_b_c"  # safe in file names
+        assert format_template("{label_name}", src, 0, "--name", ["chat noir é"]) == "chat_noir_é"
     seen: list[list[str]] = []
     real_grid = render_file.__globals__["images"].grid
 
@@ -397,6 +398,8 @@ def test_relevance_weighted_overlay_exact_pixels(tmp_path: Path) -> None:
     img = rgb(tmp_path / "p" / "x.png")
     assert img[1, 0].tolist() == lut[0].tolist() and img[0, 0].tolist() == image[0, 0].tolist()
     assert img[0, 1].tolist() == ((lut[191] + image[0, 1] + 1) // 2).tolist()
+    api = render_file(path, tmp_path / "api", RenderOptions(cmap="bwr", overlay_alpha="relevance", name="x"))
+    assert np.array_equal(rgb(api.files[0]), img)  # the Python API means the same
     # --level 2 saturates the weight as it saturates the colour: |R| = 2 now weighs 1
     res = run(path, "-d", tmp_path / "q", "--cmap", "bwr", "--overlay-alpha", "relevance", "--level", "2",
               "--name", "x")

@@ -104,8 +104,6 @@ def render(
 
     from .pipeline import DEFAULT_GRID_LABEL, RenderOptions, render_file
 
-    if overlay is None and overlay_alpha == "relevance":
-        overlay = 1.0
     opts = RenderOptions(
         cmap="coldnhot" if cmap is None else cmap, norm=norm, level=level, clip=clip, overlay=overlay,
         overlay_alpha=overlay_alpha, grid=grid, columns=columns, select=selection, fmt=fmt, name=name,

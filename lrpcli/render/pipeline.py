@@ -16,7 +16,7 @@ import string
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ DEFAULT_GRID_LABEL = "#{index} y={label_name} t={target_name}"
 PARALLEL_FROM = 128
 FIELDS = ("row", "index", "label", "target", "label_name", "target_name", "file", "stem", "layer")
 OVERLAY_ALPHAS = ("constant", "relevance")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^\w.-]+")
 
 
 @dataclass
@@ -67,7 +67,8 @@ class RenderResult:
 
 
 def safe_name(text: str) -> str:
-    """``text`` with every run of characters outside ``A-Z a-z 0-9 . _ -`` as one ``_``: a file-name part."""
+    """``text`` with every run of characters other than letters, digits, ``.``, ``_`` and ``-`` as one ``_``:
+    a file-name part without separators, spaces or control characters."""
     return _UNSAFE.sub("_", text)
 
 
@@ -228,6 +229,8 @@ def check_options(opts: RenderOptions) -> None:
 def render_file(path: str | os.PathLike, out_dir: str | os.PathLike, opts: RenderOptions) -> RenderResult:
     """Render the selected rows of an lrpcli HDF5 file into ``out_dir``; returns the files written."""
     check_options(opts)
+    if opts.overlay is None and opts.overlay_alpha == "relevance":
+        opts = replace(opts, overlay=1.0)  # the weight alone: full heatmap at the strongest pixels
     try:
         lut = palettes.palette(opts.cmap)
     except DataError as err:
