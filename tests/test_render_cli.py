@@ -16,7 +16,14 @@ from lrpcli.cli import main
 from lrpcli.render import palette
 from lrpcli.render.images import grid_geometry, label_height
 from lrpcli.render.palettes import PALETTES
-from lrpcli.render.pipeline import RenderOptions, render_file
+from lrpcli.render.pipeline import (
+    DEFAULT_GRID_LABEL,
+    RenderOptions,
+    class_names,
+    format_template,
+    render_file,
+)
+from lrpcli.render.reader import Source
 
 N, WRITTEN, H, W = 8, 6, 4, 4
 # channel-summed relevance of row 0; channels 1 and 2 cancel out
@@ -233,6 +240,11 @@ def _empty(tmp: Path) -> Path:
         (None, ["--name", "../x{row}"], ["must stay inside"]),
         (None, ["--layer", "nope"], ["no layer 'nope'", "features.0"]),
         (None, ["--columns", "0", "--grid"], ["--columns 0"]),
+        (None, ["--cmap", ""], ["--cmap", "empty palette name ''", "coldnhot"]),
+        (None, ["--cmap", "  "], ["--cmap", "empty palette name '  '"]),
+        (None, ["--jobs", "-2"], ["--jobs -2", "must be >= 0", "0: one process per CPU"]),
+        (None, ["--overlay-alpha", "relevance", "--overlay", "2"], ["--overlay 2.0", "[0, 1]"]),
+        (_no_input, ["--overlay-alpha", "relevance"], ["noinput.h5", "--overlay needs the stored 'input'"]),
     ],
 )
 def test_bad_input_one_line_exit_2(
@@ -276,3 +288,151 @@ def test_rendering_does_not_import_torch(h5: Path, tmp_path: Path) -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_layer_maps_get_their_own_names(h5: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    assert run(h5, "-d", out, "-q").exit_code == 0
+    before = {p.name: rgb(p) for p in out.iterdir()}
+    res = run(h5, "-d", out, "-q", "--layer", "features.0")
+    assert res.exit_code == 0, res.output
+    inputs = [f"{100 + i:05d}_{i % 3}_{(i + 1) % 3}.png" for i in range(WRITTEN)]
+    layers = [f"{100 + i:05d}_{i % 3}_{(i + 1) % 3}_features.0.png" for i in range(WRITTEN)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(inputs + layers)
+    for name in inputs:  # the input maps are still there, unchanged
+        assert np.array_equal(rgb(out / name), before[name])
+    layer = stored(h5, "layers/features.0")[0].sum(axis=0)
+    idx = np.floor(layer / np.abs(layer).max() * 127.5 + 128).astype(int)
+    assert rgb(out / layers[0])[::2, ::2].tolist() == palette("coldnhot")[idx].tolist()
+    # grids too: grid.png and grid_<layer>.png side by side
+    assert run(h5, "-d", out, "-q", "--grid").exit_code == 0
+    assert run(h5, "-d", out, "-q", "--grid", "--layer", "features.0").exit_code == 0
+    assert {"grid.png", "grid_features.0.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_nested_layer_name_is_made_safe_in_file_names(tmp_path: Path) -> None:
+    path = write_h5(tmp_path / "out.h5")
+    with h5py.File(path, "a") as f:
+        f["layers/block/conv 1"] = np.ones((N, 1, H, W), dtype=np.float32)
+    res = run(path, "-d", tmp_path / "o", "-q", "--layer", "block/conv 1", "--select", "0")
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["00100_0_1_block_conv_1.png"]
+    res = run(path, "-d", tmp_path / "o", "-q", "--layer", "block/conv 1", "--grid")
+    assert (tmp_path / "o" / "grid_block_conv_1.png").is_file()
+
+
+def _with_classes(path: Path, value: object) -> Path:
+    with h5py.File(path, "a") as f:
+        f.attrs["classes"] = value
+    return path
+
+
+def test_class_names_in_grid_labels_and_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _with_classes(write_h5(tmp_path / "out.h5"), np.array(["circle", "square", "a/b c"], dtype=object))
+    with Source(path) as src:
+        classes = class_names(src)
+        assert classes == ["circle", "square", "a/b c"]
+        assert format_template(DEFAULT_GRID_LABEL, src, 0, "--grid-label", classes) == "#100 y=circle t=square"
+        assert format_template(DEFAULT_GRID_LABEL, src, 1, "--grid-label", classes) == "#101 y=square t=a/b c"
+        assert format_template("{label_name}", src, 2, "--name", classes) == "a_b_c"  # safe in file names
+        assert format_template("{label_name}", src, 0, "--name", ["chat noir é"]) == "chat_noir_é"
+    seen: list[list[str]] = []
+    real_grid = render_file.__globals__["images"].grid
+
+    def spy(tiles: np.ndarray, labels: list[str], columns: int | None = None) -> np.ndarray:
+        seen.append(list(labels))
+        return real_grid(tiles, labels, columns)
+
+    monkeypatch.setattr("lrpcli.render.images.grid", spy)
+    res = run(path, "-d", tmp_path / "g", "--grid", "--select", "0:3", "-q")
+    assert res.exit_code == 0, res.output
+    assert seen == [["#100 y=circle t=square", "#101 y=square t=a/b c", "#102 y=a/b c t=circle"]]
+    res = run(path, "-d", tmp_path / "n", "-q", "--select", "0:3", "--name", "{label_name}_{row}")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "n").iterdir()) == ["a_b_c_2.png", "circle_0.png", "square_1.png"]
+
+
+def test_class_names_absent_short_or_json(tmp_path: Path) -> None:
+    plain = write_h5(tmp_path / "plain.h5")
+    with Source(plain) as src:
+        assert class_names(src) is None
+        assert format_template(DEFAULT_GRID_LABEL, src, 0, "--grid-label") == "#100 y=0 t=1"
+    short = _with_classes(write_h5(tmp_path / "short.h5"), np.array(["circle"], dtype=object))
+    with Source(short) as src:  # a target beyond the class list keeps its number
+        assert format_template(DEFAULT_GRID_LABEL, src, 0, "--grid-label", class_names(src)) == "#100 y=circle t=1"
+    as_json = _with_classes(write_h5(tmp_path / "json.h5"), '["x", "y", "z"]')
+    with Source(as_json) as src:
+        assert class_names(src) == ["x", "y", "z"]
+
+
+def _tiny(path: Path) -> Path:
+    """One row, one channel, 2 x 2: relevance [[0, 2], [-4, 1]] over a known image."""
+    with h5py.File(path, "w") as f:
+        f.attrs["lrpcli_version"] = "0.1.0"
+        f.attrs["rows_written"] = np.int64(1)
+        f["attribution"] = np.array([[[[0, 2], [-4, 1]]]], dtype=np.float32)
+        f["input"] = np.array([[[[10, 20], [100, 200]], [[30, 40], [50, 60]], [[70, 80], [201, 255]]]],
+                              dtype=np.uint8)
+        f["label"] = np.zeros(1, dtype=np.int64)
+        f["target"] = np.zeros(1, dtype=np.int64)
+    return path
+
+
+def test_relevance_weighted_overlay_exact_pixels(tmp_path: Path) -> None:
+    path = _tiny(tmp_path / "tiny.h5")
+    res = run(path, "-d", tmp_path / "o", "--cmap", "bwr", "--overlay", "0.5", "--overlay-alpha", "relevance",
+              "--name", "x")
+    assert res.exit_code == 0, res.output
+    img = rgb(tmp_path / "o" / "x.png")
+    lut = palette("bwr").astype(int)
+    image = np.moveaxis(stored(path, "input")[0], 0, -1).astype(int)
+    # weights |R| / max|R| = [[0, .5], [1, .25]]; alpha = 0.5 * weight; heat index: 128, 191, 0, 159
+    assert img[0, 0].tolist() == image[0, 0].tolist()  # zero relevance: the image pixel exactly
+    assert img[1, 0].tolist() == ((lut[0] + image[1, 0] + 1) // 2).tolist()  # alpha 1/2
+    assert img[0, 1].tolist() == ((lut[191] + 3 * image[0, 1] + 2) // 4).tolist()  # alpha 1/4
+    assert img[1, 1].tolist() == ((lut[159] + 7 * image[1, 1] + 4) // 8).tolist()  # alpha 1/8
+    assert img[1, 0].tolist() == [50, 25, 228]
+    # alone it means --overlay 1: the strongest pixel is the heatmap colour, zero still the image
+    res = run(path, "-d", tmp_path / "p", "--cmap", "bwr", "--overlay-alpha", "relevance", "--name", "x")
+    assert res.exit_code == 0, res.output
+    img = rgb(tmp_path / "p" / "x.png")
+    assert img[1, 0].tolist() == lut[0].tolist() and img[0, 0].tolist() == image[0, 0].tolist()
+    assert img[0, 1].tolist() == ((lut[191] + image[0, 1] + 1) // 2).tolist()
+    api = render_file(path, tmp_path / "api", RenderOptions(cmap="bwr", overlay_alpha="relevance", name="x"))
+    assert np.array_equal(rgb(api.files[0]), img)  # the Python API means the same
+    # --level 2 saturates the weight as it saturates the colour: |R| = 2 now weighs 1
+    res = run(path, "-d", tmp_path / "q", "--cmap", "bwr", "--overlay-alpha", "relevance", "--level", "2",
+              "--name", "x")
+    assert rgb(tmp_path / "q" / "x.png")[0, 1].tolist() == lut[255].tolist()
+
+
+def test_constant_overlay_is_the_default(tmp_path: Path) -> None:
+    path = _tiny(tmp_path / "tiny.h5")
+    run(path, "-d", tmp_path / "o", "--cmap", "bwr", "--overlay", "0.5", "--name", "x")
+    img = rgb(tmp_path / "o" / "x.png")
+    image = np.moveaxis(stored(path, "input")[0], 0, -1).astype(int)
+    lut = palette("bwr").astype(int)
+    assert img[0, 0].tolist() == ((lut[128] + image[0, 0] + 1) // 2).tolist()
+
+
+@pytest.mark.parametrize(
+    ("args", "warning"),
+    [
+        (["--cmap", "hot"], "--cmap hot is sequential (zero at its first colour): with --norm symmetric zero "
+         "relevance gets its middle colour #ff8100, a coloured background; use --norm absolute"),
+        (["--cmap", "bwr", "--norm", "absolute"], "--cmap bwr is diverging (zero at its centre): with --norm "
+         "absolute zero relevance gets its first colour #0000ff and both signs look alike, a coloured "
+         "background; use --norm symmetric"),
+        (["--cmap", "00f,80:000,f00", "--norm", "unaligned"], "--cmap 00f,80:000,f00 is diverging (zero at its "
+         "centre): with --norm unaligned zero relevance gets a colour that depends on each map's min and max, "
+         "a coloured background; use --norm symmetric"),
+        (["--cmap", "coldnhot"], None),
+        (["--cmap", "gray", "--norm", "absolute"], None),
+        (["--cmap", "hot", "--norm", "unaligned"], None),
+    ],
+)
+def test_palette_norm_mismatch_warns_once(h5: Path, tmp_path: Path, args: list[str], warning: str | None) -> None:
+    res = run(h5, "-d", tmp_path / "o", "-q", *args)
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.strip().splitlines()
+    assert lines == ([f"lrpcli: warning: {warning}"] if warning else [])

@@ -36,6 +36,20 @@ def test_overlay_arithmetic() -> None:
     assert np.array_equal(overlay(heat, image, 1.0), heat)
 
 
+def test_overlay_per_pixel_alpha() -> None:
+    heat = np.array([[[[255, 0, 0], [0, 0, 255], [10, 20, 30]]]], dtype=np.uint8)  # (N=1, H=1, W=3, 3)
+    image = np.array([[[[200, 200, 200], [0, 100, 255], [255, 255, 255]]]], dtype=np.uint8)
+    alpha = np.array([[[0.0, 0.5, 1.0]]], dtype=np.float32)  # (N, H, W)
+    out = overlay(heat, image, alpha)
+    assert out[0, 0, 0].tolist() == [200, 200, 200]  # alpha 0: the image exactly
+    assert out[0, 0, 1].tolist() == [0, 50, 255]  # (0 + 0 + 1) // 2, (0 + 100 + 1) // 2, (255 + 255 + 1) // 2
+    assert out[0, 0, 2].tolist() == [10, 20, 30]  # alpha 1: the heatmap exactly
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    hot = rng.integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    assert np.array_equal(overlay(hot, img, np.zeros((2, 5, 7), np.float32)), img)
+
+
 def test_overlay_random_batch_within_rounding() -> None:
     rng = np.random.default_rng(1)
     heat = rng.integers(0, 256, (4, 5, 6, 3), dtype=np.uint8)

@@ -7,7 +7,7 @@ import pytest
 
 from lrpcli.errors import DataError
 from lrpcli.render import palette, render_heatmap
-from lrpcli.render.normalize import to_index
+from lrpcli.render.normalize import magnitude, to_index
 
 RAMP = np.array([[-2.0, -1.0, 0.0, 1.0, 2.0]], dtype=np.float32)
 
@@ -99,3 +99,18 @@ def test_render_heatmap_custom_spec_and_shape_error() -> None:
     assert rgb[0].tolist() == [[0, 0, 255], [0, 0, 128], [0, 0, 0], [126, 0, 0], [255, 0, 0]]
     with pytest.raises(ValueError):
         render_heatmap(np.zeros(5))
+
+
+def test_magnitude_is_the_overlay_weight() -> None:
+    x = np.array([[0.0, 2.0], [-4.0, 1.0]], dtype=np.float32)
+    assert magnitude(x).tolist() == [[0.0, 0.5], [1.0, 0.25]]
+    assert magnitude(x, level=2.0).tolist() == [[0.0, 1.0], [1.0, 0.5]]
+    assert magnitude(x[None], clip=50).shape == (1, 2, 2)
+    # per sample, as the colours: the second map's own max sets its scale
+    batch = np.stack([x, x / 4])
+    assert np.array_equal(magnitude(batch)[1], magnitude(x))
+    odd = np.array([[np.nan, np.inf], [-2.0, 0.0]], dtype=np.float32)
+    assert magnitude(odd).tolist() == [[0.0, 1.0], [1.0, 0.0]]  # NaN weighs 0, infinity saturates
+    assert magnitude(np.zeros((2, 2), dtype=np.float32)).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    # the weight is what --norm absolute turns into an index
+    assert np.array_equal(np.floor(magnitude(RAMP) * 255 + 0.5).astype(np.uint8), to_index(RAMP, "absolute"))

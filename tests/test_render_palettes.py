@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from lrpcli.errors import DataError
 from lrpcli.render import palette
-from lrpcli.render.palettes import CENTRE, PALETTES, is_signed, lut_from_spec, parse_spec
+from lrpcli.render.palettes import CENTRE, PALETTES, is_signed, lut_from_spec, norm_mismatch, parse_spec
 
 
 def _hex(text: str) -> list[int]:
@@ -99,3 +101,41 @@ def test_bad_specs(spec: str, needle: str) -> None:
         palette(spec)
     msg = str(err.value)
     assert needle in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name", list(PALETTES))
+def test_norm_advice_follows_the_declaration(name: str) -> None:
+    """Each palette's kind is declared once (``Named.signed``); the warning reads it, no second list."""
+    named = PALETTES[name]
+    assert named.norm == ("symmetric" if named.signed else "absolute")
+    assert norm_mismatch(name, named.norm) is None
+    other = "absolute" if named.signed else "symmetric"
+    advice = norm_mismatch(name, other)
+    assert advice is not None and advice.endswith(f"use --norm {named.norm}")
+    assert ("diverging" in advice) == named.signed
+    assert (norm_mismatch(name, "unaligned") is None) == (not named.signed)
+
+
+def test_norm_advice_for_specs_and_names_any_case() -> None:
+    assert norm_mismatch("0ff,00f,80:000,f00", "symmetric") is None  # a stop at 80: diverging
+    assert norm_mismatch("000,f00", "absolute") is None
+    assert norm_mismatch("000,f00", "symmetric") == (
+        "--cmap 000,f00 is sequential (zero at its first colour): with --norm symmetric zero relevance gets its "
+        "middle colour #800000, a coloured background; use --norm absolute"
+    )
+    assert norm_mismatch("BWR", "symmetric") is None
+
+
+def test_readme_palette_table_matches_declarations() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].strip("`") in PALETTES and cells[1] in ("signed", "unsigned"):
+            rows[cells[0].strip("`")] = cells[1] == "signed"
+    assert rows == {name: named.signed for name, named in PALETTES.items()}
+
+
+def test_empty_palette_name() -> None:
+    with pytest.raises(DataError, match="empty palette name ''"):
+        palette("")

@@ -60,18 +60,24 @@ def _list_cmaps(cmap: str | None, swatch_file: str | None) -> None:
               help="Use the P-th percentile of |R| instead of the max (e.g. 99.5) for heavy-tailed maps.")
 @click.option("--overlay", type=float, default=None, metavar="ALPHA",
               help="Blend the heatmap over the stored input image: ALPHA * heat + (1 - ALPHA) * image.")
+@click.option("--overlay-alpha", type=click.Choice(["constant", "relevance"]), default="constant",
+              show_default=True,
+              help="relevance: each pixel's ALPHA is scaled by its |R| (0 at zero relevance, which shows the "
+                   "image; full ALPHA at max|R| / LEVEL); alone it implies --overlay 1.")
 @click.option("--grid", is_flag=True, help="Write one montage DIR/grid.FORMAT of the selection, labelled.")
 @click.option("--columns", type=int, default=None, help="Tiles per grid row [default: ceil(sqrt(n))].")
 @click.option("--grid-label", default=None, metavar="TEMPLATE",
-              help="Text under each grid tile [default: '#{index} y={label} t={target}'].")
+              help="Text under each grid tile; {label_name} and {target_name} are class names where the "
+                   "file has them [default: '#{index} y={label_name} t={target_name}'].")
 @click.option("--select", "selection", default=None, metavar="SPEC",
               help="Rows to render: 0:16, 3,7,9, label=3, target=3, index=3, file=GLOB or *.jpg "
                    "[default: all].")
 @click.option("--format", "fmt", type=click.Choice(["png", "webp", "jpg"]), default="png", show_default=True,
               help="Image format: png is lossless (palette PNG without --overlay).")
 @click.option("--name", default=None, metavar="TEMPLATE",
-              help="File name per sample from {row} {index} {label} {target} {file} {stem} {layer} "
-                   "[default: '{index:05d}_{label}_{target}'].")
+              help="File name per sample from {row} {index} {label} {target} {label_name} {target_name} "
+                   "{file} {stem} {layer} [default: '{index:05d}_{label}_{target}', with --layer "
+                   "'{index:05d}_{label}_{target}_{layer}'].")
 @click.option("--layer", default=None, metavar="NAME",
               help="Render layers/NAME (a hidden layer's relevance) instead of attribution, resized to the "
                    "input size.")
@@ -81,13 +87,13 @@ def _list_cmaps(cmap: str | None, swatch_file: str | None) -> None:
 @click.option("--swatches", metavar="FILE", default=None,
               help="With --list-cmaps: write a swatch strip image.")
 @click.option("-j", "--jobs", type=int, default=0, show_default=True,
-              help="Worker processes; 0: one per CPU (max 8) when there are 128 files or more.")
+              help="Worker processes, >= 0; 0: one per CPU (max 8) when there are 128 files or more.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 def render(
     file: str | None, out_dir: str | None, cmap: str | None, norm: str, level: float, clip: float | None,
-    overlay: float | None, grid: bool, columns: int | None, grid_label: str | None, selection: str | None,
-    fmt: str, name: str | None, layer: str | None, resample: str, list_cmaps: bool, swatches: str | None,
-    jobs: int, quiet: bool,
+    overlay: float | None, overlay_alpha: str, grid: bool, columns: int | None, grid_label: str | None,
+    selection: str | None, fmt: str, name: str | None, layer: str | None, resample: str, list_cmaps: bool,
+    swatches: str | None, jobs: int, quiet: bool,
 ) -> None:
     """Heatmap images from the relevances stored in OUT.h5 (written by 'lrpcli explain')."""
     if list_cmaps or swatches:
@@ -96,13 +102,13 @@ def render(
     if file is None:
         raise click.UsageError("Missing argument 'OUT.h5' (or use --list-cmaps).")
 
-    from .pipeline import DEFAULT_GRID_LABEL, DEFAULT_NAME, RenderOptions, render_file
+    from .pipeline import DEFAULT_GRID_LABEL, RenderOptions, render_file
 
     opts = RenderOptions(
-        cmap=cmap or "coldnhot", norm=norm, level=level, clip=clip, overlay=overlay, grid=grid,
-        columns=columns, select=selection, fmt=fmt, name=name or DEFAULT_NAME,
-        grid_label=grid_label or DEFAULT_GRID_LABEL, layer=layer, resample=resample, jobs=jobs,
-        progress=False if quiet else None,
+        cmap="coldnhot" if cmap is None else cmap, norm=norm, level=level, clip=clip, overlay=overlay,
+        overlay_alpha=overlay_alpha, grid=grid, columns=columns, select=selection, fmt=fmt, name=name,
+        grid_label=DEFAULT_GRID_LABEL if grid_label is None else grid_label, layer=layer, resample=resample,
+        jobs=jobs, progress=False if quiet else None,
     )
     target = Path(out_dir) if out_dir else Path(file).with_name(Path(file).stem + "_heatmaps")
     result = render_file(file, target, opts)

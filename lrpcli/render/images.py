@@ -6,10 +6,15 @@ pixel; Pillow is used only to resize, draw text and encode files.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -26,13 +31,18 @@ def colorize(index: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return np.take(lut, index, axis=0)
 
 
-def overlay(heat: np.ndarray, image: np.ndarray, alpha: float) -> np.ndarray:
+def overlay(heat: np.ndarray, image: np.ndarray, alpha: float | np.ndarray) -> np.ndarray:
     """Blend heatmaps over images: ``floor(alpha * heat + (1 - alpha) * image + 0.5)`` per channel, uint8.
 
-    Shapes broadcast, so a batch ``(N, H, W, 3)`` works as well as one image.
+    ``alpha`` is one number or one weight per pixel (the heatmaps' shape without the colour axis, e.g.
+    ``(N, H, W)``); a pixel with alpha 0 is the image pixel exactly. Shapes broadcast, so a batch
+    ``(N, H, W, 3)`` works as well as one image.
     """
-    out = heat.astype(np.float32) * np.float32(alpha)
-    out += image.astype(np.float32) * np.float32(1.0 - alpha)
+    a = np.asarray(alpha, dtype=np.float32)
+    if a.ndim:
+        a = a[..., None]
+    out = heat.astype(np.float32) * a
+    out += image.astype(np.float32) * (np.float32(1.0) - a)
     out += 0.5
     np.clip(out, 0, 255, out=out)
     return out.astype(np.uint8)
@@ -133,8 +143,11 @@ def save(image: np.ndarray, path: str | Path, fmt: str = "png", lut: np.ndarray 
     """Encode one image: RGB ``(H, W, 3)``, or palette indices ``(H, W)`` with their ``lut``.
 
     Indices become a palette PNG (exact colours, a third of the data to compress); JPEG and WebP get RGB.
-    PNG uses compress_level 1 (fast, still lossless), JPEG and WebP quality 90.
+    PNG uses compress_level 1 (fast, still lossless), JPEG and WebP quality 90. The file is written by
+    ``write_new`` and never through an existing link.
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown image format {fmt!r}; use one of {', '.join(FORMATS)}")
     if image.ndim == 2 and lut is not None:
         if fmt == "png":
             pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
@@ -143,11 +156,39 @@ def save(image: np.ndarray, path: str | Path, fmt: str = "png", lut: np.ndarray 
             pil = Image.fromarray(colorize(image, lut))
     else:
         pil = Image.fromarray(np.ascontiguousarray(image))
-    if fmt == "png":
-        pil.save(path, "PNG", compress_level=1)
-    elif fmt == "jpg":
-        pil.save(path, "JPEG", quality=90)
-    elif fmt == "webp":
-        pil.save(path, "WEBP", quality=90, method=2)
-    else:
-        raise ValueError(f"unknown image format {fmt!r}; use one of {', '.join(FORMATS)}")
+    with write_new(path) as fh:
+        if fmt == "png":
+            pil.save(fh, "PNG", compress_level=1)
+        elif fmt == "jpg":
+            pil.save(fh, "JPEG", quality=90)
+        else:
+            pil.save(fh, "WEBP", quality=90, method=2)
+
+
+@contextlib.contextmanager
+def write_new(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file handle whose contents replace ``path`` when the block ends without an error.
+
+    Why: an output folder may hold a link planted by someone else (``x.png -> ../victim``); opening the name
+    for writing would follow it and overwrite the victim. Instead the bytes go to a new file in the same
+    folder, created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` (it cannot be a link), which ``os.replace`` then
+    renames onto the name: a link there is replaced itself, its target is untouched. Readers never see a
+    half-written image either. On an error the temporary file is removed and the name is left as it was.
+    """
+    target = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = target.with_name(f".lrpcli-{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

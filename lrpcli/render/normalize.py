@@ -41,6 +41,43 @@ def _per_sample(stat: np.ndarray) -> np.ndarray:
     return stat.reshape(-1, 1, 1)
 
 
+def _prepare(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``x`` as float32 ``(N, H, W)`` with NaN as 0, the ``(N, H*W)`` values statistics are taken from
+    (infinities as 0, so they saturate but do not set the scale), and whether ``x`` was one ``(H, W)`` map."""
+    single = x.ndim == 2
+    x = np.asarray(x, dtype=np.float32)
+    if single:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"expected (N, H, W) or (H, W) relevance, got shape {x.shape}")
+    flat = x.reshape(x.shape[0], -1)
+    if bool(np.isfinite(flat).all()):
+        return x, flat, single
+    x = np.where(np.isnan(x), np.float32(0), x)
+    flat = x.reshape(x.shape[0], -1)
+    return x, np.where(np.isfinite(flat), flat, np.float32(0)), single
+
+
+def _abs_scale(stats_src: np.ndarray, level: float, clip: float | None) -> np.ndarray:
+    """Per-sample ``s / L`` with ``s = max|x|`` (or the ``clip`` percentile of ``|x|``); 1 where ``s`` is 0."""
+    mag = np.abs(stats_src)
+    scale = mag.max(axis=1) if clip is None else np.percentile(mag, clip, axis=1).astype(np.float32)
+    return np.where(scale > 0, scale, np.float32(1)).astype(np.float32) / np.float32(level)
+
+
+def magnitude(x: np.ndarray, level: float = 1.0, clip: float | None = None) -> np.ndarray:
+    """Per-pixel weight in [0, 1]: ``clip(|x| / (s / L), 0, 1)``, ``s`` as for ``absolute`` (any norm).
+
+    Used as the relevance-weighted overlay alpha: zero relevance weighs 0, ``|x| >= s / L`` weighs 1. The
+    value is the one ``absolute`` turns into an index, so weight and colour saturate together.
+    """
+    check("absolute", level, clip)
+    x, stats_src, single = _prepare(x)
+    v = np.abs(x) / _per_sample(_abs_scale(stats_src, level, clip))
+    np.clip(v, 0, 1, out=v)
+    return v[0] if single else v
+
+
 def to_index(
     x: np.ndarray, norm: str = "symmetric", level: float = 1.0, clip: float | None = None
 ) -> np.ndarray:
@@ -49,21 +86,7 @@ def to_index(
     Works in float32 for speed; the formulas are in the module docstring.
     """
     check(norm, level, clip)
-    single = x.ndim == 2
-    x = np.asarray(x, dtype=np.float32)
-    if single:
-        x = x[None]
-    if x.ndim != 3:
-        raise ValueError(f"expected (N, H, W) or (H, W) relevance, got shape {x.shape}")
-    n = x.shape[0]
-    flat = x.reshape(n, -1)
-    finite_all = bool(np.isfinite(flat).all())
-    if not finite_all:
-        x = np.where(np.isnan(x), np.float32(0), x)
-        flat = x.reshape(n, -1)
-        stats_src = np.where(np.isfinite(flat), flat, np.float32(0))
-    else:
-        stats_src = flat
+    x, stats_src, single = _prepare(x)
 
     if norm == "unaligned":
         if clip is None:
@@ -82,9 +105,7 @@ def to_index(
         v *= 255
         v += 0.5
     else:
-        mag = np.abs(stats_src)
-        scale = mag.max(axis=1) if clip is None else np.percentile(mag, clip, axis=1).astype(np.float32)
-        scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32) / np.float32(level)
+        scale = _abs_scale(stats_src, level, clip)
         if norm == "symmetric":
             v = x / _per_sample(scale)
             np.clip(v, -1, 1, out=v)

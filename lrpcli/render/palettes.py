@@ -36,11 +36,20 @@ EXAMPLE_SPEC = "0ff,00f,80:000,f00,ff0,fff"
 
 @dataclass(frozen=True)
 class Named:
-    """A built-in palette: its spec, whether it is signed (diverging, zero at the centre), and what it is."""
+    """A built-in palette: its spec, whether it is signed (diverging, zero at the centre), and what it is.
+
+    ``signed`` is the one place a palette's kind is declared: ``--list-cmaps``, the README table check and the
+    palette/norm warning all read it.
+    """
 
     spec: str
     signed: bool
     description: str
+
+    @property
+    def norm(self) -> str:
+        """The normalisation that gives zero relevance a neutral colour with this palette."""
+        return suited_norm(self.signed)
 
 
 PALETTES: dict[str, Named] = {
@@ -131,6 +140,11 @@ def palette(name_or_spec: str) -> np.ndarray:
     key = name_or_spec.strip().lower()
     if key in PALETTES:
         return lut_from_spec(PALETTES[key].spec)
+    if not key:
+        raise DataError(
+            f"empty palette name '{name_or_spec}': use one of {', '.join(PALETTES)} "
+            f"or a spec of hex colour stops like '{EXAMPLE_SPEC}'"
+        )
     if "," not in key:
         raise DataError(
             f"unknown palette '{name_or_spec}': use one of {', '.join(PALETTES)} "
@@ -146,3 +160,36 @@ def is_signed(name_or_spec: str) -> bool:
         return PALETTES[key].signed
     positions, _ = parse_spec(key)
     return bool(np.any(positions == CENTRE))
+
+
+def suited_norm(signed: bool) -> str:
+    """``symmetric`` for a signed palette (zero at its centre entry), ``absolute`` for a sequential one."""
+    return "symmetric" if signed else "absolute"
+
+
+def _hex(colour: np.ndarray) -> str:
+    return "#" + "".join(f"{int(c):02x}" for c in colour)
+
+
+def norm_mismatch(name_or_spec: str, norm: str) -> str | None:
+    """Why ``norm`` gives this palette a coloured background, or None when the pair suits.
+
+    Zero relevance (most of a map) should get the palette's neutral colour: the centre of a signed palette,
+    the first entry of a sequential one. ``symmetric`` puts zero at the centre and ``absolute`` at the first
+    entry, so a signed palette wants ``symmetric`` and a sequential one ``absolute`` (``unaligned`` stretches
+    each map to its own min and max and suits a sequential palette on maps of one sign). The kind comes from
+    the palette's declaration (``Named.signed``, or a stop at 80 in a spec).
+    """
+    signed = is_signed(name_or_spec)
+    want = suited_norm(signed)
+    if norm == want or (not signed and norm == "unaligned"):
+        return None
+    lut = palette(name_or_spec)
+    kind = "diverging (zero at its centre)" if signed else "sequential (zero at its first colour)"
+    if norm == "symmetric":
+        zero = f"zero relevance gets its middle colour {_hex(lut[CENTRE])}"
+    elif norm == "absolute":
+        zero = f"zero relevance gets its first colour {_hex(lut[0])} and both signs look alike"
+    else:
+        zero = "zero relevance gets a colour that depends on each map's min and max"
+    return f"--cmap {name_or_spec} is {kind}: with --norm {norm} {zero}, a coloured background; use --norm {want}"

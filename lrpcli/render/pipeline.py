@@ -6,14 +6,17 @@ normalisation and palette lookup are vectorised over a batch of rows.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import multiprocessing.context
 import os
 import posixpath
+import re
 import string
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +26,12 @@ from . import images, normalize, palettes, select
 from .reader import Source
 
 DEFAULT_NAME = "{index:05d}_{label}_{target}"
-DEFAULT_GRID_LABEL = "#{index} y={label} t={target}"
+DEFAULT_LAYER_NAME = "{index:05d}_{label}_{target}_{layer}"
+DEFAULT_GRID_LABEL = "#{index} y={label_name} t={target_name}"
 PARALLEL_FROM = 128
-FIELDS = ("row", "index", "label", "target", "file", "stem", "layer")
+FIELDS = ("row", "index", "label", "target", "label_name", "target_name", "file", "stem", "layer")
+OVERLAY_ALPHAS = ("constant", "relevance")
+_UNSAFE = re.compile(r"[^\w.-]+")
 
 
 @dataclass
@@ -37,11 +43,12 @@ class RenderOptions:
     level: float = 1.0
     clip: float | None = None
     overlay: float | None = None
+    overlay_alpha: str = "constant"  # or "relevance": each pixel's alpha is overlay * its |R| weight
     grid: bool = False
     columns: int | None = None
     select: str | None = None
     fmt: str = "png"
-    name: str = DEFAULT_NAME
+    name: str | None = None  # None: DEFAULT_NAME, or DEFAULT_LAYER_NAME with a layer
     grid_label: str = DEFAULT_GRID_LABEL
     layer: str | None = None
     resample: str = "nearest"
@@ -59,11 +66,46 @@ class RenderResult:
     out_dir: Path
 
 
-class _Fields(Mapping):
-    """The fields a ``--name`` / ``--grid-label`` template may use for one row, computed on demand."""
+def safe_name(text: str) -> str:
+    """``text`` with every run of characters other than letters, digits, ``.``, ``_`` and ``-`` as one ``_``:
+    a file-name part without separators, spaces or control characters."""
+    return _UNSAFE.sub("_", text)
 
-    def __init__(self, src: Source, row: int) -> None:
-        self.src, self.row = src, int(row)
+
+def class_names(src: Source) -> list[str] | None:
+    """The root attribute ``classes`` (class names in label order) as str, or None where the file has none.
+
+    Accepted as an array of strings (how h5py stores a list) or as a JSON list in one string.
+    """
+    raw = src.h5.attrs.get("classes")
+    if raw is None:
+        return None
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return None
+    values = np.asarray(raw, dtype=object).reshape(-1)
+    names = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values]
+    return names or None
+
+
+class _Fields(Mapping):
+    """The fields a ``--name`` / ``--grid-label`` template may use for one row, computed on demand.
+
+    For file names (``for_name``) the text fields that come from the file's metadata other than the stored
+    path (``layer``, the class names) are made safe with ``safe_name``.
+    """
+
+    def __init__(self, src: Source, row: int, classes: list[str] | None = None, for_name: bool = False) -> None:
+        self.src, self.row, self.classes, self.for_name = src, int(row), classes, for_name
+
+    def _class(self, value: int) -> object:
+        if self.classes is None or not 0 <= value < len(self.classes):
+            return value
+        return safe_name(self.classes[value]) if self.for_name else self.classes[value]
 
     def __getitem__(self, key: str) -> object:
         if key == "row":
@@ -74,13 +116,18 @@ class _Fields(Mapping):
             return int(self.src.labels[self.row])
         if key == "target":
             return int(self.src.targets[self.row])
+        if key == "label_name":
+            return self._class(int(self.src.labels[self.row]))
+        if key == "target_name":
+            return self._class(int(self.src.targets[self.row]))
         if key == "file":
             return str(self.src.filenames[self.row])
         if key == "stem":
             base = posixpath.basename(str(self.src.filenames[self.row]).replace("\\", "/"))
             return posixpath.splitext(base)[0]
         if key == "layer":
-            return self.src.layer or "attribution"
+            layer = self.src.layer or "attribution"
+            return safe_name(layer) if self.for_name else layer
         raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
@@ -90,10 +137,12 @@ class _Fields(Mapping):
         return len(FIELDS)
 
 
-def format_template(template: str, src: Source, row: int, option: str) -> str:
+def format_template(
+    template: str, src: Source, row: int, option: str, classes: list[str] | None = None
+) -> str:
     """Fill a template for one row; a bad template is a one-line error naming the option and the fields."""
     try:
-        return string.Formatter().vformat(template, (), _Fields(src, row))
+        return string.Formatter().vformat(template, (), _Fields(src, row, classes, for_name=option == "--name"))
     except KeyError as err:
         raise DataError(
             f"{option} '{template}': unknown field {err}; use {', '.join('{' + f + '}' for f in FIELDS)}"
@@ -105,24 +154,39 @@ def format_template(template: str, src: Source, row: int, option: str) -> str:
 def _file_names(src: Source, rows: np.ndarray, opts: RenderOptions) -> list[str]:
     """Relative output paths for every row; clashes and paths leaving the output folder are errors."""
     ext = "." + opts.fmt
+    template = name_template(opts, src.layer)
+    classes = class_names(src)
     names: list[str] = []
     seen: dict[str, int] = {}
     for row in rows:
-        stem = format_template(opts.name, src, int(row), "--name")
+        stem = format_template(template, src, int(row), "--name", classes)
         name = stem if stem.lower().endswith(ext) else stem + ext
         parts = name.replace("\\", "/").split("/")
         if not stem or name.startswith(("/", "\\")) or ".." in parts or any(not p for p in parts):
             raise DataError(
-                f"--name '{opts.name}': gives '{name}' for row {row}; names must stay inside -d DIR"
+                f"--name '{template}': gives '{name}' for row {row}; names must stay inside -d DIR"
             )
         if name in seen:
             raise DataError(
-                f"--name '{opts.name}': rows {seen[name]} and {row} both give '{name}'; "
+                f"--name '{template}': rows {seen[name]} and {row} both give '{name}'; "
                 "add {row} or {index}"
             )
         seen[name] = int(row)
         names.append(name)
     return names
+
+
+def name_template(opts: RenderOptions, layer: str | None) -> str:
+    """``--name`` as given, else the default; a layer's default adds ``{layer}`` so that its maps and the
+    input maps can share a folder without overwriting each other."""
+    if opts.name is not None:
+        return opts.name
+    return DEFAULT_NAME if layer is None else DEFAULT_LAYER_NAME
+
+
+def grid_file(opts: RenderOptions) -> str:
+    """``grid.FORMAT``, or ``grid_LAYER.FORMAT`` (layer name made safe) for ``--layer``."""
+    return f"grid.{opts.fmt}" if opts.layer is None else f"grid_{safe_name(opts.layer)}.{opts.fmt}"
 
 
 def _target_size(src: Source) -> tuple[int, int] | None:
@@ -145,6 +209,15 @@ def check_options(opts: RenderOptions) -> None:
     normalize.check(opts.norm, opts.level, opts.clip)
     if opts.overlay is not None and not (0.0 <= opts.overlay <= 1.0):
         raise DataError(f"--overlay {opts.overlay}: ALPHA must be in [0, 1] (the heatmap's weight)")
+    if opts.overlay_alpha not in OVERLAY_ALPHAS:
+        raise DataError(f"--overlay-alpha '{opts.overlay_alpha}': use one of {', '.join(OVERLAY_ALPHAS)}")
+    if opts.jobs < 0:
+        raise DataError(
+            f"--jobs {opts.jobs}: must be >= 0 (0: one process per CPU, at most 8, from {PARALLEL_FROM} files; "
+            "N >= 1: N processes)"
+        )
+    if opts.batch_size < 1:
+        raise DataError(f"batch_size {opts.batch_size}: must be >= 1")
     if opts.fmt not in images.FORMATS:
         raise DataError(f"--format '{opts.fmt}': use one of {', '.join(images.FORMATS)}")
     if opts.columns is not None and opts.columns < 1:
@@ -156,10 +229,15 @@ def check_options(opts: RenderOptions) -> None:
 def render_file(path: str | os.PathLike, out_dir: str | os.PathLike, opts: RenderOptions) -> RenderResult:
     """Render the selected rows of an lrpcli HDF5 file into ``out_dir``; returns the files written."""
     check_options(opts)
+    if opts.overlay is None and opts.overlay_alpha == "relevance":
+        opts = replace(opts, overlay=1.0)  # the weight alone: full heatmap at the strongest pixels
     try:
         lut = palettes.palette(opts.cmap)
     except DataError as err:
         raise DataError(f"--cmap: {err}") from None
+    advice = palettes.norm_mismatch(opts.cmap, opts.norm)
+    if advice is not None:
+        warnings.warn(f"lrpcli: {advice}", stacklevel=2)
     if opts.select is not None:
         select.parse(opts.select)  # syntax errors before opening the file
 
@@ -173,18 +251,20 @@ def render_file(path: str | os.PathLike, out_dir: str | os.PathLike, opts: Rende
         size = _target_size(src)
         out = Path(out_dir)
         if opts.grid:
-            labels = [format_template(opts.grid_label, src, int(r), "--grid-label") for r in rows]
+            classes = class_names(src)
+            labels = [format_template(opts.grid_label, src, int(r), "--grid-label", classes) for r in rows]
             _mkdir(out)
             tiles = np.concatenate(
                 [_render_batch(src, b, lut, size, opts) for b in _batches(rows, opts.batch_size)]
             )
-            target = out / f"grid.{opts.fmt}"
+            target = out / grid_file(opts)
             _save(images.grid(tiles, labels, opts.columns), target, opts.fmt)
             return RenderResult([target], len(rows), out)
 
         names = _file_names(src, rows, opts)  # template errors before anything is created
-        for parent in sorted({(out / n).parent for n in names}):
-            _mkdir(parent)
+        _mkdir(out)
+        for sub in sorted({Path(n).parent for n in names}):
+            _subfolder(out, sub)
         files = [out / n for n in names]
         _write_all(src, rows, files, lut, size, opts)
         return RenderResult(files, len(rows), out)
@@ -195,6 +275,29 @@ def _mkdir(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataError(f"-d {folder}: cannot create the output folder ({err.strerror or err})") from None
+
+
+def _subfolder(out: Path, sub: Path) -> None:
+    """Create ``out/sub`` one level at a time, refusing a level that is a link or not a folder.
+
+    Why: a link planted inside the output folder (``DIR/c0 -> /elsewhere``) would carry the images written
+    under it out of DIR. ``-d DIR`` itself may be a link: the user named it.
+    """
+    here = out
+    for part in sub.parts:
+        here = here / part
+        try:
+            here.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise DataError(f"{here}: cannot create the output folder ({err.strerror or err})") from None
+        if here.is_symlink() or not here.is_dir():
+            what = "a symbolic link" if here.is_symlink() else "not a folder"
+            raise DataError(
+                f"{here}: is {what}; render writes only into real folders inside -d {out} (remove it or "
+                "choose another --name)"
+            )
 
 
 def _render_batch(
@@ -214,7 +317,10 @@ def _render_batch(
         return index
     out = images.colorize(index, lut)
     if opts.overlay is not None:
-        out = images.overlay(out, src.read_input(rows), opts.overlay)
+        alpha: float | np.ndarray = opts.overlay
+        if opts.overlay_alpha == "relevance":
+            alpha = normalize.magnitude(maps, opts.level, opts.clip) * np.float32(opts.overlay)
+        out = images.overlay(out, src.read_input(rows), alpha)
     return out
 
 
