@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -491,3 +492,58 @@ def test_explain_warns_one_line_each_and_writes_only_the_real_image(tmp_path):
         f"lrpcli: warning: {data}/cls/x.png: a FIFO, not a regular file, skipped",
     ]
     assert list(open_results(tmp_path / "o.h5").filename) == ["cls/a.png"]
+
+
+# ---------------------------------------------------------------------------- make demo / make clean
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _make_lines(target: str) -> list[list[str]]:
+    """The commands ``make TARGET`` would run (``make -n``, the venv taken as installed), split like a shell."""
+    import shlex
+    import subprocess
+
+    out = subprocess.run(["make", "-s", "-n", "-o", ".venv/.installed", target], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    return [shlex.split(line) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_keeps_overlays_and_plain_maps_apart_and_make_clean_removes_it_all(tmp_path, monkeypatch):
+    """The demo's explain and render lines run in an empty folder (on 3 images instead of 64): overlays and
+    plain maps are both there afterwards, and the rm of ``make clean`` leaves the folder empty again."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from lrpcli.cli import main
+
+    data = tmp_path / "data"
+    for i in range(3):
+        gradient_image(data / "cls" / f"{i}.png", size=(70 + i, 70))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for argv in _make_lines("demo"):
+        tool = Path(argv[0]).name
+        if tool == "rm":
+            for path in argv[2:]:
+                shutil.rmtree(path, ignore_errors=True)
+        elif tool == "lrpcli":
+            args = [str(data) if a == "share/demo/images" else str(REPO / a) if a.endswith(".yaml") else a
+                    for a in argv[1:]]
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 0, (argv, result.output)
+    made = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+    names = ["00000_0_0.png", "00001_0_0.png", "00002_0_0.png"]
+    assert made == ["demo.h5", "demo_heatmaps/grid.png", *(f"demo_heatmaps/overlay/{n}" for n in names),
+                    *(f"demo_heatmaps/plain/{n}" for n in names)]
+    assert Image.open(work / "demo_heatmaps/plain" / names[0]).mode == "P"  # a palette map
+    assert Image.open(work / "demo_heatmaps/overlay" / names[0]).mode == "RGB"  # over the input image
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == made
+    (clean,) = _make_lines("clean")
+    assert clean[:2] == ["rm", "-rf"]
+    for path in clean[2:]:
+        shutil.rmtree(path, ignore_errors=True) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+    assert list(work.iterdir()) == []
