@@ -216,8 +216,8 @@ class _Entry(NamedTuple):
 
 
 def _classify(entry: os.DirEntry, where: str) -> _Entry:
-    """What a listing entry is for the scan; warns (once, here) about entries that look like images but are not
-    regular files, links to missing files, and links to folders (never followed)."""
+    """What a listing entry is for the scan; warns (once, here) about entries named like images that are not
+    regular files or are links to missing files, and about links to folders (never followed)."""
     name, path = entry.name, os.path.join(where, entry.name)
     if name.startswith("."):
         return _Entry(name, "other")
@@ -235,8 +235,12 @@ def _classify(entry: os.DirEntry, where: str) -> _Entry:
             return _Entry(name, "link-dir")
     elif entry.is_dir(follow_symlinks=False):
         return _Entry(name, "dir")
+    elif not _is_image(name):
+        return _Entry(name, "other")
+    elif entry.is_file(follow_symlinks=False):  # known from the listing: no system call per image
+        mode = stat.S_IFREG
     else:
-        mode = entry.stat(follow_symlinks=False).st_mode if _is_image(name) else stat.S_IFREG
+        mode = entry.stat(follow_symlinks=False).st_mode
     if not _is_image(name):
         return _Entry(name, "other")
     if not stat.S_ISREG(mode):
