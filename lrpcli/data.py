@@ -1,7 +1,8 @@
 """Images from a DATA folder, preprocessed like torchvision's classification transforms.
 
 DATA is an ImageFolder tree (one folder per class, labels = sorted folder index, empty class folders allowed)
-or a flat folder of images (label -1). Order is deterministic (class, then relative path), so row ``i`` of
+or a flat folder of images (label -1); only regular files are images, and links to folders are not followed
+(``_scan`` says why). Order is deterministic (class, then relative path), so row ``i`` of
 an output file is always the same image and ``--resume`` can continue by index. An image that cannot be
 decoded does not stop a 50,000-image run: it comes back as a marker that ``collate`` drops and reports.
 """
