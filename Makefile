@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# everything the demo and the README's render examples write; `make clean` removes it, .gitignore ignores it
+DEMO_OUT := demo.h5 demo.h5.partial
+DEMO_MAPS := demo_heatmaps
 
 .PHONY: install test lint demo bench clean
 
@@ -22,13 +25,15 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lrpcli explain configs/demo.yaml share/demo/images -o demo.h5 --overwrite
-	$(BIN)/lrpcli render demo.h5 -d demo_heatmaps --grid --cmap coldnhot --overlay 0.6 -q
-	$(BIN)/lrpcli render demo.h5 -d demo_heatmaps --cmap coldnhot -q
+	rm -rf $(DEMO_MAPS)
+	$(BIN)/lrpcli render demo.h5 -d $(DEMO_MAPS)/plain --cmap coldnhot -q
+	$(BIN)/lrpcli render demo.h5 -d $(DEMO_MAPS)/overlay --cmap coldnhot --overlay 0.6 -q
+	$(BIN)/lrpcli render demo.h5 -d $(DEMO_MAPS) --grid --cmap coldnhot --overlay 0.6 -q
 	$(BIN)/python share/demo/report.py demo.h5
-	@echo "heatmaps: demo_heatmaps/ (grid.png is the montage)"
+	@echo "heatmaps in $(DEMO_MAPS)/: plain/, overlay/ (over the input images), grid.png (montage of the overlays)"
 
 bench: $(STAMP)
 	$(BIN)/python share/bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) demo.h5 demo_heatmaps *.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_MAPS) *.egg-info

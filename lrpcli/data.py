@@ -1,7 +1,8 @@
 """Images from a DATA folder, preprocessed like torchvision's classification transforms.
 
 DATA is an ImageFolder tree (one folder per class, labels = sorted folder index, empty class folders allowed)
-or a flat folder of images (label -1). Order is deterministic (class, then relative path), so row ``i`` of
+or a flat folder of images (label -1); only regular files are images, and links to folders are not followed
+(``_scan`` says why). Order is deterministic (class, then relative path), so row ``i`` of
 an output file is always the same image and ``--resume`` can continue by index. An image that cannot be
 decoded does not stop a 50,000-image run: it comes back as a marker that ``collate`` drops and reports.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import os
 import queue
+import stat
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +145,7 @@ class ImageDataset(Dataset):
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
-        with Image.open(path) as img:
+        with _open_regular(path) as file, Image.open(file) as img:
             img.load()
             img = _convert(img, self.mode)
         tensor = F.pil_to_tensor(img)
@@ -159,6 +162,21 @@ class ImageDataset(Dataset):
     def __repr__(self) -> str:
         kind = f"{len(self.classes)} classes" if self.classes else "flat"
         return f"ImageDataset({str(self.root)!r}, {len(self)} images, {kind})"
+
+
+def _open_regular(path: str | Path) -> Any:
+    """``path`` opened for reading, refused unless it is a regular file: the scan already left out FIFOs and
+    devices, but one put in an image's place later would block the reader (O_NONBLOCK keeps the open itself
+    from waiting)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"{_kind(mode)}, not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _convert(img: Any, mode: str) -> Any:
@@ -179,18 +197,103 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"lrpcli: {message}", stacklevel=3)
+
+
+class _Entry(NamedTuple):
+    """One directory entry classified without opening it: ``kind`` is image, dir, link-dir or other."""
+
+    name: str
+    kind: str
+
+
+def _classify(entry: os.DirEntry, where: str) -> _Entry:
+    """What a listing entry is for the scan; warns (once, here) about entries named like images that are not
+    regular files or are links to missing files, and about links to folders (never followed)."""
+    name, path = entry.name, os.path.join(where, entry.name)
+    if name.startswith("."):
+        return _Entry(name, "other")
+    if entry.is_symlink():
+        try:
+            mode = os.stat(entry.path).st_mode
+        except OSError as err:
+            if _is_image(name):
+                _warn(f"{path}: link to {os.readlink(entry.path)!r} that cannot be read "
+                      f"({err.strerror or err}), skipped")
+            return _Entry(name, "other")
+        if stat.S_ISDIR(mode):
+            _warn(f"{path}: link to the folder {os.readlink(entry.path)!r}, not followed (links to folders "
+                  "never are; mirror a folder from elsewhere with file links: cp -rs SRC DATA/)")
+            return _Entry(name, "link-dir")
+    elif entry.is_dir(follow_symlinks=False):
+        return _Entry(name, "dir")
+    elif not _is_image(name):
+        return _Entry(name, "other")
+    elif entry.is_file(follow_symlinks=False):  # known from the listing: no system call per image
+        mode = stat.S_IFREG
+    else:
+        mode = entry.stat(follow_symlinks=False).st_mode
+    if not _is_image(name):
+        return _Entry(name, "other")
+    if not stat.S_ISREG(mode):
+        _warn(f"{path}: {_kind(mode)}, not a regular file, skipped")
+        return _Entry(name, "other")
+    return _Entry(name, "image")
+
+
+def _list(path: str) -> list[_Entry] | None:
+    """The classified entries of a folder in name order; None (with a warning) when it cannot be listed."""
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        return [_classify(e, path) for e in entries]
+    except OSError as err:
+        _warn(f"{path}: cannot read the folder ({err.strerror or err}), its images are left out")
+        return None
+
+
+def _walk(root: Path, top: str) -> list[str]:
+    """The images under ``root/top`` (relative to ``root``, posix), without following links to folders."""
+    found: list[str] = []
+    pending = [top]
+    while pending:
+        rel = pending.pop()
+        entries = _list(os.path.join(root, rel))
+        for entry in entries or ():
+            if entry.kind == "image":
+                found.append(f"{rel}/{entry.name}")
+            elif entry.kind == "dir":
+                pending.append(f"{rel}/{entry.name}")
+    return sorted(found)
+
+
 def _scan(root: Path) -> tuple[list[str], list[str], list[int]]:
-    """(classes, files relative to root in posix form, labels); DataError for a missing or image-less DATA."""
+    """(classes, files relative to root in posix form, labels); DataError for a missing or image-less DATA.
+
+    Only regular files are images (a FIFO named x.png would block the reader); links to files are followed,
+    links to folders never are (they list images twice or leave DATA, and can loop). A class folder that cannot
+    be read, or is a link, still counts as a class so that the other labels keep their indices.
+    """
     if not root.exists():
         raise DataError(f"{root}: data folder not found")
     if not root.is_dir():
         raise DataError(f"{root}: expected a folder of images (or of class folders), got a file")
     try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        with os.scandir(root) as it:
+            entries = [_classify(e, str(root)) for e in sorted(it, key=lambda e: e.name)]
     except OSError as err:
         raise DataError(f"{root}: cannot list the data folder: {err.strerror or err}") from None
-    class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    top_images = [e.name for e in entries if e.is_file() and _is_image(e.name)]
+    class_dirs = [e.name for e in entries if e.kind in ("dir", "link-dir")]
+    top_images = [e.name for e in entries if e.kind == "image"]
     if class_dirs and top_images:
         raise DataError(
             f"{root}: has both images ({top_images[0]!r}, ...) and class folders ({class_dirs[0]!r}, ...); "
@@ -201,13 +304,8 @@ def _scan(root: Path) -> tuple[list[str], list[str], list[int]]:
     if not class_dirs:
         files = top_images
         labels = [-1] * len(files)
-    for label, cls in enumerate(class_dirs):
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel = Path(dirpath).relative_to(root)
-            found.extend((rel / f).as_posix() for f in filenames if _is_image(f))
-        found.sort()
+    for label, entry in enumerate(e for e in entries if e.kind in ("dir", "link-dir")):
+        found = _walk(root, entry.name) if entry.kind == "dir" else []
         files.extend(found)
         labels.extend([label] * len(found))
     if not files:

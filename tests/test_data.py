@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -326,3 +328,222 @@ def test_prefetch_reads_before_the_first_next_and_closes_unstarted():
     assert not started[0].is_alive() and len(produced) <= 4
     with pytest.raises(StopIteration):
         next(it)
+
+
+# ------------------------------------------------------------------ what is not an image: rules of the scan
+def warned(record) -> list[str]:
+    return [str(w.message) for w in record if str(w.message).startswith("lrpcli: ")]
+
+
+def test_fifo_socket_and_device_named_like_images_are_skipped_with_one_warning_each(tmp_path):
+    import socket
+
+    save(tmp_path / "cls" / "a.png")
+    os.mkfifo(tmp_path / "cls" / "x.png")
+    os.mkfifo(tmp_path / "cls" / "pipe")  # not named like an image: ignored like notes.txt
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "cls" / "s.jpg"))
+    (tmp_path / "cls" / "null.png").symlink_to("/dev/null")
+    try:
+        with pytest.warns(UserWarning) as record:
+            ds = dataset(tmp_path)
+    finally:
+        sock.close()
+    assert ds.files == ["cls/a.png"]
+    assert warned(record) == [
+        f"lrpcli: {tmp_path}/cls/null.png: a character device, not a regular file, skipped",
+        f"lrpcli: {tmp_path}/cls/s.jpg: a socket, not a regular file, skipped",
+        f"lrpcli: {tmp_path}/cls/x.png: a FIFO, not a regular file, skipped",
+    ]
+
+
+def test_fifo_in_a_flat_folder_is_skipped_and_one_put_in_place_later_does_not_block(tmp_path):
+    save(tmp_path / "a.png")
+    save(tmp_path / "b.png")
+    os.mkfifo(tmp_path / "c.png")
+    with pytest.warns(UserWarning, match=r"c\.png: a FIFO, not a regular file, skipped"):
+        ds = dataset(tmp_path)
+    assert ds.files == ["a.png", "b.png"] and ds.labels == [-1, -1]
+    (tmp_path / "b.png").unlink()
+    os.mkfifo(tmp_path / "b.png")  # swapped after the scan: the reader must not wait for a writer
+    start = time.monotonic()
+    sample = ds[1]
+    assert time.monotonic() - start < 5
+    assert sample.input is None and sample.error == "OSError: a FIFO, not a regular file"
+
+
+def test_directory_link_loop_is_not_followed(tmp_path):
+    save(tmp_path / "cls" / "a.png")
+    (tmp_path / "cls" / "loop").symlink_to("..")  # cls/loop/cls/loop/... without the rule
+    (tmp_path / "cls" / "self").symlink_to(".")
+    with pytest.warns(UserWarning) as record:
+        ds = dataset(tmp_path)
+    assert ds.files == ["cls/a.png"] and ds.classes == ["cls"]
+    assert warned(record) == [
+        f"lrpcli: {tmp_path}/cls/loop: link to the folder '..', not followed (links to folders never are; "
+        "mirror a folder from elsewhere with file links: cp -rs SRC DATA/)",
+        f"lrpcli: {tmp_path}/cls/self: link to the folder '.', not followed (links to folders never are; "
+        "mirror a folder from elsewhere with file links: cp -rs SRC DATA/)",
+    ]
+
+
+def test_directory_links_out_of_data_are_not_followed_and_class_links_keep_the_labels(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    save(elsewhere / "e.png")
+    save(data / "a_cls" / "x.png")
+    save(data / "c_cls" / "y.png")
+    (data / "a_cls" / "more").symlink_to(elsewhere)  # nested link out of DATA
+    (data / "b_cls").symlink_to(elsewhere)  # a class folder that is a link: counts, has no images
+    with pytest.warns(UserWarning) as record:
+        ds = dataset(data)
+    assert ds.classes == ["a_cls", "b_cls", "c_cls"]
+    assert ds.files == ["a_cls/x.png", "c_cls/y.png"] and ds.labels == [0, 2]
+    assert [m.split(": link to the folder")[0] for m in warned(record)] == [
+        f"lrpcli: {data}/b_cls", f"lrpcli: {data}/a_cls/more"]  # the top level is listed first
+
+
+def test_file_links_are_followed_wherever_they_point_and_named_by_the_link(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    gradient_image(elsewhere / "photo.png")
+    save(data / "cls" / "a.png")
+    (data / "cls" / "linked.png").symlink_to(elsewhere / "photo.png")  # outside DATA: followed
+    (data / "cls" / "twice.png").symlink_to("a.png")  # inside DATA: one more row, under the link's name
+    (data / "cls" / "gone.png").symlink_to(elsewhere / "missing.png")
+    with pytest.warns(UserWarning) as record:
+        ds = dataset(data)
+    assert ds.files == ["cls/a.png", "cls/linked.png", "cls/twice.png"]
+    assert torch.equal(ds[1].image, ds.load(elsewhere / "photo.png"))
+    assert warned(record) == [
+        f"lrpcli: {data}/cls/gone.png: link to '{elsewhere}/missing.png' that cannot be read "
+        "(No such file or directory), skipped"
+    ]
+
+
+def _scandir_denied(monkeypatch, *denied: Path) -> None:
+    """os.scandir raising PermissionError for ``denied`` (tests run as root, where chmod 000 still reads)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) in denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_class_folder_is_named_and_keeps_its_index(tmp_path, monkeypatch):
+    save(tmp_path / "a" / "x.png")
+    save(tmp_path / "b" / "y.png")
+    save(tmp_path / "c" / "sub" / "z.png")
+    save(tmp_path / "c" / "w.png")
+    _scandir_denied(monkeypatch, tmp_path / "b", tmp_path / "c" / "sub")
+    with pytest.warns(UserWarning) as record:
+        ds = dataset(tmp_path)
+    assert ds.classes == ["a", "b", "c"]
+    assert ds.files == ["a/x.png", "c/w.png"] and ds.labels == [0, 2]
+    assert warned(record) == [
+        f"lrpcli: {tmp_path}/b: cannot read the folder (Permission denied), its images are left out",
+        f"lrpcli: {tmp_path}/c/sub: cannot read the folder (Permission denied), its images are left out",
+    ]
+
+
+def test_every_class_folder_unreadable_is_an_error_after_the_warnings(tmp_path, monkeypatch):
+    save(tmp_path / "a" / "x.png")
+    save(tmp_path / "b" / "y.png")
+    _scandir_denied(monkeypatch, tmp_path / "a", tmp_path / "b")
+    with pytest.warns(UserWarning) as record, pytest.raises(DataError, match="no images found or in its 2 class"):
+        dataset(tmp_path)
+    assert len(warned(record)) == 2
+    _scandir_denied(monkeypatch, tmp_path)
+    with pytest.raises(DataError, match=rf"^{tmp_path}: cannot list the data folder: Permission denied$"):
+        dataset(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads chmod 000 folders")
+def test_chmod_000_class_folder_is_named(tmp_path):
+    save(tmp_path / "a" / "x.png")
+    save(tmp_path / "b" / "y.png")
+    (tmp_path / "b").chmod(0)
+    try:
+        with pytest.warns(UserWarning, match=rf"{tmp_path}/b: cannot read the folder \(Permission denied\)"):
+            ds = dataset(tmp_path)
+    finally:
+        (tmp_path / "b").chmod(0o755)
+    assert ds.files == ["a/x.png"] and ds.labels == [0]
+
+
+def test_explain_warns_one_line_each_and_writes_only_the_real_image(tmp_path):
+    """The command line end to end: a FIFO and a folder loop next to one image give one row, two warnings."""
+    from click.testing import CliRunner
+
+    from lrpcli.cli import main
+    from lrpcli.store import open_results
+
+    data = tmp_path / "data"
+    save(data / "cls" / "a.png", size=(70, 70))
+    os.mkfifo(data / "cls" / "x.png")
+    (data / "cls" / "loop").symlink_to(data)
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    result = CliRunner().invoke(main, ["explain", str(config), str(data), "-o", str(tmp_path / "o.h5"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"lrpcli: warning: {data}/cls/loop: link to the folder '{data}', not followed (links to folders never "
+        "are; mirror a folder from elsewhere with file links: cp -rs SRC DATA/)",
+        f"lrpcli: warning: {data}/cls/x.png: a FIFO, not a regular file, skipped",
+    ]
+    assert list(open_results(tmp_path / "o.h5").filename) == ["cls/a.png"]
+
+
+# ---------------------------------------------------------------------------- make demo / make clean
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _make_lines(target: str) -> list[list[str]]:
+    """The commands ``make TARGET`` would run (``make -n``, the venv taken as installed), split like a shell."""
+    import shlex
+    import subprocess
+
+    out = subprocess.run(["make", "-s", "-n", "-o", ".venv/.installed", target], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout
+    return [shlex.split(line) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_keeps_overlays_and_plain_maps_apart_and_make_clean_removes_it_all(tmp_path, monkeypatch):
+    """The demo's explain and render lines run in an empty folder (on 3 images instead of 64): overlays and
+    plain maps are both there afterwards, and the rm of ``make clean`` leaves the folder empty again."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from lrpcli.cli import main
+
+    data = tmp_path / "data"
+    for i in range(3):
+        gradient_image(data / "cls" / f"{i}.png", size=(70 + i, 70))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for argv in _make_lines("demo"):
+        tool = Path(argv[0]).name
+        if tool == "rm":
+            for path in argv[2:]:
+                shutil.rmtree(path, ignore_errors=True)
+        elif tool == "lrpcli":
+            args = [str(data) if a == "share/demo/images" else str(REPO / a) if a.endswith(".yaml") else a
+                    for a in argv[1:]]
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 0, (argv, result.output)
+    made = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+    names = ["00000_0_0.png", "00001_0_0.png", "00002_0_0.png"]
+    assert made == ["demo.h5", "demo_heatmaps/grid.png", *(f"demo_heatmaps/overlay/{n}" for n in names),
+                    *(f"demo_heatmaps/plain/{n}" for n in names)]
+    assert Image.open(work / "demo_heatmaps/plain" / names[0]).mode == "P"  # a palette map
+    assert Image.open(work / "demo_heatmaps/overlay" / names[0]).mode == "RGB"  # over the input image
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == made
+    (clean,) = _make_lines("clean")
+    assert clean[:2] == ["rm", "-rf"]
+    for path in clean[2:]:
+        shutil.rmtree(path, ignore_errors=True) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+    assert list(work.iterdir()) == []

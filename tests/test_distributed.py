@@ -47,10 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(cwd: Path, *extra: str, data: Path = DEMO_DATA, marker: str = "") -> subprocess.Popen:
+def torchrun(cwd: Path, *extra: str, data: Path = DEMO_DATA, marker: str = "", env: dict | None = None
+             ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "lrpcli", "explain", str(DEMO_CONFIG), str(data), "-o", "out.h5", *COMMON, "-q", *extra]
-    env = {**os.environ, "LRPCLI_TEST_MARKER": marker}
+    env = {**os.environ, "LRPCLI_TEST_MARKER": marker, **(env or {})}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -132,17 +133,37 @@ def test_torchrun_two_ranks_equal_one_process(reference, tmp_path):
     assert_same_file(tmp_path / "out.h5", reference)
 
 
-def _blocked_data(tmp_path: Path, index: int) -> tuple[Path, Path, Path]:
-    """The demo images as symlinks, with image ``index`` a FIFO: reading it blocks until it is replaced."""
+_BLOCKING_LOAD = """
+import os
+if os.environ.get("LRPCLI_TEST_BLOCK") and "RANK" in os.environ:  # a torchrun worker of the test
+    import time
+
+    import lrpcli.data
+
+    _load = lrpcli.data.ImageDataset.load
+
+    def load(self, path):
+        while os.path.samefile(path, os.environ["LRPCLI_TEST_BLOCK"]):
+            time.sleep(0.1)  # until the test kills this process
+        return _load(self, path)
+
+    lrpcli.data.ImageDataset.load = load
+"""
+
+
+def _blocked_data(tmp_path: Path, index: int) -> tuple[Path, dict]:
+    """The demo images as symlinks, and the environment under which torchrun's workers block on reading image
+    ``index`` (a sitecustomize hook; a FIFO in DATA no longer blocks, the scan leaves it out)."""
     data = tmp_path / "data"
     files = sorted(p.relative_to(DEMO_DATA) for p in DEMO_DATA.rglob("*.png"))
     for rel in files:
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         (data / rel).symlink_to(DEMO_DATA / rel)
-    blocked = data / files[index]
-    blocked.unlink()
-    os.mkfifo(blocked)
-    return data, blocked, DEMO_DATA / files[index]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_BLOCKING_LOAD)
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)
+    return data, {"PYTHONPATH": path, "LRPCLI_TEST_BLOCK": str(data / files[index])}
 
 
 def _rows(path: Path) -> tuple[int, bool]:
@@ -168,11 +189,11 @@ def _pid_of_rank(marker: str, rank: int) -> int | None:
 
 def test_sigkill_one_rank_resume_it_alone_and_merge_by_hand(reference, tmp_path):
     # rank 1 explains samples [32, 64); sample 42 blocks it after two committed batches of 4
-    data, blocked, real = _blocked_data(tmp_path, 42)
+    data, blocking = _blocked_data(tmp_path, 42)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     marker = uuid.uuid4().hex
-    proc = torchrun(run_dir, data=data, marker=marker)
+    proc = torchrun(run_dir, data=data, marker=marker, env=blocking)
     shard0, shard1 = run_dir / "out.rank00000.h5", run_dir / "out.rank00001.h5"
     try:
         deadline = time.time() + 120
@@ -194,8 +215,6 @@ def test_sigkill_one_rank_resume_it_alone_and_merge_by_hand(reference, tmp_path)
     code, text = cli("merge", str(shard0), str(shard1), "-o", str(run_dir / "out.h5"))
     assert code == 2 and "incomplete" in text and "RANK=1" in text and not (run_dir / "out.h5").exists(), text
 
-    blocked.unlink()
-    blocked.symlink_to(real)
     out = run_dir / "out.h5"
     code, text = explain_alone(1, out, "--resume", data=data)
     assert code == 0, text
