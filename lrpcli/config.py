@@ -226,6 +226,7 @@ class _Ctx:
         self.overridden = overridden or set()
 
     def origin(self, path: str) -> str:
+        path = str(path)
         for key in self.overridden:
             if path == key or path.startswith(key + ".") or path.startswith(key + "["):
                 return "command line"
@@ -256,8 +257,11 @@ def _number(ctx: _Ctx, path: str, value: Any, *, minimum: float | None = None, s
     return value if isinstance(value, int) else float(value)
 
 
-def _integer(ctx: _Ctx, path: str, value: Any, *, minimum: int | None = None, nullable: bool = False) -> Any:
+def _integer(ctx: _Ctx, path: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
+             nullable: bool = False) -> Any:
     what = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if maximum is not None:
+        what = f"an integer from {minimum} to {maximum}" if minimum is not None else f"an integer <= {maximum}"
     if nullable:
         what += " or null"
         if value is None:
@@ -266,7 +270,7 @@ def _integer(ctx: _Ctx, path: str, value: Any, *, minimum: int | None = None, nu
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         ctx.expected(path, what, value)
-    if minimum is not None and value < minimum:
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         ctx.expected(path, what, value)
     return value
 
@@ -335,8 +339,57 @@ def _check_keys(ctx: _Ctx, path: str, given: Mapping, allowed: tuple[str, ...] |
 
 
 # ------------------------------------------------------------------------------------------- YAML loading
+#: Bounds on a config document, so a hostile file cannot hang or crash the loader: its size in bytes, how deeply
+#: lists and mappings nest, and how many values it holds once every alias is expanded (a YAML alias repeats a
+#: whole anchored list or mapping, so a few hundred bytes can stand for billions of values).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_NODES = 100_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+    """A SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one) and documents beyond
+    ``MAX_DEPTH`` levels or ``MAX_NODES`` values with aliases expanded (checked while composing, before
+    any Python object is built, in time linear in the document's size)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values it stands for, aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self._sizes:
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} refers to its own anchor (a recursive structure)",
+                    event.start_mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"lists and mappings nest deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._count(node)
+        return node
+
+    def _count(self, node: yaml.Node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        size = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        self._sizes[id(node)] = size
+        if size > MAX_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"more than {MAX_NODES:,} values with aliases expanded (an alias bomb?)",
+                node.start_mark)
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -364,7 +417,11 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def _read_yaml(path: Path, label: str) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{label}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file is at most that")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{label}: config file not found") from None
     except IsADirectoryError:
@@ -387,6 +444,8 @@ def _read_yaml(path: Path, label: str) -> Any:
         raise ConfigError(f"{label}: {where}invalid YAML: {problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{label}: invalid YAML: {str(err).splitlines()[0]}") from None
+    except RecursionError:  # a backstop: compose_node bounds the depth well below Python's limit
+        raise ConfigError(f"{label}: invalid YAML: nested too deeply (at most {MAX_DEPTH} levels)") from None
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -415,7 +474,10 @@ def validate(
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
     """Validate an already-parsed config mapping (what ``load_config`` does after reading the YAML)."""
-    raw = _deepcopy(raw)
+    try:
+        raw = _deepcopy(raw)
+    except RecursionError:  # a mapping built in Python (files are bounded by MAX_DEPTH when read)
+        raise ConfigError(f"{source}: nested too deeply (at most {MAX_DEPTH} levels)") from None
     ctx = _Ctx(source)
     if overrides:
         raw = _apply_overrides(ctx, raw, overrides)
@@ -893,6 +955,8 @@ def _validate_attribution(ctx: _Ctx, value: Any) -> dict:
     return {k: out[k] for k in d}
 
 
+#: The largest ``run.seed``: torch generators take 64-bit seeds, and the seed is stored as a signed 64-bit int.
+MAX_SEED = 2**63 - 1
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -918,7 +982,7 @@ def _validate_run(ctx: _Ctx, value: Any) -> dict:
     out["max_samples"] = _integer(
         ctx, "run.max_samples", given.get("max_samples", d["max_samples"]), minimum=1, nullable=True
     )
-    out["seed"] = _integer(ctx, "run.seed", given.get("seed", d["seed"]), minimum=0)
+    out["seed"] = _integer(ctx, "run.seed", given.get("seed", d["seed"]), minimum=0, maximum=MAX_SEED)
     return {k: out[k] for k in d}
 
 
