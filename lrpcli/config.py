@@ -28,6 +28,7 @@ __all__ = [
     "resolve_baseline",
     "composite_kwargs",
     "make_override_rules",
+    "resolve_overrides",
     "resolve_module_type",
     "resolve_device",
     "resolve_num_workers",
@@ -758,13 +759,12 @@ def _validate_composite(ctx: _Ctx, given: dict, inp: Mapping) -> dict:
 _RULE_ITEM_KEYS = ("match", "type", "rule")
 
 
-def _validate_rules(ctx: _Ctx, value: Any, comp: Mapping, inp: Mapping) -> list[dict]:
-    items = _list(
-        ctx, "composite.rules", value, "a list of {match: glob, rule: ...} or {type: Class, rule: ...}"
-    )
+def _validate_rules(ctx: _Ctx, value: Any, comp: Mapping, inp: Mapping, prefix: str = "composite.rules",
+                    offset: int = 0) -> list[dict]:
+    items = _list(ctx, prefix, value, "a list of {match: glob, rule: ...} or {type: Class, rule: ...}")
     out = []
     for i, item in enumerate(items):
-        path = f"composite.rules[{i}]"
+        path = f"{prefix}[{i + offset}]"
         if not isinstance(item, Mapping):
             ctx.expected(
                 path,
@@ -1093,15 +1093,114 @@ def make_override_rules(config: Mapping) -> list[tuple[Any, Any]]:
         raise ConfigError("lrpcli.rules is not available; cannot build composite.rules")
     out = []
     for item in comp["rules"]:
-        spec = item["rule"]
-        if isinstance(spec, str):
-            name, params = spec, {}
-        else:
-            name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
-        rule = rules.make(name, **_rule_kwargs(rules, name, params, comp, inp))
+        rule = _build_rule(rules, item["rule"], comp, inp)
         matcher = item["match"] if "match" in item else resolve_module_type(item["type"])
         out.append((matcher, rule))
     return out
+
+
+def resolve_overrides(items: Any, values: Mapping[str, Any] | None = None,
+                      source: str = "lrpcli.attribute") -> list[tuple[Any, Any]]:
+    """The Python API's ``overrides=`` as ``(matcher, rule)`` pairs, refusing anything else.
+
+    Each item is a pair ``(glob or nn.Module class or tuple of classes, rule)`` whose rule is a Rule, a rule
+    name or ``{name: ..., param: value}``, or a config-style mapping ``{match: glob, rule: ...}`` /
+    ``{type: Class or name, rule: ...}``. Names and mappings are checked and built by the same code as
+    ``composite.rules``; parameters a rule does not set come from ``values`` (the composite's epsilon, gamma,
+    low, high, stabilizer, zero_params where given) or the config defaults. Bad items raise TypeError
+    (wrong form) or ConfigError (a wrong name or value) naming ``overrides[i]``.
+    """
+    import torch
+
+    rules = _registry("lrpcli.rules")
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, list | tuple):
+        raise TypeError(f"{source}: overrides: expected a list of (glob or module class, rule) pairs or "
+                        f"{{match: glob, rule: ...}} mappings, got {type(items).__name__}")
+    ctx = _Ctx(source)
+    comp, inp = _api_composite(values or {})
+    out = []
+    for i, item in enumerate(items):
+        path = f"overrides[{i}]"
+        if isinstance(item, Mapping):
+            item = dict(item)
+            given_type = item.get("type")
+            if isinstance(given_type, type) and issubclass(given_type, torch.nn.Module):
+                item["type"] = "Module"  # validated below as a stand-in; the class itself is used
+            (entry,) = _validate_rules(ctx, [item], comp, inp, prefix="overrides", offset=i)
+            rule = _build_rule(rules, entry["rule"], comp, inp)
+            if "match" in entry:
+                matcher = entry["match"]
+            else:
+                matcher = given_type if isinstance(given_type, type) else resolve_module_type(entry["type"])
+            out.append((matcher, rule))
+            continue
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise TypeError(f"{source}: {path}: expected a (glob or module class, rule) pair or a mapping "
+                            f"{{match: glob, rule: ...}}, got {show(item) if isinstance(item, str) else repr(item)}")
+        matcher, rule = item
+        if not _is_matcher(matcher):
+            raise TypeError(f"{source}: {path}: expected a module-name glob, an nn.Module class or a tuple of "
+                            f"them first, got {matcher!r}")
+        if isinstance(rule, rules.Rule):
+            out.append((matcher, rule))
+        elif isinstance(rule, str | Mapping):
+            spec = _validate_rule_spec(ctx, f"{path}[1]", rule, comp, inp)
+            out.append((matcher, _build_rule(rules, spec, comp, inp)))
+        else:
+            raise TypeError(f"{source}: {path}: expected a Rule (e.g. lrpcli.rules.Epsilon(0.25)), a rule name or "
+                            f"{{'name': ..., param: value}} second, got {rule!r}")
+    return out
+
+
+def _is_matcher(value: Any) -> bool:
+    import torch
+
+    def is_class(v: Any) -> bool:
+        return isinstance(v, type) and issubclass(v, torch.nn.Module)
+
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, tuple):
+        return bool(value) and all(is_class(v) for v in value)
+    return is_class(value)
+
+
+def _api_composite(values: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Composite-level values for API override rules and the input they assume: those given, else the
+    defaults of ``lrpcli.attribute`` (ZBox bounds -3 and 3; a per-channel tensor bound sets the channels)."""
+    d = DEFAULTS["composite"]
+    comp: dict[str, Any] = {k: d[k] for k in ("epsilon", "gamma", "zero_params", "stabilizer")}
+    comp["low"], comp["high"] = -3.0, 3.0
+    channels = 3
+    for key in ("epsilon", "gamma", "low", "high"):
+        value = values.get(key)
+        if hasattr(value, "tolist"):  # a tensor: a number or one per channel
+            value = value.tolist()
+        if isinstance(value, list | tuple) and key in ("low", "high"):
+            channels = len(value)
+            comp[key] = [float(v) for v in value]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            comp[key] = float(value)
+    for key in ("low", "high"):
+        if not isinstance(comp[key], list):
+            comp[key] = float(comp[key])
+    if values.get("zero_params") is not None:
+        comp["zero_params"] = list(values["zero_params"])
+    stabilizer = values.get("stabilizer")
+    if stabilizer is not None and hasattr(stabilizer, "epsilon") and hasattr(stabilizer, "mode"):
+        comp["stabilizer"] = {"epsilon": stabilizer.epsilon, "mode": stabilizer.mode}
+    elif isinstance(stabilizer, int | float) and not isinstance(stabilizer, bool):
+        comp["stabilizer"] = {"epsilon": float(stabilizer), "mode": "sign"}
+    return comp, {"mean": [0.0] * channels, "std": [1.0] * channels}
+
+
+def _build_rule(rules: Any, spec: Any, comp: Mapping, inp: Mapping) -> Any:
+    """A validated rule spec (a name or ``{name: ..., **params}``) as a fresh Rule."""
+    if isinstance(spec, str):
+        name, params = spec, {}
+    else:
+        name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
+    return rules.make(name, **_rule_kwargs(rules, name, params, comp, inp))
 
 
 def composite_kwargs(config: Mapping) -> dict[str, Any]:

@@ -24,7 +24,11 @@ def describe(name: str) -> str:
 
 def _check(name: str) -> str:
     if name not in BUILDERS:
-        raise ValueError(f"unknown composite {name!r}; valid composites: {', '.join(names())}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name).lower(), names(), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown composite {name!r}{hint} (valid composites: {', '.join(names())})")
     return name
 
 
