@@ -1091,10 +1091,16 @@ def make_override_rules(config: Mapping) -> list[tuple[Any, Any]]:
     rules = _registry("lrpcli.rules")
     if rules is None:
         raise ConfigError("lrpcli.rules is not available; cannot build composite.rules")
+    from .composites import Glob
+
+    source = getattr(config, "source", "config")
     out = []
-    for item in comp["rules"]:
+    for i, item in enumerate(comp["rules"]):
         rule = _build_rule(rules, item["rule"], comp, inp)
-        matcher = item["match"] if "match" in item else resolve_module_type(item["type"])
+        if "match" in item:
+            matcher = Glob(item["match"], f"{source}: composite.rules[{i}].match")
+        else:
+            matcher = resolve_module_type(item["type"])
         out.append((matcher, rule))
     return out
 
@@ -1111,6 +1117,8 @@ def resolve_overrides(items: Any, values: Mapping[str, Any] | None = None,
     (wrong form) or ConfigError (a wrong name or value) naming ``overrides[i]``.
     """
     import torch
+
+    from .composites import Glob
 
     rules = _registry("lrpcli.rules")
     if isinstance(items, str | bytes | Mapping) or not isinstance(items, list | tuple):
@@ -1129,7 +1137,7 @@ def resolve_overrides(items: Any, values: Mapping[str, Any] | None = None,
             (entry,) = _validate_rules(ctx, [item], comp, inp, prefix="overrides", offset=i)
             rule = _build_rule(rules, entry["rule"], comp, inp)
             if "match" in entry:
-                matcher = entry["match"]
+                matcher = Glob(entry["match"], f"{source}: overrides[{i}].match")
             else:
                 matcher = given_type if isinstance(given_type, type) else resolve_module_type(entry["type"])
             out.append((matcher, rule))
@@ -1141,6 +1149,8 @@ def resolve_overrides(items: Any, values: Mapping[str, Any] | None = None,
         if not _is_matcher(matcher):
             raise TypeError(f"{source}: {path}: expected a module-name glob, an nn.Module class or a tuple of "
                             f"them first, got {matcher!r}")
+        if isinstance(matcher, str):
+            matcher = Glob(matcher, f"{source}: overrides[{i}][0]")
         if isinstance(rule, rules.Rule):
             out.append((matcher, rule))
         elif isinstance(rule, str | Mapping):

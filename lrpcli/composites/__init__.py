@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Composite, FirstLayer, LayerMap, Mixture, NameMap
+from .base import Composite, FirstLayer, Glob, LayerMap, Mixture, NameMap
 from .builtin import BUILDERS, COMMON, DESCRIPTIONS, PARAMETERS, basics
 
 
@@ -54,5 +54,5 @@ def register(name: str, builder: Any, parameters: tuple[str, ...] = (), descript
     DESCRIPTIONS[name] = description or name
 
 
-__all__ = ["Composite", "LayerMap", "NameMap", "FirstLayer", "Mixture", "basics", "get", "names", "parameters",
+__all__ = ["Composite", "Glob", "LayerMap", "NameMap", "FirstLayer", "Mixture", "basics", "get", "names", "parameters",
            "describe", "register"]
