@@ -12,13 +12,14 @@ import fnmatch
 import importlib
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigWarning
 
 __all__ = [
     "Config",
@@ -492,7 +493,57 @@ def validate(
     out["attribution"] = _validate_attribution(ctx, raw.get("attribution"))
     out["run"] = _validate_run(ctx, raw.get("run"))
     out["output"] = _validate_output(ctx, raw.get("output"))
+    _warn_unused(ctx, raw, out)
     return Config(out, source=source, base_dir=base_dir)
+
+
+# The keys only some attribution methods read (all others are read by every method).
+_METHOD_ATTRIBUTION_KEYS = ("noise_level", "n_iter", "baseline", "window", "stride", "fill")
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "lrp": ("composite", "canonizers", "output.layers"),
+    "gradient": (),
+    "input_x_gradient": (),
+    "smoothgrad": ("attribution.noise_level", "attribution.n_iter"),
+    "integrated_gradients": ("attribution.n_iter", "attribution.baseline"),
+    "occlusion": ("attribution.window", "attribution.stride", "attribution.fill"),
+}
+
+
+def unused_keys(raw: Mapping[str, Any], resolved: Mapping[str, Any]) -> list[str]:
+    """The keys given in ``raw`` that ``attribution.method`` does not read, where their resolved value is not the
+    default (a default changes nothing in any method, so a stored config reads back without a warning)."""
+    used = METHOD_KEYS[resolved["attribution"]["method"]]
+    candidates: list[tuple[str, Any, Any]] = []
+    composite = raw.get("composite")
+    if isinstance(composite, Mapping):
+        for key in composite:
+            if key == "canonizers":
+                candidates.append(("composite.canonizers", resolved["canonizers"], []))
+            elif key in DEFAULTS["composite"]:
+                candidates.append((f"composite.{key}", resolved["composite"][key], DEFAULTS["composite"][key]))
+    if "canonizers" in raw:
+        candidates.append(("canonizers", resolved["canonizers"], []))
+    output = raw.get("output")
+    if isinstance(output, Mapping) and "layers" in output:
+        candidates.append(("output.layers", resolved["output"]["layers"], []))
+    attribution = raw.get("attribution")
+    if isinstance(attribution, Mapping):
+        for key in _METHOD_ATTRIBUTION_KEYS:
+            if key in attribution:
+                candidates.append((f"attribution.{key}", resolved["attribution"][key], DEFAULTS["attribution"][key]))
+    return [key for key, value, default in candidates
+            if value is not None and value != default and key not in used and key.split(".")[0] not in used]
+
+
+def _warn_unused(ctx: _Ctx, raw: Mapping[str, Any], resolved: Mapping[str, Any]) -> None:
+    """Keys the method does not read are a warning, not an error: one config file often serves several methods
+    (compare them by changing attribution.method alone), and ``lrpcli debug`` reads its composite whatever the
+    method."""
+    keys = unused_keys(raw, resolved)
+    if keys:
+        method = resolved["attribution"]["method"]
+        warnings.warn(f"{ctx.origin(keys[0])}: attribution.method {method} does not use {', '.join(keys)}; "
+                      "explain ignores them", ConfigWarning, stacklevel=3)
 
 
 def _apply_overrides(ctx: _Ctx, raw: dict, overrides: Mapping[str, Any]) -> dict:

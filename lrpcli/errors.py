@@ -31,3 +31,7 @@ class UnmatchedPatternError(ConfigError, ValueError):
 
     Raised when a composite is applied to a model; also a ValueError for Python API callers.
     """
+
+
+class ConfigWarning(UserWarning):
+    """A config is valid but has keys that do nothing in this run (printed as one ``lrpcli: warning:`` line)."""

@@ -53,3 +53,18 @@ def test_hostile_config_is_one_line_exit_2(tmp_path, case):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lrpcli: error: {config}: "), result.output
     assert "Traceback" not in result.output
+
+
+def test_debug_on_a_gradient_config_notes_it_shows_the_composite(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "configs" / "demo.yaml").read_text().replace("../share", str(root / "share"))
+    config = tmp_path / "g.yaml"
+    config.write_text(text.replace("method: lrp", "method: gradient"))
+    result = CliRunner().invoke(main, ["debug", str(config), "-n", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"lrpcli: note: {config}: attribution.method is gradient; debug shows the config's LRP composite "
+        "(epsilon_gamma_box), not the gradient attribution that explain computes"]
+    assert "Rule assignment" in result.stdout

@@ -330,11 +330,12 @@ def test_low_high_numbers_and_lists(tmp_path):
 
 def test_baseline(tmp_path):
     assert resolve_baseline(load(tmp_path, MINIMAL)) == 0.0
-    black = resolve_baseline(load(tmp_path, MINIMAL + "attribution: {baseline: black}\n"))
+    black = resolve_baseline(load(tmp_path, MINIMAL + "attribution: {method: integrated_gradients, baseline: black}\n"))
     assert black.shape == (3, 1, 1)
     assert torch.allclose(black.flatten(), resolve_bounds(load(tmp_path, MINIMAL))[0])
     assert black.expand(2, 3, 5, 4).shape == (2, 3, 5, 4)
-    assert resolve_baseline(load(tmp_path, MINIMAL + "attribution: {baseline: 0.5}\n")) == 0.5
+    ig = "attribution: {method: integrated_gradients, baseline: 0.5}\n"
+    assert resolve_baseline(load(tmp_path, MINIMAL + ig)) == 0.5
 
 
 def test_window_int_and_target_int(tmp_path):
@@ -639,3 +640,46 @@ def test_largest_seed_is_accepted(tmp_path):
 def test_integer_key_at_top_level(tmp_path, overrides):
     message = error(tmp_path, MINIMAL + "1: x\n", overrides)
     assert message.startswith(f"{tmp_path / 'c.yaml'}: 1: unknown key (allowed: model, input,")
+
+
+# ------------------------------------------------------------------------------ keys the method does not use
+def test_keys_the_method_does_not_use_warn_once(tmp_path):
+    from lrpcli.errors import ConfigWarning
+
+    text = MINIMAL + ("canonizers: [resnet]\ncomposite: {name: epsilon_plus, rules: [{match: fc, rule: pass}]}\n"
+                      "attribution: {method: gradient, n_iter: 5, window: 8}\noutput: {layers: [layer4]}\n")
+    with pytest.warns(ConfigWarning) as record:
+        load(tmp_path, text)
+    assert [str(w.message) for w in record] == [
+        f"{tmp_path / 'c.yaml'}: attribution.method gradient does not use composite.name, composite.rules, "
+        "canonizers, output.layers, attribution.n_iter; explain ignores them"]
+
+
+@pytest.mark.parametrize(
+    ("attribution", "unused"),
+    [("{method: smoothgrad, n_iter: 5, noise_level: 0.2}", None),
+     ("{method: integrated_gradients, n_iter: 5, baseline: black, fill: 1}", "attribution.fill"),
+     ("{method: occlusion, window: 4, stride: 2, noise_level: 0.3}", "attribution.noise_level"),
+     ("{method: lrp, baseline: white}", "attribution.baseline")],
+)
+def test_each_method_reads_its_own_keys(tmp_path, attribution, unused):
+    import warnings
+
+    from lrpcli.errors import ConfigWarning
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        load(tmp_path, MINIMAL + f"attribution: {attribution}\n")
+    messages = [str(w.message) for w in record if issubclass(w.category, ConfigWarning)]
+    assert messages == ([] if unused is None else [messages[0]])
+    if unused is not None:
+        assert f"does not use {unused}; explain ignores them" in messages[0]
+
+
+def test_stored_config_of_another_method_reads_back_without_warning(tmp_path):
+    import warnings
+
+    c = load(tmp_path, MINIMAL + "attribution: {method: gradient}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load(tmp_path, c.to_yaml()).to_dict() == c.to_dict()
