@@ -68,3 +68,9 @@ def test_config_rules_name_the_key(tmp_path):
     assert result.output.strip() == (
         f"lrpcli: error: {path}: composite.rules[1].match: 'featurs.*' matches no module of the model that gets a "
         "rule (modules without children), e.g. features.0, features.1, features.2, features.3, features.4")
+
+
+def test_name_map_refuses_a_pair_without_a_rule():
+    expected = r"^NameMap: pairs\[1\]: expected \(glob or module class, Rule\), got \('2', 'pass'\)"
+    with pytest.raises(TypeError, match=expected):
+        composites.get("epsilon_plus", overrides=[("0", Pass()), ("2", "pass")])

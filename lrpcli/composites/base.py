@@ -114,6 +114,10 @@ class NameMap(Composite):
     def __init__(self, pairs: Sequence[tuple[str | Types, Rule]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pairs = list(pairs)
+        for i, pair in enumerate(self.pairs):
+            if not isinstance(pair, tuple | list) or len(pair) != 2 or not isinstance(pair[1], Rule):
+                raise TypeError(f"NameMap: pairs[{i}]: expected (glob or module class, Rule), got {pair!r} "
+                                "(lrpcli.attribute's overrides= also takes rule names and config mappings)")
 
     def patterns(self) -> list[str]:
         return [key for key, _ in self.pairs if isinstance(key, str)]
