@@ -57,8 +57,14 @@ def initial_relevance(output: torch.Tensor, target: Target, seed: str = "output"
 
 
 def resolve_composite(composite: str | Composite | None, **params: Any) -> Composite | None:
-    """A composite object from a name (with its parameters) or as given."""
+    """A composite object from a name (with its parameters) or as given.
+
+    ``overrides`` are checked and built here (``lrpcli.config.resolve_overrides``: the forms README's Python
+    API lists), so a wrong item fails now with a message naming it, not later inside the model.
+    """
     given = {k: v for k, v in params.items() if v is not None}
+    if "overrides" in given:
+        given["overrides"] = resolve_overrides(given["overrides"], given)
     if composite is None or isinstance(composite, Composite):
         if given:
             raise ValueError(f"{', '.join(sorted(given))}: only apply with a composite name; build the composite "
@@ -67,6 +73,18 @@ def resolve_composite(composite: str | Composite | None, **params: Any) -> Compo
     if not isinstance(composite, str):
         raise TypeError(f"composite: expected a name or a Composite, got {type(composite).__name__}")
     return get(composite, **given)
+
+
+def resolve_overrides(overrides: Any, values: dict[str, Any] | None = None) -> list[tuple[Any, Any]]:
+    """``overrides=`` as (matcher, Rule) pairs; a wrong name or value is a ValueError (a ConfigError in config
+    terms), a wrong form a TypeError."""
+    from .config import resolve_overrides as resolve
+    from .errors import ConfigError
+
+    try:
+        return resolve(overrides, values)
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
 
 
 def attribute(model: nn.Module, x: torch.Tensor, target: Target = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import sys
 import warnings
 
@@ -29,14 +31,43 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         pass
 
 
+def _show_click_error(err: click.ClickException, file=None) -> None:
+    """click's own report of a usage error (Usage and Try lines kept), its last line ``lrpcli: error: ...``
+    like every other error, so scripts and users find one form."""
+    buffer = io.StringIO()
+    type(err).show(err, buffer)
+    lines = buffer.getvalue().rstrip("\n").split("\n")
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("Error: "):
+            lines[i] = "lrpcli: error: " + lines[i][len("Error: "):]
+            break
+    click.echo("\n".join(lines), file=file if file is not None else sys.stderr)
+
+
+def _reformat(err: click.ClickException) -> click.ClickException:
+    err.show = functools.partial(_show_click_error, err)  # type: ignore[method-assign]
+    return err
+
+
 class _Group(click.Group):
     """Turns LrpcliError into one line on stderr and its exit code, and warnings into one line each;
-    ``--debug`` keeps the traceback and Python's warning format."""
+    ``--debug`` keeps the traceback and Python's warning format. click's usage errors keep their exit code 2
+    and Usage/Try lines, the error line in lrpcli's form."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.ClickException as err:
+            _reformat(err)
+            raise
 
     def invoke(self, ctx: click.Context):
         shown = warnings.showwarning
         try:
             return super().invoke(ctx)
+        except click.ClickException as err:
+            _reformat(err)
+            raise
         except LrpcliError as err:
             if ctx.obj and ctx.obj.get("debug"):
                 raise

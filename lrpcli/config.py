@@ -12,13 +12,14 @@ import fnmatch
 import importlib
 import math
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, ConfigWarning
 
 __all__ = [
     "Config",
@@ -28,6 +29,7 @@ __all__ = [
     "resolve_baseline",
     "composite_kwargs",
     "make_override_rules",
+    "resolve_overrides",
     "resolve_module_type",
     "resolve_device",
     "resolve_num_workers",
@@ -226,6 +228,7 @@ class _Ctx:
         self.overridden = overridden or set()
 
     def origin(self, path: str) -> str:
+        path = str(path)
         for key in self.overridden:
             if path == key or path.startswith(key + ".") or path.startswith(key + "["):
                 return "command line"
@@ -256,8 +259,11 @@ def _number(ctx: _Ctx, path: str, value: Any, *, minimum: float | None = None, s
     return value if isinstance(value, int) else float(value)
 
 
-def _integer(ctx: _Ctx, path: str, value: Any, *, minimum: int | None = None, nullable: bool = False) -> Any:
+def _integer(ctx: _Ctx, path: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
+             nullable: bool = False) -> Any:
     what = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if maximum is not None:
+        what = f"an integer from {minimum} to {maximum}" if minimum is not None else f"an integer <= {maximum}"
     if nullable:
         what += " or null"
         if value is None:
@@ -266,7 +272,7 @@ def _integer(ctx: _Ctx, path: str, value: Any, *, minimum: int | None = None, nu
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         ctx.expected(path, what, value)
-    if minimum is not None and value < minimum:
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         ctx.expected(path, what, value)
     return value
 
@@ -335,8 +341,57 @@ def _check_keys(ctx: _Ctx, path: str, given: Mapping, allowed: tuple[str, ...] |
 
 
 # ------------------------------------------------------------------------------------------- YAML loading
+#: Bounds on a config document, so a hostile file cannot hang or crash the loader: its size in bytes, how deeply
+#: lists and mappings nest, and how many values it holds once every alias is expanded (a YAML alias repeats a
+#: whole anchored list or mapping, so a few hundred bytes can stand for billions of values).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_NODES = 100_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+    """A SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one) and documents beyond
+    ``MAX_DEPTH`` levels or ``MAX_NODES`` values with aliases expanded (checked while composing, before
+    any Python object is built, in time linear in the document's size)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values it stands for, aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self._sizes:
+                raise yaml.composer.ComposerError(
+                    None, None, f"alias *{event.anchor} refers to its own anchor (a recursive structure)",
+                    event.start_mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"lists and mappings nest deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._count(node)
+        return node
+
+    def _count(self, node: yaml.Node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        size = 1 + sum(self._sizes.get(id(child), 1) for child in children)
+        self._sizes[id(node)] = size
+        if size > MAX_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"more than {MAX_NODES:,} values with aliases expanded (an alias bomb?)",
+                node.start_mark)
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -364,7 +419,11 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def _read_yaml(path: Path, label: str) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{label}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file is at most that")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{label}: config file not found") from None
     except IsADirectoryError:
@@ -387,6 +446,8 @@ def _read_yaml(path: Path, label: str) -> Any:
         raise ConfigError(f"{label}: {where}invalid YAML: {problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{label}: invalid YAML: {str(err).splitlines()[0]}") from None
+    except RecursionError:  # a backstop: compose_node bounds the depth well below Python's limit
+        raise ConfigError(f"{label}: invalid YAML: nested too deeply (at most {MAX_DEPTH} levels)") from None
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -415,7 +476,10 @@ def validate(
     overrides: Mapping[str, Any] | None = None,
 ) -> Config:
     """Validate an already-parsed config mapping (what ``load_config`` does after reading the YAML)."""
-    raw = _deepcopy(raw)
+    try:
+        raw = _deepcopy(raw)
+    except RecursionError:  # a mapping built in Python (files are bounded by MAX_DEPTH when read)
+        raise ConfigError(f"{source}: nested too deeply (at most {MAX_DEPTH} levels)") from None
     ctx = _Ctx(source)
     if overrides:
         raw = _apply_overrides(ctx, raw, overrides)
@@ -429,7 +493,57 @@ def validate(
     out["attribution"] = _validate_attribution(ctx, raw.get("attribution"))
     out["run"] = _validate_run(ctx, raw.get("run"))
     out["output"] = _validate_output(ctx, raw.get("output"))
+    _warn_unused(ctx, raw, out)
     return Config(out, source=source, base_dir=base_dir)
+
+
+# The keys only some attribution methods read (all others are read by every method).
+_METHOD_ATTRIBUTION_KEYS = ("noise_level", "n_iter", "baseline", "window", "stride", "fill")
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "lrp": ("composite", "canonizers", "output.layers"),
+    "gradient": (),
+    "input_x_gradient": (),
+    "smoothgrad": ("attribution.noise_level", "attribution.n_iter"),
+    "integrated_gradients": ("attribution.n_iter", "attribution.baseline"),
+    "occlusion": ("attribution.window", "attribution.stride", "attribution.fill"),
+}
+
+
+def unused_keys(raw: Mapping[str, Any], resolved: Mapping[str, Any]) -> list[str]:
+    """The keys given in ``raw`` that ``attribution.method`` does not read, where their resolved value is not the
+    default (a default changes nothing in any method, so a stored config reads back without a warning)."""
+    used = METHOD_KEYS[resolved["attribution"]["method"]]
+    candidates: list[tuple[str, Any, Any]] = []
+    composite = raw.get("composite")
+    if isinstance(composite, Mapping):
+        for key in composite:
+            if key == "canonizers":
+                candidates.append(("composite.canonizers", resolved["canonizers"], []))
+            elif key in DEFAULTS["composite"]:
+                candidates.append((f"composite.{key}", resolved["composite"][key], DEFAULTS["composite"][key]))
+    if "canonizers" in raw:
+        candidates.append(("canonizers", resolved["canonizers"], []))
+    output = raw.get("output")
+    if isinstance(output, Mapping) and "layers" in output:
+        candidates.append(("output.layers", resolved["output"]["layers"], []))
+    attribution = raw.get("attribution")
+    if isinstance(attribution, Mapping):
+        for key in _METHOD_ATTRIBUTION_KEYS:
+            if key in attribution:
+                candidates.append((f"attribution.{key}", resolved["attribution"][key], DEFAULTS["attribution"][key]))
+    return [key for key, value, default in candidates
+            if value is not None and value != default and key not in used and key.split(".")[0] not in used]
+
+
+def _warn_unused(ctx: _Ctx, raw: Mapping[str, Any], resolved: Mapping[str, Any]) -> None:
+    """Keys the method does not read are a warning, not an error: one config file often serves several methods
+    (compare them by changing attribution.method alone), and ``lrpcli debug`` reads its composite whatever the
+    method."""
+    keys = unused_keys(raw, resolved)
+    if keys:
+        method = resolved["attribution"]["method"]
+        warnings.warn(f"{ctx.origin(keys[0])}: attribution.method {method} does not use {', '.join(keys)}; "
+                      "explain ignores them", ConfigWarning, stacklevel=3)
 
 
 def _apply_overrides(ctx: _Ctx, raw: dict, overrides: Mapping[str, Any]) -> dict:
@@ -696,13 +810,12 @@ def _validate_composite(ctx: _Ctx, given: dict, inp: Mapping) -> dict:
 _RULE_ITEM_KEYS = ("match", "type", "rule")
 
 
-def _validate_rules(ctx: _Ctx, value: Any, comp: Mapping, inp: Mapping) -> list[dict]:
-    items = _list(
-        ctx, "composite.rules", value, "a list of {match: glob, rule: ...} or {type: Class, rule: ...}"
-    )
+def _validate_rules(ctx: _Ctx, value: Any, comp: Mapping, inp: Mapping, prefix: str = "composite.rules",
+                    offset: int = 0) -> list[dict]:
+    items = _list(ctx, prefix, value, "a list of {match: glob, rule: ...} or {type: Class, rule: ...}")
     out = []
     for i, item in enumerate(items):
-        path = f"composite.rules[{i}]"
+        path = f"{prefix}[{i + offset}]"
         if not isinstance(item, Mapping):
             ctx.expected(
                 path,
@@ -893,6 +1006,8 @@ def _validate_attribution(ctx: _Ctx, value: Any) -> dict:
     return {k: out[k] for k in d}
 
 
+#: The largest ``run.seed``: torch generators take 64-bit seeds, and the seed is stored as a signed 64-bit int.
+MAX_SEED = 2**63 - 1
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -918,7 +1033,7 @@ def _validate_run(ctx: _Ctx, value: Any) -> dict:
     out["max_samples"] = _integer(
         ctx, "run.max_samples", given.get("max_samples", d["max_samples"]), minimum=1, nullable=True
     )
-    out["seed"] = _integer(ctx, "run.seed", given.get("seed", d["seed"]), minimum=0)
+    out["seed"] = _integer(ctx, "run.seed", given.get("seed", d["seed"]), minimum=0, maximum=MAX_SEED)
     return {k: out[k] for k in d}
 
 
@@ -1027,17 +1142,126 @@ def make_override_rules(config: Mapping) -> list[tuple[Any, Any]]:
     rules = _registry("lrpcli.rules")
     if rules is None:
         raise ConfigError("lrpcli.rules is not available; cannot build composite.rules")
+    from .composites import Glob
+
+    source = getattr(config, "source", "config")
     out = []
-    for item in comp["rules"]:
-        spec = item["rule"]
-        if isinstance(spec, str):
-            name, params = spec, {}
+    for i, item in enumerate(comp["rules"]):
+        rule = _build_rule(rules, item["rule"], comp, inp)
+        if "match" in item:
+            matcher = Glob(item["match"], f"{source}: composite.rules[{i}].match")
         else:
-            name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
-        rule = rules.make(name, **_rule_kwargs(rules, name, params, comp, inp))
-        matcher = item["match"] if "match" in item else resolve_module_type(item["type"])
+            matcher = resolve_module_type(item["type"])
         out.append((matcher, rule))
     return out
+
+
+def resolve_overrides(items: Any, values: Mapping[str, Any] | None = None,
+                      source: str = "lrpcli.attribute") -> list[tuple[Any, Any]]:
+    """The Python API's ``overrides=`` as ``(matcher, rule)`` pairs, refusing anything else.
+
+    Each item is a pair ``(glob or nn.Module class or tuple of classes, rule)`` whose rule is a Rule, a rule
+    name or ``{name: ..., param: value}``, or a config-style mapping ``{match: glob, rule: ...}`` /
+    ``{type: Class or name, rule: ...}``. Names and mappings are checked and built by the same code as
+    ``composite.rules``; parameters a rule does not set come from ``values`` (the composite's epsilon, gamma,
+    low, high, stabilizer, zero_params where given) or the config defaults. Bad items raise TypeError
+    (wrong form) or ConfigError (a wrong name or value) naming ``overrides[i]``.
+    """
+    import torch
+
+    from .composites import Glob
+
+    rules = _registry("lrpcli.rules")
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, list | tuple):
+        raise TypeError(f"{source}: overrides: expected a list of (glob or module class, rule) pairs or "
+                        f"{{match: glob, rule: ...}} mappings, got {type(items).__name__}")
+    ctx = _Ctx(source)
+    comp, inp = _api_composite(values or {})
+    out = []
+    for i, item in enumerate(items):
+        path = f"overrides[{i}]"
+        if isinstance(item, Mapping):
+            item = dict(item)
+            given_type = item.get("type")
+            if isinstance(given_type, type) and issubclass(given_type, torch.nn.Module):
+                item["type"] = "Module"  # validated below as a stand-in; the class itself is used
+            (entry,) = _validate_rules(ctx, [item], comp, inp, prefix="overrides", offset=i)
+            rule = _build_rule(rules, entry["rule"], comp, inp)
+            if "match" in entry:
+                matcher = Glob(entry["match"], f"{source}: overrides[{i}].match")
+            else:
+                matcher = given_type if isinstance(given_type, type) else resolve_module_type(entry["type"])
+            out.append((matcher, rule))
+            continue
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise TypeError(f"{source}: {path}: expected a (glob or module class, rule) pair or a mapping "
+                            f"{{match: glob, rule: ...}}, got {show(item) if isinstance(item, str) else repr(item)}")
+        matcher, rule = item
+        if not _is_matcher(matcher):
+            raise TypeError(f"{source}: {path}: expected a module-name glob, an nn.Module class or a tuple of "
+                            f"them first, got {matcher!r}")
+        if isinstance(matcher, str):
+            matcher = Glob(matcher, f"{source}: overrides[{i}][0]")
+        if isinstance(rule, rules.Rule):
+            out.append((matcher, rule))
+        elif isinstance(rule, str | Mapping):
+            spec = _validate_rule_spec(ctx, f"{path}[1]", rule, comp, inp)
+            out.append((matcher, _build_rule(rules, spec, comp, inp)))
+        else:
+            raise TypeError(f"{source}: {path}: expected a Rule (e.g. lrpcli.rules.Epsilon(0.25)), a rule name or "
+                            f"{{'name': ..., param: value}} second, got {rule!r}")
+    return out
+
+
+def _is_matcher(value: Any) -> bool:
+    import torch
+
+    def is_class(v: Any) -> bool:
+        return isinstance(v, type) and issubclass(v, torch.nn.Module)
+
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, tuple):
+        return bool(value) and all(is_class(v) for v in value)
+    return is_class(value)
+
+
+def _api_composite(values: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Composite-level values for API override rules and the input they assume: those given, else the
+    defaults of ``lrpcli.attribute`` (ZBox bounds -3 and 3; a per-channel tensor bound sets the channels)."""
+    d = DEFAULTS["composite"]
+    comp: dict[str, Any] = {k: d[k] for k in ("epsilon", "gamma", "zero_params", "stabilizer")}
+    comp["low"], comp["high"] = -3.0, 3.0
+    channels = 3
+    for key in ("epsilon", "gamma", "low", "high"):
+        value = values.get(key)
+        if hasattr(value, "tolist"):  # a tensor: a number or one per channel
+            value = value.tolist()
+        if isinstance(value, list | tuple) and key in ("low", "high"):
+            channels = len(value)
+            comp[key] = [float(v) for v in value]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            comp[key] = float(value)
+    for key in ("low", "high"):
+        if not isinstance(comp[key], list):
+            comp[key] = float(comp[key])
+    if values.get("zero_params") is not None:
+        comp["zero_params"] = list(values["zero_params"])
+    stabilizer = values.get("stabilizer")
+    if stabilizer is not None and hasattr(stabilizer, "epsilon") and hasattr(stabilizer, "mode"):
+        comp["stabilizer"] = {"epsilon": stabilizer.epsilon, "mode": stabilizer.mode}
+    elif isinstance(stabilizer, int | float) and not isinstance(stabilizer, bool):
+        comp["stabilizer"] = {"epsilon": float(stabilizer), "mode": "sign"}
+    return comp, {"mean": [0.0] * channels, "std": [1.0] * channels}
+
+
+def _build_rule(rules: Any, spec: Any, comp: Mapping, inp: Mapping) -> Any:
+    """A validated rule spec (a name or ``{name: ..., **params}``) as a fresh Rule."""
+    if isinstance(spec, str):
+        name, params = spec, {}
+    else:
+        name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
+    return rules.make(name, **_rule_kwargs(rules, name, params, comp, inp))
 
 
 def composite_kwargs(config: Mapping) -> dict[str, Any]:

@@ -24,3 +24,14 @@ class RunError(LrpcliError):
     """The run failed after it started (exit code 1)."""
 
     exit_code = 1
+
+
+class UnmatchedPatternError(ConfigError, ValueError):
+    """A module-name glob of a rule override matches no module of the model (it would do nothing).
+
+    Raised when a composite is applied to a model; also a ValueError for Python API callers.
+    """
+
+
+class ConfigWarning(UserWarning):
+    """A config is valid but has keys that do nothing in this run (printed as one ``lrpcli: warning:`` line)."""

@@ -186,7 +186,7 @@ def test_gamma_wrong_type_message_exact(tmp_path):
         ("run:\n  num_workers: many\n", "run.num_workers", "auto or an integer >= 0, got 'many'"),
         ("run:\n  device: gpu\n", "run.device", "auto, cpu, cuda or cuda:N, got 'gpu'"),
         ("run:\n  max_samples: 0\n", "run.max_samples", "an integer >= 1 or null, got 0"),
-        ("run:\n  seed: 1.5\n", "run.seed", "an integer >= 0, got 1.5"),
+        ("run:\n  seed: 1.5\n", "run.seed", "an integer from 0 to 9223372036854775807, got 1.5"),
         ("output:\n  dtype: float64\n", "output.dtype", "one of float32, float16, got 'float64'"),
         ("output:\n  store_input: 'no'\n", "output.store_input", "true or false, got 'no'"),
         ("output:\n  compression: zstd\n", "output.compression", "one of auto, lzf, none, got 'zstd'"),
@@ -330,11 +330,12 @@ def test_low_high_numbers_and_lists(tmp_path):
 
 def test_baseline(tmp_path):
     assert resolve_baseline(load(tmp_path, MINIMAL)) == 0.0
-    black = resolve_baseline(load(tmp_path, MINIMAL + "attribution: {baseline: black}\n"))
+    black = resolve_baseline(load(tmp_path, MINIMAL + "attribution: {method: integrated_gradients, baseline: black}\n"))
     assert black.shape == (3, 1, 1)
     assert torch.allclose(black.flatten(), resolve_bounds(load(tmp_path, MINIMAL))[0])
     assert black.expand(2, 3, 5, 4).shape == (2, 3, 5, 4)
-    assert resolve_baseline(load(tmp_path, MINIMAL + "attribution: {baseline: 0.5}\n")) == 0.5
+    ig = "attribution: {method: integrated_gradients, baseline: 0.5}\n"
+    assert resolve_baseline(load(tmp_path, MINIMAL + ig)) == 0.5
 
 
 def test_window_int_and_target_int(tmp_path):
@@ -554,3 +555,131 @@ def test_resolve_num_workers_default_cpus_is_the_affinity(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
     assert config_module.available_cpus() == 5
     assert config_module.resolve_num_workers("auto", samples=10_000, batch_size=8, device="cuda") == 4
+
+
+# ------------------------------------------------------------------------------------- hostile documents
+def _bomb(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["top", "kwargs", "value"])
+def test_alias_bomb_is_refused_quickly(tmp_path, where):
+    import time
+
+    bomb = _bomb()
+    if where == "top":  # as unknown keys
+        text = MINIMAL + bomb
+    elif where == "kwargs":
+        text = "model:\n  name: resnet18\n  kwargs:\n" + textwrap.indent(bomb, "    ")
+    else:
+        text = MINIMAL + "run:\n  seed:\n" + textwrap.indent(bomb, "    ")
+    start = time.perf_counter()
+    message = error(tmp_path, text)
+    assert time.perf_counter() - start < 5
+    assert "invalid YAML: more than 100,000 values with aliases expanded" in message
+    assert message.startswith(f"{tmp_path / 'c.yaml'}: line ")
+
+
+def test_aliases_to_small_values_still_work(tmp_path):
+    c = load(tmp_path, "input:\n  mean: &m [0.5, 0.5, 0.5]\n  std: *m\n" + MINIMAL)
+    assert list(c.input.std) == [0.5, 0.5, 0.5]
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    message = error(tmp_path, MINIMAL + "x: &a [1, *a]\n")
+    assert "alias *a refers to its own anchor" in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [MINIMAL + "x: " + "[" * 100_000 + "]" * 100_000 + "\n",
+     "model: {name: resnet18, kwargs: " + "{a: " * 3000 + "1" + "}" * 3000 + "}\n"],
+    ids=["lists", "mappings"],
+)
+def test_deep_nesting_is_one_line(tmp_path, text):
+    assert "invalid YAML: lists and mappings nest deeper than 64 levels" in error(tmp_path, text)
+
+
+def test_nesting_within_the_bound_is_read(tmp_path):
+    c = load(tmp_path, "model: {name: resnet18, kwargs: {x: " + "[" * 60 + "]" * 60 + "}}\n")
+    assert isinstance(c.model.kwargs.x, tuple)
+
+
+def test_deep_python_mapping_is_one_line():
+    from lrpcli.config import validate
+
+    raw: dict = {"model": {"name": "resnet18", "kwargs": {}}}
+    inner = raw["model"]["kwargs"]
+    for _ in range(5000):
+        inner["a"] = {}
+        inner = inner["a"]
+    with pytest.raises(ConfigError, match=r"^api: nested too deeply \(at most 64 levels\)$"):
+        validate(raw, source="api")
+
+
+def test_oversized_document_is_refused(tmp_path):
+    message = error(tmp_path, MINIMAL + "# " + "x" * (1 << 20) + "\n")
+    assert message == f"{tmp_path / 'c.yaml'}: larger than 1024 KiB; a config file is at most that"
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**70, -1])
+def test_seed_out_of_range_names_the_range(tmp_path, seed):
+    message = error(tmp_path, MINIMAL + f"run:\n  seed: {seed}\n")
+    assert message == (f"{tmp_path / 'c.yaml'}: run.seed: expected an integer from 0 to {2**63 - 1}, "
+                       f"got {seed}")
+
+
+def test_largest_seed_is_accepted(tmp_path):
+    assert load(tmp_path, MINIMAL + f"run:\n  seed: {2**63 - 1}\n").run.seed == 2**63 - 1
+
+
+@pytest.mark.parametrize("overrides", [None, {"output.path": "x.h5"}])
+def test_integer_key_at_top_level(tmp_path, overrides):
+    message = error(tmp_path, MINIMAL + "1: x\n", overrides)
+    assert message.startswith(f"{tmp_path / 'c.yaml'}: 1: unknown key (allowed: model, input,")
+
+
+# ------------------------------------------------------------------------------ keys the method does not use
+def test_keys_the_method_does_not_use_warn_once(tmp_path):
+    from lrpcli.errors import ConfigWarning
+
+    text = MINIMAL + ("canonizers: [resnet]\ncomposite: {name: epsilon_plus, rules: [{match: fc, rule: pass}]}\n"
+                      "attribution: {method: gradient, n_iter: 5, window: 8}\noutput: {layers: [layer4]}\n")
+    with pytest.warns(ConfigWarning) as record:
+        load(tmp_path, text)
+    assert [str(w.message) for w in record] == [
+        f"{tmp_path / 'c.yaml'}: attribution.method gradient does not use composite.name, composite.rules, "
+        "canonizers, output.layers, attribution.n_iter; explain ignores them"]
+
+
+@pytest.mark.parametrize(
+    ("attribution", "unused"),
+    [("{method: smoothgrad, n_iter: 5, noise_level: 0.2}", None),
+     ("{method: integrated_gradients, n_iter: 5, baseline: black, fill: 1}", "attribution.fill"),
+     ("{method: occlusion, window: 4, stride: 2, noise_level: 0.3}", "attribution.noise_level"),
+     ("{method: lrp, baseline: white}", "attribution.baseline")],
+)
+def test_each_method_reads_its_own_keys(tmp_path, attribution, unused):
+    import warnings
+
+    from lrpcli.errors import ConfigWarning
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        load(tmp_path, MINIMAL + f"attribution: {attribution}\n")
+    messages = [str(w.message) for w in record if issubclass(w.category, ConfigWarning)]
+    assert messages == ([] if unused is None else [messages[0]])
+    if unused is not None:
+        assert f"does not use {unused}; explain ignores them" in messages[0]
+
+
+def test_stored_config_of_another_method_reads_back_without_warning(tmp_path):
+    import warnings
+
+    c = load(tmp_path, MINIMAL + "attribution: {method: gradient}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load(tmp_path, c.to_yaml()).to_dict() == c.to_dict()

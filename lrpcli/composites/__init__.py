@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Composite, FirstLayer, LayerMap, Mixture, NameMap
+from .base import Composite, FirstLayer, Glob, LayerMap, Mixture, NameMap
 from .builtin import BUILDERS, COMMON, DESCRIPTIONS, PARAMETERS, basics
 
 
@@ -24,7 +24,11 @@ def describe(name: str) -> str:
 
 def _check(name: str) -> str:
     if name not in BUILDERS:
-        raise ValueError(f"unknown composite {name!r}; valid composites: {', '.join(names())}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name).lower(), names(), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown composite {name!r}{hint} (valid composites: {', '.join(names())})")
     return name
 
 
@@ -50,5 +54,5 @@ def register(name: str, builder: Any, parameters: tuple[str, ...] = (), descript
     DESCRIPTIONS[name] = description or name
 
 
-__all__ = ["Composite", "LayerMap", "NameMap", "FirstLayer", "Mixture", "basics", "get", "names", "parameters",
+__all__ = ["Composite", "Glob", "LayerMap", "NameMap", "FirstLayer", "Mixture", "basics", "get", "names", "parameters",
            "describe", "register"]

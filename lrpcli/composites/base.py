@@ -13,11 +13,49 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UnmatchedPatternError
 from ..hooks import Session
 from ..recorder import Recorder
 from ..rules.base import Rule
 
 Types = type | tuple[type, ...]
+
+
+class Glob(str):
+    """A module-name glob that remembers where the user wrote it (``c.yaml: composite.rules[2].match``), so an
+    override that matches nothing is reported at that key."""
+
+    where: str = ""
+
+    def __new__(cls, pattern: str, where: str = "") -> Glob:
+        glob = super().__new__(cls, pattern)
+        glob.where = where
+        return glob
+
+
+class _CheckedSession(Session):
+    """A session that, once the model (after canonizers) is hooked, refuses override globs that match no module
+    that rules are given to (a module without children): such an override would silently do nothing."""
+
+    def __enter__(self) -> nn.Module:
+        model = super().__enter__()
+        try:
+            names = [a.name for a in self.assignments.values()]
+            for pattern in self.composite.patterns():
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                    raise UnmatchedPatternError(_unmatched(pattern, names))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return model
+
+
+def _unmatched(pattern: str, names: list[str]) -> str:
+    where = getattr(pattern, "where", "") or "rule override"
+    stem = pattern.split("*")[0].split("?")[0].split("[")[0]
+    close = [n for n in names if stem and n.startswith(stem[:3])][:5] or names[:5]
+    return (f"{where}: {str(pattern)!r} matches no module of the model that gets a rule (modules without "
+            f"children), e.g. {', '.join(close)}")
 
 
 class Composite:
@@ -45,8 +83,12 @@ class Composite:
         from ..canonizers import make_all
 
         specs = self.canonizers if canonizers is None else list(canonizers)
-        return Session(self, model, canonizers=make_all(specs), strict=self.strict if strict is None else strict,
-                       recorder=recorder)
+        return _CheckedSession(self, model, canonizers=make_all(specs),
+                               strict=self.strict if strict is None else strict, recorder=recorder)
+
+    def patterns(self) -> list[str]:
+        """The module-name globs this composite assigns rules by (each must match a module it is applied to)."""
+        return []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -72,6 +114,13 @@ class NameMap(Composite):
     def __init__(self, pairs: Sequence[tuple[str | Types, Rule]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pairs = list(pairs)
+        for i, pair in enumerate(self.pairs):
+            if not isinstance(pair, tuple | list) or len(pair) != 2 or not isinstance(pair[1], Rule):
+                raise TypeError(f"NameMap: pairs[{i}]: expected (glob or module class, Rule), got {pair!r} "
+                                "(lrpcli.attribute's overrides= also takes rule names and config mappings)")
+
+    def patterns(self) -> list[str]:
+        return [key for key, _ in self.pairs if isinstance(key, str)]
 
     def rule_for(self, name: str, module: nn.Module, state: dict) -> Rule | None:
         for key, rule in self.pairs:
@@ -107,6 +156,9 @@ class Mixture(Composite):
     def __init__(self, parts: Sequence[Composite], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.parts = list(parts)
+
+    def patterns(self) -> list[str]:
+        return [pattern for part in self.parts for pattern in part.patterns()]
 
     def rule_for(self, name: str, module: nn.Module, state: dict) -> Rule | None:
         for part in self.parts:

@@ -92,16 +92,27 @@ def _stored(path: Path, data: Path | None, samples: int | None, zero_bias: bool)
 def _live(path: Path, data: Path | None, samples: int | None, zero_bias: bool,
           device: str | None) -> tuple[Report, Report | None, bool]:
     """The configured model on N inputs, and the same inputs with zero_params: [bias] for --zero-bias."""
+    import warnings
+
     from ..config import load_config
+    from ..errors import ConfigWarning
     from .collect import collect, load
 
     overrides = {"run.device": device}
-    cfg = load_config(path, overrides)
+    with warnings.catch_warnings():  # explain's "keys the method does not use": debug uses the composite keys
+        warnings.simplefilter("ignore", ConfigWarning)
+        cfg = load_config(path, overrides)
+    method = cfg.attribution.method
+    if method != "lrp":
+        click.echo(f"lrpcli: note: {path}: attribution.method is {method}; debug shows the config's LRP composite "
+                   f"({cfg.composite.name}), not the {method} attribution that explain computes", err=True)
     model = load(cfg)
     n = samples or 4
     report = collect(cfg, data, samples=n, model=model)
     zero = None
     if zero_bias:
-        cfg0 = load_config(path, {**overrides, "composite.zero_params": ["bias"]})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigWarning)
+            cfg0 = load_config(path, {**overrides, "composite.zero_params": ["bias"]})
         zero = collect(cfg0, data, samples=n, model=model, label=" (composite.zero_params: [bias])")
     return report, zero, bool(cfg.composite.strict)

@@ -25,7 +25,7 @@ class Epsilon(ParamRule):
 
     def __init__(self, epsilon: float = 1e-6, stabilizer: Stabilizer | float | None = None,
                  zero_params: Sequence[str] = ()) -> None:
-        self.epsilon = check_number("Epsilon", "epsilon", epsilon)
+        self.epsilon = check_number("Epsilon", "epsilon", epsilon, strict=True)  # 0 divides by z = 0 (as config)
         mode = Stabilizer.coerce(stabilizer).mode
         super().__init__(Stabilizer(self.epsilon, mode), zero_params)
 
