@@ -456,11 +456,15 @@ def merge(shards: Sequence[str | os.PathLike], output: str | os.PathLike, *, ove
     paths = [Path(s) for s in shards]
     if not paths:
         raise DataError("no shard files given")
-    resolved = {p.resolve() for p in paths}
-    if output.resolve() in resolved:
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        if p.resolve() in seen:
+            first = seen[p.resolve()]
+            named = f"{p}" if str(first) == str(p) else f"{p} (the same file as {first})"
+            raise DataError(f"shard {named} is given twice; give each shard once")
+        seen[p.resolve()] = p
+    if output.resolve() in seen:
         raise DataError(f"{output} is one of the shards; choose another -o/--output")
-    if len(resolved) != len(paths):
-        raise DataError("a shard file is given twice")
     if output.is_dir():
         raise DataError(f"output {output} is a directory; give a file name")
     if os.path.lexists(output) and not overwrite:

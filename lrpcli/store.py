@@ -53,8 +53,8 @@ import yaml
 from . import __version__
 from .errors import DataError, RunError
 
-__all__ = ["COMPRESSIONS", "IGNORED_CONFIG_KEYS", "ResultWriter", "Results", "choose_compression", "config_differences",
-           "open_results", "pays_to_compress"]
+__all__ = ["COMPRESSIONS", "IGNORED_CONFIG_KEYS", "ResultWriter", "Results", "check_sources", "choose_compression",
+           "config_differences", "missing_sources", "open_error", "open_results", "pays_to_compress"]
 
 #: Config keys that do not change the numbers in the file: a resume may change them freely.
 IGNORED_CONFIG_KEYS = frozenset({"run.num_workers", "run.batch_size", "output.path", "run.device",
@@ -715,16 +715,33 @@ def _open_h5(path: str, mode: str) -> h5py.File:
     except PermissionError:
         raise DataError(f"{path}: permission denied") from None
     except OSError as err:
-        text = _why(err)
-        low = str(err).lower()  # HDF5's whole wording, for telling the cases apart
-        if "lock" in low or getattr(err, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK):
-            raise DataError(
-                f"{path} is being written by another process (HDF5 file lock); "
-                "wait for it or choose another -o"
-            ) from None
-        if "signature" in low or "not an hdf5" in low or "file format" in low:
-            raise DataError(f"{path} is not an HDF5 file") from None
-        raise DataError(f"{path} cannot be opened as an HDF5 file ({text})") from None
+        raise DataError(open_error(path, err)) from None
+
+
+#: HDF5's wording for a file whose structure is broken (a copy cut short, a damaged disk), as whole words
+_DAMAGED = re.compile(r"\b(truncated file|bad (superblock|object header|heap|symbol table|b-tree)\w*|"
+                      r"wrong (b-tree|heap) signature|addr overflow|address of object past end of allocation)\b")
+
+
+def open_error(path: str | os.PathLike, err: OSError) -> str:
+    """One line saying why HDF5 could not open ``path``: locked by a writer, not HDF5, or damaged.
+
+    The lock is told by its errno (EAGAIN/EWOULDBLOCK) or HDF5's whole phrase "unable to lock file", never by
+    a substring: HDF5's message for a truncated file mentions ``sblock->base_addr``.
+    """
+    text = _why(err)
+    low = " ".join(str(err).split()).lower()  # HDF5's whole wording, for telling the cases apart
+    if getattr(err, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK) or re.search(r"\bunable to lock file\b", low):
+        return f"{path} is being written by another process (HDF5 file lock); wait for it or choose another -o"
+    if re.search(r"\b(file signature not found|not an hdf5 file)\b", low):
+        return f"{path} is not an HDF5 file"
+    truncated = re.search(r"\btruncated file: eof = (\d+),.*?stored_eof = (\d+)", low)
+    if truncated:
+        return (f"{path} is truncated or damaged: it has {truncated.group(1)} bytes but its HDF5 header says "
+                f"{truncated.group(2)} (a copy cut short?); copy it again, or start the run again with --overwrite")
+    if _DAMAGED.search(low):
+        return f"{path} is a damaged HDF5 file ({text}); copy it again, or start the run again with --overwrite"
+    return f"{path} cannot be opened as an HDF5 file ({text})"
 
 
 _REQUIRED = (
@@ -745,8 +762,45 @@ _REQUIRED = (
 _REQUIRED_ATTRS = ("lrpcli_version", "config", "rows_written", "n_rows", "complete")
 
 
+def missing_sources(f: h5py.File, path: str | os.PathLike) -> list[str]:
+    """Source files of ``f``'s virtual datasets that do not exist (as HDF5 looks for them: a relative name
+    next to ``path``), in the order first used. HDF5 reads a missing source as fill values (zeros, empty
+    file names) without an error, so a virtual merge whose shards were moved away would look complete."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    prefix = os.environ.get("HDF5_VDS_PREFIX", "")
+    missing: list[str] = []
+
+    def check(name: str, obj: Any) -> None:
+        if not (isinstance(obj, h5py.Dataset) and obj.is_virtual):
+            return
+        for source in obj.virtual_sources():
+            file_name = source.file_name
+            if file_name == "." or file_name in missing:
+                continue
+            candidates = [file_name] if os.path.isabs(file_name) else [os.path.join(folder, file_name)]
+            if prefix and not os.path.isabs(file_name):
+                candidates.append(os.path.join(prefix.replace("${ORIGIN}", folder), file_name))
+            if not any(os.path.isfile(c) for c in candidates):
+                missing.append(file_name)
+
+    f.visititems(check)
+    return missing
+
+
+def check_sources(f: h5py.File, path: str | os.PathLike) -> None:
+    """Refuse a virtual file (``lrpcli merge --virtual``) whose shard files are gone, naming them."""
+    missing = missing_sources(f, path)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        raise DataError(
+            f"{path} is a virtual file over shard files that are missing: {shown} (looked for in {folder}); "
+            "keep the shards next to it, or merge them into a real file with lrpcli merge"
+        )
+
+
 def _check_lrpcli(f: h5py.File, path: str) -> dict:
-    """Refuse an HDF5 file that lrpcli did not write; return its parsed config."""
+    """Refuse an HDF5 file that lrpcli did not write, or a virtual one with missing shards; return its config."""
     if "lrpcli_version" not in f.attrs:
         raise DataError(
             f"{path} is an HDF5 file but not an lrpcli result file (no 'lrpcli_version' attribute)"
@@ -754,6 +808,7 @@ def _check_lrpcli(f: h5py.File, path: str) -> dict:
     missing = [a for a in _REQUIRED_ATTRS if a not in f.attrs] + [d for d in _REQUIRED if d not in f]
     if missing:
         raise DataError(f"{path} is not a complete lrpcli result file: missing {', '.join(missing)}")
+    check_sources(f, path)
     try:
         config = yaml.safe_load(_attr_str(f.attrs["config"])) or {}
     except yaml.YAMLError as err:
@@ -810,7 +865,8 @@ class Results:
     def read(self, name: str, rows: slice | Sequence[int] | np.ndarray | int = slice(None)) -> np.ndarray:
         """Rows of one dataset (e.g. ``'attribution'``, ``'conservation/relevance_in'``, ``'layers/x'``).
 
-        ``rows`` counts from 0 to ``rows_written``: a slice, an int, or integer indices in any order.
+        ``rows`` counts from 0 to ``rows_written``: a slice, an int, or integer indices in any order. Data
+        stored as float16 (``output.dtype: float16``) is returned as float32.
         """
         dset = self._file()[name]
         n = self.rows_written
@@ -834,6 +890,8 @@ class Results:
         if h5py.check_string_dtype(dset.dtype) is not None:
             data = np.asarray(data, dtype=object)
             return np.vectorize(_attr_str, otypes=[object])(data) if data.size else data
+        if data.dtype == np.float16:  # float16 is a storage format: sums and logs of it overflow or underflow
+            return data.astype(np.float32)
         return data
 
     @staticmethod
@@ -850,7 +908,7 @@ class Results:
 
     @property
     def attribution(self) -> np.ndarray:
-        """float32/float16, N x C x H x W: relevance at the input."""
+        """float32, N x C x H x W: relevance at the input (upcast when stored as float16)."""
         return self._rows_of("attribution")
 
     @property

@@ -81,14 +81,14 @@ def test_round_trip_all_fields_float16_and_unicode(tmp_path):
         for name in ROW_FIELDS:
             got = getattr(r, name)
             np.testing.assert_array_equal(got, expected[name])
-            assert got.dtype == expected[name].dtype
-        assert r.attribution.dtype == np.float16
+            # float16 is stored small and read back as float32 (tests/test_store_damage.py)
+            assert got.dtype == (np.float32 if name == "attribution" else expected[name].dtype), name
         assert r.filename == expected["filename"]
         assert r.conservation["layer"] == W.LAYERS and r.conservation["rule"] == W.RULES
         for key in CONS_FIELDS:
             np.testing.assert_array_equal(r.conservation[key], expected[key])
         np.testing.assert_array_equal(
-            r.layers["features.0"], expected["layers"]["features.0"].astype(np.float16)
+            r.layers["features.0"], expected["layers"]["features.0"].astype(np.float16).astype(np.float32)
         )
         assert r.skipped == [
             ("kaputt/ä.jpg", "cannot identify image file (truncated)"),
