@@ -575,11 +575,8 @@ class ResultWriter:
                 self._dsets["filename"][start:stop] = names
             n_skipped = self._write_pending_skipped()
             self._commit(stop, n_skipped)
-        except OSError as err:
-            raise RunError(
-                f"writing {self.path} failed ({_why(err)}); its first {self._rows} rows are saved, "
-                "run again with --resume to continue"
-            ) from err
+        except _WRITE_ERRORS as err:
+            raise self._failed(err, "writing") from None
 
     def _write_pending_skipped(self) -> int:
         pending = self._pending_skipped
@@ -598,6 +595,7 @@ class ResultWriter:
     def _commit(self, rows: int, n_skipped: int) -> None:
         """Rule 3: data first, on disk; only then the counters that declare it final."""
         f = self._f
+        _reserve(f, list(self._dsets.values()))
         f.flush()
         f.attrs.modify("rows_written", np.int64(rows))
         f.attrs.modify("skipped_written", np.int64(n_skipped))
@@ -630,19 +628,36 @@ class ResultWriter:
                     for dset in (self._skip_f, self._skip_r):
                         if dset.shape[0] != self._n_skipped:
                             dset.resize(self._n_skipped, axis=0)
+                    _reserve(f, list(self._dsets.values()))
                     f.flush()
                     f.attrs.modify("complete", np.bool_(True))
                     f.flush()
                     self._complete = True
             _fsync_file(f)
-        except OSError as err:
-            raise RunError(
-                f"closing {self.path} failed ({_why(err)}); its first {self._rows} rows are saved, "
-                "run again with --resume to finish it"
-            ) from err
+        except _WRITE_ERRORS as err:
+            raise self._failed(err, "closing") from None
         finally:
-            self._closed = True
-            f.close()
+            if not self._closed:
+                self._closed = True
+                f.close()
+
+    def _failed(self, err: BaseException, doing: str) -> RunError:
+        """After a failed write (disk full, file too large, I/O error): stop like a kill, and say so.
+
+        HDF5 keeps what it could not write in memory and would try again when the file is closed, writing
+        part of it (a shared string heap that grew, but not the superblock that declares the growth): that
+        once made committed file names unreadable by plain h5py. So the handle is closed without writing
+        anything more, and the superblock's end of allocation is made to cover what the file holds; the file
+        is then what a kill after the last commit leaves, which the crash tests check.
+        """
+        self._closed = True
+        self._dsets, self._skip_f, self._skip_r = {}, None, None
+        _abandon(self._f, self.path)
+        what = "run again with --resume to continue" if doing == "writing" else "run again with --resume to finish it"
+        return RunError(
+            f"{doing} {self.path} failed ({_why(err)}); its first {self._rows} rows are saved and readable; "
+            f"free space (or fix the cause) and {what}"
+        )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -658,9 +673,68 @@ class ResultWriter:
 
 # ---------------------------------------------------------------------- crash repair
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+#: What h5py raises for a failed write: OSError, or RuntimeError/ValueError carrying HDF5's "errno = 28"
+_WRITE_ERRORS = (OSError, RuntimeError, ValueError)
 
 
-def _cover_eof(path: str) -> None:
+def _reserve(f: h5py.File, datasets: Sequence[h5py.Dataset] = ()) -> None:
+    """Before a flush: give the file all the disk space HDF5 has allocated in memory (its end of allocation).
+
+    Compressed chunks get their final place only when written, so the ``datasets`` with filters are flushed
+    first (a failure there touches nothing committed: new chunks go to new space). The file flush then
+    overwrites space the file already owns, so a full disk or a size limit fails here, before HDF5 has
+    written a part of the batch's metadata (such as a string heap shared with committed rows), instead of
+    in the middle of the flush. Where the file system cannot preallocate, the flush goes ahead as before.
+    """
+    for dset in datasets:
+        if dset.compression is not None:
+            dset.id.flush()
+    try:
+        fd = f.id.get_vfd_handle()
+        need = int(f.id.get_filesize())  # max(end of file, end of allocation), as HDF5 sees them
+        have = os.fstat(fd).st_size
+    except (OSError, ValueError, TypeError):
+        return
+    if need > have:
+        try:
+            os.posix_fallocate(fd, have, need - have)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
+def _abandon(f: h5py.File, path: str) -> None:
+    """Close ``f`` after a failed write without letting HDF5 write anything more, then repair the superblock.
+
+    HDF5 flushes on close; its file descriptor is first pointed at an anonymous in-memory file, so that the
+    flush succeeds (HDF5 then releases the file cleanly) and writes nothing to ``path``. ``_cover_eof`` then
+    makes the end of allocation cover everything HDF5 had allocated (extending the file sparsely where a
+    partial write left it shorter), so every structure the committed rows use lies inside it.
+    """
+    try:
+        allocated = int(f.id.get_filesize())
+    except (OSError, ValueError, TypeError, RuntimeError):
+        allocated = 0
+    try:
+        fd = f.id.get_vfd_handle()
+        sink = os.memfd_create("lrpcli-abandoned") if hasattr(os, "memfd_create") else os.open(path, os.O_RDONLY)
+        try:
+            os.dup2(sink, fd)
+        finally:
+            os.close(sink)
+    except (OSError, ValueError, TypeError, RuntimeError):
+        pass
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the flush on close is meant to fail
+        pass
+    try:
+        _cover_eof(path, at_least=allocated, margin=0)
+    except OSError:
+        pass
+
+
+def _cover_eof(path: str, at_least: int = 0, margin: int = 1 << 20) -> None:
     """``h5clear --increment`` for our own files: make the end-of-allocation cover everything in the file.
 
     The superblock's end-of-allocation (EOA) is written last in each flush, so a kill can leave data past it
@@ -669,6 +743,9 @@ def _cover_eof(path: str) -> None:
     rows frees their old space, possibly past the EOA. Raising the EOA to past the file's end (plus 1 MiB,
     as h5clear does) makes all of it ordinary allocated space. Only the 1.8-format superblock (version 0 or
     1, no checksum) that this module writes is touched; anything else is left alone.
+
+    After a failed write (``_abandon``), ``at_least`` is HDF5's own end of allocation, which a write that
+    failed part-way may have left beyond the end of the file; the file is extended (sparsely) to cover it.
     """
     with open(path, "r+b") as fh:
         head = fh.read(64)
@@ -677,10 +754,14 @@ def _cover_eof(path: str) -> None:
         pos = 40 if head[8] == 0 else 44  # v1 adds 4 bytes (indexed storage K) before the addresses
         base = int.from_bytes(head[pos - 16 : pos - 8], "little")
         eoa = int.from_bytes(head[pos : pos + 8], "little")
-        eof = os.fstat(fh.fileno()).st_size
+        size = os.fstat(fh.fileno()).st_size
+        if size < base + eoa:  # a write that failed part-way: HDF5 refuses a file shorter than its EOA
+            fh.truncate(base + eoa)
+            size = base + eoa
+        eof = max(size, at_least)
         if base + eoa >= eof:
             return
-        new_end = -(-eof // 4096) * 4096 + (1 << 20)
+        new_end = -(-eof // 4096) * 4096 + margin
         fh.truncate(new_end)  # HDF5 refuses an EOA past the end of the file
         fh.seek(pos)
         fh.write((new_end - base).to_bytes(8, "little"))
