@@ -37,13 +37,14 @@ This module needs numpy, h5py and PyYAML only (no torch), so files can be read a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import h5py
@@ -331,7 +332,7 @@ class ResultWriter:
                 os.remove(partial)
             except OSError:
                 pass
-            if isinstance(err, OSError):
+            if isinstance(err, _WRITE_ERRORS):  # h5py says "disk full" as OSError, RuntimeError or ValueError
                 raise DataError(f"cannot write {path}: {_why(err)}") from None
             raise
         return cls._open_for_append(path, just_created=True)
@@ -724,14 +725,37 @@ def _abandon(f: h5py.File, path: str) -> None:
             os.close(sink)
     except (OSError, ValueError, TypeError, RuntimeError):
         pass
-    try:
-        f.close()
-    except Exception:  # noqa: BLE001 - the flush on close is meant to fail
-        pass
+    with _no_size_limit():  # a size limit (RLIMIT_FSIZE) applies to the in-memory file too
+        try:
+            f.close()
+        except Exception:  # noqa: BLE001 - best effort: the output is not written either way
+            pass
     try:
         _cover_eof(path, at_least=allocated, margin=0)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def _no_size_limit() -> Iterator[None]:
+    """Lift this process's soft file size limit to its hard limit for a moment, if it has one.
+
+    HDF5 closes a file by flushing at the file's own offsets; a close that fails leaves the HDF5 file half
+    closed, and h5py retries it when the handle is garbage-collected, which can crash the interpreter."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == hard:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def _cover_eof(path: str, at_least: int = 0, margin: int = 1 << 20) -> None:
