@@ -479,12 +479,17 @@ def merge(shards: Sequence[str | os.PathLike], output: str | os.PathLike, *, ove
             rows, skipped = _write_merged(infos, tmp)
         _verify(tmp, infos)
         os.replace(tmp, output)
-    except BaseException:
+    except BaseException as err:
         for leftover in (tmp, Path(str(tmp) + ".partial")):
             try:
                 leftover.unlink()
             except OSError:
                 pass
+        if isinstance(err, (OSError, RuntimeError, ValueError)):  # h5py's ways of saying "disk full"
+            from .store import _why
+
+            raise RunError(f"writing {output} failed ({_why(err)}); nothing was written and the shards are "
+                           "kept: free space (or fix the cause) and merge again") from None
         raise
     removed = not virtual and not keep_shards
     if removed:

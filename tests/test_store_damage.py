@@ -56,8 +56,8 @@ def cli(*args: str) -> tuple[int, list[str]]:
     return result.exit_code, [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
 
 
-def one_error_line(code: int, lines: list[str]) -> str:
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("lrpcli: error: "), lines
+def one_error_line(code: int, lines: list[str], exit_code: int = 2) -> str:
+    assert code == exit_code and len(lines) == 1 and lines[0].startswith("lrpcli: error: "), lines
     return lines[0]
 
 
@@ -165,3 +165,20 @@ def test_float16_storage_reads_back_as_float32(tmp_path):
         maps = src.read_relevance(np.arange(3))
         assert maps.dtype == np.float32
         np.testing.assert_array_equal(maps, stored.sum(axis=1, dtype=np.float32))
+
+
+def test_merge_on_a_full_disk_is_one_line_and_keeps_the_shards(tmp_path, monkeypatch):
+    import lrpcli.distributed as distributed
+
+    shard0, shard1 = shards(tmp_path)
+    out = tmp_path / "out.h5"
+
+    def disk_full(*args, **kwargs):  # what h5py raises when the disk fills mid-copy
+        raise RuntimeError("Can't synchronously write data (file write failed: time = now, filename = 'x', file "
+                           "descriptor = 3, errno = 28, error message = 'No space left on device', buf = 0x0)")
+
+    monkeypatch.setattr(distributed, "_copy_rows", disk_full)
+    line = one_error_line(*cli("merge", str(shard0), str(shard1), "-o", str(out)), exit_code=1)  # a RunError
+    assert line == (f"lrpcli: error: writing {out} failed (No space left on device); nothing was written and the "
+                    "shards are kept: free space (or fix the cause) and merge again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rank00000.h5", "out.rank00001.h5"]
