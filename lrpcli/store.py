@@ -24,6 +24,10 @@ Crash safety rests on these rules, because a plain HDF5 file killed mid-write is
 5. A resume first repairs what a kill can leave past the commit record (see ``_cover_eof`` and
    ``_forget_unfinished_strings``): the superblock's end-of-allocation is raised over the whole file, and
    the string slots of unfinished rows are zeroed, so rewriting those rows never frees space twice.
+6. A failed write (disk full, size limit, I/O error) ends like a kill after the last commit: the space a
+   commit's flush writes to is reserved first (``_reserve``), so the flush cannot fail half-way through a
+   structure that committed rows share (the file-name heap), and after a failure HDF5 is closed without
+   writing anything more (``_abandon``). The tests fill "the disk" with RLIMIT_FSIZE.
 
 The crash tests (tests/test_store.py) SIGKILL a writer at random moments, also while it creates the file and
 while it closes it, and check after each kill that plain h5py opens the file with its committed rows intact
