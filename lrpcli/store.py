@@ -48,7 +48,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import h5py
@@ -58,8 +58,10 @@ import yaml
 from . import __version__
 from .errors import DataError, RunError
 
-__all__ = ["COMPRESSIONS", "IGNORED_CONFIG_KEYS", "ResultWriter", "Results", "check_sources", "choose_compression",
-           "config_differences", "missing_sources", "open_error", "open_results", "pays_to_compress"]
+__all__ = ["ATTRIBUTION_DATASET", "COMPRESSIONS", "CONSERVATION_ROWS", "IGNORED_CONFIG_KEYS", "INPUT_DATASET",
+           "LAYERS_GROUP", "ROW_DATASETS", "ResultWriter", "Results", "check_sources", "choose_compression",
+           "config_differences", "missing_sources", "open_error", "open_results", "pays_to_compress", "row_datasets",
+           "row_datasets_of"]
 
 #: Config keys that do not change the numbers in the file: a resume may change them freely.
 IGNORED_CONFIG_KEYS = frozenset({"run.num_workers", "run.batch_size", "output.path", "run.device",
@@ -81,13 +83,33 @@ _STR = h5py.string_dtype("utf-8")
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def _row_datasets(store_input: bool, extra_layers: Mapping[str, tuple[int, ...]]) -> list[str]:
-    names = ["attribution", "prediction", "label", "target", "index", "filename"]
+# The file format's per-row datasets, in one place: the writer, open_results, the render reader
+# (lrpcli.render.reader) and the shard merge (lrpcli.distributed) all take the names from here.
+#: The relevance at the input, N x C x H x W
+ATTRIBUTION_DATASET = "attribution"
+#: Datasets with one row per sample that every result file has
+ROW_DATASETS = (ATTRIBUTION_DATASET, "prediction", "label", "target", "index", "filename")
+#: The stored input images, one row per sample, where the run kept them (``output.store_input``)
+INPUT_DATASET = "input"
+#: Per-sample conservation sums, one row per sample
+CONSERVATION_ROWS = ("conservation/relevance_in", "conservation/relevance_out", "conservation/output_relevance")
+#: The group holding one per-sample dataset per stored layer (``layers/<module name>``)
+LAYERS_GROUP = "layers"
+
+
+def row_datasets(store_input: bool, layer_names: Iterable[str]) -> list[str]:
+    """Every dataset with one row per sample, for a file with or without inputs and with these layers."""
+    names = list(ROW_DATASETS)
     if store_input:
-        names.append("input")
-    names += ["conservation/relevance_in", "conservation/relevance_out", "conservation/output_relevance"]
-    names += [f"layers/{name}" for name in extra_layers]
+        names.append(INPUT_DATASET)
+    names += CONSERVATION_ROWS
+    names += [f"{LAYERS_GROUP}/{name}" for name in layer_names]
     return names
+
+
+def row_datasets_of(f: h5py.File) -> list[str]:
+    """The datasets with one row per sample that the open result file ``f`` holds."""
+    return row_datasets(INPUT_DATASET in f, list(f[LAYERS_GROUP]) if LAYERS_GROUP in f else [])
 
 
 def _clean_str(text: str) -> str:
@@ -228,9 +250,9 @@ class ResultWriter:
         self._complete = bool(attrs["complete"])
         self._pending_skipped: list[tuple[str, str]] = []
         self._closed = False
-        self.store_input = "input" in f
-        self.layer_names = list(f["layers"]) if "layers" in f else []
-        self._names = _row_datasets(self.store_input, dict.fromkeys(self.layer_names, ()))
+        self.store_input = INPUT_DATASET in f
+        self.layer_names = list(f[LAYERS_GROUP]) if LAYERS_GROUP in f else []
+        self._names = row_datasets(self.store_input, self.layer_names)
         self._dsets = {name: f[name] for name in self._names}
         self.attribution_dtype = self._dsets["attribution"].dtype
         self.num_outputs = int(self._dsets["prediction"].shape[1])
@@ -854,17 +876,10 @@ def open_error(path: str | os.PathLike, err: OSError) -> str:
 
 
 _REQUIRED = (
-    "attribution",
-    "prediction",
-    "label",
-    "target",
-    "index",
-    "filename",
+    *ROW_DATASETS,
     "conservation/layer",
     "conservation/rule",
-    "conservation/relevance_in",
-    "conservation/relevance_out",
-    "conservation/output_relevance",
+    *CONSERVATION_ROWS,
     "skipped/filename",
     "skipped/reason",
 )
@@ -1048,9 +1063,9 @@ class Results:
     @property
     def input(self) -> np.ndarray | None:
         """uint8, N x C x H x W: the preprocessed, un-normalised image; None if the run did not store it."""
-        if "input" not in self._cache and "input" not in self._file():
+        if INPUT_DATASET not in self._cache and INPUT_DATASET not in self._file():
             return None
-        return self._rows_of("input")
+        return self._rows_of(INPUT_DATASET)
 
     @property
     def conservation(self) -> dict[str, Any]:
@@ -1071,8 +1086,8 @@ class Results:
         """Per-layer relevance maps stored with the run, by module name."""
         if "layers" not in self._cache:
             f = self._file()
-            names = list(f["layers"]) if "layers" in f else []
-            self._cache["layers"] = {name: self._rows_of(f"layers/{name}") for name in names}
+            names = list(f[LAYERS_GROUP]) if LAYERS_GROUP in f else []
+            self._cache["layers"] = {name: self._rows_of(f"{LAYERS_GROUP}/{name}") for name in names}
         return self._cache["layers"]
 
     @property

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from ..errors import DataError
-from ..store import check_sources, open_error
+from ..store import ATTRIBUTION_DATASET, INPUT_DATASET, LAYERS_GROUP, check_sources, open_error
 
 
 class Source:
@@ -53,11 +53,11 @@ class Source:
         check_sources(self.h5, p)
         self.layer = layer
         if layer is None:
-            name = "attribution"
+            name = ATTRIBUTION_DATASET
             if not isinstance(self.h5.get(name), h5py.Dataset):
                 raise DataError(f"{p}: no 'attribution' dataset; the file is incomplete or not from lrpcli")
         else:
-            name = f"layers/{layer}"
+            name = f"{LAYERS_GROUP}/{layer}"
             if not isinstance(self.h5.get(name), h5py.Dataset):
                 have = self.layers()
                 listing = ", ".join(have) if have else "none stored"
@@ -77,7 +77,7 @@ class Source:
         self.n = max(0, min(written, total))
         if self.n == 0:
             raise DataError(f"{p}: no rows written yet (rows_written = {written}); nothing to render")
-        self.input = self.h5.get("input")
+        self.input = self.h5.get(INPUT_DATASET)
         if self.input is not None:
             ok = (
                 isinstance(self.input, h5py.Dataset)
@@ -93,7 +93,7 @@ class Source:
 
     def layers(self) -> list[str]:
         """Names of the per-layer relevance datasets under ``layers/`` (nested groups joined by '/')."""
-        grp = self.h5.get("layers")
+        grp = self.h5.get(LAYERS_GROUP)
         if not isinstance(grp, h5py.Group):
             return []
         names: list[str] = []
