@@ -722,7 +722,7 @@ def _reserve(f: h5py.File, datasets: Sequence[h5py.Dataset] = ()) -> None:
         have = os.fstat(fd).st_size
     except (OSError, ValueError, TypeError):
         return
-    if need > have:
+    if need > have and hasattr(os, "posix_fallocate"):  # not on macOS or Windows
         try:
             os.posix_fallocate(fd, have, need - have)
         except OSError as err:
