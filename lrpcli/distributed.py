@@ -335,15 +335,6 @@ class _ShardInfo:
         return int(self.attrs["shard_rank"])
 
 
-def _row_datasets(f: Any) -> list[str]:
-    names = ["attribution", "prediction", "label", "target", "index", "filename"]
-    if "input" in f:
-        names.append("input")
-    names += ["conservation/relevance_in", "conservation/relevance_out", "conservation/output_relevance"]
-    names += [f"layers/{name}" for name in (f["layers"] if "layers" in f else [])]
-    return names
-
-
 def _read_shard(path: Path) -> _ShardInfo:
     from .store import open_results
 
@@ -364,8 +355,10 @@ def _read_shard(path: Path) -> _ShardInfo:
         info = _ShardInfo(path, attrs, r.config, r.rows_written, list(r.skipped), np.asarray(r.index), [], [], {})
     import h5py
 
+    from .store import row_datasets_of
+
     with h5py.File(path, "r") as f:
-        info.shapes = {name: (tuple(f[name].shape[1:]), str(f[name].dtype)) for name in _row_datasets(f)}
+        info.shapes = {name: (tuple(f[name].shape[1:]), str(f[name].dtype)) for name in row_datasets_of(f)}
         info.layers = f["conservation/layer"].asstr()[()].tolist()
         info.rules = f["conservation/rule"].asstr()[()].tolist()
     return info
@@ -456,11 +449,15 @@ def merge(shards: Sequence[str | os.PathLike], output: str | os.PathLike, *, ove
     paths = [Path(s) for s in shards]
     if not paths:
         raise DataError("no shard files given")
-    resolved = {p.resolve() for p in paths}
-    if output.resolve() in resolved:
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        if p.resolve() in seen:
+            first = seen[p.resolve()]
+            named = f"{p}" if str(first) == str(p) else f"{p} (the same file as {first})"
+            raise DataError(f"shard {named} is given twice; give each shard once")
+        seen[p.resolve()] = p
+    if output.resolve() in seen:
         raise DataError(f"{output} is one of the shards; choose another -o/--output")
-    if len(resolved) != len(paths):
-        raise DataError("a shard file is given twice")
     if output.is_dir():
         raise DataError(f"output {output} is a directory; give a file name")
     if os.path.lexists(output) and not overwrite:
@@ -475,12 +472,17 @@ def merge(shards: Sequence[str | os.PathLike], output: str | os.PathLike, *, ove
             rows, skipped = _write_merged(infos, tmp)
         _verify(tmp, infos)
         os.replace(tmp, output)
-    except BaseException:
+    except BaseException as err:
         for leftover in (tmp, Path(str(tmp) + ".partial")):
             try:
                 leftover.unlink()
             except OSError:
                 pass
+        if isinstance(err, (OSError, RuntimeError, ValueError)):  # h5py's ways of saying "disk full"
+            from .store import _why
+
+            raise RunError(f"writing {output} failed ({_why(err)}); nothing was written and the shards are "
+                           "kept: free space (or fix the cause) and merge again") from None
         raise
     removed = not virtual and not keep_shards
     if removed:
@@ -500,19 +502,19 @@ def _write_merged(infos: list[_ShardInfo], tmp: Path) -> tuple[int, int]:
     """
     import h5py
 
-    from .store import ResultWriter
+    from .store import INPUT_DATASET, LAYERS_GROUP, ResultWriter
 
     first = infos[0]
     attrs = first.attrs
     shapes = first.shapes
-    layer_names = [name[len("layers/"):] for name in shapes if name.startswith("layers/")]
+    layer_names = [name[len(LAYERS_GROUP) + 1:] for name in shapes if name.startswith(LAYERS_GROUP + "/")]
     with h5py.File(first.path, "r") as src:  # the first shard's choice (output.compression: auto decides per file)
         compressed = {name: src[name].compression is not None for name in shapes}
     ResultWriter.create(
         tmp, config=first.config, config_yaml=str(attrs["config"]), n_rows=int(attrs["shard_total"]),
         num_outputs=shapes["prediction"][0][0], sample_shape=shapes["attribution"][0],
         layers=first.layers, rules=first.rules, dtype=shapes["attribution"][1],
-        store_input="input" in shapes, overwrite=True,
+        store_input=INPUT_DATASET in shapes, overwrite=True,
         extra_layers={name: shapes[f"layers/{name}"][0] for name in layer_names},
         torch_version=str(attrs.get("torch_version", "")), compressed=compressed).close(complete=False)
     skipped = [s for info in infos for s in info.skipped]
@@ -567,6 +569,7 @@ def _write_virtual(infos: list[_ShardInfo], tmp: Path, output: Path) -> tuple[in
     import h5py
 
     from . import __version__
+    from .store import LAYERS_GROUP
 
     first = infos[0]
     rows = sum(info.rows for info in infos)
@@ -593,7 +596,7 @@ def _write_virtual(infos: list[_ShardInfo], tmp: Path, output: Path) -> tuple[in
                     layout[at:at + info.rows] = source
                     at += info.rows
             f.create_virtual_dataset(name, layout)
-        f.require_group("layers")
+        f.require_group(LAYERS_GROUP)
         f.create_dataset("conservation/layer", data=np.array(first.layers, dtype=object), dtype=text)
         f.create_dataset("conservation/rule", data=np.array(first.rules, dtype=object), dtype=text)
         for i, key in enumerate(("filename", "reason")):

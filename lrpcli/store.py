@@ -24,6 +24,10 @@ Crash safety rests on these rules, because a plain HDF5 file killed mid-write is
 5. A resume first repairs what a kill can leave past the commit record (see ``_cover_eof`` and
    ``_forget_unfinished_strings``): the superblock's end-of-allocation is raised over the whole file, and
    the string slots of unfinished rows are zeroed, so rewriting those rows never frees space twice.
+6. A failed write (disk full, size limit, I/O error) ends like a kill after the last commit: the space a
+   commit's flush writes to is reserved first (``_reserve``), so the flush cannot fail half-way through a
+   structure that committed rows share (the file-name heap), and after a failure HDF5 is closed without
+   writing anything more (``_abandon``). The tests fill "the disk" with RLIMIT_FSIZE.
 
 The crash tests (tests/test_store.py) SIGKILL a writer at random moments, also while it creates the file and
 while it closes it, and check after each kill that plain h5py opens the file with its committed rows intact
@@ -37,13 +41,14 @@ This module needs numpy, h5py and PyYAML only (no torch), so files can be read a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import h5py
@@ -53,8 +58,10 @@ import yaml
 from . import __version__
 from .errors import DataError, RunError
 
-__all__ = ["COMPRESSIONS", "IGNORED_CONFIG_KEYS", "ResultWriter", "Results", "choose_compression", "config_differences",
-           "open_results", "pays_to_compress"]
+__all__ = ["ATTRIBUTION_DATASET", "COMPRESSIONS", "CONSERVATION_ROWS", "IGNORED_CONFIG_KEYS", "INPUT_DATASET",
+           "LAYERS_GROUP", "ROW_DATASETS", "ResultWriter", "Results", "check_sources", "choose_compression",
+           "config_differences", "missing_sources", "open_error", "open_results", "pays_to_compress", "row_datasets",
+           "row_datasets_of"]
 
 #: Config keys that do not change the numbers in the file: a resume may change them freely.
 IGNORED_CONFIG_KEYS = frozenset({"run.num_workers", "run.batch_size", "output.path", "run.device",
@@ -76,13 +83,33 @@ _STR = h5py.string_dtype("utf-8")
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def _row_datasets(store_input: bool, extra_layers: Mapping[str, tuple[int, ...]]) -> list[str]:
-    names = ["attribution", "prediction", "label", "target", "index", "filename"]
+# The file format's per-row datasets, in one place: the writer, open_results, the render reader
+# (lrpcli.render.reader) and the shard merge (lrpcli.distributed) all take the names from here.
+#: The relevance at the input, N x C x H x W
+ATTRIBUTION_DATASET = "attribution"
+#: Datasets with one row per sample that every result file has
+ROW_DATASETS = (ATTRIBUTION_DATASET, "prediction", "label", "target", "index", "filename")
+#: The stored input images, one row per sample, where the run kept them (``output.store_input``)
+INPUT_DATASET = "input"
+#: Per-sample conservation sums, one row per sample
+CONSERVATION_ROWS = ("conservation/relevance_in", "conservation/relevance_out", "conservation/output_relevance")
+#: The group holding one per-sample dataset per stored layer (``layers/<module name>``)
+LAYERS_GROUP = "layers"
+
+
+def row_datasets(store_input: bool, layer_names: Iterable[str]) -> list[str]:
+    """Every dataset with one row per sample, for a file with or without inputs and with these layers."""
+    names = list(ROW_DATASETS)
     if store_input:
-        names.append("input")
-    names += ["conservation/relevance_in", "conservation/relevance_out", "conservation/output_relevance"]
-    names += [f"layers/{name}" for name in extra_layers]
+        names.append(INPUT_DATASET)
+    names += CONSERVATION_ROWS
+    names += [f"{LAYERS_GROUP}/{name}" for name in layer_names]
     return names
+
+
+def row_datasets_of(f: h5py.File) -> list[str]:
+    """The datasets with one row per sample that the open result file ``f`` holds."""
+    return row_datasets(INPUT_DATASET in f, list(f[LAYERS_GROUP]) if LAYERS_GROUP in f else [])
 
 
 def _clean_str(text: str) -> str:
@@ -223,9 +250,9 @@ class ResultWriter:
         self._complete = bool(attrs["complete"])
         self._pending_skipped: list[tuple[str, str]] = []
         self._closed = False
-        self.store_input = "input" in f
-        self.layer_names = list(f["layers"]) if "layers" in f else []
-        self._names = _row_datasets(self.store_input, dict.fromkeys(self.layer_names, ()))
+        self.store_input = INPUT_DATASET in f
+        self.layer_names = list(f[LAYERS_GROUP]) if LAYERS_GROUP in f else []
+        self._names = row_datasets(self.store_input, self.layer_names)
         self._dsets = {name: f[name] for name in self._names}
         self.attribution_dtype = self._dsets["attribution"].dtype
         self.num_outputs = int(self._dsets["prediction"].shape[1])
@@ -331,7 +358,7 @@ class ResultWriter:
                 os.remove(partial)
             except OSError:
                 pass
-            if isinstance(err, OSError):
+            if isinstance(err, _WRITE_ERRORS):  # h5py says "disk full" as OSError, RuntimeError or ValueError
                 raise DataError(f"cannot write {path}: {_why(err)}") from None
             raise
         return cls._open_for_append(path, just_created=True)
@@ -575,11 +602,8 @@ class ResultWriter:
                 self._dsets["filename"][start:stop] = names
             n_skipped = self._write_pending_skipped()
             self._commit(stop, n_skipped)
-        except OSError as err:
-            raise RunError(
-                f"writing {self.path} failed ({_why(err)}); its first {self._rows} rows are saved, "
-                "run again with --resume to continue"
-            ) from err
+        except _WRITE_ERRORS as err:
+            raise self._failed(err, "writing") from None
 
     def _write_pending_skipped(self) -> int:
         pending = self._pending_skipped
@@ -598,6 +622,7 @@ class ResultWriter:
     def _commit(self, rows: int, n_skipped: int) -> None:
         """Rule 3: data first, on disk; only then the counters that declare it final."""
         f = self._f
+        _reserve(f, list(self._dsets.values()))
         f.flush()
         f.attrs.modify("rows_written", np.int64(rows))
         f.attrs.modify("skipped_written", np.int64(n_skipped))
@@ -630,19 +655,36 @@ class ResultWriter:
                     for dset in (self._skip_f, self._skip_r):
                         if dset.shape[0] != self._n_skipped:
                             dset.resize(self._n_skipped, axis=0)
+                    _reserve(f, list(self._dsets.values()))
                     f.flush()
                     f.attrs.modify("complete", np.bool_(True))
                     f.flush()
                     self._complete = True
             _fsync_file(f)
-        except OSError as err:
-            raise RunError(
-                f"closing {self.path} failed ({_why(err)}); its first {self._rows} rows are saved, "
-                "run again with --resume to finish it"
-            ) from err
+        except _WRITE_ERRORS as err:
+            raise self._failed(err, "closing") from None
         finally:
-            self._closed = True
-            f.close()
+            if not self._closed:
+                self._closed = True
+                f.close()
+
+    def _failed(self, err: BaseException, doing: str) -> RunError:
+        """After a failed write (disk full, file too large, I/O error): stop like a kill, and say so.
+
+        HDF5 keeps what it could not write in memory and would try again when the file is closed, writing
+        part of it (a shared string heap that grew, but not the superblock that declares the growth): that
+        once made committed file names unreadable by plain h5py. So the handle is closed without writing
+        anything more, and the superblock's end of allocation is made to cover what the file holds; the file
+        is then what a kill after the last commit leaves, which the crash tests check.
+        """
+        self._closed = True
+        self._dsets, self._skip_f, self._skip_r = {}, None, None
+        _abandon(self._f, self.path)
+        what = "run again with --resume to continue" if doing == "writing" else "run again with --resume to finish it"
+        return RunError(
+            f"{doing} {self.path} failed ({_why(err)}); its first {self._rows} rows are saved and readable; "
+            f"free space (or fix the cause) and {what}"
+        )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -658,9 +700,91 @@ class ResultWriter:
 
 # ---------------------------------------------------------------------- crash repair
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+#: What h5py raises for a failed write: OSError, or RuntimeError/ValueError carrying HDF5's "errno = 28"
+_WRITE_ERRORS = (OSError, RuntimeError, ValueError)
 
 
-def _cover_eof(path: str) -> None:
+def _reserve(f: h5py.File, datasets: Sequence[h5py.Dataset] = ()) -> None:
+    """Before a flush: give the file all the disk space HDF5 has allocated in memory (its end of allocation).
+
+    Compressed chunks get their final place only when written, so the ``datasets`` with filters are flushed
+    first (a failure there touches nothing committed: new chunks go to new space). The file flush then
+    overwrites space the file already owns, so a full disk or a size limit fails here, before HDF5 has
+    written a part of the batch's metadata (such as a string heap shared with committed rows), instead of
+    in the middle of the flush. Where the file system cannot preallocate, the flush goes ahead as before.
+    """
+    for dset in datasets:
+        if dset.compression is not None:
+            dset.id.flush()
+    try:
+        fd = f.id.get_vfd_handle()
+        need = int(f.id.get_filesize())  # max(end of file, end of allocation), as HDF5 sees them
+        have = os.fstat(fd).st_size
+    except (OSError, ValueError, TypeError):
+        return
+    if need > have and hasattr(os, "posix_fallocate"):  # not on macOS or Windows
+        try:
+            os.posix_fallocate(fd, have, need - have)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
+def _abandon(f: h5py.File, path: str) -> None:
+    """Close ``f`` after a failed write without letting HDF5 write anything more, then repair the superblock.
+
+    HDF5 flushes on close; its file descriptor is first pointed at an anonymous in-memory file, so that the
+    flush succeeds (HDF5 then releases the file cleanly) and writes nothing to ``path``. ``_cover_eof`` then
+    makes the end of allocation cover everything HDF5 had allocated (extending the file sparsely where a
+    partial write left it shorter), so every structure the committed rows use lies inside it.
+    """
+    try:
+        allocated = int(f.id.get_filesize())
+    except (OSError, ValueError, TypeError, RuntimeError):
+        allocated = 0
+    try:
+        fd = f.id.get_vfd_handle()
+        sink = os.memfd_create("lrpcli-abandoned") if hasattr(os, "memfd_create") else os.open(path, os.O_RDONLY)
+        try:
+            os.dup2(sink, fd)
+        finally:
+            os.close(sink)
+    except (OSError, ValueError, TypeError, RuntimeError):
+        pass
+    with _no_size_limit():  # a size limit (RLIMIT_FSIZE) applies to the in-memory file too
+        try:
+            f.close()
+        except Exception:  # noqa: BLE001 - best effort: the output is not written either way
+            pass
+    try:
+        _cover_eof(path, at_least=allocated, margin=0)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def _no_size_limit() -> Iterator[None]:
+    """Lift this process's soft file size limit to its hard limit for a moment, if it has one.
+
+    HDF5 closes a file by flushing at the file's own offsets; a close that fails leaves the HDF5 file half
+    closed, and h5py retries it when the handle is garbage-collected, which can crash the interpreter."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft == hard:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def _cover_eof(path: str, at_least: int = 0, margin: int = 1 << 20) -> None:
     """``h5clear --increment`` for our own files: make the end-of-allocation cover everything in the file.
 
     The superblock's end-of-allocation (EOA) is written last in each flush, so a kill can leave data past it
@@ -669,6 +793,9 @@ def _cover_eof(path: str) -> None:
     rows frees their old space, possibly past the EOA. Raising the EOA to past the file's end (plus 1 MiB,
     as h5clear does) makes all of it ordinary allocated space. Only the 1.8-format superblock (version 0 or
     1, no checksum) that this module writes is touched; anything else is left alone.
+
+    After a failed write (``_abandon``), ``at_least`` is HDF5's own end of allocation, which a write that
+    failed part-way may have left beyond the end of the file; the file is extended (sparsely) to cover it.
     """
     with open(path, "r+b") as fh:
         head = fh.read(64)
@@ -677,10 +804,14 @@ def _cover_eof(path: str) -> None:
         pos = 40 if head[8] == 0 else 44  # v1 adds 4 bytes (indexed storage K) before the addresses
         base = int.from_bytes(head[pos - 16 : pos - 8], "little")
         eoa = int.from_bytes(head[pos : pos + 8], "little")
-        eof = os.fstat(fh.fileno()).st_size
+        size = os.fstat(fh.fileno()).st_size
+        if size < base + eoa:  # a write that failed part-way: HDF5 refuses a file shorter than its EOA
+            fh.truncate(base + eoa)
+            size = base + eoa
+        eof = max(size, at_least)
         if base + eoa >= eof:
             return
-        new_end = -(-eof // 4096) * 4096 + (1 << 20)
+        new_end = -(-eof // 4096) * 4096 + margin
         fh.truncate(new_end)  # HDF5 refuses an EOA past the end of the file
         fh.seek(pos)
         fh.write((new_end - base).to_bytes(8, "little"))
@@ -715,38 +846,85 @@ def _open_h5(path: str, mode: str) -> h5py.File:
     except PermissionError:
         raise DataError(f"{path}: permission denied") from None
     except OSError as err:
-        text = _why(err)
-        low = str(err).lower()  # HDF5's whole wording, for telling the cases apart
-        if "lock" in low or getattr(err, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK):
-            raise DataError(
-                f"{path} is being written by another process (HDF5 file lock); "
-                "wait for it or choose another -o"
-            ) from None
-        if "signature" in low or "not an hdf5" in low or "file format" in low:
-            raise DataError(f"{path} is not an HDF5 file") from None
-        raise DataError(f"{path} cannot be opened as an HDF5 file ({text})") from None
+        raise DataError(open_error(path, err)) from None
+
+
+#: HDF5's wording for a file whose structure is broken (a copy cut short, a damaged disk), as whole words
+_DAMAGED = re.compile(r"\b(truncated file|bad (superblock|object header|heap|symbol table|b-tree)\w*|"
+                      r"wrong (b-tree|heap) signature|addr overflow|address of object past end of allocation)\b")
+
+
+def open_error(path: str | os.PathLike, err: OSError) -> str:
+    """One line saying why HDF5 could not open ``path``: locked by a writer, not HDF5, or damaged.
+
+    The lock is told by its errno (EAGAIN/EWOULDBLOCK) or HDF5's whole phrase "unable to lock file", never by
+    a substring: HDF5's message for a truncated file mentions ``sblock->base_addr``.
+    """
+    text = _why(err)
+    low = " ".join(str(err).split()).lower()  # HDF5's whole wording, for telling the cases apart
+    if getattr(err, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK) or re.search(r"\bunable to lock file\b", low):
+        return f"{path} is being written by another process (HDF5 file lock); wait for it or choose another -o"
+    if re.search(r"\b(file signature not found|not an hdf5 file)\b", low):
+        return f"{path} is not an HDF5 file"
+    truncated = re.search(r"\btruncated file: eof = (\d+),.*?stored_eof = (\d+)", low)
+    if truncated:
+        return (f"{path} is truncated or damaged: it has {truncated.group(1)} bytes but its HDF5 header says "
+                f"{truncated.group(2)} (a copy cut short?); copy it again, or start the run again with --overwrite")
+    if _DAMAGED.search(low):
+        return f"{path} is a damaged HDF5 file ({text}); copy it again, or start the run again with --overwrite"
+    return f"{path} cannot be opened as an HDF5 file ({text})"
 
 
 _REQUIRED = (
-    "attribution",
-    "prediction",
-    "label",
-    "target",
-    "index",
-    "filename",
+    *ROW_DATASETS,
     "conservation/layer",
     "conservation/rule",
-    "conservation/relevance_in",
-    "conservation/relevance_out",
-    "conservation/output_relevance",
+    *CONSERVATION_ROWS,
     "skipped/filename",
     "skipped/reason",
 )
 _REQUIRED_ATTRS = ("lrpcli_version", "config", "rows_written", "n_rows", "complete")
 
 
+def missing_sources(f: h5py.File, path: str | os.PathLike) -> list[str]:
+    """Source files of ``f``'s virtual datasets that do not exist (as HDF5 looks for them: a relative name
+    next to ``path``), in the order first used. HDF5 reads a missing source as fill values (zeros, empty
+    file names) without an error, so a virtual merge whose shards were moved away would look complete."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    prefix = os.environ.get("HDF5_VDS_PREFIX", "")
+    missing: list[str] = []
+
+    def check(name: str, obj: Any) -> None:
+        if not (isinstance(obj, h5py.Dataset) and obj.is_virtual):
+            return
+        for source in obj.virtual_sources():
+            file_name = source.file_name
+            if file_name == "." or file_name in missing:
+                continue
+            candidates = [file_name] if os.path.isabs(file_name) else [os.path.join(folder, file_name)]
+            if prefix and not os.path.isabs(file_name):
+                candidates.append(os.path.join(prefix.replace("${ORIGIN}", folder), file_name))
+            if not any(os.path.isfile(c) for c in candidates):
+                missing.append(file_name)
+
+    f.visititems(check)
+    return missing
+
+
+def check_sources(f: h5py.File, path: str | os.PathLike) -> None:
+    """Refuse a virtual file (``lrpcli merge --virtual``) whose shard files are gone, naming them."""
+    missing = missing_sources(f, path)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        raise DataError(
+            f"{path} is a virtual file over shard files that are missing: {shown} (looked for in {folder}); "
+            "keep the shards next to it, or merge them into a real file with lrpcli merge"
+        )
+
+
 def _check_lrpcli(f: h5py.File, path: str) -> dict:
-    """Refuse an HDF5 file that lrpcli did not write; return its parsed config."""
+    """Refuse an HDF5 file that lrpcli did not write, or a virtual one with missing shards; return its config."""
     if "lrpcli_version" not in f.attrs:
         raise DataError(
             f"{path} is an HDF5 file but not an lrpcli result file (no 'lrpcli_version' attribute)"
@@ -754,6 +932,7 @@ def _check_lrpcli(f: h5py.File, path: str) -> dict:
     missing = [a for a in _REQUIRED_ATTRS if a not in f.attrs] + [d for d in _REQUIRED if d not in f]
     if missing:
         raise DataError(f"{path} is not a complete lrpcli result file: missing {', '.join(missing)}")
+    check_sources(f, path)
     try:
         config = yaml.safe_load(_attr_str(f.attrs["config"])) or {}
     except yaml.YAMLError as err:
@@ -810,7 +989,8 @@ class Results:
     def read(self, name: str, rows: slice | Sequence[int] | np.ndarray | int = slice(None)) -> np.ndarray:
         """Rows of one dataset (e.g. ``'attribution'``, ``'conservation/relevance_in'``, ``'layers/x'``).
 
-        ``rows`` counts from 0 to ``rows_written``: a slice, an int, or integer indices in any order.
+        ``rows`` counts from 0 to ``rows_written``: a slice, an int, or integer indices in any order. Data
+        stored as float16 (``output.dtype: float16``) is returned as float32.
         """
         dset = self._file()[name]
         n = self.rows_written
@@ -834,6 +1014,8 @@ class Results:
         if h5py.check_string_dtype(dset.dtype) is not None:
             data = np.asarray(data, dtype=object)
             return np.vectorize(_attr_str, otypes=[object])(data) if data.size else data
+        if data.dtype == np.float16:  # float16 is a storage format: sums and logs of it overflow or underflow
+            return data.astype(np.float32)
         return data
 
     @staticmethod
@@ -850,7 +1032,7 @@ class Results:
 
     @property
     def attribution(self) -> np.ndarray:
-        """float32/float16, N x C x H x W: relevance at the input."""
+        """float32, N x C x H x W: relevance at the input (upcast when stored as float16)."""
         return self._rows_of("attribution")
 
     @property
@@ -881,9 +1063,9 @@ class Results:
     @property
     def input(self) -> np.ndarray | None:
         """uint8, N x C x H x W: the preprocessed, un-normalised image; None if the run did not store it."""
-        if "input" not in self._cache and "input" not in self._file():
+        if INPUT_DATASET not in self._cache and INPUT_DATASET not in self._file():
             return None
-        return self._rows_of("input")
+        return self._rows_of(INPUT_DATASET)
 
     @property
     def conservation(self) -> dict[str, Any]:
@@ -904,8 +1086,8 @@ class Results:
         """Per-layer relevance maps stored with the run, by module name."""
         if "layers" not in self._cache:
             f = self._file()
-            names = list(f["layers"]) if "layers" in f else []
-            self._cache["layers"] = {name: self._rows_of(f"layers/{name}") for name in names}
+            names = list(f[LAYERS_GROUP]) if LAYERS_GROUP in f else []
+            self._cache["layers"] = {name: self._rows_of(f"{LAYERS_GROUP}/{name}") for name in names}
         return self._cache["layers"]
 
     @property

@@ -7,7 +7,6 @@ A file is recognised by its root attribute ``lrpcli_version``. Only the first ``
 
 from __future__ import annotations
 
-import errno
 import os
 from functools import cached_property
 from pathlib import Path
@@ -16,6 +15,7 @@ import h5py
 import numpy as np
 
 from ..errors import DataError
+from ..store import ATTRIBUTION_DATASET, INPUT_DATASET, LAYERS_GROUP, check_sources, open_error
 
 
 class Source:
@@ -39,13 +39,7 @@ class Source:
         except PermissionError:
             raise DataError(f"{p}: permission denied") from None
         except OSError as err:
-            text = " ".join(str(err).split())
-            if "lock" in text.lower() or err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                raise DataError(
-                    f"{p}: being written by a running 'lrpcli explain' (HDF5 file lock); "
-                    "wait for it to finish"
-                ) from None
-            raise DataError(f"{p}: cannot open as HDF5 ({text})") from None
+            raise DataError(open_error(p, err)) from None
         try:
             self._validate(layer)
         except BaseException:
@@ -56,13 +50,14 @@ class Source:
         p = str(self.path)
         if "lrpcli_version" not in self.h5.attrs:
             raise DataError(f"{p}: an HDF5 file not written by lrpcli (no 'lrpcli_version' root attribute)")
+        check_sources(self.h5, p)
         self.layer = layer
         if layer is None:
-            name = "attribution"
+            name = ATTRIBUTION_DATASET
             if not isinstance(self.h5.get(name), h5py.Dataset):
                 raise DataError(f"{p}: no 'attribution' dataset; the file is incomplete or not from lrpcli")
         else:
-            name = f"layers/{layer}"
+            name = f"{LAYERS_GROUP}/{layer}"
             if not isinstance(self.h5.get(name), h5py.Dataset):
                 have = self.layers()
                 listing = ", ".join(have) if have else "none stored"
@@ -82,7 +77,7 @@ class Source:
         self.n = max(0, min(written, total))
         if self.n == 0:
             raise DataError(f"{p}: no rows written yet (rows_written = {written}); nothing to render")
-        self.input = self.h5.get("input")
+        self.input = self.h5.get(INPUT_DATASET)
         if self.input is not None:
             ok = (
                 isinstance(self.input, h5py.Dataset)
@@ -98,7 +93,7 @@ class Source:
 
     def layers(self) -> list[str]:
         """Names of the per-layer relevance datasets under ``layers/`` (nested groups joined by '/')."""
-        grp = self.h5.get("layers")
+        grp = self.h5.get(LAYERS_GROUP)
         if not isinstance(grp, h5py.Group):
             return []
         names: list[str] = []
