@@ -368,11 +368,11 @@ class _Run:
         try:
             comp = composites.get(config.composite.name, **composite_kwargs(config)) if lrp else None
             method = None if lrp else _method(config)
+            loader, batches, threads = self._batches(start)
         except BaseException:
             if writer_for_resume is not None:
                 writer_for_resume.close(complete=False)
             raise
-        loader, batches, threads = self._batches(start)
         layer_patterns = list(config.output.layers or [])
         summary = RunSummary(out_path, rows=start - first, resumed_from=start - first)
         recorder = Recorder(layer_patterns) if lrp else None
