@@ -77,7 +77,8 @@ DEFAULTS: dict[str, Any] = {
         "stride": [8, 8],
         "fill": 0.0,
     },
-    "run": {"batch_size": 16, "num_workers": "auto", "device": "auto", "max_samples": None, "seed": 0},
+    "run": {"batch_size": 16, "num_workers": "auto", "device": "auto", "max_samples": None, "seed": 0,
+            "threads": "auto"},
     "output": {"path": "out.h5", "dtype": "float32", "store_input": True, "layers": [], "compression": "auto"},
 }
 SECTIONS = tuple(DEFAULTS)
@@ -1034,6 +1035,13 @@ def _validate_run(ctx: _Ctx, value: Any) -> dict:
         ctx, "run.max_samples", given.get("max_samples", d["max_samples"]), minimum=1, nullable=True
     )
     out["seed"] = _integer(ctx, "run.seed", given.get("seed", d["seed"]), minimum=0, maximum=MAX_SEED)
+    threads = given.get("threads", d["threads"])  # torch's intra-op threads; auto: torch's own default
+    if isinstance(threads, str) and threads.strip().lower() == "auto":
+        out["threads"] = "auto"
+    else:
+        out["threads"] = _integer(ctx, "run.threads", threads, minimum=1)
+        if out["threads"] > 1024:
+            ctx.expected("run.threads", "auto or an integer from 1 to 1024", threads)
     return {k: out[k] for k in d}
 
 

@@ -520,6 +520,8 @@ def _write_merged(infos: list[_ShardInfo], tmp: Path) -> tuple[int, int]:
     skipped = [s for info in infos for s in info.skipped]
     rows = 0
     with h5py.File(tmp, "r+", libver=("earliest", "v108")) as out:
+        if "model_fingerprint" in attrs:  # the model that wrote the rows, as in a one-process file
+            out.attrs["model_fingerprint"] = attrs["model_fingerprint"]
         for info in infos:
             with h5py.File(info.path, "r") as src:
                 for name in shapes:
@@ -585,6 +587,8 @@ def _write_virtual(infos: list[_ShardInfo], tmp: Path, output: Path) -> tuple[in
         f.attrs["rows_written"] = np.int64(rows)
         f.attrs["skipped_written"] = np.int64(len(skipped))
         f.attrs["virtual_shards"] = [os.path.relpath(info.path, output.parent) for info in infos]
+        if "model_fingerprint" in first.attrs:
+            f.attrs["model_fingerprint"] = first.attrs["model_fingerprint"]
         for name, (shape, dtype) in first.shapes.items():
             dt = text if dtype == "object" else np.dtype(dtype)
             layout = h5py.VirtualLayout(shape=(rows,) + shape, dtype=dt)

@@ -26,7 +26,8 @@ from torch import nn
 from .config import Config, channels, did_you_mean, resolve_path, show
 from .errors import ConfigError
 
-__all__ = ["load_model", "input_shape", "check_model_name", "load_weights_file", "extract_state_dict"]
+__all__ = ["load_model", "input_shape", "check_model_name", "load_weights_file", "extract_state_dict",
+           "model_fingerprint"]
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".pkl", ".safetensors")
 _ENUM_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
@@ -90,6 +91,21 @@ def load_model(
         else:
             model = _build_entrypoint(entry, weights, kwargs, base_dir, where)
     return model.eval()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """``sha256:<hex>`` over every parameter and buffer (name, dtype, shape and raw bytes, in state_dict order).
+
+    Stored with a run's file so that ``--resume`` can tell whether the model it builds now is the one that wrote
+    the rows already there (a changed weights file, a random init with another seed); equal models give equal
+    fingerprints on any machine with the same byte order.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()
 
 
 def input_shape(config: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -418,14 +434,15 @@ def _compare(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Ten
 
 # -------------------------------------------------------------------------------------------- helpers
 def _missing_file(value: str, base_dir: Any, what: str = "file") -> str:
+    """'file '...' not found (looked in ...)', with the path in full: a cut path cannot be checked."""
     p = Path(value).expanduser()
     if p.is_absolute():
-        return f"{what} {show(value)} not found"
+        return f"{what} {value!r} not found"
     places = [str(Path(base_dir).resolve())] if base_dir is not None else []
     cwd = str(Path.cwd())
     if cwd not in places:
         places.append(cwd)
-    return f"{what} {show(value)} not found (looked in {' and '.join(places)})"
+    return f"{what} {value!r} not found (looked in {' and '.join(places)})"
 
 
 def _kwargs_text(kwargs: Mapping[str, Any]) -> str:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import signal
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import torch
 
 from .api import initial_relevance
 from .config import Config, available_cpus, composite_kwargs, resolve_baseline, resolve_device, resolve_num_workers
-from .errors import DataError, LrpcliError, RunError
+from .errors import ConfigError, DataError, LrpcliError, RunError
 from .recorder import Recorder
 
 
@@ -37,12 +39,15 @@ class RunSummary:
     seconds: float = 0.0
     resumed_from: int = 0
     complete: bool = False
+    already_complete: bool = False  # a --resume of a finished file: nothing to do
 
     @property
     def images_per_second(self) -> float:
         return (self.rows - self.resumed_from) / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
+        if self.already_complete:
+            return f"already complete: {self.rows} rows in {self.path}"
         done = self.rows - self.resumed_from
         skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
         resumed = f" (resumed after {self.resumed_from})" if self.resumed_from else ""
@@ -146,126 +151,298 @@ def _method(config: Config):
     return lambda model, x, target: fn(model, x, target, **extra)
 
 
+#: The largest ``run.batch_size`` a run accepts (a DataLoader takes at most sys.maxsize per batch).
+MAX_BATCH_SIZE = 2**31 - 1
+
+
 def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite: bool = False,
             progress: bool | None = None, shard: Any = None) -> RunSummary:
     """Run the configured attribution over every image of ``data`` and write one HDF5 file.
 
     ``shard`` (a :class:`lrpcli.distributed.Shard`) restricts the run to one rank's block of the data set: its
-    samples, its device and its own file (``out.rank00003.h5``); see ``lrpcli.distributed``.
+    samples, its device and its own file (``out.rank00003.h5``); see ``lrpcli.distributed``. ``run.threads``
+    applies for the run and the caller's thread count comes back after it; SIGTERM stops it like Ctrl-C.
     """
-    from . import composites
-    from .data import make_loader, open_image_folder, prefetch
-    from .models import load_model
-    from .store import ResultWriter
+    t0 = time.perf_counter()  # the summary's time includes start-up (scan, model, first batch)
+    if resume and overwrite:
+        raise LrpcliError("--resume and --overwrite exclude each other: --resume continues the file, "
+                          "--overwrite replaces it; give one of them")
+    if config.run.batch_size > MAX_BATCH_SIZE:
+        raise ConfigError(f"{config.source}: run.batch_size: expected an integer from 1 to {MAX_BATCH_SIZE}, "
+                          f"got {config.run.batch_size}")
+    show = sys.stderr.isatty() if progress is None else progress
+    with _sigterm_as_interrupt(), _torch_threads(config.run.threads):
+        return _explain(config, Path(data), resume, overwrite, show, shard, t0)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread, so ``kill`` says what Ctrl-C says; restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | str) -> Iterator[None]:
+    """torch's intra-op threads for the run (``run.threads``; auto keeps torch's default), restored after."""
+    before = torch.get_num_threads()
+    if threads != "auto" and int(threads) != before:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def _explain(config: Config, data: Path, resume: bool, overwrite: bool, show: bool, shard: Any,
+             t0: float) -> RunSummary:
+    """The run: inputs, then the model (before anything else draws random numbers), checks, then batches."""
+    from .data import open_image_folder
+    from .store import _being_written
 
     out_path = Path(config.output.path) if shard is None else shard.path
-    if resume and overwrite:
-        raise LrpcliError("--resume and --overwrite exclude each other")
     resuming = resume and out_path.exists()
     if out_path.exists() and not (resume or overwrite):
+        if _being_written(str(out_path)):
+            raise DataError(f"output {out_path} is being written by another process; stop it or choose another -o")
         raise DataError(f"{out_path} exists; pass --resume to continue it or --overwrite to replace it")
     _check_output_dir(out_path)
-    data = Path(data)
-    dataset = open_image_folder(data, config.input)
-    if config.attribution.target == "label" and not dataset.classes:
-        raise DataError(f"{data} has no class folders, so there are no labels to explain: set "
-                        "attribution.target to prediction or a class index")
-    device = resolve_device(config.run.device) if shard is None else shard.device(config.run.device)
-    total = len(dataset) if config.run.max_samples is None else min(len(dataset), config.run.max_samples)
-    # this run's samples are [first, stop): everything, or one rank's block
-    first, stop = (0, total) if shard is None else shard.bounds(total, config.run.batch_size)
-    file_attrs = None if shard is None else shard.attrs(total, config.run.batch_size)
-    if first == stop:  # a rank with nothing to do (more ranks than batches) writes no file
-        return RunSummary(out_path, complete=True)
-
-    writer_for_resume = None
-    start = first
-    if resuming:
+    with _Status(show) as status:
+        status(f"reading {data}")
+        dataset = open_image_folder(data, config.input)
+        if config.attribution.target == "label" and not dataset.classes:
+            raise DataError(f"{data} has no class folders, so there are no labels to explain: set "
+                            "attribution.target to prediction or a class index")
+        device = resolve_device(config.run.device) if shard is None else shard.device(config.run.device)
+        total = len(dataset) if config.run.max_samples is None else min(len(dataset), config.run.max_samples)
+        # this run's samples are [first, stop): everything, or one rank's block
+        first, stop = (0, total) if shard is None else shard.bounds(total, config.run.batch_size)
+        if first == stop:  # a rank with nothing to do (more ranks than batches) writes no file
+            return RunSummary(out_path, complete=True)
+        if resuming:
+            if shard is not None:
+                shard.check_file(out_path, total, config.run.batch_size)
+            _check_resume(out_path, config, data, dataset.files, first, stop)
+        status(f"loading model {config.model.get('name') or config.model.get('entrypoint')}")
+        model, fingerprint = _load(config, device)
+        file_attrs = {"model_fingerprint": fingerprint}
         if shard is not None:
-            shard.check_file(out_path, total, config.run.batch_size)
-        writer_for_resume = ResultWriter.resume(out_path, config=config.to_dict())
-        if writer_for_resume.complete:
-            writer_for_resume.close(complete=True)
-            summary = RunSummary(out_path, writer_for_resume.rows_written, resumed_from=writer_for_resume.rows_written,
-                                 complete=True)
-            return summary
-        start = first + writer_for_resume.rows_written + writer_for_resume.n_skipped
+            file_attrs.update(shard.attrs(total, config.run.batch_size))
+        writer_for_resume = None
+        if resuming:
+            writer_for_resume = _resume_writer(out_path, config, fingerprint)
+            if writer_for_resume.complete:
+                rows = writer_for_resume.rows_written
+                writer_for_resume.close(complete=True)
+                return RunSummary(out_path, rows, resumed_from=rows, complete=True, already_complete=True,
+                                  seconds=time.perf_counter() - t0)
+    run = _Run(config, data, dataset, device, model, out_path, first, stop, overwrite, file_attrs, shard)
+    return run.go(writer_for_resume, show, t0)
 
-    workers = resolve_num_workers(config.run.num_workers, samples=stop - start, batch_size=config.run.batch_size,
-                                  device=device)
-    loader = make_loader(dataset, batch_size=config.run.batch_size, num_workers=workers, device=device,
-                         start=start, stop=stop)
-    # without worker processes the next batch is decoded in a thread while this one is attributed (where that
-    # helps, see background_threads_help); started before the model loads, so the first batches are ready
-    threads = background_threads_help(device)
-    batches = prefetch(loader) if threads and not workers else loader
-    try:
-        model = load_model(config).to(device)
+
+def _load(config: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The model on ``device`` and its fingerprint (taken on the CPU copy, so it does not depend on the device).
+
+    Called before any DataLoader exists: a random init is seeded from ``run.seed`` inside ``load_model``, and
+    nothing else in the process may draw from torch's global generator meanwhile.
+    """
+    from .models import load_model, model_fingerprint
+
+    model = load_model(config)
+    return model.to(device), model_fingerprint(model)
+
+
+def _check_resume(path: Path, config: Config, data: Path, files: list[str], first: int, stop: int) -> None:
+    """Refuse to continue ``path`` with another config (batch size included), data set or data set size.
+
+    The rows already written must be the same files at the same places of DATA's listing: a different folder
+    with as many images would otherwise pass, and the file would mix two data sets.
+    """
+    from .store import IGNORED_CONFIG_KEYS, _clean_str, config_differences, open_results
+
+    with open_results(path) as stored:
+        # the batch size is compared too: it decides how rows are batched through the model
+        differences = config_differences(stored.config, config.to_dict(), IGNORED_CONFIG_KEYS - {"run.batch_size"})
+        if differences:
+            raise DataError(f"cannot resume {path}: it was written with a different config ("
+                            + "; ".join(differences) + "); use --overwrite to start again")
+        n_rows = int(stored.attrs["n_rows"])
+        if n_rows != stop - first:
+            raise DataError(f"cannot resume {path}: it was started for {n_rows} samples, but {data} now gives "
+                            f"{stop - first}; give the same DATA, or use --overwrite to start again")
+        names, index = stored.filename, stored.index
+        skipped = [name for name, _ in stored.skipped]
+    for row, (name, i) in enumerate(zip(names, index.tolist())):
+        listed = _clean_str(files[i]) if first <= i < stop else None
+        if listed != name:
+            where = f"lists {listed!r} there" if listed is not None else "has no such sample"
+            raise DataError(f"cannot resume {path}: row {row} is {name!r} (sample {i} of DATA), but {data} {where}; "
+                            "give the DATA the file was started with, or use --overwrite to start again")
+    done = {_clean_str(f) for f in files[first:stop]}
+    for name in skipped:
+        if name not in done:
+            raise DataError(f"cannot resume {path}: it lists {name!r} as skipped, but {data} has no such image; "
+                            "give the DATA the file was started with, or use --overwrite to start again")
+
+
+def _resume_writer(path: Path, config: Config, fingerprint: str) -> Any:
+    """The store reopened for appending, after checking that this run builds the model that wrote it."""
+    from .store import ResultWriter, open_results
+
+    with open_results(path) as stored:
+        before = stored.attrs.get("model_fingerprint")
+    if before is not None and before != fingerprint:
+        raise DataError(f"cannot resume {path}: the model is not the one that wrote its rows (parameters and buffers "
+                        f"differ: {before[:19]}... in the file, {fingerprint[:19]}... now); check model.weights and "
+                        "run.seed, or use --overwrite to start again")
+    return ResultWriter.resume(path, config=config.to_dict())
+
+
+class _Status:
+    """A one-line note on stderr of what is loading (transient: it goes when the progress bar comes)."""
+
+    def __init__(self, show: bool) -> None:
+        self.bar: Any = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, bar_format="lrpcli: {desc} ...", leave=False, file=sys.stderr)
+
+    def __call__(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(text)
+
+    def __enter__(self) -> _Status:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _Run:
+    """The batch loop of one run: loader, composite, attribution, writer thread and progress bar."""
+
+    def __init__(self, config: Config, data: Path, dataset: Any, device: torch.device, model: torch.nn.Module,
+                 out_path: Path, first: int, stop: int, overwrite: bool, file_attrs: dict[str, Any],
+                 shard: Any) -> None:
+        self.config, self.data, self.dataset, self.device, self.model = config, data, dataset, device, model
+        self.out_path, self.first, self.stop, self.overwrite = out_path, first, stop, overwrite
+        self.file_attrs, self.shard = file_attrs, shard
+
+    def _batches(self, start: int) -> tuple[Any, Any, bool]:
+        """(loader, what to iterate, threads): the loader draws its seeds from its own generator, not torch's."""
+        from .data import make_loader, prefetch
+
+        config, device = self.config, self.device
+        workers = resolve_num_workers(config.run.num_workers, samples=self.stop - start,
+                                      batch_size=config.run.batch_size, device=device)
+        loader = make_loader(self.dataset, batch_size=config.run.batch_size, num_workers=workers, device=device,
+                             start=start, stop=self.stop)
+        loader.generator = torch.Generator().manual_seed(int(config.run.seed))
+        # without worker processes the next batch is decoded in a thread while this one is attributed (where
+        # that helps, see background_threads_help)
+        threads = background_threads_help(device)
+        return loader, (prefetch(loader) if threads and not workers else loader), threads
+
+    def go(self, writer_for_resume: Any, show: bool, t0: float) -> RunSummary:
+        from tqdm import tqdm
+
+        from . import composites
+
+        config, first, stop, out_path = self.config, self.first, self.stop, self.out_path
+        start = first if writer_for_resume is None else (
+            first + writer_for_resume.rows_written + writer_for_resume.n_skipped)
         lrp = config.attribution.method == "lrp"
-        comp = composites.get(config.composite.name, **composite_kwargs(config)) if lrp else None
-        method = None if lrp else _method(config)
-    except BaseException:  # the reader thread must not outlive a run that never started
-        if batches is not loader:
-            batches.close()
-        raise
-    layer_patterns = list(config.output.layers or [])
-    show = sys.stderr.isatty() if progress is None else progress
-    summary = RunSummary(out_path, rows=start - first, resumed_from=start - first)
-    recorder = Recorder(layer_patterns) if lrp else None
-    batch_writer = _BatchWriter(threaded=threads)
-    if writer_for_resume is not None:
+        try:
+            comp = composites.get(config.composite.name, **composite_kwargs(config)) if lrp else None
+            method = None if lrp else _method(config)
+            loader, batches, threads = self._batches(start)
+        except BaseException:
+            if writer_for_resume is not None:
+                writer_for_resume.close(complete=False)
+            raise
+        layer_patterns = list(config.output.layers or [])
+        summary = RunSummary(out_path, rows=start - first, resumed_from=start - first)
+        recorder = Recorder(layer_patterns) if lrp else None
+        batch_writer = _BatchWriter(threaded=threads)
         batch_writer.writer = writer_for_resume
-    layer_shapes: dict[str, tuple[int, ...]] = {}
-    t0 = time.perf_counter()
+        layer_shapes: dict[str, tuple[int, ...]] = {}
+        bar = tqdm(total=stop - first, initial=start - first, unit="img", disable=not show, dynamic_ncols=True,
+                   leave=False, desc=None if self.shard is None else f"rank {self.shard.rank}")
+        context = comp.context(self.model, recorder=recorder) if lrp else contextlib.nullcontext(self.model)
+        completed = False
+        checked = False
+        try:
+            with context as run_model, warnings.catch_warnings():
+                warnings.simplefilter("once")
+                for collated in batches:
+                    batch, skipped = collated.batch, collated.skipped
+                    for s in skipped:
+                        warnings.warn(f"lrpcli: skipped {s.filename}: {s.reason}", stacklevel=1)
+                        summary.skipped.append((s.filename, s.reason))
+                    arrays, table = None, ([], [])
+                    if len(batch):
+                        check = None if checked else self._check_output
+                        arrays, table = _attribute_batch(config, run_model, self.model, comp, method, recorder,
+                                                         batch, self.device, layer_patterns, layer_shapes, check)
+                        checked = True
+                        summary.rows += len(batch)
+                    make_writer = _writer_factory(config, out_path, stop - first, arrays, table, self.overwrite,
+                                                  layer_shapes, self.file_attrs)
+                    batch_writer.put((make_writer, [(s.filename, s.reason) for s in skipped], arrays))
+                    bar.update(len(batch) + len(skipped))
+            completed = True
+        except KeyboardInterrupt:
+            raise RunError(f"interrupted; the rows written so far are kept in {out_path}: run again with --resume "
+                           "to continue") from None
+        finally:
+            if batches is not loader:
+                batches.close()
+            bar.close()
+            batch_writer.finish()
+            writer = batch_writer.writer
+            if writer is not None:
+                try:
+                    writer.close(complete=completed and batch_writer.error is None)
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    if batch_writer.error is None and completed:
+                        raise
+            summary.seconds = time.perf_counter() - t0
+        batch_writer.raise_error()
+        if batch_writer.writer is None:
+            raise DataError(f"no image under {self.data} could be read ({len(summary.skipped)} skipped); "
+                            "nothing written")
+        summary.complete = True
+        return summary
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=stop - first, initial=start - first, unit="img", disable=not show, dynamic_ncols=True,
-               leave=False, desc=None if shard is None else f"rank {shard.rank}")
-    context = comp.context(model, recorder=recorder) if lrp else contextlib.nullcontext(model)
-    completed = False
-    try:
-        with context as run_model, warnings.catch_warnings():
-            warnings.simplefilter("once")
-            for collated in batches:
-                batch, skipped = collated.batch, collated.skipped
-                for s in skipped:
-                    warnings.warn(f"lrpcli: skipped {s.filename}: {s.reason}", stacklevel=1)
-                    summary.skipped.append((s.filename, s.reason))
-                arrays, table = None, ([], [])
-                if len(batch):
-                    arrays, table = _attribute_batch(config, run_model, model, comp, method, recorder, batch,
-                                                     device, layer_patterns, layer_shapes)
-                    summary.rows += len(batch)
-                make_writer = _writer_factory(config, out_path, stop - first, arrays, table, overwrite, layer_shapes,
-                                              file_attrs)
-                batch_writer.put((make_writer, [(s.filename, s.reason) for s in skipped], arrays))
-                bar.update(len(batch) + len(skipped))
-                if show:
-                    elapsed = time.perf_counter() - t0
-                    bar.set_postfix_str(f"{(summary.rows - summary.resumed_from) / max(elapsed, 1e-9):.1f} images/s")
-        completed = True
-    except KeyboardInterrupt:
-        raise RunError(f"interrupted; the rows written so far are kept in {out_path}: run again with --resume "
-                       "to continue") from None
-    finally:
-        if batches is not loader:
-            batches.close()
-        bar.close()
-        batch_writer.finish()
-        writer = batch_writer.writer
-        if writer is not None:
-            try:
-                writer.close(complete=completed and batch_writer.error is None)
-            except Exception:  # noqa: BLE001 - the first error is the one to report
-                if batch_writer.error is None and completed:
-                    raise
-        summary.seconds = time.perf_counter() - t0
-    batch_writer.raise_error()
-    if batch_writer.writer is None:
-        raise DataError(f"no image under {data} could be read ({len(summary.skipped)} skipped); nothing written")
-    summary.complete = True
-    return summary
+    def _check_output(self, output: torch.Tensor) -> None:
+        """Before the first row is written: the model's outputs fit attribution.target and DATA's classes."""
+        config = self.config
+        if output.dim() < 2:
+            raise RunError(f"{config.source}: the model output has shape {tuple(output.shape)}; explain needs a "
+                           "class dimension (dim 1) to pick the target")
+        k = int(output.shape[1])
+        target = config.attribution.target
+        if target not in ("label", "prediction") and not 0 <= int(target) < k:
+            raise ConfigError(f"{config.source}: attribution.target: {target} is out of range for a model with "
+                              f"{k} outputs (allowed: label, prediction or a class index from 0 to {k - 1})")
+        classes = len(self.dataset.classes)
+        if target == "label" and classes > k:
+            raise DataError(f"{self.data} has {classes} class folders but the model has {k} outputs: a label is the "
+                            "index of its folder (sorted by name), so each folder needs an output; give a folder "
+                            f"with at most {k} classes, or set attribution.target to prediction or a class index")
 
 
 def _check_output_dir(path: Path) -> None:
@@ -317,9 +494,13 @@ def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
 
 
 def _attribute_batch(config: Config, run_model, model, comp, method, recorder: Recorder | None, batch, device,
-                     layer_patterns: list[str], layer_shapes: dict[str, tuple[int, ...]]
+                     layer_patterns: list[str], layer_shapes: dict[str, tuple[int, ...]], check=None
                      ) -> tuple[dict[str, Any], tuple[list[str], list[str]]]:
-    """Attribution and conservation sums of one batch, as numpy arrays for the store, and the layer table."""
+    """Attribution and conservation sums of one batch, as numpy arrays for the store, and the layer table.
+
+    ``check`` (the first batch only) is called with the model's output before anything else happens, and a
+    model that fails on these inputs is one line naming input.mode and the input shape.
+    """
     non_blocking = device.type == "cuda"
     x = batch.inputs.to(device, non_blocking=non_blocking)
     labels = batch.labels
@@ -327,7 +508,7 @@ def _attribute_batch(config: Config, run_model, model, comp, method, recorder: R
     if method is None:
         xi = x.requires_grad_(True)
         with torch.enable_grad():
-            output = run_model(xi)
+            output = run_model(xi) if check is None else _first_forward(config, run_model, xi, check)
             target = _targets(config, labels.to(device), output)
             seed = initial_relevance(output, target, comp.seed)
             (relevance,) = torch.autograd.grad(output, xi, seed)
@@ -342,7 +523,8 @@ def _attribute_batch(config: Config, run_model, model, comp, method, recorder: R
             raise DataError(f"output.layers: no module matched {layer_patterns}")
     else:
         with torch.no_grad():
-            target = _targets(config, labels.to(device), model(x))
+            output = model(x) if check is None else _first_forward(config, model, x, check)
+            target = _targets(config, labels.to(device), output)
         output, relevance = method(model, x, target)
         layers, rules = [], []
         relevance_in = np.zeros((n, 0))
@@ -364,3 +546,21 @@ def _attribute_batch(config: Config, run_model, model, comp, method, recorder: R
         "output_relevance": output_relevance,
         "layers": maps,
     }, (layers, rules)
+
+
+def _first_forward(config: Config, run_model, x: torch.Tensor, check) -> torch.Tensor:
+    """The first batch's forward pass: a model that fails on these inputs (a gray ``input.mode: L`` for a
+    colour model, a crop too small for its layers) is one line naming the input keys, not a traceback."""
+    try:
+        output = run_model(x)
+    except LrpcliError:
+        raise
+    except Exception as err:  # the user's model on inputs that do not fit it
+        text = " ".join(str(err).split())[:300]
+        raise ConfigError(
+            f"{config.source}: the model failed on the first batch, inputs of shape {tuple(x.shape)} (input.mode: "
+            f"{config.input.mode}, {3 if config.input.mode == 'RGB' else 1} channels; input.crop: "
+            f"{config.input.crop}): {type(err).__name__}: {text}; set input.mode and input.crop to what the model "
+            "takes (--debug shows the traceback)") from err
+    check(output)
+    return output

@@ -64,7 +64,7 @@ __all__ = ["ATTRIBUTION_DATASET", "COMPRESSIONS", "CONSERVATION_ROWS", "IGNORED_
            "row_datasets_of"]
 
 #: Config keys that do not change the numbers in the file: a resume may change them freely.
-IGNORED_CONFIG_KEYS = frozenset({"run.num_workers", "run.batch_size", "output.path", "run.device",
+IGNORED_CONFIG_KEYS = frozenset({"run.num_workers", "run.batch_size", "output.path", "run.device", "run.threads",
                                  "output.compression"})
 
 #: Compression of the per-sample chunks. lzf measured 3-4x faster than gzip level 1 on float32 relevance
@@ -156,6 +156,52 @@ def _being_written(path: str) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+LOCK_SUFFIX = ".lock"
+
+
+class _creation_lock:  # noqa: N801 - used like a function: ``with _creation_lock(path):``
+    """An exclusive, non-blocking ``flock`` on ``<path>.lock`` while one process creates ``path``.
+
+    Creation removes a stale ``.partial`` and renames its own onto ``path``; two runs doing that at the same
+    moment would remove each other's work and both fail. Under this lock one creates and opens the file (and
+    so holds HDF5's own lock on it); the other is refused with one line. The lock file is removed while still
+    locked; the kernel drops the lock of a killed process, so a leftover ``.lock`` file blocks nothing.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path + LOCK_SUFFIX
+        self.fd: int | None = None
+
+    def __enter__(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on POSIX: no lock
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # an unwritable folder: create() reports it
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DataError(
+                f"output {self.path[: -len(LOCK_SUFFIX)]} is being written by another process (it is creating "
+                "it right now); wait for it or choose another -o"
+            ) from None
+        self.fd = fd
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
 
 
 def _why(err: BaseException) -> str:
@@ -308,15 +354,25 @@ class ResultWriter:
             raise DataError(
                 f"output {path} is a directory; give a file name such as {os.path.join(path, 'out.h5')}"
             )
+        with _creation_lock(path):  # two runs started together on one -o: the first to get here wins
+            return cls._create_locked(path, overwrite, dict(
+                config_yaml=config_yaml, n_rows=n_rows, num_outputs=int(num_outputs),
+                sample_shape=tuple(int(s) for s in sample_shape), layers=list(layers), rules=list(rules),
+                dtype=_DTYPES[dtype], store_input=store_input, extra_layers=extra_layers,
+                torch_version=torch_version, compressed=dict(compressed or {})))
+
+    @classmethod
+    def _create_locked(cls, path: str, overwrite: bool, build: dict[str, Any]) -> ResultWriter:
+        """``create`` under the creation lock: the existence checks, the ``.partial`` file and its rename."""
         if os.path.lexists(path):
+            if _being_written(path):
+                raise DataError(
+                    f"output {path} is being written by another process; stop it or choose another -o"
+                )
             if not overwrite:
                 raise DataError(
                     f"output {path} already exists; pass --resume to continue that run "
                     "or --overwrite to replace it"
-                )
-            if _being_written(path):
-                raise DataError(
-                    f"output {path} is being written by another process; stop it or choose another -o"
                 )
         directory = os.path.dirname(os.path.abspath(path))
         try:
@@ -335,20 +391,7 @@ class ResultWriter:
             if os.path.lexists(partial):  # left by a run killed while creating; it is ours
                 os.remove(partial)
             with h5py.File(partial, "w", libver=_LIBVER) as f:
-                cls._build(
-                    f,
-                    config_yaml=config_yaml,
-                    n_rows=n_rows,
-                    num_outputs=int(num_outputs),
-                    sample_shape=tuple(int(s) for s in sample_shape),
-                    layers=list(layers),
-                    rules=list(rules),
-                    dtype=_DTYPES[dtype],
-                    store_input=store_input,
-                    extra_layers=extra_layers,
-                    torch_version=torch_version,
-                    compressed=dict(compressed or {}),
-                )
+                cls._build(f, **build)
                 f.flush()
                 _fsync_file(f)
             os.replace(partial, path)

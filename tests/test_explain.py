@@ -304,7 +304,8 @@ def test_layer_maps_are_stored_and_rendered(tmp_path):
 
 
 def test_model_that_fails_to_load_leaves_no_reader_thread(tmp_path, monkeypatch):
-    """The reader thread starts before the model loads; a model that cannot load must stop it again."""
+    """The reader thread starts only once the model is built (a seeded init must be the only draw from torch's
+    generator meanwhile): a model that cannot load leaves no thread and no file."""
     import threading
 
     import lrpcli.runner
