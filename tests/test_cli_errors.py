@@ -21,7 +21,7 @@ def run(*args: str):
         (["nope"], "Usage: lrpcli [OPTIONS] COMMAND [ARGS]...", "No such command 'nope'."),
         (["--bogus"], "Usage: lrpcli [OPTIONS] COMMAND [ARGS]...", "No such option: --bogus"),
         (["explain", "--batch-size", "0", "c.yaml", "d"], "Usage: lrpcli explain [OPTIONS] CONFIG DATA",
-         "Invalid value for '--batch-size': 0 is not in the range x>=1."),
+         "Invalid value for '--batch-size': 0 is not in the range 1<=x<=2147483647."),
     ],
 )
 def test_usage_error_ends_in_lrpcli_error_line(args, usage, error):
