@@ -1359,9 +1359,14 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, limit: int = 80) -> str:
+    """A value as JSON, at most ``limit`` characters; a long string keeps its end (where two paths differ)."""
     text = json.dumps(value, default=str, ensure_ascii=False)
-    return text if len(text) <= 80 else text[:77] + "..."
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str):
+        return text[: limit // 2 - 2] + "..." + text[-(limit - limit // 2 - 1):]
+    return text[: limit - 3] + "..."
 
 
 def config_differences(stored: Any, current: Any, ignore: frozenset[str] = IGNORED_CONFIG_KEYS) -> list[str]:
