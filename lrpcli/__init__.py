@@ -24,6 +24,7 @@ _LAZY = {
     "Gate": ("modules", "Gate"),
     "Stabilizer": ("rules", "Stabilizer"),
     "keep_freed_memory": ("allocator", "keep_freed_memory"),
+    "open_results": ("store", "open_results"),
 }
 _SUBMODULES = ("attributors", "canonizers", "composites", "hooks", "recorder", "rules", "store")
 

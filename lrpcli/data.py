@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -34,6 +35,7 @@ __all__ = [
     "collate",
     "make_loader",
     "prefetch",
+    "to_model_input",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -157,11 +159,27 @@ class ImageDataset(Dataset):
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 (C, H, W) to the model's input: (image / 255 - mean) / std, float32."""
-        return (image.to(torch.float32) / 255.0 - self.mean) / self.std
+        return to_model_input(image, self.mean, self.std)
 
     def __repr__(self) -> str:
         kind = f"{len(self.classes)} classes" if self.classes else "flat"
         return f"ImageDataset({str(self.root)!r}, {len(self)} images, {kind})"
+
+
+def to_model_input(images: torch.Tensor | np.ndarray, mean: Sequence[float] | torch.Tensor | None = None,
+                   std: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images (C, H, W) or (N, C, H, W), a tensor or a numpy array, as float32 in [0, 1], then
+    ``(x - mean) / std`` where given.
+
+    The one place the run's normalisation is written down: the data set uses it for every sample, and
+    ``Results.inputs`` for the stored ``input`` rows, so both give the same tensors bit for bit.
+    """
+    x = torch.as_tensor(images).to(torch.float32) / 255.0
+    if mean is None or std is None:
+        return x
+    m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+    return (x - m) / s
 
 
 def _open_regular(path: str | Path) -> Any:
@@ -181,7 +199,6 @@ def _open_regular(path: str | Path) -> Any:
 
 def _convert(img: Any, mode: str) -> Any:
     """To RGB or L; 16/32-bit gray scaled (not clipped) to 8 bits, transparency dropped like ImageFolder."""
-    import numpy as np
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -392,8 +409,9 @@ def prefetch(items: Iterable, depth: int = 2) -> Prefetch:
     """The items of ``items`` in order, produced by a background thread up to ``depth`` items ahead.
 
     For a loader without worker processes: the next batch is decoded while the current one is attributed
-    (PIL decoding and torch's preprocessing release the GIL). The thread starts now, not at the first ``next``:
-    the runner creates it before loading the model, so the first batches decode while the model loads. An
+    (PIL decoding and torch's preprocessing release the GIL). The thread starts now, not at the first ``next``,
+    so the first batches decode while the caller sets up the rest (the composite, the writer). The runner
+    creates it after loading the model, which must come first: a random init draws from torch's generator. An
     exception of the producer is raised here, at the item where it happened; ``close()`` (also before any item
     was taken) stops the thread after the item it is producing.
     """

@@ -366,7 +366,7 @@ def _read_shard(path: Path) -> _ShardInfo:
 
 def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
     """Same run, no rank twice, none missing, and every sample exactly once: the shards in rank order."""
-    from .store import config_differences
+    from .store import config_differences, read_classes
 
     first = infos[0]
     world, total, batch = (int(first.attrs[k]) for k in ("shard_world_size", "shard_total", "shard_batch_size"))
@@ -386,6 +386,10 @@ def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
         if diff:
             raise DataError(f"{info.path} was written with a different config than {first.path} ("
                             + "; ".join(diff) + ")")
+        if read_classes(info.attrs) != read_classes(first.attrs):
+            raise DataError(f"{info.path} and {first.path} were written for different classes "
+                            f"({read_classes(info.attrs)} and {read_classes(first.attrs)}): their labels do not mean "
+                            "the same; merge shards of one run over one DATA")
         if (info.layers, info.rules) != (first.layers, first.rules):
             raise DataError(f"{info.path} and {first.path} have different conservation layers or rules")
         if info.shapes != first.shapes:
@@ -502,7 +506,7 @@ def _write_merged(infos: list[_ShardInfo], tmp: Path) -> tuple[int, int]:
     """
     import h5py
 
-    from .store import INPUT_DATASET, LAYERS_GROUP, ResultWriter
+    from .store import INPUT_DATASET, LAYERS_GROUP, ResultWriter, read_classes
 
     first = infos[0]
     attrs = first.attrs
@@ -516,7 +520,8 @@ def _write_merged(infos: list[_ShardInfo], tmp: Path) -> tuple[int, int]:
         layers=first.layers, rules=first.rules, dtype=shapes["attribution"][1],
         store_input=INPUT_DATASET in shapes, overwrite=True,
         extra_layers={name: shapes[f"layers/{name}"][0] for name in layer_names},
-        torch_version=str(attrs.get("torch_version", "")), compressed=compressed).close(complete=False)
+        torch_version=str(attrs.get("torch_version", "")), compressed=compressed, classes=read_classes(attrs),
+        config_dir=attrs.get("config_dir")).close(complete=False)
     skipped = [s for info in infos for s in info.skipped]
     rows = 0
     with h5py.File(tmp, "r+", libver=("earliest", "v108")) as out:
@@ -571,7 +576,7 @@ def _write_virtual(infos: list[_ShardInfo], tmp: Path, output: Path) -> tuple[in
     import h5py
 
     from . import __version__
-    from .store import LAYERS_GROUP
+    from .store import LAYERS_GROUP, read_classes, write_classes
 
     first = infos[0]
     rows = sum(info.rows for info in infos)
@@ -587,8 +592,12 @@ def _write_virtual(infos: list[_ShardInfo], tmp: Path, output: Path) -> tuple[in
         f.attrs["rows_written"] = np.int64(rows)
         f.attrs["skipped_written"] = np.int64(len(skipped))
         f.attrs["virtual_shards"] = [os.path.relpath(info.path, output.parent) for info in infos]
-        if "model_fingerprint" in first.attrs:
-            f.attrs["model_fingerprint"] = first.attrs["model_fingerprint"]
+        for key in ("model_fingerprint", "config_dir"):
+            if key in first.attrs:
+                f.attrs[key] = first.attrs[key]
+        classes = read_classes(first.attrs)
+        if classes is not None:
+            write_classes(f.attrs, classes)
         for name, (shape, dtype) in first.shapes.items():
             dt = text if dtype == "object" else np.dtype(dtype)
             layout = h5py.VirtualLayout(shape=(rows,) + shape, dtype=dt)

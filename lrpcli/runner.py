@@ -233,10 +233,10 @@ def _explain(config: Config, data: Path, resume: bool, overwrite: bool, show: bo
         if resuming:
             if shard is not None:
                 shard.check_file(out_path, total, config.run.batch_size)
-            _check_resume(out_path, config, data, dataset.files, first, stop)
+            _check_resume(out_path, config, data, dataset.files, first, stop, dataset.classes)
         status(f"loading model {config.model.get('name') or config.model.get('entrypoint')}")
         model, fingerprint = _load(config, device)
-        file_attrs = {"model_fingerprint": fingerprint}
+        file_attrs = {"model_fingerprint": fingerprint, "classes": list(dataset.classes)}
         if shard is not None:
             file_attrs.update(shard.attrs(total, config.run.batch_size))
         writer_for_resume = None
@@ -263,20 +263,27 @@ def _load(config: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
     return model.to(device), model_fingerprint(model)
 
 
-def _check_resume(path: Path, config: Config, data: Path, files: list[str], first: int, stop: int) -> None:
+def _check_resume(path: Path, config: Config, data: Path, files: list[str], first: int, stop: int,
+                  classes: list[str]) -> None:
     """Refuse to continue ``path`` with another config (batch size included), data set or data set size.
 
     The rows already written must be the same files at the same places of DATA's listing: a different folder
-    with as many images would otherwise pass, and the file would mix two data sets.
+    with as many images would otherwise pass, and the file would mix two data sets. The class folders must be
+    the same too: a class folder added or removed renumbers the labels of the rows still to come.
     """
-    from .store import IGNORED_CONFIG_KEYS, _clean_str, config_differences, open_results
+    from .store import IGNORED_CONFIG_KEYS, _clean_str, config_differences, file_config, open_results
 
     with open_results(path) as stored:
         # the batch size is compared too: it decides how rows are batched through the model
-        differences = config_differences(stored.config, config.to_dict(), IGNORED_CONFIG_KEYS - {"run.batch_size"})
+        ignored = IGNORED_CONFIG_KEYS - {"run.batch_size"}
+        differences = config_differences(stored.config, file_config(config), ignored)
         if differences:
             raise DataError(f"cannot resume {path}: it was written with a different config ("
                             + "; ".join(differences) + "); use --overwrite to start again")
+        before = stored.classes
+        if before is not None and before != [_clean_str(c) for c in classes]:
+            raise DataError(f"cannot resume {path}: it was written for the classes {before}, but {data} now has "
+                            f"{list(classes)}; give the DATA the file was started with, or use --overwrite")
         n_rows = int(stored.attrs["n_rows"])
         if n_rows != stop - first:
             raise DataError(f"cannot resume {path}: it was started for {n_rows} samples, but {data} now gives "
@@ -298,7 +305,7 @@ def _check_resume(path: Path, config: Config, data: Path, files: list[str], firs
 
 def _resume_writer(path: Path, config: Config, fingerprint: str) -> Any:
     """The store reopened for appending, after checking that this run builds the model that wrote it."""
-    from .store import ResultWriter, open_results
+    from .store import ResultWriter, file_config, open_results
 
     with open_results(path) as stored:
         before = stored.attrs.get("model_fingerprint")
@@ -306,7 +313,7 @@ def _resume_writer(path: Path, config: Config, fingerprint: str) -> Any:
         raise DataError(f"cannot resume {path}: the model is not the one that wrote its rows (parameters and buffers "
                         f"differ: {before[:19]}... in the file, {fingerprint[:19]}... now); check model.weights and "
                         "run.seed, or use --overwrite to start again")
-    return ResultWriter.resume(path, config=config.to_dict())
+    return ResultWriter.resume(path, config=file_config(config))
 
 
 class _Status:
@@ -464,13 +471,15 @@ def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
                     file_attrs: dict[str, Any] | None = None):
     """Creates the store on the first batch, when the layer list and shapes are known.
 
-    ``file_attrs`` are extra root attributes written with the file, atomically (a shard's place in its run).
+    ``file_attrs`` are extra root attributes written with the file, atomically (the data set's ``classes``, the
+    model fingerprint, a shard's place in its run). The config is stored with absolute model paths
+    (``store.file_config``) next to its folder, so the file alone rebuilds the model.
     """
     layers, rules = table
     layer_shapes = dict(layer_shapes)
 
     def make():
-        from .store import ResultWriter, choose_compression
+        from .store import ResultWriter, choose_compression, config_yaml, file_config
 
         if arrays is None:
             return None
@@ -478,13 +487,17 @@ def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
         if config.output.store_input:
             first_rows["input"] = arrays["input"]
         first_rows.update({f"layers/{name}": value for name, value in arrays["layers"].items()})
+        attrs = dict(file_attrs or {})
+        classes = attrs.pop("classes", None)
         cls = ResultWriter
-        if file_attrs:
+        if attrs:
             from .distributed import writer_with_attrs
 
-            cls = writer_with_attrs(file_attrs)
+            cls = writer_with_attrs(attrs)
+        stored = file_config(config)
         return cls.create(
-            path, config=config.to_dict(), config_yaml=config.to_yaml(), n_rows=total,
+            path, config=stored, config_yaml=config_yaml(stored), classes=classes,
+            config_dir=Path(config.base_dir).resolve(), n_rows=total,
             num_outputs=arrays["prediction"].shape[1], sample_shape=tuple(arrays["attribution"].shape[1:]),
             layers=layers, rules=rules, dtype=config.output.dtype, store_input=config.output.store_input,
             overwrite=overwrite, extra_layers=dict(layer_shapes), torch_version=torch.__version__,

@@ -2,8 +2,10 @@
 
 Layout (DESIGN.md section 3; also a ViRelAy attribution file): ``attribution``, ``prediction``, ``label``,
 ``target``, ``index``, ``filename``, ``input``, ``conservation/*``, ``layers/<name>`` and ``skipped/*``, plus
-root attributes ``config``, ``lrpcli_version``, ``torch_version``, ``created``, ``complete``, ``rows_written``
-(and the bookkeeping attributes ``n_rows`` and ``skipped_written``).
+root attributes ``classes``, ``config``, ``config_dir``, ``model_fingerprint``, ``lrpcli_version``,
+``torch_version``, ``created``, ``complete``, ``rows_written`` (and the bookkeeping attributes ``n_rows`` and
+``skipped_written``). ``config`` is the run's config with absolute ``model.entrypoint``/``model.weights`` paths
+(:func:`file_config`), so :meth:`Results.load_model` rebuilds the model from the file alone.
 
 Crash safety rests on these rules, because a plain HDF5 file killed mid-write is not guaranteed to open:
 
@@ -36,7 +38,8 @@ and that resuming gives the same file as an uninterrupted run.
 A flush hands the data to the operating system, which is what survives a killed process; ``create`` and
 ``close`` also fsync, but a power cut in the middle of a run may still lose the last batches.
 
-This module needs numpy, h5py and PyYAML only (no torch), so files can be read anywhere.
+This module needs numpy, h5py and PyYAML only (no torch), so files can be read anywhere; only
+:meth:`Results.load_model` and :meth:`Results.inputs` import torch (through ``lrpcli.models`` and ``lrpcli.data``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import h5py
@@ -56,12 +60,13 @@ import numpy as np
 import yaml
 
 from . import __version__
+from .config import Config, resolve_path
 from .errors import DataError, RunError
 
-__all__ = ["ATTRIBUTION_DATASET", "COMPRESSIONS", "CONSERVATION_ROWS", "IGNORED_CONFIG_KEYS", "INPUT_DATASET",
-           "LAYERS_GROUP", "ROW_DATASETS", "ResultWriter", "Results", "check_sources", "choose_compression",
-           "config_differences", "missing_sources", "open_error", "open_results", "pays_to_compress", "row_datasets",
-           "row_datasets_of"]
+__all__ = ["ATTRIBUTION_DATASET", "CLASSES_ATTR", "COMPRESSIONS", "CONSERVATION_ROWS", "IGNORED_CONFIG_KEYS",
+           "INPUT_DATASET", "LAYERS_GROUP", "ROW_DATASETS", "ResultWriter", "Results", "check_sources",
+           "choose_compression", "config_differences", "config_yaml", "file_config", "missing_sources", "open_error",
+           "open_results", "pays_to_compress", "read_classes", "row_datasets", "row_datasets_of", "write_classes"]
 
 #: Config keys that do not change the numbers in the file: a resume may change them freely.
 IGNORED_CONFIG_KEYS = frozenset({"run.num_workers", "run.batch_size", "output.path", "run.device", "run.threads",
@@ -115,6 +120,66 @@ def row_datasets_of(f: h5py.File) -> list[str]:
 def _clean_str(text: str) -> str:
     """File names with undecodable bytes (surrogate escapes) cannot be utf-8; keep them readable instead."""
     return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+#: The root attribute holding the class names, in label order
+CLASSES_ATTR = "classes"
+
+
+def write_classes(attrs: h5py.AttributeManager, classes: Sequence[str]) -> None:
+    """The class names as the root attribute ``classes``: an array of variable-length utf-8 strings.
+
+    An array (not a JSON string) is what h5py and ViRelAy read as a list; an empty array is a flat DATA folder
+    (every label -1), which is different from a file without the attribute (class names unknown).
+    """
+    names = np.array([_clean_str(c) for c in classes], dtype=object)
+    attrs.create(CLASSES_ATTR, names, shape=(len(names),), dtype=_STR)
+
+
+def read_classes(attrs: Mapping[str, Any]) -> list[str] | None:
+    """The class names of a file's root attributes, in label order; None where the file has none."""
+    raw = attrs.get(CLASSES_ATTR)
+    if raw is None:
+        return None
+    return [_attr_str(v) for v in np.asarray(raw, dtype=object).reshape(-1).tolist()]
+
+
+def _absolute(value: str, base_dir: str | os.PathLike) -> str | None:
+    """``value`` as an absolute, resolved path when it names an existing file (as the model loader finds it)."""
+    found = resolve_path(value, base_dir)
+    return str(found.resolve()) if found is not None else None
+
+
+def file_config(config: Config) -> dict[str, Any]:
+    """The config as a result file stores it: ``config.to_dict()`` with absolute model file paths.
+
+    ``model.entrypoint`` (``path/to/file.py:function``) and ``model.weights`` (a file) are looked up as the
+    model loader does (the config file's folder first, then the current one) and written as absolute paths,
+    so that the model can be rebuilt from the file alone, from any folder. Module entrypoints
+    (``pkg.module:function``), torchvision weight names and paths that name no file stay as written. A resume
+    compares this form, so the same config given from another working folder is the same config.
+    """
+    out = config.to_dict()
+    model = out.get("model")
+    if not isinstance(model, dict):
+        return out
+    base_dir = Path(config.base_dir)
+    entry = model.get("entrypoint")
+    if isinstance(entry, str) and ":" in entry:
+        target, _, fn = entry.rpartition(":")
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            found = _absolute(target, base_dir)
+            if found is not None:
+                model["entrypoint"] = f"{found}:{fn}"
+    weights = model.get("weights")
+    if isinstance(weights, str):
+        model["weights"] = _absolute(weights, base_dir) or weights
+    return out
+
+
+def config_yaml(config: Mapping[str, Any]) -> str:
+    """A stored config's YAML text (the layout of ``Config.to_yaml``)."""
+    return yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -325,8 +390,14 @@ class ResultWriter:
         extra_layers: dict[str, tuple[int, ...]] | None = None,
         torch_version: str = "",
         compressed: Mapping[str, bool] | None = None,
+        classes: Sequence[str] | None = None,
+        config_dir: str | os.PathLike | None = None,
     ) -> ResultWriter:
         """Create the result file for ``n_rows`` samples, atomically (see the module docstring).
+
+        ``config`` is the run's config as stored (:func:`file_config`) and ``config_yaml`` its text;
+        ``classes`` (the data set's class names in label order, ``[]`` for a flat folder) and ``config_dir``
+        (the config file's folder) become the root attributes of the same names; None leaves them out.
 
         ``compressed``: per-sample datasets (``attribution``, ``prediction``, ``input``, ``layers/<name>``) to
         store uncompressed (False) or compressed (True, the default for names not given); see
@@ -359,7 +430,9 @@ class ResultWriter:
                 config_yaml=config_yaml, n_rows=n_rows, num_outputs=int(num_outputs),
                 sample_shape=tuple(int(s) for s in sample_shape), layers=list(layers), rules=list(rules),
                 dtype=_DTYPES[dtype], store_input=store_input, extra_layers=extra_layers,
-                torch_version=torch_version, compressed=dict(compressed or {})))
+                torch_version=torch_version, compressed=dict(compressed or {}),
+                classes=None if classes is None else list(classes),
+                config_dir=None if config_dir is None else os.fspath(config_dir)))
 
     @classmethod
     def _create_locked(cls, path: str, overwrite: bool, build: dict[str, Any]) -> ResultWriter:
@@ -421,9 +494,15 @@ class ResultWriter:
         extra_layers: dict[str, tuple[int, ...]],
         torch_version: str,
         compressed: Mapping[str, bool] | None = None,
+        classes: Sequence[str] | None = None,
+        config_dir: str | None = None,
     ) -> None:
         """Every dataset at full size, every chunk allocated, every attribute present (rule 1 and 2)."""
         f.attrs["config"] = config_yaml
+        if config_dir is not None:
+            f.attrs["config_dir"] = _clean_str(config_dir)
+        if classes is not None:
+            write_classes(f.attrs, classes)
         f.attrs["lrpcli_version"] = __version__
         f.attrs["torch_version"] = str(torch_version)
         f.attrs["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -1146,6 +1225,64 @@ class Results:
                 )
         return self._cache["skipped"]
 
+    @property
+    def classes(self) -> list[str] | None:
+        """The data set's class names in label order (``label`` ``i`` is ``classes[i]``, empty folders included);
+        ``[]`` for a flat folder (every label -1); None for a file without the attribute."""
+        return read_classes(self.attrs)
+
+    @property
+    def config_dir(self) -> str | None:
+        """The folder of the run's config file (where relative model paths were looked up); None if unknown."""
+        value = self.attrs.get("config_dir")
+        return None if value is None else str(value)
+
+    def inputs(self, normalised: bool = True, rows: slice | Sequence[int] | np.ndarray | int = slice(None)) -> Any:
+        """The stored ``input`` rows as a float32 torch tensor: the tensors the run explained.
+
+        ``normalised=True`` applies the config's ``input.mean``/``input.std`` exactly as the run did
+        (``(x / 255 - mean) / std``); ``normalised=False`` gives the images scaled to [0, 1]. ``rows`` as in
+        :meth:`read`. A file written without ``output.store_input`` raises DataError. Imports torch.
+        """
+        from .data import to_model_input
+
+        if INPUT_DATASET not in self._cache and INPUT_DATASET not in self._file():
+            raise DataError(f"{self.path} has no 'input' dataset (the run had output.store_input: false), so the "
+                            "inputs cannot be restored; rerun with output.store_input: true")
+        images = self.read(INPUT_DATASET, rows) if INPUT_DATASET not in self._cache else self.input[rows]
+        if not normalised:
+            return to_model_input(images)
+        section = self.config.get("input")
+        mean, std = (section.get(key) if isinstance(section, dict) else None for key in ("mean", "std"))
+        if not isinstance(mean, list) or not isinstance(std, list):
+            raise DataError(f"{self.path}: its stored config has no input.mean/input.std to normalise with; "
+                            "use inputs(normalised=False)")
+        return to_model_input(images, [float(v) for v in mean], [float(v) for v in std])
+
+    def load_model(self, device: Any = "cpu") -> Any:
+        """The run's model, rebuilt from the stored config: weights loaded, eval mode, on ``device``.
+
+        The stored config holds absolute model file paths and the file keeps the config's folder, so this
+        works from any working folder (as long as the model files are still where the run found them). A file
+        with a ``model_fingerprint`` is checked against the rebuilt model, and a different model (a changed
+        weights file, another model.py) raises DataError: its attributions would not be this model's.
+        Imports torch.
+        """
+        from .models import load_model, model_fingerprint
+
+        base_dir = self.config_dir
+        config = Config(self.config, source=f"{self.path} (stored config)", base_dir=base_dir or ".")
+        seed = (self.config.get("run") or {}).get("seed", 0)
+        model = load_model(config["model"], base_dir, seed=int(seed))
+        stored = self.attrs.get("model_fingerprint")
+        if stored is not None:
+            now = model_fingerprint(model)
+            if now != stored:
+                raise DataError(f"{self.path}: the model built from its stored config is not the one that wrote "
+                                f"it (parameters and buffers differ: {str(stored)[:19]}... in the file, {now[:19]}... "
+                                "now); were model.weights or the model file changed since the run?")
+        return model.to(device)
+
     def load(self) -> Results:
         """Read every array now (so they stay usable after ``close``); returns self."""
         _ = (
@@ -1222,9 +1359,14 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, limit: int = 80) -> str:
+    """A value as JSON, at most ``limit`` characters; a long string keeps its end (where two paths differ)."""
     text = json.dumps(value, default=str, ensure_ascii=False)
-    return text if len(text) <= 80 else text[:77] + "..."
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str):
+        return text[: limit // 2 - 2] + "..." + text[-(limit - limit // 2 - 1):]
+    return text[: limit - 3] + "..."
 
 
 def config_differences(stored: Any, current: Any, ignore: frozenset[str] = IGNORED_CONFIG_KEYS) -> list[str]:

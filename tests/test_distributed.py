@@ -244,16 +244,23 @@ def test_no_merge_virtual_file_then_merge_by_hand_and_merge_errors(reference, tm
         for name in ("attribution", "prediction", "label", "target", "input", "conservation/relevance_in"):
             assert v.read(name).tobytes() == r.read(name).tobytes(), name
         assert v.conservation["layer"] == r.conservation["layer"]
+        assert v.classes == r.classes == ["circle", "cross", "square", "triangle"]
+        assert v.config_dir == r.config_dir == str(DEMO_CONFIG.parent)
 
     merged = tmp_path / "merged.h5"
     other = tmp_path / "other.rank00001.h5"
     shutil.copy(shard1, other)
     with h5py.File(other, "r+") as f:
         f.attrs["config"] = str(f.attrs["config"]).replace("gamma: 0.25", "gamma: 0.5")
+    renamed = tmp_path / "renamed.rank00001.h5"
+    shutil.copy(shard1, renamed)
+    with h5py.File(renamed, "r+") as f:
+        f.attrs["classes"] = np.array(["circle", "cross", "square", "star"], dtype=object)
     duplicate = tmp_path / "copy.rank00001.h5"
     shutil.copy(shard1, duplicate)
     for shards, needle in (((shard0,), "missing shard: rank 1"), ((shard0, shard1, duplicate), "duplicate shard"),
-                           ((shard0, other), "composite.gamma"), ((shard0, tmp_path / "nope.h5"), "nope.h5"),
+                           ((shard0, other), "composite.gamma"), ((shard0, renamed), "different classes"),
+                           ((shard0, tmp_path / "nope.h5"), "nope.h5"),
                            ((reference, shard1), "not a shard")):
         code, text = cli("merge", *map(str, shards), "-o", str(merged))
         lines = [line for line in text.splitlines() if line.strip()]

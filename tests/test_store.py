@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 
 from lrpcli import store
 from lrpcli.errors import DataError
@@ -142,6 +143,57 @@ def test_without_input_and_extra_layers(tmp_path):
         np.testing.assert_array_equal(r.index, [7, 8])
     with h5py.File(path, "r") as f:
         assert "input" not in f
+
+
+def test_classes_and_config_dir_are_root_attributes(tmp_path):
+    names = ["chat noir é", "a/b", "日本語", "empty"]
+    with make_writer(tmp_path / "c.h5", classes=names, config_dir=str(tmp_path)) as w:
+        w.close(True)
+    with make_writer(tmp_path / "flat.h5", classes=[]) as w:
+        w.close(True)
+    with make_writer(tmp_path / "none.h5") as w:
+        w.close(True)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        info = h5py.check_string_dtype(f.attrs.get_id("classes").dtype)
+        assert (info.encoding, info.length) == ("utf-8", None)  # variable length
+        assert f.attrs["classes"].tolist() == names
+        assert f.attrs["config_dir"] == str(tmp_path)
+    with open_results(tmp_path / "c.h5") as r:
+        assert r.classes == names and r.config_dir == str(tmp_path)
+    with open_results(tmp_path / "flat.h5") as r:  # a flat folder: known to have no classes
+        assert r.classes == [] and r.config_dir is None
+    with open_results(tmp_path / "none.h5") as r:  # not given: unknown
+        assert r.classes is None and "classes" not in r.attrs
+    assert store.read_classes({"classes": np.array([b"x", "y"], dtype=object)}) == ["x", "y"]
+
+
+def test_file_config_makes_model_paths_absolute(tmp_path, monkeypatch):
+    from lrpcli.config import validate
+
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "share").mkdir()
+    (tmp_path / "share" / "net.py").write_text("")
+    (tmp_path / "share" / "w.pt").write_text("")
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "local.pt").write_text("")
+    monkeypatch.chdir(tmp_path / "cwd")
+    raw = {"model": {"entrypoint": "../share/net.py:build", "weights": "../share/w.pt"}}
+    config = validate(raw, base_dir=tmp_path / "cfg")
+    stored = store.file_config(config)
+    assert stored["model"]["entrypoint"] == f"{tmp_path / 'share' / 'net.py'}:build"
+    assert stored["model"]["weights"] == str(tmp_path / "share" / "w.pt")
+    assert {k: v for k, v in stored.items() if k != "model"} == {k: v for k, v in config.to_dict().items()
+                                                                   if k != "model"}
+    # found in the current folder (the loader's second place); a module, a weights name and a missing file stay
+    local = store.file_config(validate({"model": {"entrypoint": "pkg.mod:build", "weights": "local.pt"}},
+                                       base_dir=tmp_path / "cfg"))
+    assert local["model"]["entrypoint"] == "pkg.mod:build"
+    assert local["model"]["weights"] == str(tmp_path / "cwd" / "local.pt")
+    named = store.file_config(validate({"model": {"name": "resnet18", "weights": "IMAGENET1K_V1"}}))
+    assert named["model"]["weights"] == "IMAGENET1K_V1"
+    missing = store.file_config(validate({"model": {"entrypoint": "gone/net.py:build"}}, base_dir=tmp_path))
+    assert missing["model"]["entrypoint"] == "gone/net.py:build"
+    assert yaml.safe_load(store.config_yaml(stored)) == stored
 
 
 def test_compression_pays_only_where_rows_shrink():
