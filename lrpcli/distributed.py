@@ -49,7 +49,6 @@ __all__ = [
     "from_env",
     "shard_bounds",
     "shard_path",
-    "writer_with_attrs",
     "explain",
     "merge",
     "MergeSummary",
@@ -154,26 +153,6 @@ def from_env(output: str | os.PathLike, environ: Any = None) -> Shard | None:
     if world == 1:
         return None
     return Shard(rank, world, local_rank, shard_path(output, rank), grouped="MASTER_ADDR" in env)
-
-
-def writer_with_attrs(attrs: dict[str, Any]):
-    """A ResultWriter whose ``create`` also writes ``attrs`` on the root, inside the atomic creation.
-
-    Uses the store's ``_build`` step (called as ``cls._build`` by ``ResultWriter.create``), so the attributes
-    are there from the first moment the file exists and a kill can never leave a shard without them.
-    """
-    from .store import ResultWriter
-
-    extra = dict(attrs)
-
-    class ShardWriter(ResultWriter):
-        @staticmethod
-        def _build(f, **kwargs):
-            ResultWriter._build(f, **kwargs)
-            for name, value in extra.items():
-                f.attrs[name] = np.int64(value) if isinstance(value, int) else value
-
-    return ShardWriter
 
 
 # ------------------------------------------------------------------------------------------- explain

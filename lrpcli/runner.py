@@ -489,14 +489,9 @@ def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
         first_rows.update({f"layers/{name}": value for name, value in arrays["layers"].items()})
         attrs = dict(file_attrs or {})
         classes = attrs.pop("classes", None)
-        cls = ResultWriter
-        if attrs:
-            from .distributed import writer_with_attrs
-
-            cls = writer_with_attrs(attrs)
         stored = file_config(config)
-        return cls.create(
-            path, config=stored, config_yaml=config_yaml(stored), classes=classes,
+        return ResultWriter.create(
+            path, config=stored, config_yaml=config_yaml(stored), classes=classes, attrs=attrs,
             config_dir=Path(config.base_dir).resolve(), n_rows=total,
             num_outputs=arrays["prediction"].shape[1], sample_shape=tuple(arrays["attribution"].shape[1:]),
             layers=layers, rules=rules, dtype=config.output.dtype, store_input=config.output.store_input,

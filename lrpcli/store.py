@@ -392,12 +392,15 @@ class ResultWriter:
         compressed: Mapping[str, bool] | None = None,
         classes: Sequence[str] | None = None,
         config_dir: str | os.PathLike | None = None,
+        attrs: Mapping[str, Any] | None = None,
     ) -> ResultWriter:
         """Create the result file for ``n_rows`` samples, atomically (see the module docstring).
 
         ``config`` is the run's config as stored (:func:`file_config`) and ``config_yaml`` its text;
         ``classes`` (the data set's class names in label order, ``[]`` for a flat folder) and ``config_dir``
         (the config file's folder) become the root attributes of the same names; None leaves them out.
+        ``attrs`` are further root attributes (a shard's place in its run, the model fingerprint), written inside
+        the atomic creation so a kill can never leave a file without them.
 
         ``compressed``: per-sample datasets (``attribution``, ``prediction``, ``input``, ``layers/<name>``) to
         store uncompressed (False) or compressed (True, the default for names not given); see
@@ -432,7 +435,7 @@ class ResultWriter:
                 dtype=_DTYPES[dtype], store_input=store_input, extra_layers=extra_layers,
                 torch_version=torch_version, compressed=dict(compressed or {}),
                 classes=None if classes is None else list(classes),
-                config_dir=None if config_dir is None else os.fspath(config_dir)))
+                config_dir=None if config_dir is None else os.fspath(config_dir), attrs=dict(attrs or {})))
 
     @classmethod
     def _create_locked(cls, path: str, overwrite: bool, build: dict[str, Any]) -> ResultWriter:
@@ -496,9 +499,12 @@ class ResultWriter:
         compressed: Mapping[str, bool] | None = None,
         classes: Sequence[str] | None = None,
         config_dir: str | None = None,
+        attrs: Mapping[str, Any] | None = None,
     ) -> None:
         """Every dataset at full size, every chunk allocated, every attribute present (rule 1 and 2)."""
         f.attrs["config"] = config_yaml
+        for name, value in (attrs or {}).items():
+            f.attrs[name] = np.int64(value) if isinstance(value, int) and not isinstance(value, bool) else value
         if config_dir is not None:
             f.attrs["config_dir"] = _clean_str(config_dir)
         if classes is not None:

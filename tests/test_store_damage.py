@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from lrpcli.cli import main
-from lrpcli.distributed import Shard, merge, writer_with_attrs
+from lrpcli.distributed import Shard, merge
 from lrpcli.errors import DataError
 from lrpcli.render.reader import Source
 from lrpcli.store import ResultWriter, open_results
@@ -29,11 +29,12 @@ _spec.loader.exec_module(W)
 TOTAL, BATCH = 8, 4
 
 
-def write(path: Path, samples: list[int], *, cls=ResultWriter, dtype: str = "float32", n_rows: int | None = None):
+def write(path: Path, samples: list[int], *, attrs: dict | None = None, dtype: str = "float32",
+          n_rows: int | None = None):
     """A complete result file holding ``samples`` (values from tests/_kill_writer.py)."""
-    w = cls.create(path, config=W.CONFIG, config_yaml=W.CONFIG_YAML, n_rows=n_rows or len(samples),
-                   num_outputs=W.K, sample_shape=W.SHAPE, layers=W.LAYERS, rules=W.RULES, extra_layers=W.EXTRA,
-                   dtype=dtype)
+    w = ResultWriter.create(path, config=W.CONFIG, config_yaml=W.CONFIG_YAML, n_rows=n_rows or len(samples),
+                            num_outputs=W.K, sample_shape=W.SHAPE, layers=W.LAYERS, rules=W.RULES,
+                            extra_layers=W.EXTRA, dtype=dtype, attrs=attrs)
     rows = W.rows_for(samples)
     rows["attribution"] = rows["attribution"].astype(dtype)
     w.append(**rows)
@@ -47,7 +48,7 @@ def shards(folder: Path) -> list[Path]:
     for rank in (0, 1):
         shard = Shard(rank, 2, 0, folder / f"out.rank{rank:05d}.h5")
         start, stop = shard.bounds(TOTAL, BATCH)
-        out.append(write(shard.path, list(range(start, stop)), cls=writer_with_attrs(shard.attrs(TOTAL, BATCH))))
+        out.append(write(shard.path, list(range(start, stop)), attrs=shard.attrs(TOTAL, BATCH)))
     return out
 
 
