@@ -30,6 +30,7 @@ from torch import nn
 
 from . import relu_recompute
 from .layerops import bias_shape, empty_like_layout, forward, is_linear_layer
+from .rules import formula
 from .rules.base import Rule, fits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -262,6 +263,8 @@ class _RuleFunction(torch.autograd.Function):
                 return None, None, torch.ops.aten.threshold_backward(relevance, torch.relu(call.x), 0)
             return (None, relevance) + (None,) * n
         call.check_unmodified()
+        if formula.enabled():
+            return (None, None) + tuple(_RuleFunction._plain(call, relevance))
         call.restore_output(relevance)
         result = call.relevance(relevance)
         call._memo.clear()
@@ -274,6 +277,19 @@ class _RuleFunction(torch.autograd.Function):
         if call.session.recorder is not None:
             call.session.recorder.on_backward(call, relevance, result)
         return (None, None) + tuple(result)
+
+    @staticmethod
+    def _plain(call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The rule's formula (``rules.formula``) on the whole batch and the layer's true output."""
+        if call.rectified:  # kept as relu(z) by a forward that ran the fast path: z again, from the input
+            call.rectified = False
+            weight, bias = call.params()
+            call.output = formula.layer(call.module, call.x, weight, bias, call.output)
+        result = formula.relevance(call.rule, call, relevance)
+        call._memo.clear()
+        if call.session.recorder is not None:
+            call.session.recorder.on_backward(call, relevance, result)
+        return result
 
 
 def mark_zeros(inputs: Sequence[torch.Tensor], result: Sequence[torch.Tensor | None]) -> None:
@@ -588,7 +604,8 @@ class Session:
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
         if not output.requires_grad:
             return None
-        if rule.is_native_gradient and self.recorder is None and not (
+        plain = formula.enabled()
+        if rule.is_native_gradient and self.recorder is None and not plain and not (
                 rule.keeps_zeros(module) and inputs and self._rectifies(inputs[0])):
             # the module's own gradient flows unhooked: same result, nothing kept alive. A max pool over a ReLU
             # output that the layer below keeps stays hooked: it hands on the note that saves that layer a check
@@ -600,7 +617,7 @@ class Session:
             self.recorder.on_forward(call)
         # a ReLU output that can be recomputed stays out of the graph: once the forward has moved on, nothing
         # refers to it or to its autograd node, and its storage is freed
-        recompute = (self._in_root and relu_recompute.recomputable_relu(rule, module, inputs, output)
+        recompute = (self._in_root and not plain and relu_recompute.recomputable_relu(rule, module, inputs, output)
                      and self._saved.install())
         call.relu_recomputed = recompute
         result = _RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
@@ -608,6 +625,8 @@ class Session:
         if recompute:
             self._saved.add(result, inputs[0])
             call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # z lives in ctx (above)
+        if plain:  # every layer keeps its own output (no relu(z) in its place)
+            return result
         keeps_nothing = not rule.reads_of(module) and not rule.needs_graph
         if keeps_nothing and inputs and type(module) is nn.ReLU:
             if self._rectify_producer(inputs[0], output):
