@@ -101,9 +101,9 @@ def _plus(*terms: torch.Tensor | None) -> torch.Tensor:
 
 # -- the parameter rules ---------------------------------------------------------------------------------------
 def epsilon(rule: Epsilon, call, relevance: torch.Tensor) -> torch.Tensor:
-    """R_i = x_i sum_j W_ji R_j / s(z_j), z = f(x; W) + b."""
+    """R_i = x_i sum_j W_ji R_j / s(z_j), z the layer's output (without its bias under zero_params)."""
     (m, x, z), (w, b) = (call.module, call.x, call.output), call.params()
-    den = _plus(layer(m, x, w, None, z), _bias(m, b, z, rule))
+    den = z - b.view(layerops.bias_shape(m, z)) if rule.zero_bias and b is not None else z
     return x * transposed(m, x, w, relevance / stabilize(rule.stabilizer, den), z)
 
 
