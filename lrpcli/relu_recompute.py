@@ -34,10 +34,10 @@ class Scratch:
     """Reusable buffers for the relu(z) that backward nodes unpack, shared by the tokens of one forward (CPU).
 
     A recomputed relu(z) lives only while one node runs (a convolution's backward, a pool's), and layers repeat
-    their shapes (vgg16 within a block; resnet50 alternates two shapes within a stage). Fresh CPU memory of an
-    activation's size costs page faults that take longer than the relu itself (vgg16 beta_smooth: about +5 % of
-    the time with a fresh tensor each time; reuse removes most of that). A buffer is reused only when nothing but
-    this cache holds its storage; the last ``SLOTS`` shapes are kept, as long as the forward's graph lives.
+    their shapes (a VGG within a block; a ResNet alternates two shapes within a stage). Fresh CPU memory of an
+    activation's size costs page faults that take longer than the relu itself; reuse removes most of that. A
+    buffer is reused only when nothing but this cache holds its storage; the last ``SLOTS`` shapes are kept, as
+    long as the forward's graph lives.
     """
 
     SLOTS = 3
