@@ -204,3 +204,21 @@ def test_plain_formula_on_the_worked_example():
         with plain():
             r = lrpcli.attribute(layer, x, target=0, composite=LayerMap([(nn.Linear, rule)]))
         torch.testing.assert_close(r[0], torch.tensor(values, dtype=DT), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('composite', lrpcli.composites.names())
+def test_builtin_composites_with_merged_batchnorm(composite):
+    """Each built-in composite, with its canonizer's merged weights, on a small conv net."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(32, 5)).to(DT).eval()
+    with torch.no_grad():
+        for bn in (model[1], model[5]):
+            bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.normal_(), bn.bias.normal_()
+    x = torch.randn(2, 3, 10, 10, dtype=DT)
+    fast = lrpcli.attribute(model, x, target=0, composite=composite, canonizers=['merge_batchnorm'])
+    with plain():
+        slow = lrpcli.attribute(model, x, target=0, composite=composite, canonizers=['merge_batchnorm'])
+    torch.testing.assert_close(fast, slow, atol=ATOL, rtol=0)
+    assert slow.abs().max() > 1e-4
