@@ -190,6 +190,18 @@ def test_plain_switch_scopes_and_nests():
     assert not formula.enabled()
 
 
+@pytest.mark.parametrize('value,on', [('1', True), ('0', False), ('', False)])
+def test_environment_variable_switches_the_plain_path_on(value, on):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LRPCLI_PLAIN=value)
+    code = 'from lrpcli.rules import formula; print(formula.enabled())'
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(on)
+
+
 def test_plain_formula_on_the_worked_example():
     """The plain path reproduces the worked dense example of the README's rule table."""
     layer = nn.Linear(3, 2).to(DT)
