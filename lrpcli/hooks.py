@@ -14,6 +14,10 @@ through a relevance (create_graph=True) must see.
 ReLU outputs that are recomputed. A rule that reads only a ReLU's input keeps z; during a forward of the whole
 model the session stores what autograd saves of y = relu(z) as a reference to z and recomputes relu(z) when a
 backward needs it (``relu_recompute``), so the model keeps one activation per layer, as the plain gradient does.
+
+The plain path. Under ``rules.plain()`` every hooked layer keeps its own output and its relevance comes from
+``rules.formula`` on the whole batch: no rectified outputs, recomputed ReLUs, zero notes, unhooked gradients or
+batch slices.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 
 from . import relu_recompute
 from .layerops import bias_shape, empty_like_layout, forward, is_linear_layer
+from .rules import formula
 from .rules.base import Rule, fits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -130,7 +135,7 @@ class LayerCall:
         Where relu(z) > 0 it equals z. Where it is 0 (z <= 0) the rule's ratio R_j / s(den_j) is 0 whatever
         den_j is, as long as R_j = 0 — which holds whenever the layers above are proportional to their input
         (every LRP rule but Flat, WSquare and ZBox, and no gradient rule). When the relevance is the very tensor
-        such a rule made from this output (``mark_zeros``), that is known without looking; else one pass over
+        such a rule made from this output (``ZeroNotes``), that is known without looking; else one pass over
         both tensors checks it. Where it fails, z is recomputed from the stored input, one forward of this
         layer; also under create_graph=True, where z must carry its graph.
         """
@@ -138,7 +143,7 @@ class LayerCall:
             return
         self.rectified = False
         zero_where_rectified = not torch.is_grad_enabled() and (
-            zero_where(relevance, self.output)
+            self.session.zero_notes.known(relevance, self.output)
             or not bool(torch.logical_and(relevance != 0, self.output == 0).any()))
         if zero_where_rectified:
             self.output_rectified = True  # rules may use it: only outputs > 0 carry relevance
@@ -262,51 +267,85 @@ class _RuleFunction(torch.autograd.Function):
                 return None, None, torch.ops.aten.threshold_backward(relevance, torch.relu(call.x), 0)
             return (None, relevance) + (None,) * n
         call.check_unmodified()
+        if formula.enabled():
+            return (None, None) + tuple(_RuleFunction._plain(call, relevance))
         call.restore_output(relevance)
         result = call.relevance(relevance)
         call._memo.clear()
         if not torch.is_grad_enabled():
+            notes = call.session.zero_notes
             if call.rule.proportional_to_inputs or (call.rule.keeps_zeros(call.module)
-                                                    and zero_where(relevance, call.output)):
-                mark_zeros(call.inputs, result)
+                                                    and notes.known(relevance, call.output)):
+                notes.mark(call.inputs, result)
             else:
-                hand_on_note(relevance, result)
+                notes.hand_on(relevance, result)
         if call.session.recorder is not None:
             call.session.recorder.on_backward(call, relevance, result)
         return (None, None) + tuple(result)
 
+    @staticmethod
+    def _plain(call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The rule's formula (``rules.formula``) on the whole batch and the layer's true output."""
+        if call.rectified:  # kept as relu(z) by a forward that ran the fast path: z again, from the input
+            call.rectified = False
+            weight, bias = call.params()
+            call.output = formula.layer(call.module, call.x, weight, bias, call.output)
+        result = formula.relevance(call.rule, call, relevance)
+        call._memo.clear()
+        if call.session.recorder is not None:
+            call.session.recorder.on_backward(call, relevance, result)
+        return result
 
-def mark_zeros(inputs: Sequence[torch.Tensor], result: Sequence[torch.Tensor | None]) -> None:
-    """Note on each input's relevance that it is zero wherever that input is (a rule with
-    ``proportional_to_inputs`` made it), with the versions of both, for ``zero_where``.
 
-    A ReLU's output feeds the next layer: the note saves the layer below the ReLU the pass over its output and
-    relevance that ``restore_output`` would otherwise make (a quarter of the demo model's attribution time).
+class ZeroNotes:
+    """Which relevance tensors are known to be zero wherever a given tensor is, kept by the session.
+
+    A rule with ``proportional_to_inputs`` makes relevance that is zero wherever its input is; when that input is
+    a ReLU's output, the layer below the ReLU (which keeps relu(z) as its output, ``LayerCall.rectify``) is then
+    spared the pass over its output and relevance that ``restore_output`` would otherwise make. A note is keyed
+    by the relevance tensor's id and holds it weakly (ids of dead tensors are reused), with the versions of both
+    tensors: it holds only while neither changed. Notes are made and read within one backward; the session drops
+    them at the start of each forward.
     """
-    for x, r in zip(inputs, result):
-        if r is not None and r.shape == x.shape and not x.is_meta:
-            r._lrpcli_zero_where = (r._version, weakref.ref(x), x._version)
 
+    __slots__ = ("notes",)
 
-def hand_on_note(relevance: torch.Tensor, result: Sequence[torch.Tensor | None]) -> None:
-    """A result holding the very elements of the relevance (a Pass that reshapes it: Flatten) keeps its note."""
-    note = getattr(relevance, "_lrpcli_zero_where", None)
-    if note is not None:
-        for r in result:
-            if r is not None and r is not relevance and same_elements(r, relevance):
-                r._lrpcli_zero_where = note
+    def __init__(self) -> None:
+        #: id(relevance) -> (weak relevance, its version, weak input, the input's version)
+        self.notes: dict[int, tuple[weakref.ref, int, weakref.ref, int]] = {}
 
+    def mark(self, inputs: Sequence[torch.Tensor], result: Sequence[torch.Tensor | None]) -> None:
+        """Each input's relevance in ``result`` is zero wherever that input is."""
+        for x, r in zip(inputs, result):
+            if r is not None and r.shape == x.shape and not x.is_meta:
+                self.notes[id(r)] = (weakref.ref(r), r._version, weakref.ref(x), x._version)
 
-def zero_where(relevance: torch.Tensor, output: torch.Tensor) -> bool:
-    """True if ``relevance`` is known to be zero wherever ``output`` is: a rule proportional to its input made it
-    (``mark_zeros``) from a tensor holding the same elements as ``output``, and neither changed since."""
-    note = getattr(relevance, "_lrpcli_zero_where", None)
-    if note is None:
-        return False
-    version, ref, x_version = note
-    x = ref()
-    return (x is not None and relevance._version == version and x._version == x_version
-            and relevance.numel() == output.numel() and same_elements(x, output))
+    def _note(self, relevance: torch.Tensor) -> tuple[weakref.ref, int, weakref.ref, int] | None:
+        note = self.notes.get(id(relevance))
+        return note if note is not None and note[0]() is relevance else None
+
+    def hand_on(self, relevance: torch.Tensor, result: Sequence[torch.Tensor | None]) -> None:
+        """A result holding the very elements of the relevance (a Pass that reshapes it: Flatten) keeps its
+        note."""
+        note = self._note(relevance)
+        if note is not None:
+            for r in result:
+                if r is not None and r is not relevance and same_elements(r, relevance):
+                    self.notes[id(r)] = (weakref.ref(r),) + note[1:]
+
+    def known(self, relevance: torch.Tensor, output: torch.Tensor) -> bool:
+        """True if ``relevance`` is known to be zero wherever ``output`` is: a note says so for a tensor holding
+        the same elements as ``output``, and neither changed since."""
+        note = self._note(relevance)
+        if note is None:
+            return False
+        _, version, ref, x_version = note
+        x = ref()
+        return (x is not None and relevance._version == version and x._version == x_version
+                and relevance.numel() == output.numel() and same_elements(x, output))
+
+    def clear(self) -> None:
+        self.notes.clear()
 
 
 def same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -398,6 +437,7 @@ class Session:
         self._rectifying: dict[int, weakref.ref] = {}  # ReLU outputs that a producer keeps as its output
         self._in_root = False  # inside a forward of the whole model (the producers are cleared at its end)
         self._saved = relu_recompute.SavedTensors()
+        self.zero_notes = ZeroNotes()
         self._order = 0
         self._probed = False
         self._probing = False
@@ -437,6 +477,7 @@ class Session:
 
     def _undo(self) -> None:
         self._saved.remove()
+        self.zero_notes.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -483,6 +524,7 @@ class Session:
         self._tap_counts: dict[str, int] = {}
         self._producers.clear()
         self._rectifying.clear()
+        self.zero_notes.clear()
         self._saved.remove()  # left over only if the last forward was interrupted (KeyboardInterrupt)
         self._in_root = True
         if self.recorder is not None:
@@ -588,11 +630,12 @@ class Session:
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
         if not output.requires_grad:
             return None
-        if rule.is_native_gradient and self.recorder is None and not (
+        plain = formula.enabled()
+        if rule.is_native_gradient and self.recorder is None and not plain and not (
                 rule.keeps_zeros(module) and inputs and self._rectifies(inputs[0])):
             # the module's own gradient flows unhooked: same result, nothing kept alive. A max pool over a ReLU
             # output that the layer below keeps stays hooked: it hands on the note that saves that layer a check
-            # (``mark_zeros``; vgg16: 65 ms per AlphaBeta batch), and keeps nothing that is not kept anyway
+            # (``ZeroNotes``), and keeps nothing that is not kept anyway
             return None
         key = assignment.name if count == 0 else f"{assignment.name}#{count + 1}"
         call = LayerCall(self, module, assignment.name, key, rule, inputs, output)
@@ -600,7 +643,7 @@ class Session:
             self.recorder.on_forward(call)
         # a ReLU output that can be recomputed stays out of the graph: once the forward has moved on, nothing
         # refers to it or to its autograd node, and its storage is freed
-        recompute = (self._in_root and relu_recompute.recomputable_relu(rule, module, inputs, output)
+        recompute = (self._in_root and not plain and relu_recompute.recomputable_relu(rule, module, inputs, output)
                      and self._saved.install())
         call.relu_recomputed = recompute
         result = _RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
@@ -608,6 +651,8 @@ class Session:
         if recompute:
             self._saved.add(result, inputs[0])
             call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # z lives in ctx (above)
+        if plain:  # every layer keeps its own output (no relu(z) in its place)
+            return result
         keeps_nothing = not rule.reads_of(module) and not rule.needs_graph
         if keeps_nothing and inputs and type(module) is nn.ReLU:
             if self._rectify_producer(inputs[0], output):

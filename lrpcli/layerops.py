@@ -39,8 +39,8 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     """channels_last (channels_last_3d) where ``t`` is laid out so, else the plain contiguous format.
 
     Buffers the rules allocate follow the layout of the tensors they meet: a channels-last model keeps its
-    layout through the rules instead of mixing layouts in every element-wise pass (which ran vgg16's AlphaBeta
-    in channels-last 1.4x slower than in NCHW)."""
+    layout through the rules instead of mixing layouts in every element-wise pass (a mixed-layout pass is a
+    strided gather, much slower than a contiguous one)."""
     channels_last = _CHANNELS_LAST.get(t.dim())
     if channels_last is not None and not t.is_contiguous() and t.is_contiguous(memory_format=channels_last):
         return channels_last
@@ -79,9 +79,9 @@ def _pointwise(module: nn.Module, positions: int, t: torch.Tensor) -> bool:
     POINTWISE_MIN_POSITIONS output positions: it is then a matrix product over the channels.
 
     On the CPU, oneDNN runs convolutions on NCHW tensors through reorders into its blocked layout; for the 1x1
-    layers of a resnet50 bottleneck at 56x56 and 28x28 a batched matrix product on the NCHW tensor as it is
-    takes a third to a half of the time (and strided 1x1 transposed ones are oneDNN's slowest case). Below
-    about 16x16 positions oneDNN is as fast or faster, so those stay with it. A channels-last tensor (``t``, the
+    layers of a residual bottleneck a batched matrix product on the NCHW tensor as it is avoids those reorders
+    (and strided 1x1 transposed ones are oneDNN's slowest case). Below POINTWISE_MIN_POSITIONS positions the
+    reorders are cheap and oneDNN is as fast, so those stay with it. A channels-last tensor (``t``, the
     operand) needs no reorder and stays with oneDNN too.
     """
     return (t.device.type == "cpu" and positions >= POINTWISE_MIN_POSITIONS and isinstance(module, CONV_TYPES)
@@ -164,8 +164,8 @@ def pairable(module: nn.Module) -> bool:
     """True where W1^T a + W2^T b can be one transposed operation over the stacked weights [W1; W2].
 
     Convolutions without groups only: stacking the output channels of a grouped convolution would mix groups,
-    and for Linear layers the stacked weight is a second copy of the largest tensors of a model (vgg16's first
-    dense layer is 400 MB) for no gain (one matrix product is already one call).
+    and for Linear layers the stacked weight is a second copy of the largest tensors of a model (an image
+    model's first dense layer) for no gain (one matrix product is already one call).
     """
     return isinstance(module, CONV_TYPES + CONV_TRANSPOSE_TYPES) and module.groups == 1
 
@@ -197,7 +197,7 @@ def input_vjps(module: nn.Module, x: torch.Tensor, first: torch.Tensor, second: 
                z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(first^T v, second^T v): two weights, one vector. Stacked along the input channels where the layer allows
     (Linear, or no groups), it is one transposed operation with twice the input channels: for a first layer on
-    3-channel images that runs in half the time of two calls."""
+    3-channel images that is one call instead of two, each too narrow to use the cores well."""
     if isinstance(module, nn.Linear) or module.groups == 1:
         channels = channel_dim(module)  # inputs hold their channels where outputs do
         shape = list(x.shape)

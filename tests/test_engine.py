@@ -377,8 +377,8 @@ def test_relevance_made_by_a_proportional_rule_needs_no_zero_check(monkeypatch, 
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
     model, comp = _relu_chain(nn.ReLU, Gamma(0.25), upper_rule)
     seen, checks = [], []
-    original, logical_and = hooks.zero_where, torch.logical_and
-    monkeypatch.setattr(hooks, "zero_where", lambda r, o: seen.append(original(r, o)) or seen[-1])
+    original, logical_and = hooks.ZeroNotes.known, torch.logical_and
+    monkeypatch.setattr(hooks.ZeroNotes, "known", lambda n, r, o: seen.append(original(n, r, o)) or seen[-1])
     monkeypatch.setattr(torch, "logical_and", lambda *a: checks.append(1) or logical_and(*a))
     lrpcli.attribute(model, x, 1, composite=comp)
     assert seen == known  # backward order: "4" (under the Linear; not rectified under Flat), "2", "0"
@@ -404,8 +404,8 @@ def test_zero_note_passes_a_winner_takes_all_max_pool(monkeypatch, recorded):
                      (nn.MaxPool2d, Gradient())])
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
     seen = []
-    original = hooks.zero_where
-    monkeypatch.setattr(hooks, "zero_where", lambda r, o: seen.append(original(r, o)) or seen[-1])
+    original = hooks.ZeroNotes.known
+    monkeypatch.setattr(hooks.ZeroNotes, "known", lambda n, r, o: seen.append(original(n, r, o)) or seen[-1])
 
     def attribute(model: nn.Module) -> torch.Tensor:
         with comp.context(model, recorder=Recorder() if recorded else None) as m:
@@ -421,8 +421,10 @@ def test_zero_note_passes_a_winner_takes_all_max_pool(monkeypatch, recorded):
 
 
 def test_zero_note_holds_only_while_both_tensors_are_unchanged():
-    from lrpcli.hooks import mark_zeros, zero_where
+    from lrpcli.hooks import ZeroNotes
 
+    notes = ZeroNotes()
+    mark_zeros, zero_where = notes.mark, notes.known
     y = torch.relu(torch.randn(2, 3, 4))
     r = y * torch.randn(2, 3, 4)
     mark_zeros([y], [r])

@@ -9,6 +9,7 @@ from .alphabeta import AlphaBeta
 from .base import ParamRule, Rule
 from .epsilon import Epsilon
 from .flat import Flat, WSquare
+from .formula import plain
 from .gamma import Gamma
 from .maxpool import MaxPoolAverage
 from .norm import Norm
@@ -47,4 +48,4 @@ def make(name: str, **params: Any) -> Rule:
 
 __all__ = ["Rule", "ParamRule", "Stabilizer", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare",
            "Norm", "Pass", "Gradient", "GuidedBackprop", "DeconvNet", "BetaSmooth", "MaxPoolAverage", "make",
-           "names"]
+           "names", "plain"]

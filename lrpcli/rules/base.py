@@ -4,6 +4,19 @@ A rule maps the relevance arriving at a module's output to the relevance at each
 ``LayerCall``: the module, the tensors it was called with, the output it produced (already computed by the
 forward — rules never re-run the original layer) and the effective parameters (canonizers may substitute
 merged weights). Rules are stateless and may be shared by many modules.
+
+Besides ``relevance``, a rule tells the hooks what it allows them to skip; none of these changes a number
+(``rules.formula`` runs without them, tests/test_plain_path.py compares), and each stays for its reason:
+- ``reads`` / ``reads_of``: memory; a call keeps only what its rule reads, else every layer's input and output
+  live until the backward reaches it.
+- ``needs_graph``: not a shortcut; Norm and Gradient run the module's own backward, which needs its graph.
+- ``is_native_gradient``: memory and time; the module runs unhooked, with no record and no extra node.
+- ``makes_temporaries``: time; slicing a rule that hands relevance on unchanged (Pass) over the batch only copies.
+- ``proportional_to_inputs`` and ``keeps_zeros``: time; they let the layer below a ReLU skip the check of
+  ``LayerCall.restore_output`` (``hooks.ZeroNotes``).
+- ``splits_over_batch``: not a shortcut; it keeps batch slicing away from a rule with per-sample parameters.
+- ``tolerates_rectified_output`` (``ParamRule.ratio_of_output``): memory; a layer followed by a ReLU keeps
+  relu(z), which the next layer keeps anyway, instead of z.
 """
 
 from __future__ import annotations

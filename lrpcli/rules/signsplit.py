@@ -120,7 +120,7 @@ class SignSplit:
 
     @functools.cached_property
     def weight_neg(self) -> torch.Tensor:
-        """W- = W - W+, formed only where a job needs it (vgg16's first dense W- is 400 MB)."""
+        """W- = W - W+, formed only where a job needs it (a first dense layer's W- is as large as W)."""
         return self.call.memo("weight_neg", lambda: self.weight - self.weight_pos)
 
     @property

@@ -55,7 +55,7 @@ class Stabilizer:
                nonnegative: bool = False) -> torch.Tensor:
         """numerator / s(den), with one new tensor instead of three when no graph is being recorded.
 
-        Fresh large tensors cost page faults on the CPU (a new 100 MB output triples an addition's time), so the
+        Fresh large tensors cost page faults on the CPU, which can take longer than the arithmetic, so the
         first-order path computes s(den) into one buffer (``out`` when given, e.g. half of a rule's pair buffer)
         and divides into it. With grad enabled (second order) it stays out of place and ``out`` must be None.
         ``nonnegative``: den >= 0 (a rectified output), so s(den) is den + eps or max(den, eps), one pass less.

@@ -36,7 +36,7 @@ class ZPlus(ParamRule):
         """x >= 0 through a large dense layer with W+ formed for a block of outputs at a time.
 
         The ratio of output j depends on output j alone, so each block of rows of W+ serves its forward and its
-        share of the transposed product, and W+ (400 MB for vgg16's first dense layer) never exists whole.
+        share of the transposed product, and W+ (as large as the layer's weight) never exists whole.
         """
         w, x = split.weight, split.x
         bias = split.bias_pos()
