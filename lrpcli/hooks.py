@@ -27,7 +27,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,10 +37,40 @@ from .layerops import bias_shape, empty_like_layout, forward, is_linear_layer
 from .rules import formula
 from .rules.base import Rule, fits
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .canonizers.base import Canonizer
-    from .composites.base import Composite
-    from .recorder import Recorder
+
+class Composite(Protocol):
+    """What a session asks of its composite (``composites.base.Composite``): the rule of each module."""
+
+    def rule_for(self, name: str, module: nn.Module, state: Any) -> Rule | None: ...
+
+
+class Canonizer(Protocol):
+    """What a session asks of a canonizer (``canonizers.base.Canonizer``): apply, revert, and the probe."""
+
+    needs_probe: bool
+
+    def apply(self, model: nn.Module, session: Session) -> nn.Module: ...
+
+    def revert(self) -> None: ...
+
+    def on_probe(self, probe: Probe, session: Session) -> None: ...
+
+
+class Recorder(Protocol):
+    """What a session tells a recorder (``recorder.Recorder``): each call's forward and backward, and the
+    relevance at the outputs of the modules it asked for."""
+
+    patterns: Sequence[str]
+
+    def wants_map(self, name: str) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def on_forward(self, call: LayerCall) -> None: ...
+
+    def on_backward(self, call: LayerCall, relevance: torch.Tensor, result: Sequence[torch.Tensor | None]) -> None: ...
+
+    def on_map(self, key: str, relevance: torch.Tensor) -> None: ...
 
 
 #: largest relevance tensor (bytes) a rule processes in one piece; larger ones are split over the batch

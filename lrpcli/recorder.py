@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from .hooks import same_elements
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .hooks import LayerCall
+from .hooks import LayerCall, same_elements
 
 DETAIL_KEYS = ("negative_share", "max", "min", "nonfinite", "input_negative", "dtype")
 

@@ -21,17 +21,41 @@ Besides ``relevance``, a rule tells the hooks what it allows them to skip; none 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from .stabilizer import Stabilizer
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..hooks import LayerCall
-
 ZERO_PARAMS = ("bias",)
+
+
+class LayerCall(Protocol):
+    """What a rule reads of one call of its module. ``hooks.LayerCall`` implements it; the protocol lives here so
+    that the rules do not import the hooks that call them."""
+
+    module: torch.nn.Module
+    name: str
+    key: str
+    rule: Rule
+    inputs: tuple[torch.Tensor, ...]
+    output: torch.Tensor
+    into: torch.Tensor | None
+    input_nonnegative: bool
+    output_rectified: bool
+
+    @property
+    def x(self) -> torch.Tensor: ...
+
+    @property
+    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def memo(self, key: str, build: Callable[[], Any]) -> Any: ...
+
+    def output_without_bias(self, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def native_vjp(self, v: torch.Tensor) -> tuple[torch.Tensor | None, ...]: ...
 
 
 class Rule:
