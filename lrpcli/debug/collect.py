@@ -16,9 +16,11 @@ import numpy as np
 import torch
 
 from ..config import resolve_device
+from ..data import collate, open_image_folder
 from ..errors import ConfigError, DataError, LrpcliError, RunError
 from ..explainer import Explainer, TargetError, composite_from_config
 from ..hooks import UnhandledModuleWarning
+from ..models import input_shape, load_model
 from ..recorder import Recorder
 from ..rules.base import ParamRule
 from ..rules.passthrough import Pass
@@ -49,8 +51,6 @@ def collect(config: Any, data: str | Path | None = None, *, samples: int = 4, de
 def _inputs(config: Any, data: str | Path | None, samples: int) -> tuple[Any, Any, list[str], str]:
     """(inputs N x C x H x W, labels, names, description): the first images of DATA or seeded noise."""
     if data is None:
-        from ..models import input_shape
-
         shape = input_shape(config)
         generator = torch.Generator().manual_seed(int(config.run.seed))
         x = torch.randn((samples, *shape), generator=generator)
@@ -58,8 +58,6 @@ def _inputs(config: Any, data: str | Path | None, samples: int) -> tuple[Any, An
         line = (f"{samples} random input{'s' if samples != 1 else ''} {tuple(shape)} "
                 f"(standard normal in the normalised space, seed {config.run.seed})")
         return x, torch.full((samples,), -1, dtype=torch.long), names, line
-    from ..data import collate, open_image_folder
-
     data = Path(data)
     dataset = open_image_folder(data, config.input)
     good, skipped = [], []
@@ -80,8 +78,6 @@ def _inputs(config: Any, data: str | Path | None, samples: int) -> tuple[Any, An
 
 def load(config: Any) -> torch.nn.Module:
     """The config's model (eval mode, CPU)."""
-    from ..models import load_model
-
     return load_model(config)
 
 
@@ -148,7 +144,7 @@ def _run(config: Any, model: Any, comp: Any, x: Any, labels: Any) -> Report:
         input_relevance=np.concatenate([c["input_relevance"] for c in chunks]),
         details={name: joined[name] for name in DETAIL_FIELDS}, dtypes=[first[k][2] for k in layers],
         assignments=[_assignment(a) for a in coverage], notes=canonizer_notes + notes,
-        gradient_space=comp.seed != "output",
+        gradient_space=explainer.initial != "output",
     )
 
 
