@@ -129,8 +129,8 @@ def background_threads_help(device: torch.device) -> bool:
 MAX_BATCH_SIZE = 2**31 - 1
 
 
-def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite: bool = False,
-            progress: bool | None = None, shard: Any = None) -> RunSummary:
+def run(config: Config, data: str | Path, *, resume: bool = False, overwrite: bool = False,
+        progress: bool | None = None, shard: Any = None) -> RunSummary:
     """Run the configured attribution over every image of ``data`` and write one HDF5 file.
 
     ``shard`` (a :class:`lrpcli.distributed.Shard`) restricts the run to one rank's block of the data set: its
