@@ -1,90 +1,23 @@
-"""The one-call API: ``lrpcli.attribute`` (relevance for a batch) and the target -> initial relevance logic."""
+"""The one-call API: ``lrpcli.attribute``, relevance for a batch through one ``Explainer``.
+
+``initial_relevance``, ``resolve_composite`` and ``resolve_overrides`` live in ``lrpcli.explainer`` and are
+re-exported here, where the package and older callers find them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import fnmatch
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .composites import Composite, get
+from .composites import Composite
+from .explainer import Explainer, Target, initial_relevance, resolve_composite, resolve_overrides
 from .recorder import Recorder
 
-Target = int | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
-
-
-def initial_relevance(output: torch.Tensor, target: Target, seed: str = "output") -> torch.Tensor:
-    """The relevance put in at the output.
-
-    An int or a 1-d tensor of class indices selects a class (along dim 1) per sample: the result is the output
-    masked to that class (``seed='output'``, the logit itself) or a one-hot (``seed='onehot'``, for gradients).
-    None selects the predicted class. A tensor shaped like the output is used as is; a callable gets the output
-    and returns such a tensor.
-    """
-    if callable(target) and not isinstance(target, torch.Tensor):
-        seed_tensor = target(output)
-        if not isinstance(seed_tensor, torch.Tensor) or seed_tensor.shape != output.shape:
-            got = tuple(seed_tensor.shape) if isinstance(seed_tensor, torch.Tensor) else type(seed_tensor).__name__
-            raise ValueError(f"target callable must return a tensor shaped like the output {tuple(output.shape)}, "
-                             f"got {got}")
-        return seed_tensor.to(output.dtype)
-    if isinstance(target, torch.Tensor) and target.shape == output.shape and target.dim() > 1:
-        return target.to(device=output.device, dtype=output.dtype)
-    if output.dim() < 2:
-        raise ValueError(f"class targets need an output with a class dimension (dim 1); output is "
-                         f"{tuple(output.shape)}: pass a tensor shaped like the output instead")
-    n, k = output.shape[0], output.shape[1]
-    if target is None:
-        index = output.detach().reshape(n, k, -1).sum(-1).argmax(1)
-    elif isinstance(target, bool):
-        raise TypeError("target: expected a class index, a tensor or a callable, got a bool")
-    elif isinstance(target, int):
-        index = torch.full((n,), target, dtype=torch.long, device=output.device)
-    else:
-        index = torch.as_tensor(target, device=output.device)
-        if index.dim() != 1 or index.shape[0] != n or index.is_floating_point():
-            raise ValueError(f"target: expected an int, {n} class indices, or a tensor shaped like the output "
-                             f"{tuple(output.shape)}; got shape {tuple(index.shape)}")
-        index = index.long()
-    if bool(((index < 0) | (index >= k)).any()):
-        raise ValueError(f"target: class index out of range for {k} outputs: {index.tolist()}")
-    shape = (n, k) + (1,) * (output.dim() - 2)
-    mask = torch.zeros(shape, dtype=output.dtype, device=output.device)
-    mask.scatter_(1, index.view((n, 1) + (1,) * (output.dim() - 2)), 1.0)
-    mask = mask.expand_as(output)
-    return mask * output if seed == "output" else mask.clone()
-
-
-def resolve_composite(composite: str | Composite | None, **params: Any) -> Composite | None:
-    """A composite object from a name (with its parameters) or as given.
-
-    ``overrides`` are checked and built here (``lrpcli.config.resolve_overrides``: the forms README's Python
-    API lists), so a wrong item fails now with a message naming it, not later inside the model.
-    """
-    given = {k: v for k, v in params.items() if v is not None}
-    if "overrides" in given:
-        given["overrides"] = resolve_overrides(given["overrides"], given)
-    if composite is None or isinstance(composite, Composite):
-        if given:
-            raise ValueError(f"{', '.join(sorted(given))}: only apply with a composite name; build the composite "
-                             "object with them instead")
-        return composite
-    if not isinstance(composite, str):
-        raise TypeError(f"composite: expected a name or a Composite, got {type(composite).__name__}")
-    return get(composite, **given)
-
-
-def resolve_overrides(overrides: Any, values: dict[str, Any] | None = None) -> list[tuple[Any, Any]]:
-    """``overrides=`` as (matcher, Rule) pairs; a wrong name or value is a ValueError (a ConfigError in config
-    terms), a wrong form a TypeError."""
-    from .config import resolve_overrides as resolve
-    from .errors import ConfigError
-
-    try:
-        return resolve(overrides, values)
-    except ConfigError as err:
-        raise ValueError(str(err)) from None
+__all__ = ["Target", "attribute", "initial_relevance", "resolve_composite", "resolve_overrides"]
 
 
 def attribute(model: nn.Module, x: torch.Tensor, target: Target = None,
@@ -104,39 +37,24 @@ def attribute(model: nn.Module, x: torch.Tensor, target: Target = None,
     """
     comp = resolve_composite(composite, epsilon=epsilon, gamma=gamma, low=low, high=high, stabilizer=stabilizer,
                              zero_params=zero_params, maxpool=maxpool, overrides=overrides, **params)
-    x_in = x if x.requires_grad else x.detach().requires_grad_(True)
-    maps: dict[str, torch.Tensor] = {}
-    if comp is None:
-        if canonizers or layers:
-            raise ValueError("canonizers and layers need a composite")
-        with torch.enable_grad():
-            output = model(x_in)
-            seed = initial_relevance(output, target, "onehot")
-            (relevance,) = torch.autograd.grad(output, x_in, seed, create_graph=create_graph)
-    else:
-        recorder = None
+    if comp is None and (canonizers or layers):
+        raise ValueError("canonizers and layers need a composite")
+    recorder = Recorder(layers, keep_graph=create_graph) if layers else None
+    explainer = Explainer(model, comp, canonizers, target=target, recorder=recorder, strict=strict,
+                          create_graph=create_graph)
+    with explainer:
         if layers:
-            recorder = Recorder(layers, keep_graph=create_graph)
-        with comp.context(model, canonizers=canonizers, strict=strict, recorder=recorder) as m:
-            if layers:
-                _check_patterns(m, layers)
-            with torch.enable_grad():
-                output = m(x_in)
-                seed = initial_relevance(output, target, comp.seed)
-                (relevance,) = torch.autograd.grad(output, x_in, seed, create_graph=create_graph)
-            if recorder is not None:
-                maps = recorder.ordered_maps()
-    result: tuple = (relevance,)
+            _check_patterns(explainer.model, layers)
+        result = explainer(x)
+    out: tuple = (result.relevance,)
     if return_output:
-        result = (output if create_graph else output.detach(),) + result
+        out = (result.output,) + out
     if layers:
-        result = result + (maps,)
-    return result[0] if len(result) == 1 else result
+        out = out + (result.layers,)
+    return out[0] if len(out) == 1 else out
 
 
 def _check_patterns(model: nn.Module, patterns: Sequence[str]) -> None:
-    import fnmatch
-
     names = [n for n, _ in model.named_modules() if n]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):

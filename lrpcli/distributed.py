@@ -49,7 +49,7 @@ __all__ = [
     "from_env",
     "shard_bounds",
     "shard_path",
-    "explain",
+    "run_rank",
     "merge",
     "MergeSummary",
 ]
@@ -188,10 +188,10 @@ class DistributedSummary:
         return out
 
 
-def explain(config: Any, data: str | Path, shard: Shard, *, resume: bool = False, overwrite: bool = False,
-            merge_shards: bool = True, progress: bool | None = None) -> DistributedSummary:
+def run_rank(config: Any, data: str | Path, shard: Shard, *, resume: bool = False, overwrite: bool = False,
+             merge_shards: bool = True, progress: bool | None = None) -> DistributedSummary:
     """One rank's part of a distributed ``lrpcli explain``: its shard, the barrier, and on rank 0 the merge."""
-    from .runner import explain as run_shard
+    from .runner import run as run_shard
     from .store import open_results
 
     output = Path(config.output.path)

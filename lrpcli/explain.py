@@ -1,4 +1,5 @@
-"""``lrpcli explain CONFIG DATA``: the click command; the work is in ``runner.explain``."""
+"""``lrpcli explain CONFIG DATA``: the click command; the work is in ``runner.run`` (one process) or
+``distributed.run_rank`` (one rank under torchrun)."""
 
 from __future__ import annotations
 
@@ -80,15 +81,15 @@ def explain(config: Path, data: Path, output: Path | None, batch_size: int | Non
     progress = None if not quiet else False
     shard = from_env(cfg.output.path)
     if shard is not None:
-        from .distributed import explain as run_distributed
+        from .distributed import run_rank
 
-        result = run_distributed(cfg, data, shard, resume=resume, overwrite=overwrite,
-                                 merge_shards=not no_merge, progress=progress)
+        result = run_rank(cfg, data, shard, resume=resume, overwrite=overwrite,
+                          merge_shards=not no_merge, progress=progress)
         if not quiet:
             for line in result.lines():
                 click.echo(line)
         return
-    from .runner import explain as run
+    from .runner import run
 
     summary = run(cfg, data, resume=resume, overwrite=overwrite, progress=progress)
     if not quiet:

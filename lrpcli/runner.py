@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import initial_relevance
-from .config import Config, available_cpus, composite_kwargs, resolve_baseline, resolve_device, resolve_num_workers
+from .config import Config, available_cpus, resolve_device, resolve_num_workers
 from .errors import ConfigError, DataError, LrpcliError, RunError
+from .explainer import Explainer
 from .recorder import Recorder
 
 
@@ -125,38 +125,12 @@ def background_threads_help(device: torch.device) -> bool:
     return available_cpus() > torch.get_num_threads()
 
 
-def _targets(config: Config, labels: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    target = config.attribution.target
-    if target == "label":
-        return labels
-    if target == "prediction":
-        return output.detach().reshape(output.shape[0], output.shape[1], -1).sum(-1).argmax(1)
-    return torch.full_like(labels, int(target))
-
-
-def _method(config: Config):
-    """A function (model, composite, x, target) -> (output, attribution) for non-LRP methods."""
-    from . import attributors
-
-    att = config.attribution
-    method = att.method
-    fn = attributors.ATTRIBUTORS[method]
-    extra: dict[str, Any] = {}
-    if method == "smoothgrad":
-        extra = {"noise_level": att.noise_level, "n_iter": att.n_iter, "seed": config.run.seed}
-    elif method == "integrated_gradients":
-        extra = {"n_iter": att.n_iter, "baseline": resolve_baseline(config)}
-    elif method == "occlusion":
-        extra = {"window": list(att.window), "stride": list(att.stride), "fill": att.fill}
-    return lambda model, x, target: fn(model, x, target, **extra)
-
-
 #: The largest ``run.batch_size`` a run accepts (a DataLoader takes at most sys.maxsize per batch).
 MAX_BATCH_SIZE = 2**31 - 1
 
 
-def explain(config: Config, data: str | Path, *, resume: bool = False, overwrite: bool = False,
-            progress: bool | None = None, shard: Any = None) -> RunSummary:
+def run(config: Config, data: str | Path, *, resume: bool = False, overwrite: bool = False,
+        progress: bool | None = None, shard: Any = None) -> RunSummary:
     """Run the configured attribution over every image of ``data`` and write one HDF5 file.
 
     ``shard`` (a :class:`lrpcli.distributed.Shard`) restricts the run to one rank's block of the data set: its
@@ -366,33 +340,28 @@ class _Run:
     def go(self, writer_for_resume: Any, show: bool, t0: float) -> RunSummary:
         from tqdm import tqdm
 
-        from . import composites
-
         config, first, stop, out_path = self.config, self.first, self.stop, self.out_path
         start = first if writer_for_resume is None else (
             first + writer_for_resume.rows_written + writer_for_resume.n_skipped)
-        lrp = config.attribution.method == "lrp"
+        layer_patterns = list(config.output.layers or [])
+        recorder = Recorder(layer_patterns) if config.attribution.method == "lrp" else None
         try:
-            comp = composites.get(config.composite.name, **composite_kwargs(config)) if lrp else None
-            method = None if lrp else _method(config)
+            explainer = Explainer.from_config(config, self.model, recorder=recorder)
             loader, batches, threads = self._batches(start)
         except BaseException:
             if writer_for_resume is not None:
                 writer_for_resume.close(complete=False)
             raise
-        layer_patterns = list(config.output.layers or [])
         summary = RunSummary(out_path, rows=start - first, resumed_from=start - first)
-        recorder = Recorder(layer_patterns) if lrp else None
         batch_writer = _BatchWriter(threaded=threads)
         batch_writer.writer = writer_for_resume
         layer_shapes: dict[str, tuple[int, ...]] = {}
         bar = tqdm(total=stop - first, initial=start - first, unit="img", disable=not show, dynamic_ncols=True,
                    leave=False, desc=None if self.shard is None else f"rank {self.shard.rank}")
-        context = comp.context(self.model, recorder=recorder) if lrp else contextlib.nullcontext(self.model)
         completed = False
         checked = False
         try:
-            with context as run_model, warnings.catch_warnings():
+            with explainer, warnings.catch_warnings():
                 warnings.simplefilter("once")
                 for collated in batches:
                     batch, skipped = collated.batch, collated.skipped
@@ -402,8 +371,8 @@ class _Run:
                     arrays, table = None, ([], [])
                     if len(batch):
                         check = None if checked else self._check_output
-                        arrays, table = _attribute_batch(config, run_model, self.model, comp, method, recorder,
-                                                         batch, self.device, layer_patterns, layer_shapes, check)
+                        arrays, table = _attribute_batch(config, explainer, batch, self.device, layer_patterns,
+                                                         layer_shapes, check)
                         checked = True
                         summary.rows += len(batch)
                     make_writer = _writer_factory(config, out_path, stop - first, arrays, table, self.overwrite,
@@ -501,7 +470,7 @@ def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
     return make
 
 
-def _attribute_batch(config: Config, run_model, model, comp, method, recorder: Recorder | None, batch, device,
+def _attribute_batch(config: Config, explainer: Explainer, batch: Any, device: torch.device,
                      layer_patterns: list[str], layer_shapes: dict[str, tuple[int, ...]], check=None
                      ) -> tuple[dict[str, Any], tuple[list[str], list[str]]]:
     """Attribution and conservation sums of one batch, as numpy arrays for the store, and the layer table.
@@ -513,27 +482,21 @@ def _attribute_batch(config: Config, run_model, model, comp, method, recorder: R
     x = batch.inputs.to(device, non_blocking=non_blocking)
     labels = batch.labels
     n = x.shape[0]
-    if method is None:
-        xi = x.requires_grad_(True)
-        with torch.enable_grad():
-            output = run_model(xi) if check is None else _first_forward(config, run_model, xi, check)
-            target = _targets(config, labels.to(device), output)
-            seed = initial_relevance(output, target, comp.seed)
-            (relevance,) = torch.autograd.grad(output, xi, seed)
+    first = {} if check is None else {"check": check, "forward_error": lambda err: _model_failed(config, x, err)}
+    result = explainer(x, labels, **first)
+    relevance, output = result.relevance, result.output
+    recorder = explainer.recorder
+    if recorder is not None:
         layers, rules, r_in, r_out = recorder.table()
         relevance_in, relevance_out = r_in.cpu().numpy(), r_out.cpu().numpy()
-        output_relevance = seed.detach().reshape(n, -1).sum(1, dtype=torch.float64).cpu().numpy()
+        output_relevance = result.initial.detach().reshape(n, -1).sum(1, dtype=torch.float64).cpu().numpy()
         maps = {}
-        for key, value in recorder.ordered_maps().items():
+        for key, value in result.layers.items():
             maps[key] = value.detach().to(torch.float32).cpu().numpy()
             layer_shapes.setdefault(key, tuple(value.shape[1:]))
         if layer_patterns and not maps:
             raise DataError(f"output.layers: no module matched {layer_patterns}")
     else:
-        with torch.no_grad():
-            output = model(x) if check is None else _first_forward(config, model, x, check)
-            target = _targets(config, labels.to(device), output)
-        output, relevance = method(model, x, target)
         layers, rules = [], []
         relevance_in = np.zeros((n, 0))
         relevance_out = np.zeros((n, 0))
@@ -545,7 +508,7 @@ def _attribute_batch(config: Config, run_model, model, comp, method, recorder: R
         "attribution": relevance.detach().cpu().numpy(),
         "prediction": output.detach().reshape(n, -1).to(torch.float32).cpu().numpy(),
         "label": labels.numpy(),
-        "target": target.cpu().numpy(),
+        "target": result.target.cpu().numpy(),
         "index": batch.indices.numpy().astype(np.uint32),
         "filename": list(batch.filenames),
         "input": batch.images.numpy() if config.output.store_input else None,
@@ -556,19 +519,12 @@ def _attribute_batch(config: Config, run_model, model, comp, method, recorder: R
     }, (layers, rules)
 
 
-def _first_forward(config: Config, run_model, x: torch.Tensor, check) -> torch.Tensor:
-    """The first batch's forward pass: a model that fails on these inputs (a gray ``input.mode: L`` for a
-    colour model, a crop too small for its layers) is one line naming the input keys, not a traceback."""
-    try:
-        output = run_model(x)
-    except LrpcliError:
-        raise
-    except Exception as err:  # the user's model on inputs that do not fit it
-        text = " ".join(str(err).split())[:300]
-        raise ConfigError(
-            f"{config.source}: the model failed on the first batch, inputs of shape {tuple(x.shape)} (input.mode: "
-            f"{config.input.mode}, {3 if config.input.mode == 'RGB' else 1} channels; input.crop: "
-            f"{config.input.crop}): {type(err).__name__}: {text}; set input.mode and input.crop to what the model "
-            "takes (--debug shows the traceback)") from err
-    check(output)
-    return output
+def _model_failed(config: Config, x: torch.Tensor, err: Exception) -> ConfigError:
+    """The first batch's forward failed: a model that does not take these inputs (a gray ``input.mode: L`` for
+    a colour model, a crop too small for its layers) is one line naming the input keys, not a traceback."""
+    text = " ".join(str(err).split())[:300]
+    return ConfigError(
+        f"{config.source}: the model failed on the first batch, inputs of shape {tuple(x.shape)} (input.mode: "
+        f"{config.input.mode}, {3 if config.input.mode == 'RGB' else 1} channels; input.crop: "
+        f"{config.input.crop}): {type(err).__name__}: {text}; set input.mode and input.crop to what the model "
+        "takes (--debug shows the traceback)")

@@ -311,7 +311,7 @@ def test_model_that_fails_to_load_leaves_no_reader_thread(tmp_path, monkeypatch)
     import lrpcli.runner
     from lrpcli.config import load_config
     from lrpcli.errors import LrpcliError
-    from lrpcli.runner import explain as run_explain
+    from lrpcli.runner import run as run_explain
 
     monkeypatch.setattr(lrpcli.runner, "background_threads_help", lambda device: True)
 
@@ -356,7 +356,7 @@ def test_threads_only_where_a_core_is_free_and_same_file_either_way(demo_h5, tmp
     for helps in (True, False):
         monkeypatch.setattr(lrpcli.runner, "background_threads_help", lambda device, helps=helps: helps)
         out = tmp_path / f"{helps}.h5"
-        lrpcli.runner.explain(load_config(DEMO_CONFIG, {"output.path": str(out)}), DEMO_DATA)
+        lrpcli.runner.run(load_config(DEMO_CONFIG, {"output.path": str(out)}), DEMO_DATA)
         with h5py.File(out, "r") as f:
             for key, value in expected.items():
                 np.testing.assert_array_equal(f[key][:], value, err_msg=f"threads {helps}: {key}")

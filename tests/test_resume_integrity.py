@@ -60,7 +60,7 @@ def _one_error_line(err: str, *needles: str) -> str:
 _REPEAT = """
 import json, sys
 from lrpcli.config import load_config
-from lrpcli.runner import explain
+from lrpcli.runner import run as explain
 from lrpcli.store import open_results
 config, out = sys.argv[1], sys.argv[2]
 rows = []
@@ -114,7 +114,7 @@ def test_model_is_built_before_any_loader_and_the_global_generator_is_untouched(
     state = torch.get_rng_state()
     config = load_config(_config(tmp_path, RANDOM_INIT), {"output.path": str(tmp_path / "o.h5"),
                                                           "run.max_samples": 8, "run.num_workers": 0})
-    lrpcli.runner.explain(config, DEMO_DATA, progress=False)
+    lrpcli.runner.run(config, DEMO_DATA, progress=False)
     assert len(seen) == 1 and "lrpcli-reader" not in seen[0]
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -334,7 +334,7 @@ def test_threads_apply_to_the_run_and_the_sigterm_handler_is_restored(tmp_path, 
     want = 1 if before_threads != 1 else 2
     config = load_config(DEMO_CONFIG, {"output.path": str(tmp_path / "o.h5"), "run.max_samples": 4,
                                        "run.threads": want, "run.num_workers": 0})
-    lrpcli.runner.explain(config, DEMO_DATA, progress=False)
+    lrpcli.runner.run(config, DEMO_DATA, progress=False)
     assert seen == [want]
     assert torch.get_num_threads() == before_threads and signal.getsignal(signal.SIGTERM) is before_handler
     code, _, err = explain(tmp_path / "x.h5", "--threads", "0")
@@ -354,7 +354,7 @@ def test_progress_shows_loading_and_one_rate_and_the_time_includes_start_up(tmp_
     monkeypatch.setattr(lrpcli.models, "load_model", slow)
     config = load_config(DEMO_CONFIG, {"output.path": str(tmp_path / "o.h5"), "run.max_samples": 4,
                                        "run.num_workers": 0})
-    summary = lrpcli.runner.explain(config, DEMO_DATA, progress=True)
+    summary = lrpcli.runner.run(config, DEMO_DATA, progress=True)
     err = capsys.readouterr().err
     assert "lrpcli: loading model ../share/demo/model.py:build ..." in err
     assert "img/s" in err and "images/s" not in err

@@ -15,8 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import resolve_device
+from ..data import collate, open_image_folder
 from ..errors import ConfigError, DataError, LrpcliError, RunError
+from ..explainer import Explainer, TargetError, composite_from_config
+from ..hooks import UnhandledModuleWarning
+from ..models import input_shape, load_model
 from ..recorder import Recorder
+from ..rules.base import ParamRule
+from ..rules.passthrough import Pass
 from .report import DETAIL_FIELDS, LayerAssignment, Report
 
 
@@ -27,14 +34,12 @@ def collect(config: Any, data: str | Path | None = None, *, samples: int = 4, de
     ``model``: an already loaded model of this config (the --zero-bias rerun reuses it); ``label`` is appended to
     the inputs line. Errors a user can cause are LrpcliError lines.
     """
-    from ..config import resolve_device
-
     dev = resolve_device(device or config.run.device)
     x, labels, names, inputs_line = _inputs(config, data, samples)
     model = (model if model is not None else load(config)).to(dev)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     x = x.to(dev, dtype)
-    comp = _composite(config)
+    comp = composite_from_config(config)
     report = _run(config, model, comp, x, labels.to(dev))
     report.inputs = inputs_line + label
     report.samples = names
@@ -46,8 +51,6 @@ def collect(config: Any, data: str | Path | None = None, *, samples: int = 4, de
 def _inputs(config: Any, data: str | Path | None, samples: int) -> tuple[Any, Any, list[str], str]:
     """(inputs N x C x H x W, labels, names, description): the first images of DATA or seeded noise."""
     if data is None:
-        from ..models import input_shape
-
         shape = input_shape(config)
         generator = torch.Generator().manual_seed(int(config.run.seed))
         x = torch.randn((samples, *shape), generator=generator)
@@ -55,8 +58,6 @@ def _inputs(config: Any, data: str | Path | None, samples: int) -> tuple[Any, An
         line = (f"{samples} random input{'s' if samples != 1 else ''} {tuple(shape)} "
                 f"(standard normal in the normalised space, seed {config.run.seed})")
         return x, torch.full((samples,), -1, dtype=torch.long), names, line
-    from ..data import collate, open_image_folder
-
     data = Path(data)
     dataset = open_image_folder(data, config.input)
     good, skipped = [], []
@@ -77,73 +78,49 @@ def _inputs(config: Any, data: str | Path | None, samples: int) -> tuple[Any, An
 
 def load(config: Any) -> torch.nn.Module:
     """The config's model (eval mode, CPU)."""
-    from ..models import load_model
-
     return load_model(config)
 
 
-def _composite(config: Any) -> Any:
-    from .. import composites
-    from ..config import composite_kwargs
-
-    kwargs = composite_kwargs(config)
-    try:
-        return composites.get(config.composite.name, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{config.source}: composite: {err}") from None
-
-
 # ------------------------------------------------------------------------------------------------- the run
-def _targets(config: Any, labels: Any, output: Any) -> tuple[Any, str | None]:
-    """Class indices to explain, and a note when 'label' had to fall back to the prediction."""
+def _target(config: Any) -> Any:
     target = config.attribution.target
-    predicted = output.detach().reshape(output.shape[0], output.shape[1], -1).sum(-1).argmax(1)
-    if target == "prediction":
-        return predicted, None
-    if target == "label":
-        if bool((labels < 0).any()):
-            return predicted, "attribution.target is label, but these inputs have no labels: explaining the prediction"
-        return labels, None
-    return torch.full_like(predicted, int(target)), None
+    return target if target in ("label", "prediction") else int(target)
+
+
+def _check_output(output: torch.Tensor) -> None:
+    if output.dim() < 2:
+        raise RunError(f"the model output has shape {tuple(output.shape)}; debug needs a class dimension (dim 1) "
+                       "to pick the target")
 
 
 def _run(config: Any, model: Any, comp: Any, x: Any, labels: Any) -> Report:
     """All chunks of ``x`` through one session; per-chunk Recorder tables joined along the samples."""
-    from .. import initial_relevance  # the package re-exports it wherever it lives
-    from ..hooks import UnhandledModuleWarning
-    from ..rules.base import ParamRule
-
     recorder = _SplitRecorder()
     notes: list[str] = []
     chunks: list[dict[str, Any]] = []
     size = max(1, int(config.run.batch_size))
+    # inputs without labels (seeded noise): target label explains the prediction, and the report says so
+    explainer = Explainer(model, comp, target=_target(config), missing_label="prediction", recorder=recorder,
+                          strict=False)
     try:
-        session = comp.context(model, strict=False, recorder=recorder)
-        with session as run_model, warnings.catch_warnings():
+        with explainer, warnings.catch_warnings():
             warnings.simplefilter("ignore", UnhandledModuleWarning)
             for start in range(0, x.shape[0], size):
-                xi = x[start:start + size].detach().clone().requires_grad_(True)
-                with torch.enable_grad():
-                    output = run_model(xi)
-                    if output.dim() < 2:
-                        raise RunError(f"the model output has shape {tuple(output.shape)}; debug needs a class "
-                                       "dimension (dim 1) to pick the target")
-                    target, note = _targets(config, labels[start:start + size], output)
-                    if note and note not in notes:
-                        notes.append(note)
-                    try:
-                        seed = initial_relevance(output, target, comp.seed)
-                    except (ValueError, TypeError) as err:
-                        raise ConfigError(f"{config.source}: attribution.target: {err}") from None
-                    (relevance,) = torch.autograd.grad(output, xi, seed)
-                chunks.append(_chunk(recorder, seed, relevance))
+                try:
+                    result = explainer(x[start:start + size], labels[start:start + size], check=_check_output)
+                except TargetError as err:
+                    raise ConfigError(f"{config.source}: attribution.target: {err}") from None
+                if result.note and result.note not in notes:
+                    notes.append(result.note)
+                chunks.append(_chunk(recorder, result.initial, result.relevance))
+            session = explainer.session
             bias = {a.name: session.params_of(a.module)[1] is not None
                     for a in session.coverage() if isinstance(a.rule, ParamRule)}
             coverage = session.coverage()
             canonizer_notes = list(session.notes)
     except LrpcliError:
         raise
-    except Exception as err:  # the user's model, a rule that does not fit its module (rule.check), a bad target
+    except Exception as err:  # the user's model, a rule that does not fit its module (rule.check)
         text = " ".join(str(err).split())[:300]
         raise RunError(f"{config.source}: running the model with composite {config.composite.name!r} on inputs of "
                        f"shape {tuple(x.shape)} failed: {type(err).__name__}: {text} (--debug shows the traceback)"
@@ -167,7 +144,7 @@ def _run(config: Any, model: Any, comp: Any, x: Any, labels: Any) -> Report:
         input_relevance=np.concatenate([c["input_relevance"] for c in chunks]),
         details={name: joined[name] for name in DETAIL_FIELDS}, dtypes=[first[k][2] for k in layers],
         assignments=[_assignment(a) for a in coverage], notes=canonizer_notes + notes,
-        gradient_space=comp.seed != "output",
+        gradient_space=explainer.initial != "output",
     )
 
 
@@ -196,8 +173,6 @@ def _align(chunk: dict[str, Any], name: str, layers: list[str]) -> np.ndarray:
 
 
 def _assignment(a: Any) -> LayerAssignment:
-    from ..rules.passthrough import Pass
-
     if a.rule is None:
         status = "none" if a.calls > 0 else "idle"
     elif isinstance(a.rule, Pass):

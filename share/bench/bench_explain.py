@@ -1,6 +1,6 @@
 """The ``explain`` pipeline end to end against attribution alone.
 
-End to end is ``lrpcli.runner.explain`` (what ``lrpcli explain`` runs): DataLoader workers (with
+End to end is ``lrpcli.runner.run`` (what ``lrpcli explain`` runs): DataLoader workers (with
 ``run.num_workers`` 0, which ``auto`` gives on the CPU: a reader thread, or the main process between batches
 where no core is free for a thread) decode and preprocess, the model and composite attribute each batch with the
 per-layer conservation recorder, and the batch is appended to the HDF5 file (by a writer thread where a core is
@@ -26,7 +26,7 @@ from lrpcli.config import composite_kwargs, load_config, resolve_num_workers
 from lrpcli.data import ImageDataset, make_loader
 from lrpcli.models import load_model
 from lrpcli.recorder import Recorder
-from lrpcli.runner import explain
+from lrpcli.runner import run as explain
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
