@@ -2,8 +2,9 @@
 
 The stored ``config`` attribute keeps model paths as the user wrote them (relative to the run's config
 file); they are looked up next to ``--config`` when given, then next to the result file, then in the current
-folder. The inputs are the stored uint8 ``input`` rows, normalised with the config's ``input.mean``/``std``
-exactly as the run normalised them (``ImageDataset.normalize``).
+folder, and the first folder where all of them exist is used. Where the file records a ``model_fingerprint``,
+the rebuilt model must match it. The inputs are the stored uint8 ``input`` rows, normalised with the config's
+``input.mean``/``std`` exactly as the run normalised them (``ImageDataset.normalize``).
 """
 
 from __future__ import annotations
@@ -93,8 +94,6 @@ def open_source(path: str | os.PathLike, max_samples: int | None = None,
         config = validate(raw, source=f"{p} (stored config)", base_dir=base)
     except ConfigError as err:
         raise DataError(f"{p}: its stored config is not valid with this lrpcli: {err}") from None
-    if config_file is not None:
-        _check_same_run(config, config_file, p)
     return Source(p, config, n, max(n_rows, n), index, names, target, shape, fingerprint)
 
 
@@ -125,18 +124,6 @@ def _base_dir(raw: dict, path: Path, config_file: str | os.PathLike | None) -> P
                         f"run's config file, not found from {', '.join(str(c) for c in candidates)}; pass "
                         "--config with the config file the run used")
     return candidates[0]
-
-
-def _check_same_run(config: Any, config_file: str | os.PathLike, path: Path) -> None:
-    """``--config`` must describe the run of ``path``: same model and input sections."""
-    from ..config import load_config
-    from ..store import config_differences
-
-    given = load_config(config_file).to_dict()
-    stored = config.to_dict()
-    diffs = config_differences({k: stored[k] for k in ("model", "input")}, {k: given[k] for k in ("model", "input")})
-    if diffs:
-        raise DataError(f"{path} was not written with --config {config_file}: {'; '.join(diffs[:3])}")
 
 
 def load_model_of(source: Source, device: torch.device) -> torch.nn.Module:
