@@ -172,3 +172,33 @@ def test_batched_subsets_equal_the_per_sample_loop(one_thread):
             with torch.no_grad():
                 want = float(net(img[None])[0, targets[i]])
             assert float(scores[i, r]) == pytest.approx(want, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- parameter randomisation
+def test_spearman_with_ties_by_hand():
+    from lrpcli.evaluate.randomisation import average_ranks, spearman
+
+    assert average_ranks(np.array([[10.0, 20.0, 20.0, 5.0]])).tolist() == [[2.0, 3.5, 3.5, 1.0]]
+    a = np.array([[1.0, 2.0, 3.0, 4.0]])
+    assert spearman(a, a ** 3)[0] == pytest.approx(1.0)
+    assert spearman(a, -a)[0] == pytest.approx(-1.0)
+    b = np.array([[1.0, 2.0, 2.0, 3.0]])  # ranks 1, 2.5, 2.5, 4: Pearson of the ranks
+    assert spearman(a, b)[0] == pytest.approx(np.corrcoef([1, 2, 3, 4], [1, 2.5, 2.5, 4])[0, 1])
+    assert np.isnan(spearman(a, np.ones((1, 4)))[0])
+
+
+def test_cascade_randomises_from_the_top():
+    from lrpcli.evaluate.randomisation import cascade, parameter_layers
+
+    net = _net()
+    assert parameter_layers(net) == ["7", "3", "0"]
+    models = cascade(net, checkpoints=3, seed=0)
+    assert len(models) == 3
+    first = dict(models[0].named_parameters())
+    original = dict(net.named_parameters())
+    assert not torch.equal(first["7.weight"], original["7.weight"])
+    assert torch.equal(first["3.weight"], original["3.weight"]) and torch.equal(first["0.weight"], original["0.weight"])
+    assert not torch.equal(dict(models[2].named_parameters())["0.weight"], original["0.weight"])
+    again = cascade(net, checkpoints=3, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(models[2].parameters(), again[2].parameters()))
+    assert len(cascade(net, checkpoints=10, seed=0)) == 3

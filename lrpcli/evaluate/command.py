@@ -9,7 +9,7 @@ import click
 
 from ..errors import LrpcliError
 from .perturb import REPLACEMENTS, SCORES
-from .run import FAMILIES, MASK_FAMILIES, Settings
+from .run import FAMILIES, MASK_FAMILIES, OPT_IN, Settings
 
 ROW_TO_FAMILY = {row: fam for fam, rows in FAMILIES.items() for row in rows}
 
@@ -17,11 +17,12 @@ ROW_TO_FAMILY = {row: fam for fam, rows in FAMILIES.items() for row in rows}
 def parse_metrics(text: str | None, masks: bool) -> list[str]:
     """``--metrics`` (comma-separated family or table-row names, or ``all``) as family names, in table order.
 
-    Default: every family, the localisation ones only with ``--masks``. A name that does not exist, or a
+    Default: every family but the opt-in ones (model_randomisation), the localisation ones only with
+    ``--masks``. A name that does not exist, or a
     localisation metric without masks, is an LrpcliError with the allowed names.
     """
     if text is None or text.strip() == "all":
-        return [f for f in FAMILIES if masks or f not in MASK_FAMILIES]
+        return [f for f in FAMILIES if (masks or f not in MASK_FAMILIES) and f not in OPT_IN]
     from ..config import did_you_mean
 
     known = list(FAMILIES) + [r for r in ROW_TO_FAMILY if r not in FAMILIES]
@@ -73,12 +74,15 @@ def parse_metrics(text: str | None, masks: bool) -> list[str]:
               help="Random subsets per sample for faithfulness_correlation.")
 @click.option("--fc-subset", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.1, show_default=True,
               help="Share of the patches in each random subset.")
+@click.option("--mpr-checkpoints", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Points of the model_randomisation cascade where the attribution is re-run.")
 @click.option("--no-baseline", is_flag=True, help="Leave out the random-attribution column.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def evaluate(files: tuple[Path, ...], metrics: str | None, masks: Path | None, output: Path | None,
              plot: Path | None, config_file: Path | None, batch_size: int | None, device: str,
              max_samples: int | None, patch_size: int, steps: int | None, replacement: str, score: str, seed: int,
-             blur_sigma: float, fc_runs: int, fc_subset: float, no_baseline: bool, quiet: bool) -> None:
+             blur_sigma: float, fc_runs: int, fc_subset: float, mpr_checkpoints: int, no_baseline: bool,
+             quiet: bool) -> None:
     """Measure the attributions of FILES (from 'lrpcli explain') and print one table, metric x file."""
     from ..config import resolve_device
     from ..errors import DataError
@@ -94,7 +98,7 @@ def evaluate(files: tuple[Path, ...], metrics: str | None, masks: Path | None, o
     if plot is not None and "region_perturbation" not in families:
         raise LrpcliError("--plot draws the region_perturbation curves; add region_perturbation to --metrics")
     settings = Settings(patch_size=patch_size, steps=steps, replacement=replacement, score=score, seed=seed,
-                        blur_sigma=blur_sigma, fc_runs=fc_runs, fc_subset=fc_subset)
+                        blur_sigma=blur_sigma, fc_runs=fc_runs, fc_subset=fc_subset, mpr_checkpoints=mpr_checkpoints)
     dev = resolve_device(device)
     sources = [open_source(f, max_samples, config_file) for f in files]
     if len(sources) > 1:  # refuse mismatched files before any long computation

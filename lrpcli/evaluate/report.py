@@ -20,7 +20,7 @@ from .run import FAMILIES, FileResult
 #: Which way is better, per table row (shown in the table and the JSON).
 BETTER = {"aopc_morf": "higher", "aopc_lerf": "lower", "abpc": "higher", "faithfulness_correlation": "higher",
           "relevance_mass_accuracy": "higher", "relevance_rank_accuracy": "higher", "pointing_game": "higher",
-          "sparseness": "higher", "complexity": "lower"}
+          "sparseness": "higher", "complexity": "lower", "model_randomisation": "lower"}
 
 
 def labels_of(results: list[FileResult]) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,8 +30,11 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "pointing_game": ("pointing_game",),
     "sparseness": ("sparseness",),
     "complexity": ("complexity",),
+    "model_randomisation": ("model_randomisation",),
 }
-MODEL_FAMILIES = ("region_perturbation", "faithfulness_correlation")
+MODEL_FAMILIES = ("region_perturbation", "faithfulness_correlation", "model_randomisation")
+#: Families that only run when named in --metrics (they re-run the attribution).
+OPT_IN = ("model_randomisation",)
 MASK_FAMILIES = ("relevance_mass_accuracy", "relevance_rank_accuracy", "pointing_game")
 SOURCES = ("attribution", "random")
 
@@ -47,6 +51,7 @@ class Settings:
     blur_sigma: float = 4.0
     fc_runs: int = 50
     fc_subset: float = 0.1
+    mpr_checkpoints: int = 5
 
     def steps_for(self, height: int, width: int) -> int:
         """Perturbation steps for maps of this size: ``steps`` capped at the number of patches."""
@@ -56,7 +61,9 @@ class Settings:
     def of(self, family: str, height: int, width: int, masks: str | None) -> dict[str, Any]:
         """The settings that ``family``'s numbers depend on, as stored with them."""
         base = {"version": 1, "family": family}
-        if family in MODEL_FAMILIES:
+        if family == "model_randomisation":
+            base.update(checkpoints=self.mpr_checkpoints, seed=self.seed)
+        elif family in MODEL_FAMILIES:
             base.update(patch_size=self.patch_size, replacement=self.replacement, score=self.score)
             if self.replacement == "uniform":
                 base["seed"] = self.seed
@@ -94,7 +101,8 @@ def evaluate_file(src: Source, families: list[str], settings: Settings, *, masks
     caches = {}
     for s in sources:
         for fam in families:
-            columns = {"morf": (steps + 1,), "lerf": (steps + 1,)} if fam == "region_perturbation" else {"value": ()}
+            columns = {"morf": (steps + 1,), "lerf": (steps + 1,)} if fam == "region_perturbation" else \
+                {"curve": (settings.mpr_checkpoints,)} if fam == "model_randomisation" else {"value": ()}
             caches[s, fam] = Cache(src.path, src.n_rows, s, fam, settings.of(fam, h, w, masks), columns)
     state = {key: cache.load() for key, cache in caches.items()}
     todo = np.flatnonzero(~np.all([done[: src.n] for done, _ in state.values()], axis=0))
@@ -126,6 +134,11 @@ def evaluate_file(src: Source, families: list[str], settings: Settings, *, masks
                 morf, lerf = stored["morf"][: src.n], stored["lerf"][: src.n]
                 curves[s] = {"morf": morf, "lerf": lerf}
                 values[s].update(aopc_morf=M.aopc(morf), aopc_lerf=M.aopc(lerf), abpc=M.abpc(morf, lerf))
+            elif fam == "model_randomisation":
+                curve = stored["curve"][: src.n]
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: the random baseline
+                    values[s][fam] = np.nanmean(curve, axis=1)
             else:
                 values[s][fam] = stored["value"][: src.n]
     return FileResult(src, values, curves, time.perf_counter() - t0)
@@ -177,6 +190,8 @@ def _chunk(src: Source, rows: np.ndarray, families: list[str], settings: Setting
                                          score=settings.score)
             drops = (full[:, None] - scores).double().cpu().numpy()
             out = {"value": M.faithfulness_correlation(np.einsum("np,nrp->nr", sums, subsets), drops)}
+        elif fam == "model_randomisation":
+            out = {"curve": _randomisation(src, s, rows, r, x, targets, settings, model, batch_size, state)}
         elif fam in MASK_FAMILIES:
             if mask_arr is None:
                 raise LrpcliError(f"metric {fam} needs --masks DIR")
@@ -189,6 +204,22 @@ def _chunk(src: Source, rows: np.ndarray, families: list[str], settings: Setting
             stored[col][rows] = arr
         done[rows] = True
         cache.write(rows, out)
+
+
+def _randomisation(src: Source, source: str, rows: np.ndarray, r: np.ndarray, x: torch.Tensor,
+                   targets: torch.Tensor, settings: Settings, model: Any, batch_size: int, state: dict) -> np.ndarray:
+    """``len(rows) x checkpoints`` Spearman curves; NaN for the random baseline, which no parameter changes."""
+    from .randomisation import cascade, randomisation_curves
+
+    out = np.full((len(rows), settings.mpr_checkpoints), np.nan)
+    if source == "random":
+        return out
+    if "_cascade" not in state:  # built once per file
+        state["_cascade"] = cascade(model, settings.mpr_checkpoints, settings.seed)
+    models = state["_cascade"]
+    size = max(1, min(batch_size, int(src.config.run.batch_size)))
+    out[:, : len(models)] = randomisation_curves(src.config, models, x, targets, r, size)
+    return out
 
 
 def pixel_ranks(relevance: np.ndarray, ids: np.ndarray) -> np.ndarray:
