@@ -96,7 +96,7 @@ def evaluate_file(src: Source, families: list[str], settings: Settings, *, masks
     ``model``: the model, a function giving it (called only when something must be computed), or None to
     build it from the stored config. ``progress(k)`` is called after each chunk of k samples.
     """
-    c, h, w = src.shape
+    h, w = src.shape[1:]
     steps = settings.steps_for(h, w)
     caches = {}
     for s in sources:
@@ -108,14 +108,11 @@ def evaluate_file(src: Source, families: list[str], settings: Settings, *, masks
     todo = np.flatnonzero(~np.all([done[: src.n] for done, _ in state.values()], axis=0))
     t0 = time.perf_counter()
     if len(todo):
-        needs_model = any(f in MODEL_FAMILIES for f in families)
+        needs_model = any(not state[key][0][: src.n].all() for key in state if key[1] in MODEL_FAMILIES)
         if needs_model:
-            model = load_model_of(src, device) if model is None else model() if callable(model) and not isinstance(
-                model, torch.nn.Module) else model
-        if needs_model and batch_size is None:
-            budget = _budget(device)
-            probe = src.inputs(np.array([0]), device)
-            batch_size = auto_batch_size(model, probe, budget)
+            model = _the_model(src, model, device)
+            if batch_size is None:
+                batch_size = auto_batch_size(model, src.inputs(np.array([0]), device), _budget(device))
         jobs = 2 * (steps + 1) if "region_perturbation" in families else settings.fc_runs + 1
         chunk = int(min(256, max(8, math.ceil(4 * (batch_size or 64) / jobs))))
         for start in range(0, len(todo), chunk):
@@ -142,6 +139,15 @@ def evaluate_file(src: Source, families: list[str], settings: Settings, *, masks
             else:
                 values[s][fam] = stored["value"][: src.n]
     return FileResult(src, values, curves, time.perf_counter() - t0)
+
+
+def _the_model(src: Source, model: Any, device: torch.device) -> torch.nn.Module:
+    """``model`` as given, from the function that gives it, or built from ``src``'s stored config."""
+    if model is None:
+        return load_model_of(src, device)
+    if isinstance(model, torch.nn.Module):
+        return model
+    return model()
 
 
 def _budget(device: torch.device) -> int:
