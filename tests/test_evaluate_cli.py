@@ -229,3 +229,22 @@ def test_model_randomisation_is_opt_in_and_reruns_the_attribution(fresh, tmp_pat
     with h5py.File(fresh, "r") as f:
         (name,) = [k for k in f["evaluation/attribution"] if k.startswith("model_randomisation-")]
         assert f["evaluation/attribution"][name]["curve"].shape == (N, 2)
+
+
+def test_half_made_group_is_rebuilt(fresh):
+    """A kill while the group was being created leaves it without datasets: the next call starts it again."""
+    code, whole, err = evaluate(fresh, "--metrics", "sparseness", "--no-baseline")
+    assert code == 0, err
+    with h5py.File(fresh, "a") as f:
+        (name,) = f["evaluation/attribution"]
+        del f[f"evaluation/attribution/{name}/done"]
+    code, again, err = evaluate(fresh, "--metrics", "sparseness", "--no-baseline")
+    assert code == 0, err
+    assert again == whole
+    with h5py.File(fresh, "r") as f:
+        assert f[f"evaluation/attribution/{name}/done"][:N].tolist() == [1] * N
+
+
+def test_same_file_twice(demo_h5):
+    code, _, err = evaluate(demo_h5, demo_h5, "--metrics", "sparseness")
+    _one_line_error(code, err, "is given twice")

@@ -53,7 +53,7 @@ class Cache:
             return np.zeros(self.n_rows, dtype=bool), empty
         with h5py.File(self.path, "r") as f:
             g = f.get(self.name)
-            if not isinstance(g, h5py.Group) or not all(isinstance(g.get(c), h5py.Dataset) for c in self.columns):
+            if not self._complete(g):
                 return np.zeros(self.n_rows, dtype=bool), empty
             done = np.zeros(self.n_rows, dtype=bool)
             stored = g["done"][: self.n_rows].astype(bool)
@@ -85,7 +85,9 @@ class Cache:
             return
         with f:
             g = f.get(self.name)
-            if g is None:
+            if not self._complete(g):  # absent, or left half-made by a kill during its creation
+                if g is not None:
+                    del f[self.name]
                 g = self._create(f)
             order = np.argsort(rows)
             sorted_rows = np.asarray(rows)[order]
@@ -93,6 +95,11 @@ class Cache:
                 g[c][sorted_rows] = np.asarray(values[c], dtype=np.float64)[order]
             g["done"][sorted_rows] = 1
             f.flush()
+
+    def _complete(self, g: object) -> bool:
+        """A group with every dataset at this file's length."""
+        return isinstance(g, h5py.Group) and all(
+            isinstance(g.get(c), h5py.Dataset) and g[c].shape[0] == self.n_rows for c in (*self.columns, "done"))
 
     def _create(self, f: h5py.File) -> h5py.Group:
         g = f.require_group(self.name)

@@ -45,7 +45,7 @@ def parse_metrics(text: str | None, masks: bool) -> list[str]:
 @click.command("evaluate")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--metrics", default=None, metavar="LIST",
-              help="Comma-separated metrics (default all; localisation needs --masks).")
+              help="Comma-separated metrics (default: all but model_randomisation; localisation needs --masks).")
 @click.option("--masks", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Object masks in DATA's layout (same relative file names).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -99,6 +99,11 @@ def evaluate(files: tuple[Path, ...], metrics: str | None, masks: Path | None, o
         raise LrpcliError("--plot draws the region_perturbation curves; add region_perturbation to --metrics")
     settings = Settings(patch_size=patch_size, steps=steps, replacement=replacement, score=score, seed=seed,
                         blur_sigma=blur_sigma, fc_runs=fc_runs, fc_subset=fc_subset, mpr_checkpoints=mpr_checkpoints)
+    seen: dict[Path, Path] = {}
+    for f in files:
+        if f.resolve() in seen:
+            raise LrpcliError(f"{f} is given twice (as {seen[f.resolve()]}); give each file once")
+        seen[f.resolve()] = f
     dev = resolve_device(device)
     sources = [open_source(f, max_samples, config_file) for f in files]
     if len(sources) > 1:  # refuse mismatched files before any long computation
