@@ -248,3 +248,23 @@ def test_half_made_group_is_rebuilt(fresh):
 def test_same_file_twice(demo_h5):
     code, _, err = evaluate(demo_h5, demo_h5, "--metrics", "sparseness")
     _one_line_error(code, err, "is given twice")
+
+
+def test_plot_has_one_panel_per_target_class(tmp_path):
+    from types import SimpleNamespace
+
+    from lrpcli.evaluate import plot
+    from lrpcli.evaluate.run import FileResult
+
+    rng = np.random.default_rng(0)
+    curves = {s: {"morf": rng.normal(size=(6, 5)), "lerf": rng.normal(size=(6, 5))} for s in ("attribution", "random")}
+    src = SimpleNamespace(target=np.array([0, 1, 2, 0, 1, 2]), path=Path("a.h5"))
+    summary = {"columns": ["a.h5", "random"], "row_numbers": [[5, 4, 3, 2, 1, 0]], "rows": 6}
+    png = tmp_path / "c.png"
+    plot.draw_curves(png, [FileResult(src, {}, curves)], summary, score="probability", baseline=True)
+    with Image.open(png) as im:
+        legend = 18 * 3 + 10
+        assert im.size == (plot.WIDTH, plot.MAIN_H + legend + plot.SMALL_H)
+        blue = plot.COLOURS[0]
+        band = im.crop((0, plot.MAIN_H + legend, plot.WIDTH, im.size[1]))
+        assert sum(n for n, c in band.getcolors(1 << 20) if c == blue) > 50  # curves drawn in the class panels

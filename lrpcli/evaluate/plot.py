@@ -27,11 +27,12 @@ def _series(results: list[FileResult], summary: dict[str, Any], baseline: bool,
     """(label, colour, mean MoRF, mean LeRF) per column over the compared rows (``pick`` selects of those)."""
     out = []
     for k, (col, res, rows) in enumerate(zip(summary["columns"], results, summary["row_numbers"])):
+        rows = np.asarray(rows, dtype=np.int64)
         sel = rows if pick is None else rows[pick]
         c = res.curves["attribution"]
         out.append((col, COLOURS[k % len(COLOURS)], np.nanmean(c["morf"][sel], 0), np.nanmean(c["lerf"][sel], 0)))
     if baseline:
-        rows = summary["row_numbers"][0]
+        rows = np.asarray(summary["row_numbers"][0], dtype=np.int64)
         sel = rows if pick is None else rows[pick]
         c = results[0].curves["random"]
         out.append(("random", GREY, np.nanmean(c["morf"][sel], 0), np.nanmean(c["lerf"][sel], 0)))
@@ -76,7 +77,7 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: li
         y = y1 - (t - lo) / (hi - lo) * (y1 - y0)
         draw.line([(x0 - 4, y), (x0, y)], fill=(0, 0, 0))
         draw.text((left + 2, y - 6), f"{t:.3g}", fill=(0, 0, 0), font=font)
-    for t in np.linspace(0, steps, min(steps, 5) + 1):
+    for t in np.linspace(0, steps, min(steps, 4) + 1):
         x = x0 + t / steps * (x1 - x0)
         draw.line([(x, y1), (x, y1 + 4)], fill=(0, 0, 0))
         draw.text((x - 6, y1 + 6), f"{int(round(t))}", fill=(0, 0, 0), font=font)
