@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 DEMO_DATA = ROOT / "share" / "demo" / "images"
 DEMO_MASKS = ROOT / "share" / "demo" / "masks"
-N = 8  # demo rows evaluated: 2 circles... the first 8 files are circles; enough for the margins below
+N = 8  # demo rows evaluated (the first 8 images, all circles): enough for the margins measured below
 FAST = ("--max-samples", str(N), "--patch-size", "16", "--fc-runs", "10", "-q")
 
 
