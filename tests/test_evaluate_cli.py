@@ -198,9 +198,21 @@ def test_files_from_different_data_sets(demo_h5, tmp_path):
                     "'circle/circle_0000.png'")
 
 
-def test_model_paths_not_found_ask_for_config(demo_h5, tmp_path):
-    code, _, err = run("evaluate", demo_h5, "--metrics", "region_perturbation", "-q")
+def test_model_is_rebuilt_from_any_folder_and_relative_paths_ask_for_config(fresh, tmp_path, monkeypatch):
+    """Files store absolute model paths and config_dir: no --config needed. A file whose config names the model
+    relative to an unknown folder (written before those were stored) asks for --config."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run("evaluate", fresh, "--metrics", "region_perturbation", "--no-baseline", *FAST)
+    assert code == 0, err
+    with h5py.File(fresh, "a") as f:
+        text = f.attrs["config"]
+        text = text.decode() if isinstance(text, bytes) else text
+        f.attrs["config"] = text.replace(str(ROOT / "share"), "../share")
+        del f.attrs["config_dir"]
+    code, _, err = run("evaluate", fresh, "--metrics", "faithfulness_correlation", "-q")
     _one_line_error(code, err, "'../share/demo/model.py'", "pass --config")
+    code, _, err = run("evaluate", fresh, "--metrics", "faithfulness_correlation", "--config", DEMO_CONFIG, *FAST)
+    assert code == 0, err
 
 
 def test_model_randomisation_is_opt_in_and_reruns_the_attribution(fresh, tmp_path):

@@ -53,12 +53,12 @@ class Source:
         return self.read("attribution", rows).astype(np.float64).sum(axis=1)
 
     def inputs(self, rows: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The model's inputs of ``rows``: (uint8 / 255 - mean) / std, as the run computed them."""
-        image = torch.from_numpy(np.ascontiguousarray(self.read("input", rows)))
-        inp = self.config.input
-        mean = torch.tensor([float(m) for m in inp.mean], dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor([float(s) for s in inp.std], dtype=torch.float32).view(1, -1, 1, 1)
-        return ((image.to(torch.float32) / 255.0 - mean) / std).to(device, dtype)
+        """The model's inputs of ``rows``: (uint8 / 255 - mean) / std, as the run computed them
+        (``Results.inputs``, the run's own normalisation)."""
+        from ..store import open_results
+
+        with open_results(self.path) as r:
+            return r.inputs(normalised=True, rows=np.asarray(rows)).to(device, dtype)
 
 
 def open_source(path: str | os.PathLike, max_samples: int | None = None,
@@ -89,7 +89,8 @@ def open_source(path: str | os.PathLike, max_samples: int | None = None,
         target = np.asarray(r.read("target", slice(0, n)), dtype=np.int64)
         raw, n_rows = r.config, int(r.attrs.get("n_rows", len(r)))
         fingerprint = r.attrs.get("model_fingerprint")
-    base = _base_dir(raw, p, config_file)
+        run_dir = r.attrs.get("config_dir")  # the run's config folder (files written since it was recorded)
+    base = _base_dir(raw, p, config_file, None if run_dir is None else Path(str(run_dir)))
     try:
         config = validate(raw, source=f"{p} (stored config)", base_dir=base)
     except ConfigError as err:
@@ -111,10 +112,11 @@ def _relative_model_paths(raw: dict) -> list[str]:
     return [q for q in out if not Path(q).expanduser().is_absolute()]
 
 
-def _base_dir(raw: dict, path: Path, config_file: str | os.PathLike | None) -> Path:
-    """The first folder from which every relative model path of the stored config exists."""
-    candidates = ([Path(config_file).resolve().parent] if config_file is not None else []) + [
-        path.resolve().parent, Path.cwd()]
+def _base_dir(raw: dict, path: Path, config_file: str | os.PathLike | None, run_dir: Path | None) -> Path:
+    """The first folder from which every relative model path of the stored config exists: ``--config``'s, the
+    run's (root attribute ``config_dir``), the result file's, the current one."""
+    candidates = [Path(config_file).resolve().parent] if config_file is not None else []
+    candidates += ([run_dir] if run_dir is not None else []) + [path.resolve().parent, Path.cwd()]
     wanted = _relative_model_paths(raw)
     for base in candidates:
         if all((base / q).exists() for q in wanted):
@@ -132,10 +134,8 @@ def load_model_of(source: Source, device: torch.device) -> torch.nn.Module:
 
     model = load_model(source.config).to(device)
     if source.fingerprint:
-        try:
-            from ..models import model_fingerprint  # type: ignore[attr-defined]
-        except ImportError:
-            return model
+        from ..models import model_fingerprint
+
         if model_fingerprint(model) != str(source.fingerprint):
             raise DataError(f"{source.path}: the model built from its stored config differs from the one that wrote "
                             "the file (model_fingerprint differs: weights changed?); evaluate would measure another "
