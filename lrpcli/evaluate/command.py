@@ -142,25 +142,16 @@ def evaluate(files: tuple[Path, ...], metrics: str | None, masks: Path | None, o
 
 
 class _Progress:
-    """A tqdm bar over one file's samples that shows samples/s; a no-op without a terminal."""
+    """A tqdm bar over one file's samples (its rate is samples/s); a no-op without a terminal."""
 
     def __init__(self, src, show: bool) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=src.n, unit="sample", desc=src.path.name, disable=not show, leave=False,
                         dynamic_ncols=True)
-        self.t0 = 0.0
 
     def __enter__(self):
-        return self.advance
-
-    def advance(self, k: int) -> None:
-        import time
-
-        if not self.t0:
-            self.t0 = time.perf_counter()
-        self.bar.update(k)
-        self.bar.set_postfix_str(f"{self.bar.n / max(time.perf_counter() - self.t0, 1e-9):.1f} samples/s")
+        return self.bar.update
 
     def __exit__(self, *exc: object) -> None:
         self.bar.close()
