@@ -280,3 +280,38 @@ def test_plot_has_one_panel_per_target_class(tmp_path):
         blue = plot.COLOURS[0]
         band = im.crop((0, plot.MAIN_H + legend, plot.WIDTH, im.size[1]))
         assert sum(n for n, c in band.getcolors(1 << 20) if c == blue) > 50  # curves drawn in the class panels
+
+
+def test_sigkill_while_storing_leaves_the_file_readable_and_resumable(fresh):
+    """Killed at random moments of a loop of row writes (each opens, writes and closes the file), the result
+    file still opens with its attributions unchanged, and the next run completes the values. (A kill while the
+    group is being created is test_half_made_group_is_rebuilt.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lrpcli.store import open_results
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _kill_evaluation import cache
+
+    with open_results(fresh) as r:
+        before = r.read("attribution")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    script = str(Path(__file__).parent / "_kill_evaluation.py")
+    rng = np.random.default_rng(0)
+    rows = 300  # more than the file's rows: the loop must still be running when it is killed
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, script, str(fresh), str(rows)], stdout=subprocess.PIPE, env=env)
+        proc.stdout.readline()  # started: the first row is written (the group exists)
+        time.sleep(float(rng.uniform(0.0, 0.05)))
+        assert proc.poll() is None, "the loop ended before the kill"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with open_results(fresh) as r:
+            np.testing.assert_array_equal(r.read("attribution"), before)
+    subprocess.run([sys.executable, script, str(fresh), str(rows)], env=env, check=True, capture_output=True)
+    done, stored = cache(fresh, rows).load()
+    assert done.all() and stored["value"].tolist() == [i + 0.5 for i in range(rows)]
