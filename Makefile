@@ -30,6 +30,7 @@ demo: $(STAMP)
 	$(BIN)/lrpcli render demo.h5 -d $(DEMO_MAPS)/overlay --cmap coldnhot --overlay 0.6 -q
 	$(BIN)/lrpcli render demo.h5 -d $(DEMO_MAPS) --grid --cmap coldnhot --overlay 0.6 -q
 	$(BIN)/python share/demo/report.py demo.h5
+	$(BIN)/lrpcli evaluate demo.h5 --masks share/demo/masks --patch-size 16 --metrics region_perturbation,relevance_mass_accuracy,relevance_rank_accuracy,pointing_game -q
 	@echo "heatmaps in $(DEMO_MAPS)/: plain/, overlay/ (over the input images), grid.png (montage of the overlays)"
 
 bench: $(STAMP)

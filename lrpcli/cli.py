@@ -97,7 +97,8 @@ def _register() -> None:
     import importlib
 
     for module, name in (("lrpcli.explain", "explain"), ("lrpcli.render.command", "render"),
-                         ("lrpcli.debug.command", "debug"), ("lrpcli.merge", "merge")):
+                         ("lrpcli.debug.command", "debug"), ("lrpcli.merge", "merge"),
+                         ("lrpcli.evaluate.command", "evaluate")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
