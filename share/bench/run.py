@@ -1,6 +1,6 @@
 """``make bench``: one table of lrpcli's performance, all figures from one run.
 
-    .venv/bin/python share/bench/run.py [--device cpu|cuda] [--quick] [--only vgg16,resnet50,demo,synthetic,render]
+    .venv/bin/python share/bench/run.py [--device cpu|cuda] [--quick] [--only vgg16,resnet50,demo,synthetic,render,evaluate]
                                         [--composites a,b] [--repeats N] [--write]
 
 Sections (see the scripts next to this one for what exactly each times):
@@ -9,6 +9,8 @@ Sections (see the scripts next to this one for what exactly each times):
 - explain: the ``lrpcli explain`` pipeline on the demo data and on a synthetic ImageFolder (resnet50), images/s
   end to end against attribution alone;
 - render: ``lrpcli render`` of 1,000 heatmaps (share/bench/bench_render.py), seconds.
+- evaluate: ``lrpcli evaluate``'s batched region perturbation against a per-sample loop, on the demo model and
+  resnet50 (share/bench/bench_evaluate.py), samples/s and their ratio (target >= 10x).
 
 Each figure is the median of several repeats after a warm-up. Ratios are the targets (DESIGN.md section 4 and
 issue 7): they compare runs of the same process minutes apart, so they hold on a loaded machine where absolute
@@ -32,7 +34,7 @@ from benchlib import describe_device, load, log, median
 import lrpcli
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("vgg16", "resnet50", "demo", "synthetic", "render")
+SECTIONS = ("vgg16", "resnet50", "demo", "synthetic", "render", "evaluate")
 TIME_TARGET = {"cpu": 2.0, "cuda": 1.6}
 EPSILON_TARGET = 1.3
 MEMORY_TARGET = 1.5
@@ -157,6 +159,19 @@ def pipeline_row(table: Table, r) -> None:
     table.notes.append(f"explain {r.name}: {len(r.end_to_end)} pass(es) of {r.images} images each way, alternating")
 
 
+def evaluate_rows(table: Table, device: torch.device, quick: bool) -> None:
+    """Region perturbation (MoRF + LeRF): evaluate's batched forwards against a per-sample loop, same samples."""
+    from bench_evaluate import TARGET, demo_case, resnet_case
+
+    for result in (demo_case(8 if quick else 16, device, None, None),
+                   resnet_case(1 if quick else 2, device, None, None)):
+        ratio = result["fast_rate"] / result["slow_rate"]
+        table.add("evaluate", result["case"], "", f"{result['fast_rate']:.1f}",
+                  f"{ratio:.1f}x the per-sample loop ({result['slow_rate']:.2f}/s)", "", f">= {TARGET:.0f}x",
+                  "ok" if ratio >= TARGET else "MISS")
+    table.notes.append("evaluate: samples/s of region perturbation, batched vs a per-sample loop (bench_evaluate.py)")
+
+
 def bench_render(n: int, repeats: int) -> list[float]:
     """Runs share/bench/bench_render.py (its own setup untimed): one warm-up that writes the file, then repeats."""
     times = []
@@ -221,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add("render", f"{args.render_n} heatmaps 224x224 png", "", f"{args.render_n / median(times):.0f}",
                   f"{median(times):.1f} s", "", "", "")
         table.notes.append(f"render: median of {len(times)} after a warm-up (bench_render.py, lzf input, jobs auto)")
+    if "evaluate" in args.sections:
+        evaluate_rows(table, args.device, args.quick)
 
     minutes = (time.time() - started) / 60
     header = [
