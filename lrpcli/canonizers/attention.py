@@ -1,0 +1,61 @@
+"""``attention``: each ``nn.MultiheadAttention`` runs as explicit steps for the duration of the session.
+
+The fused attention kernel is one opaque function: its products and its softmax get no rule, and relevance
+through it is the plain gradient. ``ExplicitMultiheadAttention`` computes the same output from the same
+(shared) parameters with q/k/v Linear layers, a score MatMul, a Softmax and an AttentionProduct, each of which
+gets a rule (AttnLRP or CP-LRP). The original modules are put back on exit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..functional_modules import ExplicitMultiheadAttention
+from .base import Canonizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..hooks import Session
+
+
+def _unsupported(mha: nn.MultiheadAttention) -> str | None:
+    if mha.bias_k is not None or mha.bias_v is not None:
+        return "add_bias_kv"
+    if mha.add_zero_attn:
+        return "add_zero_attn"
+    return None
+
+
+class MultiheadAttentionSteps(Canonizer):
+    """Replace nn.MultiheadAttention children by ExplicitMultiheadAttention (weights shared), restored on exit."""
+
+    name = "attention"
+
+    def __init__(self) -> None:
+        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def apply(self, model: nn.Module, session: Session) -> nn.Module:
+        count = 0
+        for parent_name, parent in list(model.named_modules()):
+            for name, child in list(parent._modules.items()):
+                if not isinstance(child, nn.MultiheadAttention):
+                    continue
+                where = f"{parent_name}.{name}" if parent_name else name
+                why = _unsupported(child)
+                if why is not None:
+                    session.notes.append(f"attention: {where} not decomposed ({why} is not supported); its "
+                                         "attention runs on the plain gradient")
+                    continue
+                parent._modules[name] = ExplicitMultiheadAttention(child)
+                self._swapped.append((parent, name, child))
+                count += 1
+        if count:
+            session.notes.append(f"attention: {count} MultiheadAttention modules run as explicit q/k/v "
+                                 "projections, score product, softmax and weights-times-values product")
+        return model
+
+    def revert(self) -> None:
+        for parent, name, original in reversed(self._swapped):
+            parent._modules[name] = original
+        self._swapped.clear()
