@@ -7,6 +7,7 @@ The ``functional`` canonizer (torch.fx) puts calls of these in place of ``a * b`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -191,6 +192,107 @@ class ExplicitMultiheadAttention(nn.Module):
         return out, shown.squeeze(0) if unbatched else shown
 
 
+class Normalize(nn.Module):
+    """``F.normalize(x, dim)`` (Swin V2's cosine attention): with the norm held constant it only rescales, so
+    relevance passes unchanged (as the LayerNorm rule holds the divisor constant)."""
+
+    def __init__(self, dim: int = -1, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=self.dim, eps=self.eps)
+
+
+class ExplicitWindowAttention(nn.Module):
+    """torchvision's ``ShiftedWindowAttention`` (Swin V1) and ``ShiftedWindowAttentionV2`` as explicit steps.
+
+    The fused ``shifted_window_attention`` function is opaque to hooks and to torch.fx. Here the q/k/v parts of
+    ``qkv`` are Linear layers, the scores a MatMul (V1: with the 1/sqrt(d) scale; V2: of the normalised q and k,
+    then times the clamped logit scale), then the Softmax and the AttentionProduct; ``proj`` is the original
+    layer. The relative position bias and the shift mask are added as constants: relevance passes to the scores.
+    The windows, shifts and padding are computed exactly as torchvision does, from the same parameters.
+    """
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_source", source)  # not a child: qkv's parameters stay the source's
+        self.v2 = hasattr(source, "logit_scale")
+        dim = source.proj.in_features
+        heads = source.num_heads
+        bias = "bias" if source.qkv.bias is not None else None
+        for k, label in enumerate("qkv"):
+            rows = slice(k * dim, (k + 1) * dim)
+            # V2 uses no key bias (torchvision zeroes that third of qkv's bias in the forward)
+            self.add_module(f"{label}_proj", _Projection(source.qkv, "weight", None if self.v2 and k == 1 else bias,
+                                                         rows, rows))
+        if self.v2:
+            self.q_norm, self.k_norm = Normalize(-1), Normalize(-1)
+            self.scores = MatMul(torch.matmul)
+            self.logit = Scaled(torch.mul, 0)
+        else:
+            self.scores = MatMul(torch.matmul, scale=(dim // heads) ** -0.5)
+        self.softmax = nn.Softmax(dim=-1)
+        self.attention_dropout = nn.Dropout(source.attention_dropout)
+        self.values = AttentionProduct(torch.matmul, constant_index=0)
+        self.proj = source.proj
+        self.dropout = nn.Dropout(source.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        src = self._source
+        window, heads = list(src.window_size), src.num_heads
+        b, h, w, c = x.shape
+        pad_r = (window[1] - w % window[1]) % window[1]
+        pad_b = (window[0] - h % window[0]) % window[0]
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        pad_h, pad_w = x.shape[1], x.shape[2]
+        shift = [0 if window[0] >= pad_h else src.shift_size[0], 0 if window[1] >= pad_w else src.shift_size[1]]
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        windows = (pad_h // window[0]) * (pad_w // window[1])
+        x = x.view(b, pad_h // window[0], window[0], pad_w // window[1], window[1], c)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b * windows, window[0] * window[1], c)
+        n, length = x.shape[0], x.shape[1]
+
+        def heads_of(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(n, length, heads, c // heads).transpose(1, 2)
+
+        q, k, v = heads_of(self.q_proj(x)), heads_of(self.k_proj(x)), heads_of(self.v_proj(x))
+        if self.v2:
+            attn = self.scores(self.q_norm(q), self.k_norm(k).transpose(-2, -1))
+            attn = self.logit(attn, torch.clamp(src.logit_scale, max=math.log(100.0)).exp())
+        else:
+            attn = self.scores(q, k.transpose(-2, -1))
+        attn = attn + src.get_relative_position_bias()
+        if sum(shift) > 0:
+            mask = _shift_mask(x, pad_h, pad_w, window, shift, windows)
+            attn = attn.view(n // windows, windows, heads, length, length) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, heads, length, length)
+        attn = self.attention_dropout(self.softmax(attn))
+        x = self.values(attn, v).transpose(1, 2).reshape(n, length, c)
+        x = self.dropout(self.proj(x))
+        x = x.view(b, pad_h // window[0], pad_w // window[1], window[0], window[1], c)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, pad_h, pad_w, c)
+        if sum(shift) > 0:
+            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return x[:, :h, :w, :].contiguous()
+
+
+def _shift_mask(x: torch.Tensor, pad_h: int, pad_w: int, window: list[int], shift: list[int],
+                windows: int) -> torch.Tensor:
+    """The -100 / 0 mask that keeps shifted windows from attending across the image border (as torchvision)."""
+    mask = x.new_zeros((pad_h, pad_w))
+    count = 0
+    for hs in ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None)):
+        for ws in ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None)):
+            mask[hs[0]:hs[1], ws[0]:ws[1]] = count
+            count += 1
+    mask = mask.view(pad_h // window[0], window[0], pad_w // window[1], window[1])
+    mask = mask.permute(0, 2, 1, 3).reshape(windows, window[0] * window[1])
+    mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
 def _additive_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, is_causal: bool,
                    scores: torch.Tensor) -> torch.Tensor | None:
     """One additive mask (0 / -inf, or the given floats) broadcasting against scores (N, H, L, S)."""
@@ -216,6 +318,6 @@ def _additive_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tenso
 #: modules whose output is a product of their tensor inputs (the product rules apply)
 PRODUCTS = (Product, MatMul, Gate)
 #: modules that pass relevance to their activation unchanged
-SCALES = (Scaled,)
+SCALES = (Scaled, Normalize)
 #: parameter-free linear reductions (Norm)
 REDUCTIONS = (Reduce,)

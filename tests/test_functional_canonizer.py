@@ -147,7 +147,7 @@ def test_multihead_attention_is_decomposed_and_restored():
     x = torch.randn(2, 5, 8, dtype=DT)
     out, notes, names = _notes(model, ['attention'], x)
     torch.testing.assert_close(out, model(x), atol=1e-14, rtol=0)
-    assert notes == ['attention: 1 MultiheadAttention modules run as explicit q/k/v projections, score product, '
+    assert notes == ["attention: MultiheadAttention x1 run as explicit q/k/v projections, score product, "
                      'softmax and weights-times-values product']
     assert {'ExplicitMultiheadAttention', '_Projection', 'MatMul', 'AttentionProduct', 'Softmax'} <= names
     assert model.mha is mha and list(model.state_dict()) == keys

@@ -12,14 +12,24 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..functional_modules import ExplicitMultiheadAttention
+from ..functional_modules import ExplicitMultiheadAttention, ExplicitWindowAttention
 from .base import Canonizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..hooks import Session
 
 
-def _unsupported(mha: nn.MultiheadAttention) -> str | None:
+def _window_attention() -> tuple[type, ...]:
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+    except Exception:  # pragma: no cover - torchvision missing
+        return ()
+    return (ShiftedWindowAttention,)  # V2 is a subclass
+
+
+def _unsupported(mha: nn.Module) -> str | None:
+    if not isinstance(mha, nn.MultiheadAttention):
+        return None
     if mha.bias_k is not None or mha.bias_v is not None:
         return "add_bias_kv"
     if mha.add_zero_attn:
@@ -28,7 +38,8 @@ def _unsupported(mha: nn.MultiheadAttention) -> str | None:
 
 
 class MultiheadAttentionSteps(Canonizer):
-    """Replace nn.MultiheadAttention children by ExplicitMultiheadAttention (weights shared), restored on exit."""
+    """Replace nn.MultiheadAttention and torchvision's ShiftedWindowAttention children by explicit steps
+    (weights shared), restored on exit."""
 
     name = "attention"
 
@@ -36,10 +47,11 @@ class MultiheadAttentionSteps(Canonizer):
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
 
     def apply(self, model: nn.Module, session: Session) -> nn.Module:
-        count = 0
+        counts: dict[str, int] = {}
+        windowed = _window_attention()
         for parent_name, parent in list(model.named_modules()):
             for name, child in list(parent._modules.items()):
-                if not isinstance(child, nn.MultiheadAttention):
+                if not isinstance(child, (nn.MultiheadAttention,) + windowed):
                     continue
                 where = f"{parent_name}.{name}" if parent_name else name
                 why = _unsupported(child)
@@ -47,12 +59,15 @@ class MultiheadAttentionSteps(Canonizer):
                     session.notes.append(f"attention: {where} not decomposed ({why} is not supported); its "
                                          "attention runs on the plain gradient")
                     continue
-                parent._modules[name] = ExplicitMultiheadAttention(child)
+                explicit = ExplicitWindowAttention(child) if isinstance(child, windowed) \
+                    else ExplicitMultiheadAttention(child)
+                parent._modules[name] = explicit
                 self._swapped.append((parent, name, child))
-                count += 1
-        if count:
-            session.notes.append(f"attention: {count} MultiheadAttention modules run as explicit q/k/v "
-                                 "projections, score product, softmax and weights-times-values product")
+                counts[type(child).__name__] = counts.get(type(child).__name__, 0) + 1
+        if counts:
+            which = ", ".join(f"{n} x{k}" for n, k in counts.items())
+            session.notes.append(f"attention: {which} run as explicit q/k/v projections, score product, softmax "
+                                 "and weights-times-values product")
         return model
 
     def revert(self) -> None:

@@ -79,6 +79,12 @@ ROUTING = {
     "double", "half", "clone", "size", "dim", "numel", "masked_fill", "unflatten", "movedim", "view_as",
     "reshape_as", "detach", "__getitem__", "t",
 }
+try:  # torchvision's fx-wrapped padding for Swin's patch merging: pad and strided slices, pure routing
+    from torchvision.models.swin_transformer import _patch_merging_pad
+
+    ROUTING.add(_patch_merging_pad)
+except Exception:  # pragma: no cover - torchvision missing or changed
+    pass
 _SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad"}
 
 
@@ -99,9 +105,10 @@ class _Tracer(fx.Tracer):
         self.inlined: Counter[str] = Counter()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from ..functional_modules import ExplicitMultiheadAttention
+        from ..functional_modules import ExplicitMultiheadAttention, ExplicitWindowAttention, Normalize
 
-        own = (Sum, Gate, Product, MatMul, Scaled, Reduce, LayerNormFn, ExplicitMultiheadAttention)
+        own = (Sum, Gate, Product, MatMul, Scaled, Reduce, LayerNormFn, ExplicitMultiheadAttention,
+               ExplicitWindowAttention, Normalize)
         if isinstance(m, own + L.WEIGHTED + L.ACTIVATIONS + L.BATCHNORMS + L.IDENTITIES + L.AVGPOOLS
                       + L.MAXPOOLS + L.UPSAMPLES + L.PADDINGS + (nn.LayerNorm, nn.GroupNorm, nn.Softmax)):
             return True

@@ -49,7 +49,7 @@ PADDINGS = _nn("ZeroPad1d", "ZeroPad2d", "ZeroPad3d", "ConstantPad1d", "Constant
                "ReplicationPad3d", "CircularPad1d", "CircularPad2d", "CircularPad3d", "PixelShuffle",
                "PixelUnshuffle", "ChannelShuffle")
 SUMS = (Sum,)
-GATES = (Gate,) + _functional("Scaled")
+GATES = (Gate,) + _functional("Scaled", "Normalize")
 #: normalisation layers with a learned affine map (the LayerNorm rule: divisor held constant)
 NORMS = _nn("LayerNorm", "GroupNorm", "RMSNorm") + _functional("LayerNormFn")
 #: products of two activations, and the attention-weights-times-values product among them
