@@ -110,8 +110,8 @@ def test_untraceable_model_is_canonized_child_by_child_and_named():
     out, notes, names = _notes(model, ['functional'], x)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     assert 'Gate' in names and 'AttentionProduct' in names
-    assert notes[-1].startswith('functional: torch.fx cannot trace Untraceable at <model> (')
-    assert notes[-1].endswith('): the functional operations in their forward are not seen and pass the plain '
+    assert notes[-2].startswith('functional: torch.fx cannot trace Untraceable at <model> (')
+    assert notes[-2].endswith('): the functional operations in their forward are not seen and pass the plain '
                               'gradient')
     assert model.inner is inner  # put back on exit
 
@@ -166,3 +166,18 @@ def test_multihead_attention_with_bias_kv_is_reported():
         assert isinstance(model.mha, nn.MultiheadAttention)
     assert session.notes == ['attention: mha not decomposed (add_bias_kv is not supported); its attention runs on '
                              'the plain gradient']
+
+
+def test_untraceable_model_names_the_operations_it_could_not_see():
+    """The operations the untraceable forward computes itself (not in a module) are counted in the first forward:
+    Untraceable negates its input (``neg``) when the sum is not positive, and compares the sum (``gt``)."""
+    torch.manual_seed(0)
+    model = Untraceable().to(DT).eval()
+    x = -torch.ones(2, 3, 4, dtype=DT, requires_grad=True)
+    comp = get('attn_lrp')
+    session = comp.context(model, canonizers=['functional'])
+    with session as m:
+        m(x)
+        m(x)  # counted once
+    assert session.notes[-1] == 'functional: Untraceable at <model> (not traced) computes outside its modules: ' \
+                                'sum x1, gt x1, neg x1'

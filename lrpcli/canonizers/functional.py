@@ -16,7 +16,8 @@ that shares every module and parameter) and puts a module call in place of each 
 Pure routing (reshape, permute, cat, split, chunk, getitem, roll, pad, ...) needs nothing: its gradient moves
 relevance with the elements. Every other operation found on a tensor is named in a note ("left on the plain
 gradient"); childless modules that fx inlines are named too. Modules fx cannot trace are canonized child by
-child, and the classes that could not be traced are named.
+child; the classes that could not be traced are named, and during the first forward a torch-function mode
+counts the operations each of them computes outside its modules, which a second note names.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..composites import layers as L
 from ..functional_modules import (
@@ -322,6 +324,71 @@ def _reason(err: Exception) -> str:
     return text.splitlines()[0][:160] if text else type(err).__name__
 
 
+class _Unseen(TorchFunctionMode):
+    """Counts the torch functions called on tensors that require grad while an untraceable module runs, outside
+    its hooked leaf modules (those have rules): the operations no rule sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = 0
+        self.seen: Counter[str] = Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if not self.paused:
+            name = getattr(func, "__name__", "")
+            name = name[2:-2].lstrip("ir") if name.startswith("__") and name != "__get__" else name
+            if name and name != "__get__" and func not in ROUTING and name not in ROUTING \
+                    and any(isinstance(a, torch.Tensor) and a.requires_grad
+                            for a in list(args) + list(kwargs.values())):
+                self.seen[name] += 1
+        return func(*args, **kwargs)
+
+
+class _Watch:
+    """Runs ``_Unseen`` during the first forward with gradients of one untraceable module; then notes what it saw."""
+
+    def __init__(self, module: nn.Module, label: str, session: Session) -> None:
+        self.label, self.session = label, session
+        self.mode = _Unseen()
+        self.active = False
+        self.handles = [module.register_forward_pre_hook(self._start),
+                        module.register_forward_hook(self._stop, always_call=True)]
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        if not torch.is_grad_enabled() or self.active:
+            return
+        # registered now, after the session's hooks, so that what those do in a leaf's forward hook is paused
+        # too; traced children are paused as a whole (fx saw their operations)
+        for inner in module.modules():
+            if inner is not module and (isinstance(inner, fx.GraphModule) or next(inner.children(), None) is None):
+                self.handles += [inner.register_forward_pre_hook(self._pause),
+                                 inner.register_forward_hook(self._resume, always_call=True)]
+        self.active = True
+        self.mode.__enter__()
+
+    def _stop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self.active:
+            return
+        self.mode.__exit__(None, None, None)
+        self.active = False
+        seen = _counts(self.mode.seen)
+        self.session.notes.append(f"functional: {self.label} (not traced) computes outside its modules: "
+                                  f"{seen or 'nothing'}")
+        self.remove()
+
+    def _pause(self, module: nn.Module, args: tuple) -> None:
+        self.mode.paused += 1
+
+    def _resume(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.mode.paused -= 1
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
 class FunctionalOperations(Canonizer):
     """Trace with torch.fx and route functional operations through modules (see the module docstring)."""
 
@@ -329,8 +396,11 @@ class FunctionalOperations(Canonizer):
 
     def __init__(self) -> None:
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self._watches: list[_Watch] = []
+        self._session: Session | None = None
 
     def apply(self, model: nn.Module, session: Session) -> nn.Module:
+        self._session = session
         done: Counter[str] = Counter()
         left: Counter[str] = Counter()
         inlined: Counter[str] = Counter()
@@ -353,7 +423,8 @@ class FunctionalOperations(Canonizer):
         try:
             graph = tracer.trace(module)
         except Exception as err:  # fx raises many kinds of errors on untraceable code
-            untraced.append(f"{type(module).__name__} at {where or '<model>'} ({_reason(err)})")
+            label = f"{type(module).__name__} at {where or '<model>'}"
+            untraced.append(f"{label} ({_reason(err)})")
             for name, child in list(module._modules.items()):
                 if child is None or tracer.is_leaf_module(child, name):
                     continue
@@ -361,6 +432,8 @@ class FunctionalOperations(Canonizer):
                 if new is not child:
                     module._modules[name] = new
                     self._swapped.append((module, name, child))
+            if self._session is not None:
+                self._watches.append(_Watch(module, label, self._session))
             return module
         traced = fx.GraphModule(module, graph, type(module).__name__)
         rewriter = _Rewriter(traced)
@@ -371,6 +444,11 @@ class FunctionalOperations(Canonizer):
         return traced
 
     def revert(self) -> None:
+        for watch in self._watches:
+            if watch.active:  # a forward that never finished
+                watch.mode.__exit__(None, None, None)
+            watch.remove()
+        self._watches.clear()
         for parent, name, original in reversed(self._swapped):
             parent._modules[name] = original
         self._swapped.clear()
