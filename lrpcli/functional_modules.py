@@ -192,6 +192,33 @@ class ExplicitMultiheadAttention(nn.Module):
         return out, shown.squeeze(0) if unbatched else shown
 
 
+class DotProductAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` as explicit steps: score MatMul (with the scale), the mask as a constant
+    addend, Softmax, dropout, AttentionProduct."""
+
+    def __init__(self, dropout: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                 masked: bool = False) -> None:
+        super().__init__()
+        self.is_causal, self.scale, self.masked = is_causal, scale, masked
+        self.scores = MatMul(torch.matmul)
+        self.softmax = nn.Softmax(dim=-1)
+        self.dropout = nn.Dropout(dropout)
+        self.values = AttentionProduct(torch.matmul, constant_index=0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.scores.scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        scores = self.scores(q, k.transpose(-2, -1))
+        if self.is_causal:
+            length, source = scores.shape[-2], scores.shape[-1]
+            causal = torch.ones(length, source, dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else scores + attn_mask
+        return self.values(self.dropout(self.softmax(scores)), v)
+
+
 class Normalize(nn.Module):
     """``F.normalize(x, dim)`` (Swin V2's cosine attention): with the norm held constant it only rescales, so
     relevance passes unchanged (as the LayerNorm rule holds the divisor constant)."""

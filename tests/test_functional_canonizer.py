@@ -181,3 +181,35 @@ def test_untraceable_model_names_the_operations_it_could_not_see():
         m(x)  # counted once
     assert session.notes[-1] == 'functional: Untraceable at <model> (not traced) computes outside its modules: ' \
                                 'sum x1, gt x1, neg x1'
+
+
+@pytest.mark.parametrize('mask', ['none', 'bool', 'float', 'causal'])
+def test_scaled_dot_product_attention_is_explicit(mask):
+    """F.scaled_dot_product_attention becomes DotProductAttention: the same output, and cp_lrp conserves
+    (bias-free projections; all relevance through the values)."""
+    torch.manual_seed(0)
+
+    class Sdpa(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24, bias=False)
+            self.out = nn.Linear(8, 3, bias=False)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 4).permute(2, 0, 3, 1, 4)
+            if mask == 'bool':
+                h = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(5, 5, dtype=torch.bool).triu())
+            elif mask == 'float':
+                h = F.scaled_dot_product_attention(q, k, v, torch.linspace(-1, 1, 25, dtype=DT).view(5, 5))
+            else:
+                h = F.scaled_dot_product_attention(q, k, v, is_causal=mask == 'causal', scale=0.3)
+            return self.out(h.transpose(1, 2).reshape(x.shape[0], x.shape[1], 8).mean(1))
+
+    model = Sdpa().to(DT).eval()
+    x = torch.randn(2, 5, 8, dtype=DT)
+    out, notes, names = _notes(model, ['functional'], x)
+    torch.testing.assert_close(out, model(x), atol=1e-14, rtol=0)
+    assert 'DotProductAttention' in names and notes[0].endswith('attention x1, reduce x1')
+    rel = lrpcli.attribute(model, x, target=1, composite='cp_lrp', canonizers=['functional'], epsilon=1e-12,
+                           stabilizer=1e-12)
+    torch.testing.assert_close(rel.flatten(1).sum(1), model(x)[:, 1], atol=0, rtol=1e-8)

@@ -11,7 +11,8 @@ that shares every module and parameter) and puts a module call in place of each 
 - matmul / bmm / two-operand einsum of activations -> ``MatMul``, or ``AttentionProduct`` where an operand
   comes from a softmax;
 - softmax -> ``nn.Softmax``; relu, gelu, silu, sigmoid, hardswish, ... -> their ``nn`` modules;
-- mean, adaptive/average pooling -> ``Reduce`` (Norm); ``F.layer_norm`` -> ``LayerNormFn``.
+- mean, adaptive/average pooling -> ``Reduce`` (Norm); ``F.layer_norm`` -> ``LayerNormFn``;
+- ``F.scaled_dot_product_attention`` -> ``DotProductAttention`` (score MatMul, Softmax, AttentionProduct).
 
 Pure routing (reshape, permute, cat, split, chunk, getitem, roll, pad, ...) needs nothing: its gradient moves
 relevance with the elements. Every other operation found on a tensor is named in a note ("left on the plain
@@ -35,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from ..composites import layers as L
 from ..functional_modules import (
     AttentionProduct,
+    DotProductAttention,
     LayerNormFn,
     MatMul,
     Product,
@@ -110,7 +112,7 @@ class _Tracer(fx.Tracer):
         from ..functional_modules import ExplicitMultiheadAttention, ExplicitWindowAttention, Normalize
 
         own = (Sum, Gate, Product, MatMul, Scaled, Reduce, LayerNormFn, ExplicitMultiheadAttention,
-               ExplicitWindowAttention, Normalize)
+               ExplicitWindowAttention, Normalize, DotProductAttention)
         if isinstance(m, own + L.WEIGHTED + L.ACTIVATIONS + L.BATCHNORMS + L.IDENTITIES + L.AVGPOOLS
                       + L.MAXPOOLS + L.UPSAMPLES + L.PADDINGS + (nn.LayerNorm, nn.GroupNorm, nn.Softmax)):
             return True
@@ -252,7 +254,23 @@ class _Rewriter:
             return True
         if kind is F.layer_norm and self.is_activation(args[0]):
             return self._layer_norm(node, args, kwargs)
+        if kind is F.scaled_dot_product_attention:
+            return self._attention(node, args, kwargs)
         return False
+
+    def _attention(self, node: fx.Node, args: tuple, kwargs: dict) -> bool:
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        values = dict(zip(names, args))
+        values.update(kwargs)
+        options = [values.get(k) for k in ("dropout_p", "is_causal", "scale", "enable_gqa")]
+        if any(isinstance(o, fx.Node) for o in options) or values.get("enable_gqa"):
+            return False
+        mask = values.get("attn_mask")
+        module = DotProductAttention(values.get("dropout_p") or 0.0, bool(values.get("is_causal")),
+                                     values.get("scale"), masked=mask is not None)
+        inputs = (values["query"], values["key"], values["value"]) + ((mask,) if mask is not None else ())
+        self.replace(node, module, inputs, "attention")
+        return True
 
     def _add(self, node: fx.Node, args: tuple) -> bool:
         if not all(self.is_tensor(a) for a in args) or not any(self.is_activation(a) for a in args):
