@@ -164,3 +164,23 @@ def test_swin_window_attention_is_explicit_and_conserves(v2):
     assert notes == [f'attention: {name} x4 run as explicit q/k/v projections, score product, softmax and '
                      'weights-times-values product', 'functional: routed through modules: sum x8',
                      'functional: inlined by torch.fx (their operations are routed above): Permute x2']
+
+
+def test_config_overrides_name_the_new_rules(tmp_path):
+    """Config `rules` reach the transformer rules by name; composite-level zero_params reach LayerNormRule."""
+    from lrpcli.config import composite_kwargs, load_config
+    from lrpcli.functional_modules import AttentionProduct
+    from lrpcli.rules import ConstantOperand, Flat, LayerNormRule, SoftmaxRule
+
+    path = tmp_path / 'vit.yaml'
+    path.write_text(
+        'model: {name: vit_b_16}\ncanonizers: [transformer]\ncomposite:\n  name: attn_lrp\n  zero_params: [bias]\n'
+        '  rules:\n    - {match: conv_proj, rule: flat}\n    - {type: LayerNorm, rule: layernorm}\n'
+        '    - {type: Softmax, rule: softmax}\n'
+        '    - {type: lrpcli.functional_modules.AttentionProduct, rule: {name: constant_operand, constant: 0}}\n')
+    kwargs = composite_kwargs(load_config(path))
+    assert kwargs['canonizers'] == ['transformer']
+    assert kwargs['overrides'] == [('conv_proj', Flat(zero_params=['bias'])),
+                                   (nn.LayerNorm, LayerNormRule(zero_params=['bias'])), (nn.Softmax, SoftmaxRule()),
+                                   (AttentionProduct, ConstantOperand(0))]
+    get('attn_lrp', **kwargs)  # builds
