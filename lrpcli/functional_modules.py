@@ -277,12 +277,14 @@ class ExplicitWindowAttention(nn.Module):
         if sum(shift) > 0:
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         windows = (pad_h // window[0]) * (pad_w // window[1])
+        # (batch, windows, tokens, channels): the batch stays the first dimension in every module (torchvision
+        # folds the windows into it), so per-sample statistics (the Recorder, ``debug``) see samples
         x = x.view(b, pad_h // window[0], window[0], pad_w // window[1], window[1], c)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b * windows, window[0] * window[1], c)
-        n, length = x.shape[0], x.shape[1]
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, windows, window[0] * window[1], c)
+        length = x.shape[2]
 
         def heads_of(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(n, length, heads, c // heads).transpose(1, 2)
+            return t.reshape(b, windows, length, heads, c // heads).transpose(2, 3)
 
         q, k, v = heads_of(self.q_proj(x)), heads_of(self.k_proj(x)), heads_of(self.v_proj(x))
         if self.v2:
@@ -292,11 +294,9 @@ class ExplicitWindowAttention(nn.Module):
             attn = self.scores(q, k.transpose(-2, -1))
         attn = attn + src.get_relative_position_bias()
         if sum(shift) > 0:
-            mask = _shift_mask(x, pad_h, pad_w, window, shift, windows)
-            attn = attn.view(n // windows, windows, heads, length, length) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, heads, length, length)
+            attn = attn + _shift_mask(x, pad_h, pad_w, window, shift, windows).unsqueeze(1)
         attn = self.attention_dropout(self.softmax(attn))
-        x = self.values(attn, v).transpose(1, 2).reshape(n, length, c)
+        x = self.values(attn, v).transpose(2, 3).reshape(b, windows, length, c)
         x = self.dropout(self.proj(x))
         x = x.view(b, pad_h // window[0], pad_w // window[1], window[0], window[1], c)
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, pad_h, pad_w, c)

@@ -184,3 +184,20 @@ def test_config_overrides_name_the_new_rules(tmp_path):
                                    (nn.LayerNorm, LayerNormRule(zero_params=['bias'])), (nn.Softmax, SoftmaxRule()),
                                    (AttentionProduct, ConstantOperand(0))]
     get('attn_lrp', **kwargs)  # builds
+
+
+def test_swin_recorder_sees_samples_not_windows():
+    """The explicit window attention keeps the batch first in every hooked module, so the per-sample table works
+    (torchvision folds the windows into the batch dimension)."""
+    from lrpcli.recorder import Recorder
+
+    model = tiny_swin(False)
+    x = torch.randn(3, 3, 32, 32, dtype=DT)
+    recorder = Recorder()
+    with get('cp_lrp').context(model, canonizers=['transformer'], recorder=recorder) as m:
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        torch.autograd.grad(out, xi, out)
+    layers, _, r_in, r_out = recorder.table()
+    assert r_in.shape == r_out.shape == (3, len(layers))
+    assert 'features.1.1.attn.values' in layers and torch.isfinite(r_out).all()
