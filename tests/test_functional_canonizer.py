@@ -213,3 +213,24 @@ def test_scaled_dot_product_attention_is_explicit(mask):
     rel = lrpcli.attribute(model, x, target=1, composite='cp_lrp', canonizers=['functional'], epsilon=1e-12,
                            stabilizer=1e-12)
     torch.testing.assert_close(rel.flatten(1).sum(1), model(x)[:, 1], atol=0, rtol=1e-8)
+
+
+def test_position_bias_on_attention_logits_is_a_constant():
+    """scores + bias (a parameter) that goes into a softmax stays a plain addition (relevance to the scores, as
+    for a mask), while activation + parameter elsewhere becomes an EmbeddingSum; swapaxes is routing."""
+
+    class BiasedAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(3, 4))
+            self.bias = nn.Parameter(torch.randn(3, 3))
+
+        def forward(self, x):
+            x = x + self.pos
+            scores = torch.matmul(x, x.swapaxes(-2, -1)) + self.bias
+            return torch.matmul(scores.softmax(-1), x)
+
+    _, notes, names = _notes(BiasedAttention().to(DT), ['functional'], torch.randn(2, 3, 4, dtype=DT))
+    assert notes == ['functional: routed through modules: embedding x1, matmul x1, softmax x1, attention_product x1',
+                     'functional: position biases of attention logits added as constants (relevance stays with the '
+                     'scores): x1']

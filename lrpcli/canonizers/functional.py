@@ -81,7 +81,8 @@ ROUTING = {
     "view", "reshape", "permute", "transpose", "flatten", "contiguous", "split", "chunk", "unbind", "squeeze",
     "unsqueeze", "expand", "expand_as", "repeat", "roll", "narrow", "select", "flip", "to", "type", "float",
     "double", "half", "clone", "size", "dim", "numel", "masked_fill", "unflatten", "movedim", "view_as",
-    "reshape_as", "detach", "__getitem__", "t",
+    "reshape_as", "detach", "__getitem__", "t", "swapaxes", "swapdims", torch.swapaxes, torch.swapdims,
+    torch.movedim,
 }
 try:  # torchvision's fx-wrapped padding for Swin's patch merging: pad and strided slices, pure routing
     from torchvision.models.swin_transformer import _patch_merging_pad
@@ -130,6 +131,7 @@ class _Rewriter:
         self.gm = traced
         self.done: Counter[str] = Counter()
         self.left: Counter[str] = Counter()
+        self.constants: Counter[str] = Counter()
         self._count = 0
         self._tensor: dict[fx.Node, bool] = {}
 
@@ -272,10 +274,25 @@ class _Rewriter:
         self.replace(node, module, inputs, "attention")
         return True
 
+    def feeds_softmax(self, node: fx.Node, depth: int = 4) -> bool:
+        """The node's value reaches a softmax through additions and routing only (attention logits)."""
+        for user in node.users:
+            kind = _kind(user)
+            if isinstance(self.module_of(user), nn.Softmax) or kind in _SOFTMAX:
+                return True
+            if depth > 0 and (kind in _ADD or kind in ROUTING) and self.feeds_softmax(user, depth - 1):
+                return True
+        return False
+
     def _add(self, node: fx.Node, args: tuple) -> bool:
         if not all(self.is_tensor(a) for a in args) or not any(self.is_activation(a) for a in args):
             return False
         embedding = not all(self.is_activation(a) for a in args)
+        if embedding and self.feeds_softmax(node):
+            # a position bias on attention logits is a constant addend, like a mask: relevance stays with the
+            # scores (the plain addition hands it on unchanged)
+            self.constants["attention bias"] += 1
+            return True
         self.replace(node, EmbeddingSum() if embedding else Sum(), tuple(args), "embedding" if embedding else "sum")
         return True
 
@@ -424,7 +441,11 @@ class FunctionalOperations(Canonizer):
         inlined: Counter[str] = Counter()
         untraced: list[str] = []
         result = self._canonize(model, "", done, left, inlined, untraced)
+        constants = done.pop("constant", 0)
         notes = [f"functional: routed through modules: {_counts(done) or 'nothing'}"]
+        if constants:
+            notes.append("functional: position biases of attention logits added as constants (relevance stays "
+                         f"with the scores): x{constants}")
         if inlined:
             notes.append(f"functional: inlined by torch.fx (their operations are routed above): {_counts(inlined)}")
         if left:
@@ -457,6 +478,8 @@ class FunctionalOperations(Canonizer):
         rewriter = _Rewriter(traced)
         rewriter.run()
         done.update(rewriter.done)
+        if rewriter.constants:
+            done["constant"] += sum(rewriter.constants.values())
         left.update(rewriter.left)
         inlined.update(tracer.inlined)
         return traced
