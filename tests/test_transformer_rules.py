@@ -411,3 +411,20 @@ def test_rules_by_name():
     assert make('constant_operand', constant=1) == ConstantOperand(1)
     with pytest.raises(ValueError, match="ConstantOperand: constant must be >= -1, got -2"):
         make('constant_operand', constant=-2)
+
+
+def test_layernorm_fn_is_not_sliced_over_the_batch(monkeypatch):
+    """Large relevance is processed in batch slices; LayerNormFn's weight and bias inputs have no batch dimension
+    (here as long as the batch), so it is not sliced: the result equals the unsliced one."""
+    import lrpcli.hooks
+    from lrpcli.functional_modules import LayerNormFn
+    from lrpcli.rules import LayerNormRule
+
+    ln = _randomise(nn.LayerNorm(4), 0)
+    model = _FunctionalLayerNorm(ln)
+    x = torch.randn(4, 3, 4, dtype=DT)
+    upper = torch.randn(4, 3, 4, dtype=DT)
+    want = attribute(model, x, upper, layer_map(LayerNormFn, LayerNormRule()))
+    monkeypatch.setattr(lrpcli.hooks, 'CHUNK_BYTES', 64)
+    got = attribute(model, x, upper, layer_map(LayerNormFn, LayerNormRule()))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

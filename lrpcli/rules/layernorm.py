@@ -113,6 +113,10 @@ class LayerNormRule(Rule):
             raise ValueError(f"LayerNormRule applies to LayerNorm, LayerNorm2d, RMSNorm and GroupNorm; module "
                              f"{name!r} is {type(module).__name__}")
 
+    def splits_over_batch(self, call) -> bool:
+        # LayerNormFn takes its weight and bias as inputs: they have no batch dimension to slice
+        return len(call.inputs) == 1
+
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x = call.x
         lay = layout(call.module, x, call.inputs)
