@@ -32,7 +32,7 @@ class Block(nn.Module):
         self.norm_b = nn.Parameter(torch.zeros(4))
 
     def forward(self, x):  # x: (N, 3, 4)
-        x = x + self.pos                                       # embedding sum
+        x = F.max_pool1d(x, 1) + self.pos                      # max pool, embedding sum
         q, k, v = self.fc(x).chunk(3, dim=-1)                  # routing
         attn = (q @ k.transpose(-2, -1) / 2.0).softmax(-1)     # matmul, scaled (div), softmax
         h = torch.matmul(F.dropout(attn, 0.0, False), v)       # attention product
@@ -59,11 +59,11 @@ def test_block_is_routed_and_computes_the_same():
     forward_before = model.forward
     out, notes, names = _notes(model, ['functional'], x)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
-    assert notes == ['functional: routed through modules: scaled x2, embedding x1, matmul x1, softmax x1, '
-                     'attention_product x1, gelu x1, sigmoid x1, gate x1, sum x1, layer_norm x1, product x1, '
-                     'reduce x1']
+    assert notes == ['functional: routed through modules: scaled x2, max_pool x1, embedding x1, matmul x1, '
+                     'softmax x1, attention_product x1, gelu x1, sigmoid x1, gate x1, sum x1, layer_norm x1, '
+                     'product x1, reduce x1']
     assert {'EmbeddingSum', 'MatMul', 'AttentionProduct', 'Softmax', 'GELU', 'Gate', 'Scaled', 'LayerNormFn',
-            'Product', 'Reduce', 'Sum'} <= names
+            'Product', 'Reduce', 'Sum', 'MaxPool1d'} <= names
     assert model.forward == forward_before and not any(n.startswith('lrpcli') for n, _ in model.named_modules())
 
 

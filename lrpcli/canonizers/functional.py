@@ -11,7 +11,8 @@ that shares every module and parameter) and puts a module call in place of each 
 - matmul / bmm / two-operand einsum of activations -> ``MatMul``, or ``AttentionProduct`` where an operand
   comes from a softmax;
 - softmax -> ``nn.Softmax``; relu, gelu, silu, sigmoid, hardswish, ... -> their ``nn`` modules;
-- mean, adaptive/average pooling -> ``Reduce`` (Norm); ``F.layer_norm`` -> ``LayerNormFn``;
+- mean, adaptive/average pooling -> ``Reduce`` (Norm); max pooling -> ``nn.MaxPool*d`` (so that the composite's
+  maxpool choice applies); ``F.layer_norm`` -> ``LayerNormFn``;
 - ``F.scaled_dot_product_attention`` -> ``DotProductAttention`` (score MatMul, Softmax, AttentionProduct).
 
 Pure routing (reshape, permute, cat, split, chunk, getitem, roll, pad, ...) needs nothing: its gradient moves
@@ -73,6 +74,8 @@ _GATE_SOURCES = (nn.Sigmoid, nn.Hardsigmoid)
 _POOLS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d,
           F.avg_pool3d}
 _MEAN = {torch.mean, "mean"}
+_MAXPOOLS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d}
+_MAXPOOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 #: operations whose gradient moves elements without changing them (or only on shapes, dtypes, devices)
 ROUTING = {
     operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape, torch.permute,
@@ -253,6 +256,13 @@ class _Rewriter:
         if (kind in _MEAN or kind in _POOLS) and self.is_activation(args[0]) and _constant(args[1:], kwargs):
             fn = mean if kind in _MEAN else kind
             self.replace(node, Reduce(fn, args[1:], dict(kwargs)), (args[0],), "reduce")
+            return True
+        if kind in _MAXPOOLS and self.is_activation(args[0]) and _constant(args[1:], kwargs):
+            options = dict(zip(_MAXPOOL_ARGS, args[1:]))
+            options.update(kwargs)
+            if options.get("return_indices"):
+                return False
+            self.replace(node, _MAXPOOLS[kind](**options), (args[0],), "max_pool")
             return True
         if kind is F.layer_norm and self.is_activation(args[0]):
             return self._layer_norm(node, args, kwargs)
