@@ -234,3 +234,26 @@ def test_position_bias_on_attention_logits_is_a_constant():
     assert notes == ['functional: routed through modules: embedding x1, matmul x1, softmax x1, attention_product x1',
                      'functional: position biases of attention logits added as constants (relevance stays with the '
                      'scores): x1']
+
+
+def test_functional_inplace_relu_after_merged_batchnorm():
+    """googlenet/inception_v3 write ``F.relu(bn(conv(x)), inplace=True)``: with the BatchNorm merged, the relu
+    overwrote the convolution's output that Gamma reads. As an nn.ReLU module it no longer does."""
+
+    class Basic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, bias=False)
+            self.bn = nn.BatchNorm2d(4, eps=0.001)
+            self.head = nn.Conv2d(4, 2, 3)
+
+        def forward(self, x):
+            return self.head(F.relu(self.bn(self.conv(x)), inplace=True)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Basic().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(RuntimeError, match="'conv' .* was modified in place"):
+        lrpcli.attribute(model, x, 0, composite='epsilon_gamma_box', canonizers=['merge_batchnorm'])
+    rel = lrpcli.attribute(model, x, 0, composite='epsilon_gamma_box', canonizers=['merge_batchnorm', 'functional'])
+    assert rel.shape == x.shape and torch.isfinite(rel).all()
