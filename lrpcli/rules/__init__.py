@@ -52,4 +52,3 @@ def make(name: str, **params: Any) -> Rule:
 __all__ = ["Rule", "ParamRule", "Stabilizer", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare",
            "Norm", "Pass", "Gradient", "GuidedBackprop", "DeconvNet", "BetaSmooth", "MaxPoolAverage", "make",
            "names"]
-__all__ += ["LayerNormRule", "SoftmaxRule", "Product", "ConstantOperand"]  # the transformer rules
