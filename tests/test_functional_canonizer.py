@@ -257,3 +257,34 @@ def test_functional_inplace_relu_after_merged_batchnorm():
         lrpcli.attribute(model, x, 0, composite='epsilon_gamma_box', canonizers=['merge_batchnorm'])
     rel = lrpcli.attribute(model, x, 0, composite='epsilon_gamma_box', canonizers=['merge_batchnorm', 'functional'])
     assert rel.shape == x.shape and torch.isfinite(rel).all()
+
+
+@pytest.mark.parametrize('builder,chosen', [
+    ('resnet18', 'merge_batchnorm, functional'),
+    ('vit', 'attention, functional'),
+    ('convnext', 'functional'),
+])
+def test_auto_canonizer_chooses_what_the_model_needs(builder, chosen):
+    """``auto`` looks at the model: BatchNorms -> merge_batchnorm, attention modules -> attention, then
+    functional; the note names the choice, nothing is left without a rule, the output is unchanged."""
+    import torchvision
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = {
+        'resnet18': lambda: torchvision.models.resnet18(num_classes=4),
+        'vit': lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,
+                                         mlp_dim=16, num_classes=4),
+        'convnext': lambda: ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=4),
+    }[builder]().to(DT).eval()
+    x = torch.randn(1, 3, 32, 32, dtype=DT)
+    want = model(x)
+    comp = get('attn_lrp')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        session = comp.context(model, canonizers=['auto'])
+        with session as m:
+            torch.testing.assert_close(m(x), want, atol=1e-12, rtol=0)
+    assert session.notes[0] == f'auto: canonizers {chosen}'
+    assert any(n.startswith('functional: routed through modules: ') for n in session.notes)

@@ -12,7 +12,7 @@ _FACTORIES: dict[str, Callable[[], Canonizer]] = {}
 
 
 def _builtin() -> None:
-    from .attention import MultiheadAttentionSteps
+    from .attention import Auto, MultiheadAttentionSteps
     from .batchnorm import MergeBatchNorm
     from .densenet import DenseNetHead
     from .functional import FunctionalOperations
@@ -30,6 +30,7 @@ def _builtin() -> None:
                                          [MergeBatchNorm(), SqueezeExcitationGates(), ResidualAdditions()]),
         "densenet": lambda: Composed("densenet", [MergeBatchNorm(), DenseNetHead()]),
         "attention": MultiheadAttentionSteps,
+        "auto": Auto,
         "functional": FunctionalOperations,
         "transformer": lambda: Composed("transformer", [MergeBatchNorm(), MultiheadAttentionSteps(),
                                                         FunctionalOperations()]),

@@ -74,3 +74,42 @@ class MultiheadAttentionSteps(Canonizer):
         for parent, name, original in reversed(self._swapped):
             parent._modules[name] = original
         self._swapped.clear()
+
+
+class Auto(Canonizer):
+    """``auto``: what the model needs, chosen by looking at it: ``merge_batchnorm`` where it has BatchNorms,
+    ``attention`` where it has attention modules, then ``functional`` (every functional operation as a module).
+    A note names the choice."""
+
+    name = "auto"
+
+    def __init__(self) -> None:
+        from .base import Composed
+
+        self.chosen = Composed("auto", [])
+
+    @property
+    def needs_probe(self) -> bool:  # type: ignore[override]
+        return self.chosen.needs_probe
+
+    def apply(self, model: nn.Module, session: Session) -> nn.Module:
+        from ..composites.layers import BATCHNORMS
+        from .batchnorm import MergeBatchNorm
+        from .functional import FunctionalOperations
+
+        modules = list(model.modules())
+        parts: list[Canonizer] = []
+        if any(isinstance(m, BATCHNORMS) for m in modules):
+            parts.append(MergeBatchNorm())
+        if any(isinstance(m, (nn.MultiheadAttention,) + _window_attention()) for m in modules):
+            parts.append(MultiheadAttentionSteps())
+        parts.append(FunctionalOperations())
+        self.chosen.parts = parts
+        session.notes.append(f"auto: canonizers {', '.join(p.name for p in parts)}")
+        return self.chosen.apply(model, session)
+
+    def on_probe(self, probe, session: Session) -> None:
+        self.chosen.on_probe(probe, session)
+
+    def revert(self) -> None:
+        self.chosen.revert()
