@@ -12,8 +12,10 @@ _FACTORIES: dict[str, Callable[[], Canonizer]] = {}
 
 
 def _builtin() -> None:
+    from .attention import Auto, MultiheadAttentionSteps
     from .batchnorm import MergeBatchNorm
     from .densenet import DenseNetHead
+    from .functional import FunctionalOperations
     from .gates import SqueezeExcitationGates
     from .residual import ResidualAdditions, TorchvisionResidualBlocks
 
@@ -27,6 +29,11 @@ def _builtin() -> None:
         "efficientnet": lambda: Composed("efficientnet",
                                          [MergeBatchNorm(), SqueezeExcitationGates(), ResidualAdditions()]),
         "densenet": lambda: Composed("densenet", [MergeBatchNorm(), DenseNetHead()]),
+        "attention": MultiheadAttentionSteps,
+        "auto": Auto,
+        "functional": FunctionalOperations,
+        "transformer": lambda: Composed("transformer", [MergeBatchNorm(), MultiheadAttentionSteps(),
+                                                        FunctionalOperations()]),
     })
 
 

@@ -10,16 +10,20 @@ from torch import nn
 from ..rules import (
     AlphaBeta,
     BetaSmooth,
+    ConstantOperand,
     DeconvNet,
     Epsilon,
     Flat,
     Gamma,
     Gradient,
     GuidedBackprop,
+    LayerNormRule,
     MaxPoolAverage,
     Norm,
     Pass,
+    Product,
     Rule,
+    SoftmaxRule,
     Stabilizer,
     ZBox,
     ZPlus,
@@ -37,7 +41,7 @@ def basics(stabilizer: Stabilizer, maxpool: str = "wta") -> LayerMap:
     pool_rule: Rule = Gradient() if maxpool == "wta" else MaxPoolAverage(stabilizer)
     return LayerMap([
         (L.ACTIVATIONS + L.BATCHNORMS + L.IDENTITIES + L.GATES, Pass()),
-        (L.AVGPOOLS + L.UPSAMPLES + L.SUMS, Norm(stabilizer)),
+        (L.AVGPOOLS + L.UPSAMPLES + L.SUMS + L.REDUCTIONS, Norm(stabilizer)),
         (L.MAXPOOLS, pool_rule),
         (L.PADDINGS, Gradient()),
     ])
@@ -99,6 +103,25 @@ def _gradient_space(relu_rule: Callable[..., Rule], **rule_params: Any) -> Calla
     return build
 
 
+def _transformer(constant_attention: bool) -> Callable[..., Mixture]:
+    """AttnLRP (Achtibat et al., ICML 2024) or CP-LRP (Ali et al., ICML 2022): Epsilon on Linear and Conv, the
+    LayerNorm rule, the softmax rule or constant attention weights, the uniform product rule, Pass on
+    activations; ZBox on the first weighted layer (the patch embedding or the conv stem)."""
+
+    def build(*, epsilon: float = 1e-6, low: Any = -3.0, high: Any = 3.0, stabilizer: Any = None,
+              zero_params: Sequence[str] = (), maxpool: str = "wta", overrides: Any = None,
+              **options: Any) -> Mixture:
+        p = _params(epsilon, stabilizer, zero_params)
+        stab = p["stabilizer"]
+        attention: Rule = ConstantOperand(stabilizer=stab) if constant_attention else Product(stab)
+        main = [(L.WEIGHTED, Epsilon(epsilon, **p)), (L.NORMS, LayerNormRule(**p)),
+                (L.ATTENTION_PRODUCTS, attention), (L.PRODUCTS, Product(stab)), (L.SOFTMAXES, SoftmaxRule(stab))]
+        return _relevance(main, first=ZBox(low, high, **p), stabilizer=stab, maxpool=maxpool,
+                          overrides=overrides, **options)
+
+    return build
+
+
 BUILDERS: dict[str, Callable[..., Mixture]] = {
     "epsilon_gamma_box": epsilon_gamma_box,
     "epsilon_plus": _epsilon_with(lambda p: ZPlus(**p), flat=False),
@@ -109,6 +132,8 @@ BUILDERS: dict[str, Callable[..., Mixture]] = {
     "guided_backprop": _gradient_space(GuidedBackprop),
     "deconvnet": _gradient_space(DeconvNet),
     "beta_smooth": _gradient_space(BetaSmooth, beta=10.0),
+    "attn_lrp": _transformer(constant_attention=False),
+    "cp_lrp": _transformer(constant_attention=True),
 }
 
 COMMON = ("canonizers", "strict", "overrides")
@@ -122,6 +147,8 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     "guided_backprop": (),
     "deconvnet": (),
     "beta_smooth": ("beta",),
+    "attn_lrp": ("epsilon", "low", "high", "stabilizer", "zero_params", "maxpool"),
+    "cp_lrp": ("epsilon", "low", "high", "stabilizer", "zero_params", "maxpool"),
 }
 DESCRIPTIONS = {
     "epsilon_gamma_box": "ZBox on the first layer, Gamma on convolutions, Epsilon on dense layers",
@@ -133,4 +160,6 @@ DESCRIPTIONS = {
     "guided_backprop": "guided backprop (gradient space: ReLU gradients clipped at zero)",
     "deconvnet": "deconvnet (gradient space: ReLU applied to the backward signal)",
     "beta_smooth": "gradient with ReLUs replaced by softplus(beta) in the backward",
+    "attn_lrp": "AttnLRP for transformers: ZBox first, Epsilon, LayerNorm and softmax rules, uniform products",
+    "cp_lrp": "CP-LRP for transformers: as attn_lrp, but attention weights are constants (no softmax relevance)",
 }

@@ -21,6 +21,12 @@ def _torchvision(*names: str) -> tuple[type, ...]:
     return tuple(found)
 
 
+def _functional(*names: str) -> tuple[type, ...]:
+    from .. import functional_modules
+
+    return tuple(getattr(functional_modules, n) for n in names)
+
+
 def _nn(*names: str) -> tuple[type, ...]:
     return tuple(getattr(nn, n) for n in names if hasattr(nn, n))
 
@@ -43,4 +49,12 @@ PADDINGS = _nn("ZeroPad1d", "ZeroPad2d", "ZeroPad3d", "ConstantPad1d", "Constant
                "ReplicationPad3d", "CircularPad1d", "CircularPad2d", "CircularPad3d", "PixelShuffle",
                "PixelUnshuffle", "ChannelShuffle")
 SUMS = (Sum,)
-GATES = (Gate,)
+GATES = (Gate,) + _functional("Scaled", "Normalize")
+#: normalisation layers with a learned affine map (the LayerNorm rule: divisor held constant)
+NORMS = _nn("LayerNorm", "GroupNorm", "RMSNorm") + _functional("LayerNormFn")
+#: products of two activations, and the attention-weights-times-values product among them
+PRODUCTS = _functional("Product", "MatMul")
+ATTENTION_PRODUCTS = _functional("AttentionProduct")
+SOFTMAXES = _nn("Softmax")
+#: parameter-free linear reductions written functionally (Norm)
+REDUCTIONS = _functional("Reduce")

@@ -11,9 +11,12 @@ from .epsilon import Epsilon
 from .flat import Flat, WSquare
 from .formula import plain
 from .gamma import Gamma
+from .layernorm import LayerNormRule
 from .maxpool import MaxPoolAverage
 from .norm import Norm
 from .passthrough import Gradient, Pass
+from .product import ConstantOperand, Product
+from .softmax import SoftmaxRule
 from .stabilizer import Stabilizer
 from .zbox import ZBox
 from .zplus import ZPlus
@@ -21,10 +24,11 @@ from .zplus import ZPlus
 RULES: dict[str, type[Rule]] = {
     cls.name: cls
     for cls in (Epsilon, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Norm, Pass, Gradient, GuidedBackprop,
-                DeconvNet, BetaSmooth, MaxPoolAverage)
+                DeconvNet, BetaSmooth, MaxPoolAverage, LayerNormRule, SoftmaxRule, Product, ConstantOperand)
 }
 ALIASES = {"alphabeta": "alpha_beta", "z_plus": "zplus", "w_square": "wsquare", "z_box": "zbox",
-           "wta": "gradient", "guidedbackprop": "guided_backprop", "betasmooth": "beta_smooth"}
+           "wta": "gradient", "guidedbackprop": "guided_backprop", "betasmooth": "beta_smooth",
+           "layer_norm": "layernorm"}
 
 
 def names() -> list[str]:
