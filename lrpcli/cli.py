@@ -66,7 +66,8 @@ def _register() -> None:
     import importlib
 
     for module, name in (("lrpcli.explain", "explain"), ("lrpcli.render.command", "render"),
-                         ("lrpcli.debug.command", "debug"), ("lrpcli.merge", "merge")):
+                         ("lrpcli.debug.command", "debug"), ("lrpcli.merge", "merge"),
+                         ("lrpcli.analysis.command", "analyze"), ("lrpcli.analysis.command", "virelay")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
