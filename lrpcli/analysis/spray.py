@@ -139,13 +139,16 @@ def kmeans(embedding: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 
 def hdbscan(embedding: np.ndarray, n_dims: int, min_cluster_size: int | None = None) -> np.ndarray:
-    """Density-based clustering (HDBSCAN) on the first ``n_dims`` spectral coordinates; -1 marks noise."""
+    """Density-based clustering (HDBSCAN) on the first ``n_dims`` spectral coordinates; -1 marks noise.
+
+    The default smallest cluster is 5% of the category (5 to 100 samples): smaller groups are noise.
+    """
     from sklearn.cluster import HDBSCAN
 
     n = embedding.shape[0]
     if n < 3:
         return np.zeros(n, dtype=np.int64)
-    size = min_cluster_size or max(3, min(50, n // 50))
+    size = min_cluster_size or max(5, min(100, n // 20))
     x = embedding[:, : max(2, min(n_dims, embedding.shape[1]))]
     labels = HDBSCAN(min_cluster_size=min(size, n - 1), copy=True).fit_predict(x)
     return _relabel(labels)
@@ -210,6 +213,6 @@ def analyse(features: np.ndarray, params: Params) -> Result:
     graph = knn_affinity(features, params.neighbors)
     eigenvalues, embedding = spectral_embedding(graph, params.eigenvalues, params.seed)
     clusterings = {f"kmeans-{k:02d}": kmeans(embedding, k, params.seed) for k in params.clusters}
-    clusterings["hdbscan"] = hdbscan(embedding, max(2, eigengap(eigenvalues)))
+    clusterings["hdbscan"] = hdbscan(embedding, min(8, max(4, eigengap(eigenvalues) + 1)))
     layouts = {"tsne": tsne(embedding, params.seed)} if params.tsne else {}
     return Result(eigenvalues.astype(np.float32), embedding.astype(np.float32), clusterings, layouts)
