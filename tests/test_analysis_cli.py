@@ -152,11 +152,15 @@ def test_virelay_project_serves_every_sample_at_its_index(runs):
     assert "python -m virelay " + str(base / "proj" / "f.yaml") in out
     doc = yaml.safe_load((base / "proj" / "f.yaml").read_text())["project"]
     assert doc["attributions"] == {"attribution_method": "lrp epsilon_gamma_box", "attribution_strategy": "true_label",
-                                   "sources": ["../f.h5"]}
+                                   "sources": ["f.attribution.h5"]}
     assert doc["analyses"] == [{"analysis_method": "a", "sources": ["../a.h5"]}]
     with h5py.File(base / "f.h5", "r") as f:
         index, label, att = f["index"][:], f["label"][:], f["attribution"][:]
         names = f["filename"].asstr()[:]
+    with h5py.File(base / "proj" / "f.attribution.h5", "r") as f:
+        # no 'index': ViRelAy scans it row by row per request; row i is dataset index i instead
+        assert sorted(f) == ["attribution", "label", "prediction"] and f["attribution"].is_virtual
+        assert f["attribution"].shape == (13, 3, 64, 64) and list(f["label"][3:6]) == [0, -1, 1]
     ws, client = _serve(base / "proj" / "f.yaml")
     try:
         for row, i in enumerate(index.tolist()):
@@ -173,7 +177,8 @@ def test_virelay_project_serves_every_sample_at_its_index(runs):
             assert heat.status_code == 200 and heat.mimetype.startswith("image/")
         gap = client.get("/api/projects/0/dataset/4").json  # the broken image: a black row, label -1
         assert gap["labels"][0]["index"] == -1
-        assert client.get("/api/projects/0/attributions/4").status_code == 404
+        gap = client.get("/api/projects/0/attributions/4").json  # served, but empty
+        assert gap["labels"][0]["index"] == -1 and not ws.projects[0].get_attribution(4).data.any()
         project = client.get("/api/projects/0").json
         (method,) = project["analysisMethods"]
         assert [c["name"] for c in method["categories"]] == ["00000000", "00000001", "00000003"]
@@ -230,3 +235,26 @@ def test_virelay_refuses_an_analysis_of_another_file(runs, tmp_path):
     assert code == 2 and "not written by 'lrpcli analyze'" in err
     code, _, err = run("virelay", str(base / "f.h5"), "--analysis", str(base / "a.h5"), "-d", str(base / "proj"))
     assert code == 2 and "already exists; pass --overwrite" in err
+
+
+def test_virelay_several_runs_of_the_same_data_give_one_project_each(runs, tmp_path):
+    base, colours, _ = runs
+    shutil.copy(base / "f.h5", tmp_path / "g.h5")  # stands in for a second composite's run
+    code, out, err = run("virelay", str(base / "f.h5"), str(tmp_path / "g.h5"), "--analysis", str(base / "a.h5"),
+                         "-d", str(tmp_path / "p"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "dataset.h5", "f.attribution.h5", "f.yaml", "g.attribution.h5", "g.yaml", "label-map.json"]
+    pytest.importorskip("virelay")
+    from virelay.model import Workspace
+
+    ws = Workspace()
+    try:
+        for name in ("f", "g"):
+            ws.add_project(str(tmp_path / "p" / f"{name}.yaml"))
+        assert [p.attributions[0].get_attribution(12).labels[0].name for p in ws.projects] == ["z", "z"]
+        assert [sorted(p.analyses) for p in ws.projects] == [["a"], []]  # a.h5 is f.h5's (first match)
+    finally:
+        ws.close()
+    code, _, err = run("virelay", str(base / "f.h5"), str(base / "flat.h5"), "-d", str(tmp_path / "q"))
+    assert code == 2 and "index 0 is 'img0.png' but 'a/img0.png'" in err and err.count("\n") == 1

@@ -8,8 +8,9 @@ The folder holds (paths in the YAML are relative to it, as ViRelAy resolves them
 - ``dataset.h5``: ``data`` uint8 (M, C, H, W) and ``label`` int64 (M,), row ``i`` = dataset index ``i`` (the
   explain file's ``index``), so a skipped image leaves a black row with label -1 and every later image stays
   at its index (ViRelAy indexes this file by position);
-- one ``<name>.yaml`` per OUT.h5: the explain file itself is the attribution source (ViRelAy looks rows up
-  through its ``index``), method and strategy come from its stored config, and the analyses of that file.
+- per OUT.h5, ``<name>.attribution.h5`` (``attribution`` a virtual dataset over OUT.h5's rows, placed by
+  dataset index; see ``_write_attribution_view``) and ``<name>.yaml``: the project, with method and strategy
+  from OUT.h5's stored config, and the analyses of that file.
 """
 
 from __future__ import annotations
@@ -120,11 +121,44 @@ def _write_dataset(path: str, runs: list[_Run]) -> int:
     return size
 
 
+def _write_attribution_view(path: str, run: _Run, size: int) -> None:
+    """ViRelAy's attribution file for one run, by dataset index and without an ``index`` dataset: ViRelAy
+    scans ``index`` row by row on every request, while without it row i is simply attribution i.
+
+    ``attribution`` is an HDF5 virtual dataset over OUT.h5 (nothing is copied; one mapping per run of
+    consecutive indices, so only skipped images split it); ``prediction`` and ``label`` are small copies.
+    Rows without a sample (a skipped image) read as zeros with label -1. The source is named relative to
+    this file, so DIR and OUT.h5 can move together.
+    """
+    idx = run.rows.index
+    with source.open_source(run.path) as results:
+        att = results.read("attribution", slice(0, 1))
+        prediction = results.read("prediction", slice(0, run.rows.n))
+        shape = results.attrs.get("n_rows", run.rows.n)
+    shape = (int(shape), *att.shape[1:])
+    layout_ = h5py.VirtualLayout(shape=(size, *att.shape[1:]), dtype=att.dtype)
+    src = h5py.VirtualSource(os.path.relpath(os.path.abspath(run.path), os.path.dirname(os.path.abspath(path))),
+                             "attribution", shape=shape)
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(idx)]):
+        first = int(idx[start])
+        layout_[first: first + stop - start] = src[int(start): int(stop)]
+    labels = np.full(size, -1, dtype=np.int64)
+    labels[idx] = run.rows.label
+    preds = np.zeros((size, prediction.shape[1]), dtype=np.float32)
+    preds[idx] = prediction
+    with h5py.File(path, "w") as f:
+        f.create_virtual_dataset("attribution", layout_, fillvalue=0)
+        f.create_dataset("label", data=labels)
+        f.create_dataset("prediction", data=preds)
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_") or "analysis"
 
 
-def _project_yaml(run: _Run, out_dir: str, name: str, dataset_name: str, method_names: list[str]) -> dict:
+def _project_yaml(run: _Run, out_dir: str, name: str, dataset_name: str, method_names: list[str],
+                  attribution_file: str) -> dict:
     cfg = run.config
     model = cfg.get("model", {}) or {}
     attribution = cfg.get("attribution", {}) or {}
@@ -141,7 +175,7 @@ def _project_yaml(run: _Run, out_dir: str, name: str, dataset_name: str, method_
         "dataset": {"name": dataset_name, "type": "hdf5", "path": DATASET, "input_width": w, "input_height": h,
                     "up_sampling_method": "none", "down_sampling_method": "none"},
         "attributions": {"attribution_method": method, "attribution_strategy": strategy,
-                         "sources": [os.path.relpath(os.path.abspath(run.path), os.path.abspath(out_dir))]},
+                         "sources": [attribution_file]},
     }
     if run.analyses:
         project["analyses"] = [
@@ -158,9 +192,11 @@ def make_project(files: list[str], analyses: list[str], out_dir: str, name: str 
     _check_same_data(runs)
     _attach(runs, analyses)
     stems = [_safe(os.path.splitext(os.path.basename(r.path))[0]) for r in runs]
-    yamls = [os.path.join(out_dir, f"{s}.yaml" if stems.count(s) == 1 else f"{s}_{i}.yaml")
-             for i, s in enumerate(stems)]
-    targets = [os.path.join(out_dir, LABEL_MAP), os.path.join(out_dir, DATASET), *yamls]
+    stems = [s if stems.count(s) == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
+    yamls = [os.path.join(out_dir, f"{s}.yaml") for s in stems]
+    views = [f"{s}.attribution.h5" for s in stems]
+    targets = [os.path.join(out_dir, LABEL_MAP), os.path.join(out_dir, DATASET), *yamls,
+               *(os.path.join(out_dir, v) for v in views)]
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(f"-d {out_dir}: is a file; give a folder for the project")
     clash = [t for t in targets if os.path.lexists(t)]
@@ -171,10 +207,13 @@ def make_project(files: list[str], analyses: list[str], out_dir: str, name: str 
         with open(targets[0] + ".partial", "w", encoding="utf-8") as fh:
             json.dump(_label_map(runs), fh, indent=1, ensure_ascii=False)
         os.replace(targets[0] + ".partial", targets[0])
-        _write_dataset(targets[1] + ".partial", runs)
+        size = _write_dataset(targets[1] + ".partial", runs)
         os.replace(targets[1] + ".partial", targets[1])
         base = os.path.splitext(os.path.basename(runs[0].path))[0]
-        for run, stem, path in zip(runs, stems, yamls):
+        for run, stem, path, view in zip(runs, stems, yamls, views):
+            view_path = os.path.join(out_dir, view)
+            _write_attribution_view(view_path + ".partial", run, size)
+            os.replace(view_path + ".partial", view_path)
             methods, seen = [], set()
             for ana in run.analyses:
                 m = _safe(os.path.splitext(os.path.basename(ana.path))[0])
@@ -183,7 +222,7 @@ def make_project(files: list[str], analyses: list[str], out_dir: str, name: str 
                 seen.add(m)
                 methods.append(m)
             title = name if name and len(runs) == 1 else f"{name or base} {stem}" if len(runs) > 1 else stem
-            doc = _project_yaml(run, out_dir, title, name or base, methods)
+            doc = _project_yaml(run, out_dir, title, name or base, methods, view)
             with open(path + ".partial", "w", encoding="utf-8") as fh:
                 yaml.safe_dump(doc, fh, sort_keys=False, allow_unicode=True)
             os.replace(path + ".partial", path)
