@@ -258,3 +258,17 @@ def test_virelay_several_runs_of_the_same_data_give_one_project_each(runs, tmp_p
         ws.close()
     code, _, err = run("virelay", str(base / "f.h5"), str(base / "flat.h5"), "-d", str(tmp_path / "q"))
     assert code == 2 and "index 0 is 'img0.png' but 'a/img0.png'" in err and err.count("\n") == 1
+
+
+def test_analyze_by_target_groups_by_the_explained_output(runs, tmp_path):
+    base, _, _ = runs
+    with h5py.File(base / "flat.h5", "r") as f:
+        target = f["target"][:]
+    code, _, err = run("analyze", str(base / "flat.h5"), "-o", str(tmp_path / "t.h5"), "--by", "target",
+                       "--clusters", "2", "--no-tsne", "-q")
+    assert code == 0, err
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        assert sorted(f) == [f"{t:08d}" for t in sorted(set(target.tolist()))]
+        for key in f:
+            assert list(f[key]["index"][:]) == list(np.flatnonzero(target == int(key)))
+            assert f[key].attrs["name"] == f"output {int(key)}" and f[key].attrs["by"] == "target"

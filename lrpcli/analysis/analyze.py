@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..errors import DataError
 from . import layout, source, spray
 
 
@@ -33,8 +34,6 @@ def analyze_file(path: str, out: str, params: spray.Params, by: str = "label", w
     restricts to some classes. Output problems are checked before the (long) computation starts.
     """
     if os.path.lexists(out) and not overwrite:
-        from ..errors import DataError
-
         raise DataError(f"-o {out} already exists; pass --overwrite to replace it")
     with source.open_source(path) as results:
         rows = source.read_rows(results)

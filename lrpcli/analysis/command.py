@@ -71,7 +71,7 @@ def analyze(file: str, out: str, by: str, wanted: tuple[str, ...], size: int, ab
 @click.command("virelay", context_settings=_CTX)
 @click.argument("files", metavar="OUT.h5...", nargs=-1, required=True)
 @click.option("--analysis", "analyses", multiple=True, metavar="ANALYSIS.h5",
-              help="An analysis of the first OUT.h5 written by 'lrpcli analyze' (repeatable).")
+              help="An analysis of one of the OUT.h5 files, written by 'lrpcli analyze' (repeatable).")
 @click.option("-d", "--dir", "out_dir", required=True, metavar="DIR", help="Project folder to write.")
 @click.option("--name", default=None, help="Project name shown in ViRelAy [default: the OUT.h5 file name].")
 @click.option("--overwrite", is_flag=True, help="Replace the files lrpcli writes in an existing DIR.")
