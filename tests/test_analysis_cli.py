@@ -70,6 +70,35 @@ def runs(tmp_path_factory):
     return base, colours, flat_colours
 
 
+def _classes(path: Path) -> list[str]:
+    """What analyze names the classes of the fixture: the stored ``classes`` attribute where explain writes it,
+    else derived from the rows' folders (the empty folder has no row: ``class 2``)."""
+    with h5py.File(path, "r") as f:
+        stored = "classes" in f.attrs
+    return ["a", "a-b", "empty", "z"] if stored else ["a", "a-b", "class 2", "z"]
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_class_names_from_the_classes_attribute_else_from_paths(runs, tmp_path, stored):
+    base, _, _ = runs
+    copy = tmp_path / "c.h5"
+    shutil.copy(base / "f.h5", copy)
+    with h5py.File(copy, "a") as f:
+        if "classes" in f.attrs:
+            del f.attrs["classes"]
+        if stored:
+            f.attrs["classes"] = np.array(["a", "a-b", "empty", "z"], dtype=h5py.string_dtype())
+    code, _, err = run("analyze", str(copy), "-o", str(tmp_path / "c_a.h5"), "--class", "a-b", "--clusters", "2",
+                       "--no-tsne", "-q")
+    assert code == 0, err
+    with h5py.File(tmp_path / "c_a.h5", "r") as f:
+        expected = ["a", "a-b", "empty" if stored else "class 2", "z"]
+        assert json.loads(f.attrs["classes"]) == expected and list(f) == ["00000001"]
+        assert f["00000001"].attrs["name"] == "a-b"
+    code, _, err = run("analyze", str(copy), "-o", str(tmp_path / "c_b.h5"), "--class", expected[2])
+    assert code == 2 and err.count("\n") == 1 and f"has no rows with label 2 ({expected[2]})" in err
+
+
 def test_analyze_writes_virelay_analysis_layout(runs):
     base, _, _ = runs
     with h5py.File(base / "f.h5", "r") as f:
@@ -78,7 +107,7 @@ def test_analyze_writes_virelay_analysis_layout(runs):
     with h5py.File(base / "a.h5", "r") as f:
         assert sorted(f) == ["00000000", "00000001", "00000003"]  # the empty class has no samples
         assert f.attrs["lrpcli_analysis"] == "spray" and int(f.attrs["source_rows"]) == 12
-        assert json.loads(f.attrs["classes"]) == ["a", "a-b", "class 2", "z"]  # no classes attr: from paths
+        assert json.loads(f.attrs["classes"]) == _classes(base / "f.h5")
         for key, value in (("00000000", 0), ("00000001", 1), ("00000003", 3)):
             g = f[key]
             assert list(g["index"][:]) == list(index[label == value]) and g["index"].dtype == np.uint32
@@ -95,8 +124,8 @@ def test_analyze_bad_input_is_one_line(runs, tmp_path):
     base, _, _ = runs
     code, _, err = run("analyze", str(base / "f.h5"), "-o", str(tmp_path / "x.h5"), "--class", "nope")
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("lrpcli: error: --class nope:") and "classes: a, a-b, class 2, z" in err
-    code, _, err = run("analyze", str(base / "f.h5"), "-o", str(tmp_path / "x.h5"), "--class", "class 2")
+    assert err.startswith("lrpcli: error: --class nope:") and f"classes: {', '.join(_classes(base / 'f.h5'))}" in err
+    code, _, err = run("analyze", str(base / "f.h5"), "-o", str(tmp_path / "x.h5"), "--class", "2")
     assert code == 2 and "no rows with label 2" in err and err.count("\n") == 1
     code, _, err = run("analyze", str(base / "f.h5"), "-o", str(base / "a.h5"))
     assert code == 2 and "already exists; pass --overwrite" in err
