@@ -134,6 +134,7 @@ def _write_attribution_view(path: str, run: _Run, size: int) -> None:
     with source.open_source(run.path) as results:
         att = results.read("attribution", slice(0, 1))
         prediction = results.read("prediction", slice(0, run.rows.n))
+        att_last = results.read("attribution", run.rows.n - 1)
         shape = results.attrs.get("n_rows", run.rows.n)
     shape = (int(shape), *att.shape[1:])
     layout_ = h5py.VirtualLayout(shape=(size, *att.shape[1:]), dtype=att.dtype)
@@ -151,6 +152,13 @@ def _write_attribution_view(path: str, run: _Run, size: int) -> None:
         f.create_virtual_dataset("attribution", layout_, fillvalue=0)
         f.create_dataset("label", data=labels)
         f.create_dataset("prediction", data=preds)
+    # HDF5 reads an unreachable source as zeros without an error: check that the link resolves now
+    last = run.rows.n - 1
+    with h5py.File(path, "r") as f:
+        ok = np.array_equal(f["attribution"][int(idx[last])], att_last)
+    if not ok:
+        raise DataError(f"{path}: the virtual attribution dataset does not read {run.path}; "
+                        "is the file on a path HDF5 cannot open?")
 
 
 def _safe(text: str) -> str:
