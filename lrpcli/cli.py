@@ -98,7 +98,8 @@ def _register() -> None:
 
     for module, name in (("lrpcli.explain", "explain"), ("lrpcli.render.command", "render"),
                          ("lrpcli.debug.command", "debug"), ("lrpcli.merge", "merge"),
-                         ("lrpcli.evaluate.command", "evaluate")):
+                         ("lrpcli.evaluate.command", "evaluate"), ("lrpcli.analysis.command", "analyze"),
+                         ("lrpcli.analysis.command", "virelay")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -1,7 +1,7 @@
 """``make bench``: one table of lrpcli's performance, all figures from one run.
 
-    .venv/bin/python share/bench/run.py [--device cpu|cuda] [--quick] [--only vgg16,resnet50,demo,synthetic,render,evaluate]
-                                        [--composites a,b] [--repeats N] [--write]
+    .venv/bin/python share/bench/run.py [--device cpu|cuda] [--quick] [--composites a,b] [--repeats N] [--write]
+                                        [--only vgg16,resnet50,demo,synthetic,render,evaluate]
 
 Sections (see the scripts next to this one for what exactly each times):
 - models: every built-in composite on torchvision vgg16 and resnet50 (random weights, 224x224, batch 8 on CPU,

@@ -1,0 +1,238 @@
+"""Spectral relevance analysis (SpRAy): pure functions from relevance maps to embeddings and clusterings.
+
+The steps follow Lapuschkin et al. (2019, "Unmasking Clever Hans predictors") as packaged by CoRelAy/ViRelAy
+(Anders et al., 2022): each map is summed over channels, average-pooled to a small square, scaled to unit
+L1 norm and flattened; a sparse k-nearest-neighbour graph connects similar maps; the smallest eigenvalues of
+its normalised Laplacian (their gaps tell how many groups there are) and their eigenvectors form the spectral
+embedding; k-means (one clustering per k) and HDBSCAN group it; t-SNE lays it out in 2-d for display.
+
+Memory: only the pooled features (N x size^2 float32) and the kNN graph (N x neighbours entries) are held;
+there is no N x N matrix. scikit-learn and scipy do the numerics (well-kept, already needed by ViRelAy's
+stack); CoRelAy itself was not used because it pulls in a dense pairwise-distance step (N^2 memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+#: Below this many samples the eigenproblem is solved densely (exact, and faster than ARPACK for small N).
+DENSE_LIMIT = 600
+
+
+def pool(maps: np.ndarray, size: int) -> np.ndarray:
+    """Average-pool ``(n, H, W)`` maps to ``(n, size, size)`` over (nearly) equal areas.
+
+    Bin edges are ``floor(i * H / size)``, so sizes that do not divide H are handled; maps smaller than
+    ``size`` are kept at their size (nothing is upsampled).
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    n, h, w = maps.shape
+    sh, sw = min(size, h), min(size, w)
+    rows = (np.arange(sh) * h) // sh
+    cols = (np.arange(sw) * w) // sw
+    summed = np.add.reduceat(np.add.reduceat(maps, rows, axis=1), cols, axis=2)
+    count_r = np.diff(np.append(rows, h)).astype(np.float32)
+    count_c = np.diff(np.append(cols, w)).astype(np.float32)
+    return summed / (count_r[None, :, None] * count_c[None, None, :])
+
+
+def preprocess(relevance: np.ndarray, size: int = 32, absolute: bool = False) -> np.ndarray:
+    """Relevance ``(n, C, H, W)`` (or ``(n, H, W)``) to SpRAy features ``(n, size*size)`` float32.
+
+    Channel sum, optional absolute value, average pooling to ``size`` x ``size``, then each map divided by its
+    L1 norm so that maps are compared by where relevance lies, not by how much there is (an all-zero map
+    stays zero).
+    """
+    rel = np.asarray(relevance, dtype=np.float32)
+    if rel.ndim == 4:
+        rel = rel.sum(axis=1, dtype=np.float32)
+    if rel.ndim != 3:
+        raise ValueError(f"relevance must be (n, C, H, W) or (n, H, W), got shape {rel.shape}")
+    if absolute:
+        rel = np.abs(rel)
+    pooled = pool(rel, size).reshape(rel.shape[0], -1)
+    norm = np.abs(pooled).sum(axis=1, keepdims=True)
+    np.divide(pooled, norm, out=pooled, where=norm > 0)
+    return pooled
+
+
+def knn_affinity(features: np.ndarray, n_neighbors: int = 10) -> sp.csr_matrix:
+    """Symmetric 0/1 affinity: i and j are joined when either is among the other's ``n_neighbors`` nearest
+    (Euclidean) neighbours. Sparse, at most ``2 * n * n_neighbors`` entries; no self-loops."""
+    from sklearn.neighbors import kneighbors_graph
+
+    n = features.shape[0]
+    if n < 2:
+        return sp.csr_matrix((n, n), dtype=np.float64)
+    k = max(1, min(n_neighbors, n - 1))
+    graph = kneighbors_graph(features, k, mode="connectivity", include_self=False)
+    graph = graph.maximum(graph.T).tocsr().astype(np.float64)
+    graph.setdiag(0)
+    graph.eliminate_zeros()
+    return graph
+
+
+def spectral_embedding(affinity: sp.spmatrix, n_eigval: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_eigval`` smallest eigenvalues of the normalised Laplacian ``L = I - D^-1/2 A D^-1/2`` (ascending;
+    one 0 per connected component) and the matching eigenvectors mapped back by ``D^-1/2`` and scaled to unit
+    length (the random-walk form, constant on a connected component), as ``(eigenvalues, embedding)`` with
+    ``embedding`` of shape ``(n, n_eigval)``.
+
+    Solved as the largest eigenvalues of ``D^-1/2 A D^-1/2`` (ARPACK, no shift-invert), densely for small n.
+    Signs are fixed (largest-magnitude entry positive) so that runs are reproducible.
+    """
+    a = sp.csr_matrix(affinity, dtype=np.float64)
+    n = a.shape[0]
+    k = max(1, min(int(n_eigval), n))
+    deg = np.asarray(a.sum(axis=1)).ravel()
+    inv_sqrt = np.zeros_like(deg)
+    np.divide(1.0, np.sqrt(deg), out=inv_sqrt, where=deg > 0)
+    m = sp.diags(inv_sqrt) @ a @ sp.diags(inv_sqrt)
+    isolated = deg == 0
+    if isolated.any():  # an isolated node is a component of its own: eigenvalue 0 of L, i.e. 1 of M
+        m = m + sp.diags(isolated.astype(np.float64))
+    if n <= DENSE_LIMIT or k >= n - 1:
+        mu, vec = np.linalg.eigh(m.toarray())
+        mu, vec = mu[::-1][:k], vec[:, ::-1][:, :k]
+    else:
+        from scipy.sparse.linalg import eigsh
+
+        v0 = np.random.default_rng(seed).uniform(0.5, 1.5, n)
+        mu, vec = eigsh(m, k=k, which="LA", v0=v0, tol=1e-9, maxiter=max(5000, 20 * n))
+        order = np.argsort(-mu)
+        mu, vec = mu[order], vec[:, order]
+    eigenvalues = np.clip(1.0 - mu, 0.0, 2.0)
+    scale = np.where(isolated, 1.0, inv_sqrt)
+    embedding = vec * scale[:, None]
+    embedding /= np.maximum(np.linalg.norm(embedding, axis=0, keepdims=True), 1e-300)
+    flip = np.sign(embedding[np.abs(embedding).argmax(axis=0), np.arange(k)])
+    embedding *= np.where(flip == 0, 1.0, flip)[None, :]
+    return eigenvalues, embedding
+
+
+def eigengap(eigenvalues: np.ndarray) -> int:
+    """The number of groups the spectrum suggests: the position of the largest gap between consecutive
+    eigenvalues (at least 1)."""
+    ev = np.asarray(eigenvalues, dtype=np.float64)
+    if ev.size < 2:
+        return 1
+    return int(np.argmax(np.diff(ev))) + 1
+
+
+def kmeans(embedding: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-means on the first ``k`` spectral coordinates (Shi-Malik / Ng-Jordan-Weiss spectral clustering).
+
+    When a category has no more than ``k`` samples, each sample is its own cluster, so that every category
+    carries the same clustering names (ViRelAy lists them from the first category).
+    """
+    from sklearn.cluster import KMeans
+
+    n = embedding.shape[0]
+    if n <= k:
+        return np.arange(n, dtype=np.int64)
+    x = embedding[:, : max(1, min(k, embedding.shape[1]))]
+    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+    return _relabel(labels)
+
+
+def hdbscan(embedding: np.ndarray, n_dims: int, min_cluster_size: int | None = None) -> np.ndarray:
+    """Density-based clustering (HDBSCAN) on the first ``n_dims`` spectral coordinates; -1 marks noise.
+
+    The default smallest cluster is 5% of the category (5 to 100 samples): smaller groups are noise.
+    """
+    from sklearn.cluster import HDBSCAN
+
+    n = embedding.shape[0]
+    if n < 3:
+        return np.zeros(n, dtype=np.int64)
+    size = min_cluster_size or max(5, min(100, n // 20))
+    x = embedding[:, : max(2, min(n_dims, embedding.shape[1]))]
+    labels = HDBSCAN(min_cluster_size=min(size, n - 1), copy=True).fit_predict(x)
+    return _relabel(labels)
+
+
+def tsne(embedding: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """A 2-d t-SNE layout of the spectral embedding, for display (``(n, 2)`` float32).
+
+    Perplexity is lowered to ``(n - 1) / 3`` for small categories; with fewer than 4 samples the first two
+    spectral coordinates are used instead.
+    """
+    from sklearn.manifold import TSNE
+
+    n = embedding.shape[0]
+    if n < 4:
+        out = np.zeros((n, 2), dtype=np.float32)
+        d = min(2, embedding.shape[1])
+        out[:, :d] = embedding[:, :d]
+        return out
+    perp = float(min(perplexity, (n - 1) / 3.0))
+    layout = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(embedding)
+    return layout.astype(np.float32)
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    """Cluster ids renumbered by first appearance (noise stays -1): deterministic names for equal partitions."""
+    labels = np.asarray(labels, dtype=np.int64)
+    out = np.full_like(labels, -1)
+    seen: dict[int, int] = {}
+    for i, lab in enumerate(labels.tolist()):
+        if lab < 0:
+            continue
+        out[i] = seen.setdefault(lab, len(seen))
+    return out
+
+
+@dataclass
+class Params:
+    """The knobs of one analysis; stored with it so that a result can be reproduced."""
+
+    size: int = 32
+    absolute: bool = False
+    neighbors: int = 10
+    eigenvalues: int = 32
+    clusters: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)
+    tsne: bool = True
+    seed: int = 0
+    #: Threads of the numerical libraries (BLAS, OpenMP). 1 by default: their workers spin while they wait,
+    #: and on a busy machine one thread ran k-means 70x and t-SNE 5x faster than two (share/bench).
+    threads: int = 1
+
+
+@dataclass
+class Result:
+    """The SpRAy outputs for one category (rows in the order of ``features``)."""
+
+    eigenvalues: np.ndarray
+    embedding: np.ndarray
+    clusterings: dict[str, np.ndarray] = field(default_factory=dict)
+    layouts: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def analyse(features: np.ndarray, params: Params) -> Result:
+    """The full SpRAy pipeline on one category's preprocessed features ``(n, d)``."""
+    with limit_threads(params.threads):
+        return _analyse(features, params)
+
+
+def limit_threads(threads: int):
+    """A context limiting BLAS and OpenMP to ``threads``. The libraries are imported first: threadpoolctl only
+    limits thread pools already loaded, and scikit-learn loads its OpenMP runtime on first import."""
+    import scipy.sparse.linalg  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    import sklearn.manifold  # noqa: F401
+    import sklearn.neighbors  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(threads)
+
+
+def _analyse(features: np.ndarray, params: Params) -> Result:
+    graph = knn_affinity(features, params.neighbors)
+    eigenvalues, embedding = spectral_embedding(graph, params.eigenvalues, params.seed)
+    clusterings = {f"kmeans-{k:02d}": kmeans(embedding, k, params.seed) for k in params.clusters}
+    clusterings["hdbscan"] = hdbscan(embedding, min(8, max(4, eigengap(eigenvalues) + 1)))
+    layouts = {"tsne": tsne(embedding, params.seed)} if params.tsne else {}
+    return Result(eigenvalues.astype(np.float32), embedding.astype(np.float32), clusterings, layouts)
