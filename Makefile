@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # everything the demo and the README's render examples write; `make clean` removes it, .gitignore ignores it
-DEMO_OUT := demo.h5 demo.h5.partial
+DEMO_OUT := demo.h5 demo.h5.partial demo_analysis.h5
 DEMO_MAPS := demo_heatmaps
+DEMO_VIRELAY := demo_virelay
 
 .PHONY: install test lint demo bench clean
 
@@ -31,10 +32,13 @@ demo: $(STAMP)
 	$(BIN)/lrpcli render demo.h5 -d $(DEMO_MAPS) --grid --cmap coldnhot --overlay 0.6 -q
 	$(BIN)/python share/demo/report.py demo.h5
 	$(BIN)/lrpcli evaluate demo.h5 --masks share/demo/masks --patch-size 16 --metrics region_perturbation,relevance_mass_accuracy,relevance_rank_accuracy,pointing_game -q
+	$(BIN)/lrpcli analyze demo.h5 -o demo_analysis.h5 --overwrite -q
+	$(BIN)/lrpcli virelay demo.h5 --analysis demo_analysis.h5 -d $(DEMO_VIRELAY) --overwrite -q
 	@echo "heatmaps in $(DEMO_MAPS)/: plain/, overlay/ (over the input images), grid.png (montage of the overlays)"
+	@echo "SpRAy clusters in ViRelAy: $(BIN)/python -m virelay $(DEMO_VIRELAY)/demo.yaml  (then open http://localhost:8000)"
 
 bench: $(STAMP)
 	$(BIN)/python share/bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_MAPS) *.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_MAPS) $(DEMO_VIRELAY) *.egg-info

@@ -510,8 +510,9 @@ def _make_lines(target: str) -> list[list[str]]:
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_demo_keeps_overlays_and_plain_maps_apart_and_make_clean_removes_it_all(tmp_path, monkeypatch):
-    """The demo's explain and render lines run in an empty folder (on 3 images instead of 64): overlays and
-    plain maps are both there afterwards, and the rm of ``make clean`` leaves the folder empty again."""
+    """The demo's lrpcli lines run in an empty folder (on 3 images instead of 64; evaluate's shipped masks fit
+    only the shipped images, so it is left to tests/test_evaluate_cli.py): overlays, plain maps, the analysis and
+    the ViRelAy project are all there afterwards, and the rm of ``make clean`` leaves the folder empty again."""
     import subprocess
 
     from click.testing import CliRunner
@@ -529,15 +530,18 @@ def test_make_demo_keeps_overlays_and_plain_maps_apart_and_make_clean_removes_it
         if tool == "rm":
             for path in argv[2:]:
                 shutil.rmtree(path, ignore_errors=True)
-        elif tool == "lrpcli":
+        elif tool == "lrpcli" and argv[1] != "evaluate":
             args = [str(data) if a == "share/demo/images" else str(REPO / a) if a.endswith(".yaml") else a
                     for a in argv[1:]]
             result = CliRunner().invoke(main, args)
             assert result.exit_code == 0, (argv, result.output)
     made = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
     names = ["00000_0_0.png", "00001_0_0.png", "00002_0_0.png"]
-    assert made == ["demo.h5", "demo_heatmaps/grid.png", *(f"demo_heatmaps/overlay/{n}" for n in names),
-                    *(f"demo_heatmaps/plain/{n}" for n in names)]
+    project = sorted(p.relative_to(work).as_posix() for p in (work / "demo_virelay").iterdir())
+    assert "demo_virelay/demo.yaml" in project
+    assert made == sorted(["demo.h5", "demo_analysis.h5", "demo_heatmaps/grid.png",
+                           *(f"demo_heatmaps/overlay/{n}" for n in names), *(f"demo_heatmaps/plain/{n}" for n in names),
+                           *project])
     assert Image.open(work / "demo_heatmaps/plain" / names[0]).mode == "P"  # a palette map
     assert Image.open(work / "demo_heatmaps/overlay" / names[0]).mode == "RGB"  # over the input image
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=REPO, capture_output=True, text=True)
