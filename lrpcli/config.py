@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from .catalogue import COMPOSITES, MAXPOOL_MODES, PARAMS, STABILIZER_MODES, ZERO_PARAMS
 from .errors import ConfigError, ConfigWarning
 
 __all__ = [
@@ -45,28 +46,24 @@ GRAY_MEAN = [0.449]
 GRAY_STD = [0.226]
 
 METHODS = ("lrp", "gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "occlusion")
-STABILIZER_MODES = ("sign", "clip", "rms")
-ZERO_PARAMS = ("bias",)
 BASELINES = ("zeros", "black", "white")
+
+def _composite_defaults() -> dict[str, Any]:
+    """The composite section's defaults: the declared parameters (lrpcli.catalogue), rules after stabilizer."""
+    out: dict[str, Any] = {"name": "epsilon_gamma_box"}
+    for key, param in PARAMS.items():
+        out[key] = param.config_default()
+        if key == "stabilizer":
+            out["rules"] = []
+    return {**out, "strict": False}
+
 
 # The resolved defaults; model.name/entrypoint have none (exactly one is required). Order = output order.
 DEFAULTS: dict[str, Any] = {
     "model": {"name": None, "entrypoint": None, "weights": None, "kwargs": {}},
     "input": {"resize": 256, "crop": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "mode": "RGB"},
     "canonizers": [],
-    "composite": {
-        "name": "epsilon_gamma_box",
-        "epsilon": 1.0e-6,
-        "gamma": 0.25,
-        "low": "auto",
-        "high": "auto",
-        "zero_params": [],
-        "stabilizer": {"epsilon": 1.0e-6, "mode": "sign"},
-        "rules": [],
-        "maxpool": "wta",
-        "beta": 10.0,
-        "strict": False,
-    },
+    "composite": _composite_defaults(),
     "attribution": {
         "method": "lrp",
         "target": "label",
@@ -753,15 +750,7 @@ def _zero_params(ctx: _Ctx, path: str, value: Any) -> list[str]:
 
 
 # Composite parameters in the config; a composite that does not use one gets null (given: an error).
-COMPOSITE_PARAMS = ("epsilon", "gamma", "low", "high", "zero_params", "stabilizer", "maxpool", "beta")
-
-
-def _composite_params(name: str) -> tuple[str, ...]:
-    """The parameters composite ``name`` uses; all of them when the registry cannot tell."""
-    reg = _registry("lrpcli.composites")
-    if reg is None or not hasattr(reg, "parameters"):
-        return COMPOSITE_PARAMS
-    return tuple(reg.parameters(name))
+COMPOSITE_PARAMS = tuple(PARAMS)
 
 
 def _validate_composite(ctx: _Ctx, given: dict, inp: Mapping) -> dict:
@@ -769,14 +758,14 @@ def _validate_composite(ctx: _Ctx, given: dict, inp: Mapping) -> dict:
     d = DEFAULTS["composite"]
     out: dict[str, Any] = {}
     name = _string(ctx, "composite.name", given.get("name", d["name"]))
-    known = _registered("lrpcli.composites")
-    if known is not None and name not in known:
+    known = sorted(COMPOSITES)
+    if name not in known:
         ctx.fail(
             "composite.name",
             f"unknown composite {show(name)}{did_you_mean(name, known)} (known: {', '.join(known)})",
         )
     out["name"] = name
-    used = _composite_params(name)
+    used = COMPOSITES[name].params
     for key in COMPOSITE_PARAMS:
         if key not in used and given.get(key) is not None:
             ctx.fail(
@@ -796,7 +785,7 @@ def _validate_composite(ctx: _Ctx, given: dict, inp: Mapping) -> dict:
     _check_low_high(ctx, "composite.low", "composite.high", out["low"], out["high"], inp)
     out["zero_params"] = _zero_params(ctx, "composite.zero_params", value("zero_params"))
     out["stabilizer"] = _stabilizer(ctx, "composite.stabilizer", given.get("stabilizer"), d["stabilizer"])
-    out["maxpool"] = _choice(ctx, "composite.maxpool", value("maxpool"), ("wta", "average"))
+    out["maxpool"] = _choice(ctx, "composite.maxpool", value("maxpool"), MAXPOOL_MODES)
     out["beta"] = float(_number(ctx, "composite.beta", value("beta"), minimum=0, strict=True))
     for key in COMPOSITE_PARAMS:
         if key not in used:

@@ -1,0 +1,90 @@
+"""The torch-free catalogue (lrpcli.catalogue) and the engine registries name the same things."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lrpcli import canonizers, catalogue, composites, rules, store
+from lrpcli.composites.builtin import BUILDERS
+from lrpcli.config import DEFAULTS
+
+
+def test_every_declared_composite_has_a_builder_taking_its_parameters():
+    assert set(BUILDERS) == set(catalogue.COMPOSITES)
+    for name, decl in catalogue.COMPOSITES.items():
+        keywords = {p.name for p in inspect.signature(BUILDERS[name]).parameters.values() if p.kind is p.KEYWORD_ONLY}
+        assert keywords - {"overrides"} == set(decl.params), name
+        assert set(decl.params) <= set(catalogue.PARAMS), name
+        assert composites.parameters(name) == decl.params and composites.describe(name) == decl.description
+
+
+def test_a_builder_that_does_not_take_its_declared_parameters_is_refused():
+    from lrpcli.composites.builtin import builds
+
+    catalogue.declare("_test_only", "a test", ("epsilon",))
+    try:
+        with pytest.raises(TypeError, match=r"composite '_test_only': builder takes \[\], declared \['epsilon'\]"):
+            builds("_test_only")(lambda *, overrides=None, **options: None)
+    finally:
+        del catalogue.COMPOSITES["_test_only"]
+
+
+def test_config_defaults_are_the_declared_ones():
+    for name, param in catalogue.PARAMS.items():
+        assert DEFAULTS["composite"][name] == param.default
+    assert list(DEFAULTS["composite"]) == ["name", "epsilon", "gamma", "low", "high", "zero_params", "stabilizer",
+                                           "rules", "maxpool", "beta", "strict"]
+
+
+def test_builder_defaults_come_from_the_declaration():
+    layer = __import__("torch").nn.Linear(3, 2)
+    rule = composites.get("epsilon_plus").rule_for("fc", layer, {})
+    assert rule.epsilon == catalogue.PARAMS["epsilon"].default
+    assert composites.get("beta_smooth").rule_for("r", __import__("torch").nn.ReLU(), {}).beta == 10.0
+
+
+def test_register_keeps_working():
+    built = {}
+
+    def build(*, epsilon: float = 0.5, overrides=None, **options):
+        built["epsilon"] = epsilon
+        return composites.get("epsilon_plus", epsilon=epsilon, overrides=overrides, **options)
+
+    composites.register("_test_registered", build, ("epsilon",), "for a test")
+    try:
+        assert "_test_registered" in composites.names()
+        assert composites.describe("_test_registered") == "for a test"
+        composites.get("_test_registered")
+        assert built == {"epsilon": 0.5}  # the builder's own default wins over the declared one
+        with pytest.raises(ValueError, match="does not use gamma"):
+            composites.get("_test_registered", gamma=0.1)
+    finally:
+        del catalogue.COMPOSITES["_test_registered"], BUILDERS["_test_registered"]
+
+
+def test_rule_canonizer_and_compression_names_match_the_engine():
+    assert tuple(rules.names()) == catalogue.RULE_NAMES
+    assert rules.ALIASES == catalogue.RULE_ALIASES
+    assert tuple(canonizers.names()) == catalogue.CANONIZER_NAMES
+    assert store.COMPRESSIONS == catalogue.COMPRESSIONS
+
+
+def test_readme_composite_table_matches_declarations():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].strip("`") in catalogue.COMPOSITES:
+            rows[cells[0].strip("`")] = (cells[1], cells[2])
+    assert rows == {name: (", ".join(d.params) or "none", d.description) for name, d in catalogue.COMPOSITES.items()}
+
+
+def test_catalogue_and_config_import_no_torch():
+    code = "import sys, lrpcli.config, lrpcli.catalogue; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
