@@ -59,7 +59,7 @@ def initial_relevance(output: torch.Tensor, target: Target, seed: str = "output"
 def resolve_composite(composite: str | Composite | None, **params: Any) -> Composite | None:
     """A composite object from a name (with its parameters) or as given.
 
-    ``overrides`` are checked and built here (``lrpcli.config.resolve_overrides``: the forms README's Python
+    ``overrides`` are checked and built here (``lrpcli.build.resolve_overrides``: the forms README's Python
     API lists), so a wrong item fails now with a message naming it, not later inside the model.
     """
     given = {k: v for k, v in params.items() if v is not None}
@@ -78,7 +78,7 @@ def resolve_composite(composite: str | Composite | None, **params: Any) -> Compo
 def resolve_overrides(overrides: Any, values: dict[str, Any] | None = None) -> list[tuple[Any, Any]]:
     """``overrides=`` as (matcher, Rule) pairs; a wrong name or value is a ValueError (a ConfigError in config
     terms), a wrong form a TypeError."""
-    from .config import resolve_overrides as resolve
+    from .build import resolve_overrides as resolve
     from .errors import ConfigError
 
     try:

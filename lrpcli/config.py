@@ -9,35 +9,30 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
-from .catalogue import COMPOSITES, MAXPOOL_MODES, PARAMS, STABILIZER_MODES, ZERO_PARAMS
+from .catalogue import (
+    CANONIZER_NAMES,
+    COMPOSITES,
+    COMPRESSIONS,
+    MAXPOOL_MODES,
+    PARAMS,
+    RULE_ALIASES,
+    RULE_NAMES,
+    STABILIZER_MODES,
+    ZERO_PARAMS,
+)
 from .errors import ConfigError, ConfigWarning
 
-__all__ = [
-    "Config",
-    "load_config",
-    "validate",
-    "resolve_bounds",
-    "resolve_baseline",
-    "composite_kwargs",
-    "make_override_rules",
-    "resolve_overrides",
-    "resolve_module_type",
-    "resolve_device",
-    "resolve_num_workers",
-    "resolve_path",
-    "channels",
-    "DEFAULTS",
-]
+__all__ = ["Config", "read_config", "validate", "check_rules", "check_rule_spec", "bounds_value", "resolve_path",
+           "channels", "show", "did_you_mean", "matches", "DEFAULTS"]
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -448,8 +443,11 @@ def _read_yaml(path: Path, label: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+def read_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Read, validate and resolve a config file; ``overrides`` are dotted keys from command-line options.
+
+    Names are checked against ``lrpcli.catalogue``; ``lrpcli.build.load_config`` adds the checks that need the
+    engine (the torchvision model, module classes, a rule's own parameter checks).
 
     Override values of ``None`` are ignored (an option that was not given). Overrides are validated exactly
     like file values, and their errors say ``command line`` instead of the file name.
@@ -584,10 +582,6 @@ def _validate_model(ctx: _Ctx, value: Any) -> dict:
         if name is None:
             ctx.fail("model", "needs exactly one of model.name (a torchvision model) or model.entrypoint")
         ctx.fail("model.entrypoint", f"give model.name or model.entrypoint, not both (name is {show(name)})")
-    if name is not None:
-        from .models import check_model_name
-
-        check_model_name(name, lambda msg: ctx.fail("model.name", msg))
     if entry is not None:
         module_part, _, fn = entry.rpartition(":")
         if not module_part or not fn.isidentifier():
@@ -640,23 +634,6 @@ def _validate_input(ctx: _Ctx, value: Any) -> dict:
     return {k: out[k] for k in DEFAULTS["input"]}
 
 
-def _registry(module: str):
-    """Import a registry package lazily; None when it does not exist (yet)."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name and module.startswith(err.name):
-            return None
-        raise
-
-
-def _registered(module: str) -> list[str] | None:
-    reg = _registry(module)
-    if reg is None or not hasattr(reg, "names"):
-        return None
-    return sorted(reg.names())
-
-
 def _validate_canonizers(ctx: _Ctx, raw: Mapping, composite_raw: Mapping) -> list[str]:
     if "canonizers" in composite_raw and "canonizers" in raw:
         ctx.fail(
@@ -667,12 +644,12 @@ def _validate_canonizers(ctx: _Ctx, raw: Mapping, composite_raw: Mapping) -> lis
     if isinstance(value, str):
         value = [value]
     items = _list(ctx, path, value, "a list of canonizer names")
-    known = _registered("lrpcli.canonizers")
+    known = list(CANONIZER_NAMES)
     out = []
     for i, name in enumerate(items):
         item_path = f"{path}[{i}]"
         _string(ctx, item_path, name)
-        if known is not None and name not in known:
+        if name not in known:
             ctx.fail(
                 item_path,
                 f"unknown canonizer {show(name)}{did_you_mean(name, known)} (known: {', '.join(known)})",
@@ -699,7 +676,7 @@ def _bounds_spec(ctx: _Ctx, path: str, value: Any, n: int) -> Any:
     return float(_number(ctx, path, value))
 
 
-def _bounds_value(spec: Any, which: str, mean: list[float], std: list[float]) -> Any:
+def bounds_value(spec: Any, which: str, mean: list[float], std: list[float]) -> Any:
     """A bounds spec as a float (scalar) or a list of floats per channel; ``auto`` from mean/std."""
     if spec == "auto":
         pixel = 0.0 if which == "low" else 1.0
@@ -708,8 +685,8 @@ def _bounds_value(spec: Any, which: str, mean: list[float], std: list[float]) ->
 
 
 def _check_low_high(ctx: _Ctx, path_low: str, path_high: str, low: Any, high: Any, inp: Mapping) -> None:
-    lo = _bounds_value(low, "low", inp["mean"], inp["std"])
-    hi = _bounds_value(high, "high", inp["mean"], inp["std"])
+    lo = bounds_value(low, "low", inp["mean"], inp["std"])
+    hi = bounds_value(high, "high", inp["mean"], inp["std"])
     n = len(inp["mean"])
     los = lo if isinstance(lo, list) else [lo] * n
     his = hi if isinstance(hi, list) else [hi] * n
@@ -799,6 +776,17 @@ def _validate_composite(ctx: _Ctx, given: dict, inp: Mapping) -> dict:
 _RULE_ITEM_KEYS = ("match", "type", "rule")
 
 
+def check_rules(source: str, value: Any, comp: Mapping, inp: Mapping, *, prefix: str, offset: int = 0
+                ) -> list[dict]:
+    """``composite.rules`` items (or the Python API's overrides, under ``prefix``) validated as in a config."""
+    return _validate_rules(_Ctx(source), value, comp, inp, prefix, offset)
+
+
+def check_rule_spec(source: str, path: str, spec: Any, comp: Mapping, inp: Mapping) -> Any:
+    """One rule spec (a name or ``{name: ..., param: value}``) validated as in a config."""
+    return _validate_rule_spec(_Ctx(source), path, spec, comp, inp)
+
+
 def _validate_rules(ctx: _Ctx, value: Any, comp: Mapping, inp: Mapping, prefix: str = "composite.rules",
                     offset: int = 0) -> list[dict]:
     items = _list(ctx, prefix, value, "a list of {match: glob, rule: ...} or {type: Class, rule: ...}")
@@ -821,9 +809,7 @@ def _validate_rules(ctx: _Ctx, value: Any, comp: Mapping, inp: Mapping, prefix: 
         if "match" in item:
             entry["match"] = _string(ctx, f"{path}.match", item["match"])
         else:
-            type_name = _string(ctx, f"{path}.type", item["type"])
-            resolve_module_type(type_name, lambda msg, p=f"{path}.type": ctx.fail(p, msg))
-            entry["type"] = type_name
+            entry["type"] = _string(ctx, f"{path}.type", item["type"])
         if "rule" not in item:
             ctx.fail(
                 f"{path}.rule", "missing; give a rule name (e.g. epsilon) or {name: epsilon, epsilon: 0.25}"
@@ -833,16 +819,8 @@ def _validate_rules(ctx: _Ctx, value: Any, comp: Mapping, inp: Mapping, prefix: 
     return out
 
 
-def _canonical_rule(rules: Any, name: str) -> str | None:
-    """The registry key for a rule name (aliases and case accepted), or None when unknown."""
-    key = getattr(rules, "ALIASES", {}).get(name.lower(), name.lower())
-    if hasattr(rules, "names"):
-        return key if key in rules.names() else None
-    return name
-
-
 def _validate_rule_spec(ctx: _Ctx, path: str, spec: Any, comp: Mapping, inp: Mapping) -> Any:
-    """A rule name or ``{name: ..., **params}``; checked by building it with ``lrpcli.rules.make``."""
+    """A rule name or ``{name: ..., **params}``; what the rule itself refuses is checked in ``lrpcli.build``."""
     if isinstance(spec, str):
         name, params, name_path = spec, {}, path
     elif isinstance(spec, Mapping):
@@ -882,79 +860,11 @@ def _validate_rule_spec(ctx: _Ctx, path: str, spec: Any, comp: Mapping, inp: Map
             checked.get("high", comp["high"] or "auto"),
             inp,
         )
-    rules = _registry("lrpcli.rules")
-    if rules is None or not hasattr(rules, "make"):
-        return name if isinstance(spec, str) else {"name": name, **checked}
-    key = _canonical_rule(rules, name)
-    if key is None:
-        known = sorted(rules.names())
-        ctx.fail(
-            name_path,
-            f"unknown rule {show(name)}{did_you_mean(name.lower(), known)} (known: {', '.join(known)})",
-        )
-    try:
-        rules.make(key, **_rule_kwargs(rules, key, checked, comp, inp))
-    except (ValueError, TypeError, KeyError) as err:
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        for param in checked:
-            if re.search(rf"(?<![\w]){re.escape(param)}(?![\w])", message):
-                ctx.fail(f"{path}.{param}", f"{message} (got {show(params[param])})")
-        ctx.fail(path, f"{message} (got {show(spec)})")
+    key = RULE_ALIASES.get(name.lower(), name.lower())
+    if key not in RULE_NAMES:
+        ctx.fail(name_path, f"unknown rule {show(name)}{did_you_mean(name.lower(), RULE_NAMES)} "
+                            f"(known: {', '.join(RULE_NAMES)})")
     return key if isinstance(spec, str) else {"name": key, **checked}
-
-
-def _accepted_params(rules: Any, name: str) -> set[str]:
-    """The keyword parameters rule ``name`` accepts (from its class signature), empty when unknown."""
-    import inspect
-
-    cls = getattr(rules, "RULES", {}).get(name)
-    if cls is None:
-        return set()
-    try:
-        return {p for p in inspect.signature(cls.__init__).parameters if p != "self"}
-    except (TypeError, ValueError):
-        return set()
-
-
-def _rule_kwargs(rules: Any, name: str, params: Mapping, comp: Mapping, inp: Mapping) -> dict:
-    """Keyword arguments for ``rules.make``: the rule's own params, composite-level values as defaults.
-
-    Composite-level epsilon/gamma/low/high/stabilizer/zero_params reach an override rule for the parameters
-    it accepts and did not set itself, so ``{type: Linear, rule: epsilon}`` uses composite.epsilon and
-    ``{match: features.0, rule: zbox}`` gets the input's ``auto`` bounds.
-    """
-    import torch
-
-    accepted = _accepted_params(rules, name)
-    kwargs: dict[str, Any] = {}
-    for key in ("epsilon", "gamma", "low", "high", "stabilizer", "zero_params"):
-        if key in accepted and key not in params:
-            value = comp.get(key)
-            if value is None and key in ("low", "high"):
-                value = "auto"
-            if value is not None:
-                kwargs[key] = value
-    kwargs.update(params)
-    for key in ("low", "high"):
-        if key in kwargs:
-            value = _bounds_value(kwargs[key], key, list(inp["mean"]), list(inp["std"]))
-            kwargs[key] = (
-                torch.tensor(list(value), dtype=torch.float32)
-                if isinstance(value, list | tuple)
-                else float(value)
-            )
-    if isinstance(kwargs.get("stabilizer"), Mapping):
-        kwargs["stabilizer"] = _make_stabilizer(rules, kwargs["stabilizer"])
-    if "zero_params" in kwargs:
-        kwargs["zero_params"] = list(kwargs["zero_params"])
-    return kwargs
-
-
-def _make_stabilizer(rules: Any, spec: Mapping) -> Any:
-    stabilizer = getattr(rules, "Stabilizer", None) if rules is not None else None
-    if stabilizer is None:
-        return dict(spec)
-    return stabilizer(spec["epsilon"], spec["mode"])
 
 
 # ------------------------------------------------------------------------------------ other sections
@@ -1039,307 +949,9 @@ def _validate_output(ctx: _Ctx, value: Any) -> dict:
         layers = [layers]
     items = _list(ctx, "output.layers", layers, "a list of module-name globs (e.g. layer4, features.*)")
     out["layers"] = [_string(ctx, f"output.layers[{i}]", v) for i, v in enumerate(items)]
-    from .store import COMPRESSIONS
-
     out["compression"] = _choice(ctx, "output.compression", given.get("compression", d["compression"]),
                                  COMPRESSIONS)
     return {k: out[k] for k in d}
-
-
-# ------------------------------------------------------------------------------------- resolved values
-def resolve_bounds(config: Mapping) -> tuple[Any, Any]:
-    """``(low, high)`` of the composite in normalised input space: a float, or a float32 tensor of shape (C,).
-
-    ``auto`` is the normalised value of pixel 0.0 (low) and pixel 1.0 (high) per channel, (0 - mean) / std
-    and (1 - mean) / std, so ZBox bounds follow the preprocessing without the user computing them.
-    """
-    import torch
-
-    inp, comp = config["input"], config["composite"]
-    out = []
-    for which in ("low", "high"):
-        spec = "auto" if comp[which] is None else comp[which]
-        value = _bounds_value(spec, which, list(inp["mean"]), list(inp["std"]))
-        if isinstance(value, list | tuple):
-            out.append(torch.tensor(list(value), dtype=torch.float32))
-        else:
-            out.append(float(value))
-    return out[0], out[1]
-
-
-def resolve_baseline(config: Mapping) -> Any:
-    """The integrated-gradients baseline in normalised input space: a float or a (C, 1, 1) tensor.
-
-    ``zeros`` is 0 after normalisation, ``black``/``white`` the normalised pixel 0.0/1.0 per channel (shaped
-    to broadcast against an (N, C, H, W) batch), a number is used as is.
-    """
-    import torch
-
-    inp, baseline = config["input"], config["attribution"]["baseline"]
-    if baseline == "zeros":
-        return 0.0
-    if baseline in ("black", "white"):
-        value = _bounds_value(
-            "auto", "low" if baseline == "black" else "high", list(inp["mean"]), list(inp["std"])
-        )
-        return torch.tensor(value, dtype=torch.float32).view(-1, 1, 1)
-    return float(baseline)
-
-
-def resolve_module_type(name: str, fail: Callable[[str], NoReturn] | None = None) -> type:
-    """A module class by name: ``torch.nn.<name>``, an lrpcli layer (e.g. ``Sum``) or ``pkg.mod.Class``."""
-    import torch
-
-    def _fail(msg: str) -> NoReturn:
-        if fail is not None:
-            fail(msg)
-        raise ConfigError(msg)
-
-    def _is_module(obj: Any) -> bool:
-        return isinstance(obj, type) and issubclass(obj, torch.nn.Module)
-
-    if "." in name:
-        module_name, _, attr = name.rpartition(".")
-        try:
-            obj = getattr(importlib.import_module(module_name), attr, None)
-        except ImportError as err:
-            _fail(f"cannot import {module_name!r} for module type {name!r}: {err}")
-        if not _is_module(obj):
-            _fail(f"{name!r} is not a torch.nn.Module class")
-        return obj
-    obj = getattr(torch.nn, name, None)
-    if _is_module(obj):
-        return obj
-    for module_name in ("lrpcli.modules", "lrpcli.layers", "lrpcli.canonizers"):
-        mod = _registry(module_name)
-        obj = getattr(mod, name, None) if mod is not None else None
-        if _is_module(obj):
-            return obj
-    candidates = [n for n in dir(torch.nn) if _is_module(getattr(torch.nn, n, None))] + ["Sum"]
-    _fail(
-        f"unknown module type {name!r}{did_you_mean(name, candidates)} "
-        "(a torch.nn class name such as Linear or Conv2d, an lrpcli layer such as Sum, or pkg.module.Class)"
-    )
-
-
-def make_override_rules(config: Mapping) -> list[tuple[Any, Any]]:
-    """The composite's rule overrides as ``(matcher, rule)``: a glob string (``match``) or a class (``type``).
-
-    Rules are built fresh on every call (``lrpcli.rules.make``), so contexts never share rule state.
-    """
-    comp, inp = config["composite"], config["input"]
-    rules = _registry("lrpcli.rules")
-    if rules is None:
-        raise ConfigError("lrpcli.rules is not available; cannot build composite.rules")
-    from .composites import Glob
-
-    source = getattr(config, "source", "config")
-    out = []
-    for i, item in enumerate(comp["rules"]):
-        rule = _build_rule(rules, item["rule"], comp, inp)
-        if "match" in item:
-            matcher = Glob(item["match"], f"{source}: composite.rules[{i}].match")
-        else:
-            matcher = resolve_module_type(item["type"])
-        out.append((matcher, rule))
-    return out
-
-
-def resolve_overrides(items: Any, values: Mapping[str, Any] | None = None,
-                      source: str = "lrpcli.attribute") -> list[tuple[Any, Any]]:
-    """The Python API's ``overrides=`` as ``(matcher, rule)`` pairs, refusing anything else.
-
-    Each item is a pair ``(glob or nn.Module class or tuple of classes, rule)`` whose rule is a Rule, a rule
-    name or ``{name: ..., param: value}``, or a config-style mapping ``{match: glob, rule: ...}`` /
-    ``{type: Class or name, rule: ...}``. Names and mappings are checked and built by the same code as
-    ``composite.rules``; parameters a rule does not set come from ``values`` (the composite's epsilon, gamma,
-    low, high, stabilizer, zero_params where given) or the config defaults. Bad items raise TypeError
-    (wrong form) or ConfigError (a wrong name or value) naming ``overrides[i]``.
-    """
-    import torch
-
-    from .composites import Glob
-
-    rules = _registry("lrpcli.rules")
-    if isinstance(items, str | bytes | Mapping) or not isinstance(items, list | tuple):
-        raise TypeError(f"{source}: overrides: expected a list of (glob or module class, rule) pairs or "
-                        f"{{match: glob, rule: ...}} mappings, got {type(items).__name__}")
-    ctx = _Ctx(source)
-    comp, inp = _api_composite(values or {})
-    out = []
-    for i, item in enumerate(items):
-        path = f"overrides[{i}]"
-        if isinstance(item, Mapping):
-            item = dict(item)
-            given_type = item.get("type")
-            if isinstance(given_type, type) and issubclass(given_type, torch.nn.Module):
-                item["type"] = "Module"  # validated below as a stand-in; the class itself is used
-            (entry,) = _validate_rules(ctx, [item], comp, inp, prefix="overrides", offset=i)
-            rule = _build_rule(rules, entry["rule"], comp, inp)
-            if "match" in entry:
-                matcher = Glob(entry["match"], f"{source}: overrides[{i}].match")
-            else:
-                matcher = given_type if isinstance(given_type, type) else resolve_module_type(entry["type"])
-            out.append((matcher, rule))
-            continue
-        if not isinstance(item, list | tuple) or len(item) != 2:
-            raise TypeError(f"{source}: {path}: expected a (glob or module class, rule) pair or a mapping "
-                            f"{{match: glob, rule: ...}}, got {show(item) if isinstance(item, str) else repr(item)}")
-        matcher, rule = item
-        if not _is_matcher(matcher):
-            raise TypeError(f"{source}: {path}: expected a module-name glob, an nn.Module class or a tuple of "
-                            f"them first, got {matcher!r}")
-        if isinstance(matcher, str):
-            matcher = Glob(matcher, f"{source}: overrides[{i}][0]")
-        if isinstance(rule, rules.Rule):
-            out.append((matcher, rule))
-        elif isinstance(rule, str | Mapping):
-            spec = _validate_rule_spec(ctx, f"{path}[1]", rule, comp, inp)
-            out.append((matcher, _build_rule(rules, spec, comp, inp)))
-        else:
-            raise TypeError(f"{source}: {path}: expected a Rule (e.g. lrpcli.rules.Epsilon(0.25)), a rule name or "
-                            f"{{'name': ..., param: value}} second, got {rule!r}")
-    return out
-
-
-def _is_matcher(value: Any) -> bool:
-    import torch
-
-    def is_class(v: Any) -> bool:
-        return isinstance(v, type) and issubclass(v, torch.nn.Module)
-
-    if isinstance(value, str):
-        return bool(value.strip())
-    if isinstance(value, tuple):
-        return bool(value) and all(is_class(v) for v in value)
-    return is_class(value)
-
-
-def _api_composite(values: Mapping[str, Any]) -> tuple[dict, dict]:
-    """Composite-level values for API override rules and the input they assume: those given, else the
-    defaults of ``lrpcli.attribute`` (ZBox bounds -3 and 3; a per-channel tensor bound sets the channels)."""
-    d = DEFAULTS["composite"]
-    comp: dict[str, Any] = {k: d[k] for k in ("epsilon", "gamma", "zero_params", "stabilizer")}
-    comp["low"], comp["high"] = -3.0, 3.0
-    channels = 3
-    for key in ("epsilon", "gamma", "low", "high"):
-        value = values.get(key)
-        if hasattr(value, "tolist"):  # a tensor: a number or one per channel
-            value = value.tolist()
-        if isinstance(value, list | tuple) and key in ("low", "high"):
-            channels = len(value)
-            comp[key] = [float(v) for v in value]
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            comp[key] = float(value)
-    for key in ("low", "high"):
-        if not isinstance(comp[key], list):
-            comp[key] = float(comp[key])
-    if values.get("zero_params") is not None:
-        comp["zero_params"] = list(values["zero_params"])
-    stabilizer = values.get("stabilizer")
-    if stabilizer is not None and hasattr(stabilizer, "epsilon") and hasattr(stabilizer, "mode"):
-        comp["stabilizer"] = {"epsilon": stabilizer.epsilon, "mode": stabilizer.mode}
-    elif isinstance(stabilizer, int | float) and not isinstance(stabilizer, bool):
-        comp["stabilizer"] = {"epsilon": float(stabilizer), "mode": "sign"}
-    return comp, {"mean": [0.0] * channels, "std": [1.0] * channels}
-
-
-def _build_rule(rules: Any, spec: Any, comp: Mapping, inp: Mapping) -> Any:
-    """A validated rule spec (a name or ``{name: ..., **params}``) as a fresh Rule."""
-    if isinstance(spec, str):
-        name, params = spec, {}
-    else:
-        name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
-    return rules.make(name, **_rule_kwargs(rules, name, params, comp, inp))
-
-
-def composite_kwargs(config: Mapping) -> dict[str, Any]:
-    """Keyword arguments for ``lrpcli.composites.get(config.composite.name, **kwargs)``.
-
-    Only the parameters the composite uses (its others are null in the resolved config): epsilon, gamma,
-    low/high (floats or (C,) float32 tensors), stabilizer (an ``lrpcli.rules.Stabilizer``), zero_params,
-    maxpool, beta; always canonizers (names), overrides (``make_override_rules``) and strict.
-    """
-    comp = config["composite"]
-    rules = _registry("lrpcli.rules")
-    low, high = (
-        resolve_bounds(config) if comp["low"] is not None and comp["high"] is not None else (None, None)
-    )
-    values: dict[str, Any] = {
-        "epsilon": comp["epsilon"],
-        "gamma": comp["gamma"],
-        "low": low,
-        "high": high,
-        "stabilizer": None if comp["stabilizer"] is None else _make_stabilizer(rules, comp["stabilizer"]),
-        "zero_params": None if comp["zero_params"] is None else list(comp["zero_params"]),
-        "maxpool": comp["maxpool"],
-        "beta": comp["beta"],
-    }
-    kwargs = {k: v for k, v in values.items() if v is not None}
-    kwargs["canonizers"] = list(config["canonizers"])
-    kwargs["overrides"] = make_override_rules(config) if comp["rules"] else []
-    kwargs["strict"] = bool(comp["strict"])
-    return kwargs
-
-
-def resolve_device(device: str) -> Any:
-    """``run.device`` as a ``torch.device``: auto picks cuda when available; no GPU is a ConfigError."""
-    import torch
-
-    device = device.strip().lower()
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"run.device: {device!r} requested but CUDA is not available here; use auto or cpu"
-            )
-        index = int(device.split(":")[1]) if ":" in device else 0
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise ConfigError(
-                f"run.device: {device!r} does not exist; this machine has cuda:0..cuda:{count - 1}"
-            )
-    return torch.device(device)
-
-
-#: ``run.num_workers: auto`` never starts more loader processes than this (on a GPU machine).
-MAX_AUTO_WORKERS = 8
-
-
-def available_cpus() -> int:
-    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def resolve_num_workers(num_workers: int | str, *, samples: int, batch_size: int, device: Any,
-                        cpus: int | None = None) -> int:
-    """``run.num_workers`` as a number of DataLoader processes (0: decode in a thread of the main process).
-
-    An integer is used as is. ``auto`` gives 0 on the CPU: the attribution's intra-op threads already occupy
-    every core, so decoding competes with them whether it runs in processes or in a thread, and a thread needs
-    no process start-up and no copy of each batch between processes. With a GPU it gives one process per core
-    left to the main process (``cpus - 1``), at most one per two batches of the run (a process costs more to
-    start than decoding a batch or two) and at most ``MAX_AUTO_WORKERS``. ``samples`` is the number of images
-    the run will decode, ``device`` a ``torch.device`` or a ``run.device`` value, ``cpus`` defaults to the
-    cores this process may use.
-    """
-    import torch
-
-    if num_workers != "auto":
-        return int(num_workers)
-    name = str(device).strip().lower()
-    cuda = torch.cuda.is_available() if name == "auto" else torch.device(name).type == "cuda"
-    if not cuda:
-        return 0
-    cpus = available_cpus() if cpus is None else cpus
-    batches = -(-max(0, samples) // max(1, batch_size))
-    return max(0, min(cpus - 1, batches // 2, MAX_AUTO_WORKERS))
 
 
 def resolve_path(path: str | Path, base_dir: str | Path | None) -> Path | None:

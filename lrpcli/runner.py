@@ -22,9 +22,11 @@ import numpy as np
 import torch
 
 from .api import initial_relevance
-from .config import Config, available_cpus, composite_kwargs, resolve_baseline, resolve_device, resolve_num_workers
+from .build import composite_kwargs, resolve_baseline
+from .config import Config
 from .errors import DataError, LrpcliError, RunError
 from .recorder import Recorder
+from .runtime import available_cpus, resolve_device, resolve_num_workers
 
 
 @dataclass

@@ -84,7 +84,12 @@ def test_readme_composite_table_matches_declarations():
     assert rows == {name: (", ".join(d.params) or "none", d.description) for name, d in catalogue.COMPOSITES.items()}
 
 
-def test_catalogue_and_config_import_no_torch():
-    code = "import sys, lrpcli.config, lrpcli.catalogue; print('torch' in sys.modules)"
+def test_validating_a_config_imports_no_torch_and_no_engine():
+    code = ("import sys; from lrpcli.config import validate; "
+            "validate({'model': {'name': 'resnet18'}, 'canonizers': ['vgg'], 'output': {'compression': 'lzf'}, "
+            "'composite': {'rules': [{'type': 'Linear', 'rule': {'name': 'epsilon', 'epsilon': 0.1}}]}}); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.split('.')[:2] in "
+            "(['lrpcli', 'rules'], ['lrpcli', 'composites'], ['lrpcli', 'canonizers'], ['lrpcli', 'models'], "
+            "['lrpcli', 'store'])))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "[]"

@@ -27,7 +27,7 @@ def collect(config: Any, data: str | Path | None = None, *, samples: int = 4, de
     ``model``: an already loaded model of this config (the --zero-bias rerun reuses it); ``label`` is appended to
     the inputs line. Errors a user can cause are LrpcliError lines.
     """
-    from ..config import resolve_device
+    from ..runtime import resolve_device
 
     dev = resolve_device(device or config.run.device)
     x, labels, names, inputs_line = _inputs(config, data, samples)
@@ -84,7 +84,7 @@ def load(config: Any) -> torch.nn.Module:
 
 def _composite(config: Any) -> Any:
     from .. import composites
-    from ..config import composite_kwargs
+    from ..build import composite_kwargs
 
     kwargs = composite_kwargs(config)
     try:
