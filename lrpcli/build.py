@@ -1,14 +1,13 @@
 """From a validated config to engine objects: composite keywords, override rules, bounds, baseline.
 
-The config schema (``lrpcli.config``) knows names only; this module imports the engine, so the checks that need
-it (a torchvision model name, a module class, a rule's own parameter checks) run here, in ``load_config``.
+The config schema (``lrpcli.spec``) knows names only; this module imports the engine and hands the schema the
+checks that need it (``ENGINE_CHECKS``: a torchvision model name, a module class, a rule's own parameter checks).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -18,26 +17,22 @@ import torch
 from . import canonizers, modules, rules
 from .catalogue import PARAMS
 from .composites import Glob
-from .config import Config, bounds_value, check_rule_spec, check_rules, did_you_mean, read_config, show
+from .config import Config, check_rule_spec, check_rules, read_config
 from .errors import ConfigError
 from .models import check_model_name
+from .spec import Bad, EngineChecks, bounds_value, did_you_mean, show
 
-__all__ = ["load_config", "check_engine", "composite_kwargs", "make_override_rules", "resolve_overrides",
+__all__ = ["load_config", "ENGINE_CHECKS", "composite_kwargs", "make_override_rules", "resolve_overrides",
            "resolve_bounds", "resolve_baseline", "resolve_module_type"]
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read and validate a config file (``lrpcli.config.read_config``), then check what needs the engine."""
-    config = read_config(path, overrides)
-    check_engine(config)
-    return config
+    """Read and validate a config file (``lrpcli.config.read_config``) with the checks that need the engine."""
+    return read_config(path, overrides, ENGINE_CHECKS)
 
 
-def check_engine(config: Config) -> None:
-    """The checks a name table cannot make: the torchvision model exists, module classes and rules build."""
-    if config.model.name is not None:
-        check_model_name(config.model.name, lambda msg: _fail(config.source, "model.name", msg))
-    make_override_rules(config)
+def _refuse(message: str) -> NoReturn:
+    raise Bad(message)
 
 
 def _fail(source: str, path: str, message: str) -> NoReturn:
@@ -123,7 +118,7 @@ def make_override_rules(config: Mapping) -> list[tuple[Any, Any]]:
             matcher = Glob(item["match"], f"{source}: {path}.match")
         else:
             matcher = resolve_module_type(item["type"], lambda msg, p=f"{path}.type": _fail(source, p, msg))
-        out.append((matcher, _build_rule(source, f"{path}.rule", item["rule"], comp, inp)))
+        out.append((matcher, _build_rule(item["rule"], comp, inp)))
     return out
 
 
@@ -150,13 +145,13 @@ def resolve_overrides(items: Any, values: Mapping[str, Any] | None = None,
             given_type = item.get("type")
             if _is_module(given_type):
                 item["type"] = "Module"  # validated below as a stand-in; the class itself is used
-            (entry,) = check_rules(source, [item], comp, inp, prefix="overrides", offset=i)
+            (entry,) = check_rules(source, [item], comp, inp, ENGINE_CHECKS, prefix="overrides", offset=i)
             if "match" in entry:
                 matcher = Glob(entry["match"], f"{source}: {path}.match")
             else:
                 matcher = given_type if _is_module(given_type) else resolve_module_type(
                     entry["type"], lambda msg, p=f"{path}.type": _fail(source, p, msg))
-            out.append((matcher, _build_rule(source, f"{path}.rule", entry["rule"], comp, inp, item["rule"])))
+            out.append((matcher, _build_rule(entry["rule"], comp, inp)))
             continue
         if not isinstance(item, list | tuple) or len(item) != 2:
             raise TypeError(f"{source}: {path}: expected a (glob or module class, rule) pair or a mapping "
@@ -170,8 +165,8 @@ def resolve_overrides(items: Any, values: Mapping[str, Any] | None = None,
         if isinstance(rule, rules.Rule):
             out.append((matcher, rule))
         elif isinstance(rule, str | Mapping):
-            spec = check_rule_spec(source, f"{path}[1]", rule, comp, inp)
-            out.append((matcher, _build_rule(source, f"{path}[1]", spec, comp, inp, rule)))
+            spec = check_rule_spec(source, f"{path}[1]", rule, comp, inp, ENGINE_CHECKS)
+            out.append((matcher, _build_rule(spec, comp, inp)))
         else:
             raise TypeError(f"{source}: {path}: expected a Rule (e.g. lrpcli.rules.Epsilon(0.25)), a rule name or "
                             f"{{'name': ..., param: value}} second, got {rule!r}")
@@ -214,23 +209,12 @@ def _api_composite(values: Mapping[str, Any]) -> tuple[dict, dict]:
     return comp, {"mean": [0.0] * channels, "std": [1.0] * channels}
 
 
-def _build_rule(source: str, path: str, spec: Any, comp: Mapping, inp: Mapping, given: Any = None) -> Any:
-    """A validated rule spec (a name or ``{name: ..., **params}``) as a fresh Rule; what the rule itself refuses
-    is a ConfigError naming the parameter (or the rule) and the value as given (``given``, else ``spec``)."""
-    given = spec if given is None else given
+def _build_rule(spec: Any, comp: Mapping, inp: Mapping) -> Any:
+    """A validated rule spec (a name or ``{name: ..., **params}``) as a fresh Rule."""
     if isinstance(spec, str):
-        name, params = spec, {}
-    else:
-        name, params = spec["name"], {k: v for k, v in spec.items() if k != "name"}
-    try:
-        return rules.make(name, **_rule_kwargs(name, params, comp, inp))
-    except (ValueError, TypeError, KeyError) as err:
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        for param in params:
-            if re.search(rf"(?<![\w]){re.escape(param)}(?![\w])", message):
-                value = given.get(param, params[param]) if isinstance(given, Mapping) else params[param]
-                _fail(source, f"{path}.{param}", f"{message} (got {show(value)})")
-        _fail(source, path, f"{message} (got {show(given)})")
+        return rules.make(spec, **_rule_kwargs(spec, {}, comp, inp))
+    params = {k: v for k, v in spec.items() if k != "name"}
+    return rules.make(spec["name"], **_rule_kwargs(spec["name"], params, comp, inp))
 
 
 def _accepted_params(name: str) -> set[str]:
@@ -268,25 +252,27 @@ def _rule_kwargs(name: str, params: Mapping, comp: Mapping, inp: Mapping) -> dic
 def composite_kwargs(config: Mapping) -> dict[str, Any]:
     """Keyword arguments for ``lrpcli.composites.get(config.composite.name, **kwargs)``.
 
-    Only the parameters the composite uses (its others are null in the resolved config): epsilon, gamma,
-    low/high (floats or (C,) float32 tensors), stabilizer (an ``lrpcli.rules.Stabilizer``), zero_params,
-    maxpool, beta; always canonizers (names), overrides (``make_override_rules``) and strict.
+    Only the parameters the composite uses (its others are null in the resolved config), as declared in
+    ``lrpcli.catalogue.PARAMS``: low/high as floats or (C,) float32 tensors, stabilizer as an
+    ``lrpcli.rules.Stabilizer``; always canonizers (names), overrides (``make_override_rules``) and strict.
     """
     comp = config["composite"]
-    low, high = resolve_bounds(config) if comp["low"] is not None and comp["high"] is not None else (None, None)
-    stabilizer = comp["stabilizer"]
-    values: dict[str, Any] = {
-        "epsilon": comp["epsilon"],
-        "gamma": comp["gamma"],
-        "low": low,
-        "high": high,
-        "stabilizer": None if stabilizer is None else rules.Stabilizer(stabilizer["epsilon"], stabilizer["mode"]),
-        "zero_params": None if comp["zero_params"] is None else list(comp["zero_params"]),
-        "maxpool": comp["maxpool"],
-        "beta": comp["beta"],
-    }
-    kwargs = {k: v for k, v in values.items() if v is not None}
+    kwargs = {k: comp[k] for k in PARAMS if comp[k] is not None}
+    if "low" in kwargs and "high" in kwargs:
+        kwargs["low"], kwargs["high"] = resolve_bounds(config)
+    if "stabilizer" in kwargs:
+        kwargs["stabilizer"] = rules.Stabilizer(kwargs["stabilizer"]["epsilon"], kwargs["stabilizer"]["mode"])
+    if "zero_params" in kwargs:
+        kwargs["zero_params"] = list(kwargs["zero_params"])
     kwargs["canonizers"] = list(config["canonizers"])
     kwargs["overrides"] = make_override_rules(config) if comp["rules"] else []
     kwargs["strict"] = bool(comp["strict"])
     return kwargs
+
+
+#: The checks the config schema leaves to the engine: the rule check builds the rule once.
+ENGINE_CHECKS = EngineChecks(
+    model_name=lambda name: check_model_name(name, _refuse),
+    module_type=lambda name: resolve_module_type(name, _refuse),
+    rule=lambda name, params, comp, inp: rules.make(name, **_rule_kwargs(name, params, comp, inp)),
+)

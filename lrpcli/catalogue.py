@@ -23,12 +23,14 @@ ZERO_PARAMS = ("bias",)
 
 @dataclass(frozen=True)
 class Param:
-    """One composite parameter, declared once: the config default (``default``), the default of a composite built
-    in Python without a config (``engine_default``; ``auto`` bounds need the input's mean/std), the values it
-    takes (``allowed``, as the README writes them) and what it does."""
+    """One composite parameter, declared once: the config default (``default``), the values it takes (``kind``:
+    the check ``lrpcli.spec.PARAM_CHECKS`` applies; ``allowed``: as the README writes them), what it does, and
+    the default of a composite built in Python without a config (``engine_default``; ``auto`` bounds need the
+    input's mean/std)."""
 
     name: str
     default: Any
+    kind: str
     allowed: str
     description: str
     engine_default: Any = None
@@ -42,18 +44,20 @@ class Param:
 
 
 _PARAMS = (
-    Param("epsilon", 1.0e-6, "number > 0", "epsilon of the Epsilon rule"),
-    Param("gamma", 0.25, "number ≥ 0", "gamma of the Gamma rule"),
-    Param("low", "auto", "`auto`, a number, or a list with one number per channel",
+    Param("epsilon", 1.0e-6, "positive", "number > 0", "epsilon of the Epsilon rule"),
+    Param("gamma", 0.25, "non_negative", "number ≥ 0", "gamma of the Gamma rule"),
+    Param("low", "auto", "bounds", "`auto`, a number, or a list with one number per channel",
           "ZBox lower bound; `auto` = the normalised value of pixel 0.0 per channel, `(0 - mean) / std`",
           engine_default=-3.0),
-    Param("high", "auto", "as `low`, above it", "ZBox upper bound; `auto` = `(1 - mean) / std`", engine_default=3.0),
-    Param("zero_params", [], "`[bias]`", "leave biases out of the rules (a zero-bias comparison for conservation)"),
-    Param("stabilizer", {"epsilon": 1.0e-6, "mode": "sign"}, "`{epsilon: number > 0, mode: sign|clip|rms}`",
-          "denominator stabilizer"),
-    Param("maxpool", "wta", "`wta`, `average`", "MaxPool relevance: winner takes all, or spread like average "
-          "pooling (in proportion to the window's inputs)"),
-    Param("beta", 10.0, "number > 0", "softplus beta of `beta_smooth`"),
+    Param("high", "auto", "bounds", "as `low`, above it", "ZBox upper bound; `auto` = `(1 - mean) / std`",
+          engine_default=3.0),
+    Param("zero_params", [], "zero_params", "`[bias]`",
+          "leave biases out of the rules (a zero-bias comparison for conservation)"),
+    Param("stabilizer", {"epsilon": 1.0e-6, "mode": "sign"}, "stabilizer",
+          "`{epsilon: number > 0, mode: sign|clip|rms}`", "denominator stabilizer"),
+    Param("maxpool", "wta", "maxpool", "`wta`, `average`",
+          "MaxPool relevance: winner takes all, or spread like average pooling (in proportion to the window's inputs)"),
+    Param("beta", 10.0, "positive", "number > 0", "softplus beta of `beta_smooth`"),
 )
 #: The composite parameters by name, in config order.
 PARAMS: dict[str, Param] = {p.name: p for p in _PARAMS}

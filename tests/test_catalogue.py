@@ -93,3 +93,26 @@ def test_validating_a_config_imports_no_torch_and_no_engine():
             "['lrpcli', 'store'])))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_composite_section_fields_come_from_the_declared_parameters():
+    from lrpcli.spec import PARAM_CHECKS, CompositeSpec
+
+    fields = CompositeSpec.model_fields
+    assert [k for k in fields if k in catalogue.PARAMS] == list(catalogue.PARAMS)
+    for name, param in catalogue.PARAMS.items():
+        assert fields[name].description == param.description and param.kind in PARAM_CHECKS
+
+
+def test_engine_checks_are_passed_in():
+    from lrpcli.config import validate
+    from lrpcli.errors import ConfigError
+    from lrpcli.spec import Bad, EngineChecks
+
+    def no_such_model(name: str) -> None:
+        raise Bad(f"no model {name!r} here")
+
+    raw = {"model": {"name": "anything"}}
+    assert validate(raw).model.name == "anything"  # the schema alone knows no model names
+    with pytest.raises(ConfigError, match=r"^api: model.name: no model 'anything' here$"):
+        validate(raw, source="api", checks=EngineChecks(model_name=no_such_model))
