@@ -65,21 +65,24 @@ PARAMS: dict[str, Param] = {p.name: p for p in _PARAMS}
 
 @dataclass(frozen=True)
 class CompositeDecl:
-    """A named composite: what it does and the parameters (names in ``PARAMS``, or free names for a composite
-    registered from Python) its builder takes besides canonizers, strict and overrides."""
+    """A named composite: what it does, the parameters (names in ``PARAMS``, or free names for a composite
+    registered from Python) its builder takes besides canonizers, strict and overrides, and whether it propagates
+    gradients (a one-hot seed: conservation is not expected, so ``lrpcli debug`` skips its checks)."""
 
     name: str
     description: str
     params: tuple[str, ...] = field(default=())
+    gradient_space: bool = False
 
 
 #: Every registered composite by name; ``declare`` adds one, ``lrpcli.composites.register`` too.
 COMPOSITES: dict[str, CompositeDecl] = {}
 
 
-def declare(name: str, description: str, params: tuple[str, ...] = ()) -> CompositeDecl:
+def declare(name: str, description: str, params: tuple[str, ...] = (), gradient_space: bool = False
+            ) -> CompositeDecl:
     """Declare composite ``name``; its builder (``lrpcli.composites``) must take exactly ``params``."""
-    decl = CompositeDecl(name, description, tuple(params))
+    decl = CompositeDecl(name, description, tuple(params), gradient_space)
     COMPOSITES[name] = decl
     return decl
 
@@ -94,10 +97,12 @@ declare("epsilon_alpha2_beta1", "AlphaBeta(2, 1) on convolutions, Epsilon on den
 declare("epsilon_alpha2_beta1_flat", "Flat on the first layer, AlphaBeta(2, 1) on convolutions, Epsilon on dense "
         "layers", _EPSILON_RULES)
 declare("excitation_backprop", "ZPlus on all weighted layers", ("stabilizer", "zero_params", "maxpool"))
-declare("guided_backprop", "gradient space: ReLU gradients clipped at zero, every other layer its plain gradient")
-declare("deconvnet", "gradient space: ReLU applied to the backward signal, every other layer its plain gradient")
+declare("guided_backprop", "gradient space: ReLU gradients clipped at zero, every other layer its plain gradient",
+        gradient_space=True)
+declare("deconvnet", "gradient space: ReLU applied to the backward signal, every other layer its plain gradient",
+        gradient_space=True)
 declare("beta_smooth", "gradient space: ReLUs replaced by softplus(beta) in the backward, every other layer its "
-        "plain gradient", ("beta",))
+        "plain gradient", ("beta",), gradient_space=True)
 
 #: Rule names of ``lrpcli.rules.make`` (``lrpcli.rules.RULES`` is checked against it by a test) and their aliases.
 RULE_NAMES = ("alpha_beta", "beta_smooth", "deconvnet", "epsilon", "flat", "gamma", "gradient", "guided_backprop",

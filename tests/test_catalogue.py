@@ -116,3 +116,11 @@ def test_engine_checks_are_passed_in():
     assert validate(raw).model.name == "anything"  # the schema alone knows no model names
     with pytest.raises(ConfigError, match=r"^api: model.name: no model 'anything' here$"):
         validate(raw, source="api", checks=EngineChecks(model_name=no_such_model))
+
+
+def test_gradient_space_is_declared_and_matches_the_built_seed():
+    from lrpcli.debug.stats import GRADIENT_SPACE
+
+    for name, decl in catalogue.COMPOSITES.items():
+        assert (composites.get(name).seed != "output") == decl.gradient_space, name
+    assert GRADIENT_SPACE == ("guided_backprop", "deconvnet", "beta_smooth")
