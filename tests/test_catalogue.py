@@ -124,3 +124,26 @@ def test_gradient_space_is_declared_and_matches_the_built_seed():
     for name, decl in catalogue.COMPOSITES.items():
         assert (composites.get(name).seed != "output") == decl.gradient_space, name
     assert GRADIENT_SPACE == ("guided_backprop", "deconvnet", "beta_smooth")
+
+
+def test_readme_rule_table_matches_the_rule_classes():
+    """Each rule is declared once, by its class (name, keyword parameters and defaults); README's rule table
+    lists every class with those parameters (the shared stabilizer and zero_params aside)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("### Rules", 1)[1].split("\n\n")[2]
+    shown = {}
+    for line in table.splitlines()[2:]:
+        for call in re.findall(r"`(\w+)\(([^)]*)\)`", line.split("|")[1]):
+            shown[call[0]] = [p.strip() for p in call[1].split(",") if p.strip()]
+    by_class = {cls.__name__: cls for cls in rules.RULES.values()}
+    assert set(shown) == set(by_class)
+    for name, params in shown.items():
+        signature = {p.name: p.default for p in inspect.signature(by_class[name].__init__).parameters.values()
+                     if p.name not in ("self", "stabilizer", "zero_params") and p.kind is p.POSITIONAL_OR_KEYWORD}
+        assert [p.split("=")[0] for p in params] == list(signature), name
+        for param in params:
+            if "=" in param:
+                key, value = param.split("=")
+                assert float(value) == signature[key], name
