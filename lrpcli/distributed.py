@@ -102,7 +102,7 @@ class Shard:
         """``cuda:LOCAL_RANK`` for ``auto``/``cuda`` when CUDA exists, else the CPU; ``cuda:N``/``cpu`` as given."""
         import torch
 
-        from .config import resolve_device
+        from .runtime import resolve_device
 
         wanted = run_device.strip().lower()
         if wanted in ("auto", "cuda"):

@@ -67,7 +67,7 @@ def explain(config: Path, data: Path, output: Path | None, batch_size: int | Non
     Started by torchrun (RANK/WORLD_SIZE set), every process explains its own block of DATA into
     OUTPUT's shard (out.rank00003.h5) and rank 0 merges the shards into OUTPUT at the end.
     """
-    from .config import load_config
+    from .build import load_config
     from .distributed import from_env
     from .errors import LrpcliError
 

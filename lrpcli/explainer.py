@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from . import methods
+from .build import composite_kwargs, resolve_baseline
+from .build import resolve_overrides as _config_overrides
 from .composites import Composite, get
-from .config import composite_kwargs, resolve_baseline
-from .config import resolve_overrides as _config_overrides
 from .errors import ConfigError, LrpcliError
 from .recorder import Recorder
 

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, available_cpus, resolve_device, resolve_num_workers
+from .config import Config
 from .errors import ConfigError, DataError, LrpcliError, RunError
 from .explainer import Explainer
 from .recorder import Recorder
+from .runtime import available_cpus, resolve_device, resolve_num_workers
 
 
 @dataclass

@@ -9,17 +9,10 @@ import pytest
 import torch
 import yaml
 
-from lrpcli.config import (
-    DEFAULTS,
-    Config,
-    composite_kwargs,
-    load_config,
-    resolve_baseline,
-    resolve_bounds,
-    resolve_device,
-    resolve_path,
-)
+from lrpcli.build import composite_kwargs, load_config, resolve_baseline, resolve_bounds
+from lrpcli.config import DEFAULTS, Config, resolve_path
 from lrpcli.errors import ConfigError
+from lrpcli.runtime import resolve_device
 
 
 def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
@@ -530,7 +523,7 @@ def test_num_workers_values(tmp_path, given, resolved):
     ],
 )
 def test_resolve_num_workers_auto(device, samples, batch, cpus, expected):
-    from lrpcli.config import MAX_AUTO_WORKERS, resolve_num_workers
+    from lrpcli.runtime import MAX_AUTO_WORKERS, resolve_num_workers
 
     assert MAX_AUTO_WORKERS == 8
     got = resolve_num_workers("auto", samples=samples, batch_size=batch, device=torch.device(device), cpus=cpus)
@@ -541,7 +534,7 @@ def test_resolve_num_workers_auto(device, samples, batch, cpus, expected):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_resolve_num_workers_explicit_is_kept(device):
-    from lrpcli.config import resolve_num_workers
+    from lrpcli.runtime import resolve_num_workers
 
     for n in (0, 1, 2, 17):
         assert resolve_num_workers(n, samples=4, batch_size=16, device=device, cpus=2) == n
@@ -550,7 +543,7 @@ def test_resolve_num_workers_explicit_is_kept(device):
 def test_resolve_num_workers_default_cpus_is_the_affinity(monkeypatch):
     import os
 
-    from lrpcli import config as config_module
+    from lrpcli import runtime as config_module
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
     assert config_module.available_cpus() == 5

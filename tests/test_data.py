@@ -228,7 +228,7 @@ def test_loader_pins_memory_for_cuda(tmp_path):
 
 
 def test_dataset_from_config_input_section(tmp_path):
-    from lrpcli.config import load_config
+    from lrpcli.build import load_config
 
     (tmp_path / "c.yaml").write_text("model: {name: resnet18}\ninput: {resize: 20, crop: 12, mode: L}\n")
     config = load_config(tmp_path / "c.yaml")

@@ -309,7 +309,7 @@ def test_model_that_fails_to_load_leaves_no_reader_thread(tmp_path, monkeypatch)
     import threading
 
     import lrpcli.runner
-    from lrpcli.config import load_config
+    from lrpcli.build import load_config
     from lrpcli.errors import LrpcliError
     from lrpcli.runner import run as run_explain
 
@@ -332,7 +332,7 @@ def test_threads_only_where_a_core_is_free_and_same_file_either_way(demo_h5, tmp
     import torch
 
     import lrpcli.runner
-    from lrpcli.config import load_config
+    from lrpcli.build import load_config
 
     monkeypatch.setattr(lrpcli.runner, "available_cpus", lambda: 4)
     monkeypatch.setattr(lrpcli.runner.torch, "get_num_threads", lambda: 4)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import lrpcli
+from lrpcli.build import load_config
 from lrpcli.composites import LayerMap
-from lrpcli.config import load_config
 from lrpcli.explainer import Explainer, TargetError, initial_relevance, resolve_target
 from lrpcli.rules import Epsilon, Pass
 

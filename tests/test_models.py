@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrpcli.config import load_config
+from lrpcli.build import load_config
 from lrpcli.errors import ConfigError
 from lrpcli.models import input_shape, load_model
 

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import lrpcli
+from lrpcli.build import load_config
 from lrpcli.cli import main
-from lrpcli.config import load_config
 from lrpcli.data import ImageDataset
 from lrpcli.errors import DataError
 from lrpcli.models import model_fingerprint

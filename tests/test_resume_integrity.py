@@ -21,8 +21,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from lrpcli.build import load_config
 from lrpcli.cli import main
-from lrpcli.config import load_config
 from lrpcli.errors import DataError
 from lrpcli.store import ResultWriter, open_results
 
@@ -59,7 +59,7 @@ def _one_error_line(err: str, *needles: str) -> str:
 # ------------------------------------------------------------------------------------ reproducible random init
 _REPEAT = """
 import json, sys
-from lrpcli.config import load_config
+from lrpcli.build import load_config
 from lrpcli.runner import run as explain
 from lrpcli.store import open_results
 config, out = sys.argv[1], sys.argv[2]

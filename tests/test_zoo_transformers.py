@@ -168,7 +168,7 @@ def test_swin_window_attention_is_explicit_and_conserves(v2):
 
 def test_config_overrides_name_the_new_rules(tmp_path):
     """Config `rules` reach the transformer rules by name; composite-level zero_params reach LayerNormRule."""
-    from lrpcli.config import composite_kwargs, load_config
+    from lrpcli.build import composite_kwargs, load_config
     from lrpcli.functional_modules import AttentionProduct
     from lrpcli.rules import ConstantOperand, Flat, LayerNormRule, SoftmaxRule
 

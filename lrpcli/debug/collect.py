@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import resolve_device
 from ..data import collate, open_image_folder
 from ..errors import ConfigError, DataError, LrpcliError, RunError
 from ..explainer import Explainer, TargetError, composite_from_config
@@ -24,6 +23,7 @@ from ..models import input_shape, load_model
 from ..recorder import Recorder
 from ..rules.base import ParamRule
 from ..rules.passthrough import Pass
+from ..runtime import resolve_device
 from .report import DETAIL_FIELDS, LayerAssignment, Report
 
 

@@ -94,7 +94,7 @@ def _live(path: Path, data: Path | None, samples: int | None, zero_bias: bool,
     """The configured model on N inputs, and the same inputs with zero_params: [bias] for --zero-bias."""
     import warnings
 
-    from ..config import load_config
+    from ..build import load_config
     from ..errors import ConfigWarning
     from .collect import collect, load
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..catalogue import COMPOSITES
 from ..errors import DataError
 from .report import PARAM_RULES, Report, rule_class
 
@@ -223,7 +224,7 @@ def from_results(path: str | Path, samples: int | None = None) -> Report:
 
 
 #: Built-in composites that propagate gradients (seed one-hot), where conservation is not expected.
-GRADIENT_SPACE = ("guided_backprop", "deconvnet", "beta_smooth")
+GRADIENT_SPACE = tuple(name for name, decl in COMPOSITES.items() if decl.gradient_space)
 
 
 def matches(layer: str, patterns: Sequence[str]) -> bool:

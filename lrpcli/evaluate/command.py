@@ -84,8 +84,8 @@ def evaluate(files: tuple[Path, ...], metrics: str | None, masks: Path | None, o
              blur_sigma: float, fc_runs: int, fc_subset: float, mpr_checkpoints: int, no_baseline: bool,
              quiet: bool) -> None:
     """Measure the attributions of FILES (from 'lrpcli explain') and print one table, metric x file."""
-    from ..config import resolve_device
     from ..errors import DataError
+    from ..runtime import resolve_device
     from .report import summarise, table_text, write_report
     from .run import evaluate_file, settings_dict
     from .source import load_model_of, open_source

@@ -81,7 +81,7 @@ def attribute_like_the_run(config: Any, model: torch.nn.Module, x: torch.Tensor,
                            ) -> torch.Tensor:
     """Relevance of ``x`` for ``targets`` with the config's method: its LRP composite or attributor."""
     from .. import composites, initial_relevance
-    from ..config import composite_kwargs
+    from ..build import composite_kwargs
 
     if config.attribution.method == "lrp":
         comp = composites.get(config.composite.name, **composite_kwargs(config))

@@ -97,7 +97,7 @@ def case(name: str, model: torch.nn.Module, x: torch.Tensor, patch: int, steps: 
 
 
 def demo_case(n: int, device: torch.device, batch_size: int | None, naive_n: int | None) -> dict:
-    from lrpcli.config import load_config
+    from lrpcli.build import load_config
     from lrpcli.data import open_image_folder
     from lrpcli.models import load_model
 

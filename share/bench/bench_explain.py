@@ -22,11 +22,12 @@ import yaml
 from benchlib import log, median, timed
 
 import lrpcli
-from lrpcli.config import composite_kwargs, load_config, resolve_num_workers
+from lrpcli.build import composite_kwargs, load_config
 from lrpcli.data import ImageDataset, make_loader
 from lrpcli.models import load_model
 from lrpcli.recorder import Recorder
 from lrpcli.runner import run as explain
+from lrpcli.runtime import resolve_num_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"

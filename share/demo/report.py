@@ -36,7 +36,7 @@ def shares(path: Path) -> tuple[float, float, float]:
 
 
 def compare() -> list[tuple[str, float, float, float]]:
-    from lrpcli.config import load_config
+    from lrpcli.build import load_config
     from lrpcli.runner import run as explain
 
     rows = []
