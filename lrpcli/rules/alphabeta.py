@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import ParamRule, check_number, scaled
-from .signsplit import SignSplit, total
+from .base import ParamRule, check_number, scaled, total
+from .signsplit import SignSplit
 from .stabilizer import Stabilizer
 
 

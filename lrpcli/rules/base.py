@@ -162,20 +162,43 @@ def check_number(rule: str, key: str, value: object, minimum: float | None = 0.0
     return value
 
 
+def checked_zero_params(rule: str, zero_params: Sequence[str] | str) -> tuple[str, ...]:
+    """``zero_params`` as a tuple of known parameter names; an unknown one is a ValueError naming the rule."""
+    if isinstance(zero_params, str):
+        zero_params = (zero_params,)
+    for param in zero_params:
+        if param not in ZERO_PARAMS:
+            raise ValueError(f"{rule}: zero_params: unknown parameter {param!r}; allowed: {', '.join(ZERO_PARAMS)}")
+    return tuple(zero_params)
+
+
+def total(*terms: torch.Tensor | None) -> torch.Tensor:
+    """The sum of the terms that are not None (at least one must be a tensor)."""
+    present = [t for t in terms if t is not None]
+    result = present[0]
+    for t in present[1:]:
+        result = result + t
+    return result
+
+
+class StabilizedRule(Rule):
+    """A rule without parameters of its own but a stabilizer for its denominator (Norm, softmax)."""
+
+    def __init__(self, stabilizer: Stabilizer | float | None = None) -> None:
+        self.stabilizer = Stabilizer.coerce(stabilizer)
+
+    def _repr_parts(self) -> list[str]:
+        if self.stabilizer == Stabilizer():
+            return []
+        return [f"stabilizer={self.stabilizer.epsilon:g}/{self.stabilizer.mode}"]
+
+
 class ParamRule(Rule):
     """A rule for layers with weights (Linear, Conv, ConvTranspose): stabilizer and zero_params."""
 
     def __init__(self, stabilizer: Stabilizer | float | None = None, zero_params: Sequence[str] = ()) -> None:
         self.stabilizer = Stabilizer.coerce(stabilizer)
-        if isinstance(zero_params, str):
-            zero_params = (zero_params,)
-        for param in zero_params:
-            if param not in ZERO_PARAMS:
-                raise ValueError(
-                    f"{type(self).__name__}: zero_params: unknown parameter {param!r}; "
-                    f"allowed: {', '.join(ZERO_PARAMS)}"
-                )
-        self.zero_params = tuple(zero_params)
+        self.zero_params = checked_zero_params(type(self).__name__, zero_params)
 
     #: the output enters only through R_j / s(den_j) (Epsilon, Gamma, AlphaBeta, ZBox)
     ratio_of_output: ClassVar[bool] = False

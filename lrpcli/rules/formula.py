@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import layerops
 from .alphabeta import AlphaBeta
-from .base import ParamRule, Rule
+from .base import ParamRule, Rule, total
 from .epsilon import Epsilon
 from .flat import Flat, WSquare
 from .gamma import Gamma
@@ -91,13 +91,6 @@ def _bias(module: nn.Module, bias: torch.Tensor | None, z: torch.Tensor, rule: P
     return bias.view(layerops.bias_shape(module, z))
 
 
-def _plus(*terms: torch.Tensor | None) -> torch.Tensor:
-    present = [t for t in terms if t is not None]
-    result = present[0]
-    for t in present[1:]:
-        result = result + t
-    return result
-
 
 # -- the parameter rules ---------------------------------------------------------------------------------------
 def epsilon(rule: Epsilon, call, relevance: torch.Tensor) -> torch.Tensor:
@@ -112,7 +105,7 @@ def zplus(rule: ZPlus, call, relevance: torch.Tensor) -> torch.Tensor:
     (m, x, z), (w, b) = (call.module, call.x, call.output), call.params()
     (xp, xn), (wp, wn) = _parts(x), _parts(w)
     b = _bias(m, b, z, rule)
-    den = _plus(layer(m, xp, wp, None, z), layer(m, xn, wn, None, z), None if b is None else b.clamp(min=0))
+    den = total(layer(m, xp, wp, None, z), layer(m, xn, wn, None, z), None if b is None else b.clamp(min=0))
     r = relevance / stabilize(rule.stabilizer, den)
     return xp * transposed(m, x, wp, r, z) + xn * transposed(m, x, wn, r, z)
 
@@ -124,8 +117,8 @@ def alpha_beta(rule: AlphaBeta, call, relevance: torch.Tensor) -> torch.Tensor:
     (xp, xn), (wp, wn) = _parts(x), _parts(w)
     b = _bias(m, b, z, rule)
     bp, bn = (None, None) if b is None else _parts(b)
-    z_pos = _plus(layer(m, xp, wp, None, z), layer(m, xn, wn, None, z), bp)
-    z_neg = _plus(layer(m, xp, wn, None, z), layer(m, xn, wp, None, z), bn)
+    z_pos = total(layer(m, xp, wp, None, z), layer(m, xn, wn, None, z), bp)
+    z_neg = total(layer(m, xp, wn, None, z), layer(m, xn, wp, None, z), bn)
     r_pos = relevance / stabilize(rule.stabilizer, z_pos)
     r_neg = relevance / stabilize(rule.stabilizer, z_neg)
     positive = xp * transposed(m, x, wp, r_pos, z) + xn * transposed(m, x, wn, r_pos, z)
@@ -140,12 +133,12 @@ def gamma(rule: Gamma, call, relevance: torch.Tensor) -> torch.Tensor:
     (xp, xn), (wp, wn), g = _parts(x), _parts(w), rule.gamma
     b = _bias(m, b, z, rule)
     bp, bn = (None, None) if b is None else _parts(b)
-    z_rule = _plus(layer(m, x, w, None, z), b)
+    z_rule = total(layer(m, x, w, None, z), b)
     up = (z_rule >= 0).to(z_rule.dtype)  # 1 where z_j >= 0
     w_boost_pos, w_boost_neg = w + g * wp, w + g * wn
-    den_up = _plus(layer(m, xp, w_boost_pos, None, z), layer(m, xn, w_boost_neg, None, z),
+    den_up = total(layer(m, xp, w_boost_pos, None, z), layer(m, xn, w_boost_neg, None, z),
                    None if b is None else b + g * bp)
-    den_down = _plus(layer(m, xp, w_boost_neg, None, z), layer(m, xn, w_boost_pos, None, z),
+    den_down = total(layer(m, xp, w_boost_neg, None, z), layer(m, xn, w_boost_pos, None, z),
                      None if b is None else b + g * bn)
     r = relevance / stabilize(rule.stabilizer, up * den_up + (1 - up) * den_down)
     r_up, r_down = r * up, r * (1 - up)
@@ -176,7 +169,7 @@ def wsquare(rule: WSquare, call, relevance: torch.Tensor) -> torch.Tensor:
     """R_i = sum_j W_ji^2 R_j / s(sum_i W_ji^2 + b_j^2)."""
     (m, x, z), (w, b) = (call.module, call.x, call.output), call.params()
     b = _bias(m, b, z, rule)
-    den = _plus(layer(m, torch.ones_like(x[:1]), w * w, None, z), None if b is None else b * b)
+    den = total(layer(m, torch.ones_like(x[:1]), w * w, None, z), None if b is None else b * b)
     return transposed(m, x, w * w, relevance / stabilize(rule.stabilizer, den), z)
 
 

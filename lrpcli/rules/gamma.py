@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from ..layerops import input_vjp
-from .base import ParamRule, check_number, times_input
-from .signsplit import SignSplit, total
+from .base import ParamRule, check_number, times_input, total
+from .signsplit import SignSplit
 from .stabilizer import Stabilizer
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ZERO_PARAMS, Rule
+from .base import Rule, checked_zero_params
 from .stabilizer import Stabilizer
 
 
@@ -89,13 +89,7 @@ class LayerNormRule(Rule):
 
     def __init__(self, stabilizer: Stabilizer | float | None = None, zero_params: Sequence[str] = ()) -> None:
         self.stabilizer = Stabilizer.coerce(stabilizer)
-        if isinstance(zero_params, str):
-            zero_params = (zero_params,)
-        for param in zero_params:
-            if param not in ZERO_PARAMS:
-                raise ValueError(f"LayerNormRule: zero_params: unknown parameter {param!r}; allowed: "
-                                 f"{', '.join(ZERO_PARAMS)}")
-        self.zero_params = tuple(zero_params)
+        self.zero_params = checked_zero_params("LayerNormRule", zero_params)
 
     def _repr_parts(self) -> list[str]:
         parts = []

@@ -8,24 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import Rule
-from .stabilizer import Stabilizer
+from .base import StabilizedRule
 
 
-class Norm(Rule):
+class Norm(StabilizedRule):
     """Relevance split in proportion to each input's contribution to the output."""
 
     name = "norm"
     proportional_to_inputs = True
     needs_graph = True  # the module's own backward, once
-
-    def __init__(self, stabilizer: Stabilizer | float | None = None) -> None:
-        self.stabilizer = Stabilizer.coerce(stabilizer)
-
-    def _repr_parts(self) -> list[str]:
-        if self.stabilizer == Stabilizer():
-            return []
-        return [f"stabilizer={self.stabilizer.epsilon:g}/{self.stabilizer.mode}"]
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ratio = self.stabilizer.divide(relevance, call.output)

@@ -254,11 +254,3 @@ class SignSplit:
                 result = term if result is None else (result + term if torch.is_grad_enabled() else result.add_(term))
         return result if result is not None else torch.zeros_like(self.x)
 
-
-def total(*terms: torch.Tensor | None) -> torch.Tensor:
-    """The sum of the terms that are not None (at least one must be a tensor)."""
-    present = [t for t in terms if t is not None]
-    result = present[0]
-    for t in present[1:]:
-        result = result + t
-    return result

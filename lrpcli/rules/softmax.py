@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Rule
-from .stabilizer import Stabilizer
+from .base import StabilizedRule
 
 
 def softmax_dim(module: nn.Module, x: torch.Tensor) -> int:
@@ -28,19 +27,11 @@ def softmax_dim(module: nn.Module, x: torch.Tensor) -> int:
     return dim
 
 
-class SoftmaxRule(Rule):
+class SoftmaxRule(StabilizedRule):
     """AttnLRP's softmax rule: R_i = x_i (R_i - s_i sum_j R_j), with the stabilizer on the denominator s_j."""
 
     name = "softmax"
     proportional_to_inputs = True
-
-    def __init__(self, stabilizer: Stabilizer | float | None = None) -> None:
-        self.stabilizer = Stabilizer.coerce(stabilizer)
-
-    def _repr_parts(self) -> list[str]:
-        if self.stabilizer == Stabilizer():
-            return []
-        return [f"stabilizer={self.stabilizer.epsilon:g}/{self.stabilizer.mode}"]
 
     def check(self, module: nn.Module, name: str) -> None:
         if not isinstance(module, nn.Softmax):

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ParamRule
-from .signsplit import SignSplit, total
+from .base import ParamRule, total
+from .signsplit import SignSplit
 
 #: dense weights larger than this are turned into W+ one block of rows at a time
 BLOCK_BYTES = 64 * 2**20
