@@ -74,6 +74,19 @@ print(json.dumps(rows))
 """
 
 
+
+def wait_for_rows(proc: subprocess.Popen, out: Path, rows: int, timeout: float = 120) -> None:
+    """Until the run writing ``out`` has committed ``rows`` rows (or ended, or the timeout passed)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+        try:
+            with h5py.File(out, "r", locking=False) as f:
+                if int(f.attrs["rows_written"]) >= rows:
+                    return
+        except (OSError, KeyError):
+            continue
+
 def test_random_init_is_the_same_model_in_six_runs_with_one_and_two_threads(tmp_path):
     """Three runs in each of two processes (OMP_NUM_THREADS 1 and 2): one model, the same predictions."""
     config = _config(tmp_path, RANDOM_INIT)
@@ -129,15 +142,7 @@ def test_sigkill_at_a_random_row_then_resume_gives_rows_from_one_model(tmp_path)
            "--batch-size", "4", "--max-samples", "32", "--num-workers", "0", "-q"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-        try:
-            with h5py.File(out, "r", locking=False) as f:
-                if int(f.attrs["rows_written"]) >= kill_at:
-                    break
-        except (OSError, KeyError):
-            continue
+    wait_for_rows(proc, out, kill_at)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
@@ -301,15 +306,7 @@ def test_sigterm_says_what_ctrl_c_says(tmp_path):
            "--batch-size", "2", "--num-workers", "0", "-q"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-        try:
-            with h5py.File(out, "r", locking=False) as f:
-                if int(f.attrs["rows_written"]) >= 4:
-                    break
-        except (OSError, KeyError):
-            continue
+    wait_for_rows(proc, out, 4)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
