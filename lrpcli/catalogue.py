@@ -67,22 +67,25 @@ PARAMS: dict[str, Param] = {p.name: p for p in _PARAMS}
 class CompositeDecl:
     """A named composite: what it does, the parameters (names in ``PARAMS``, or free names for a composite
     registered from Python) its builder takes besides canonizers, strict and overrides, and whether it propagates
-    gradients (a one-hot seed: conservation is not expected, so ``lrpcli debug`` skips its checks)."""
+    gradients (a one-hot seed: conservation is not expected, so ``lrpcli debug`` skips its checks). ``defaults``:
+    parameter defaults of this composite that differ from ``PARAMS`` (a mapping default is merged under what a
+    config gives, so ``stabilizer: {epsilon: 1e-8}`` keeps the composite's mode)."""
 
     name: str
     description: str
     params: tuple[str, ...] = field(default=())
     gradient_space: bool = False
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 #: Every registered composite by name; ``declare`` adds one, ``lrpcli.composites.register`` too.
 COMPOSITES: dict[str, CompositeDecl] = {}
 
 
-def declare(name: str, description: str, params: tuple[str, ...] = (), gradient_space: bool = False
-            ) -> CompositeDecl:
+def declare(name: str, description: str, params: tuple[str, ...] = (), gradient_space: bool = False,
+            defaults: dict[str, Any] | None = None) -> CompositeDecl:
     """Declare composite ``name``; its builder (``lrpcli.composites``) must take exactly ``params``."""
-    decl = CompositeDecl(name, description, tuple(params), gradient_space)
+    decl = CompositeDecl(name, description, tuple(params), gradient_space, dict(defaults or {}))
     COMPOSITES[name] = decl
     return decl
 
@@ -110,6 +113,13 @@ declare("attn_lrp", "AttnLRP (Achtibat et al., ICML 2024), for transformers and 
         "rule on products of two activations", _TRANSFORMER)
 declare("cp_lrp", "CP-LRP (Ali et al., ICML 2022): as attn_lrp, but the attention weights are constants (all "
         "relevance to the values, none into the softmax, queries or keys)", _TRANSFORMER)
+#: What ``auto`` uses when no stabilizer is given: scale-relative, so small activations keep their relevance.
+AUTO_STABILIZER = {"epsilon": 1.0e-6, "mode": "rms"}
+declare("auto", "looks at the model: the attn_lrp rules where it has attention or a LayerNorm, RMSNorm or "
+        "GroupNorm (transformers, ConvNeXt), else the epsilon_gamma_box rules; the stabilizer defaults to "
+        "`{epsilon: 1e-6, mode: rms}` (scale-relative); a note says what it chose",
+        ("epsilon", "gamma", "low", "high", "stabilizer", "zero_params", "maxpool"),
+        defaults={"stabilizer": AUTO_STABILIZER})
 
 #: Rule names of ``lrpcli.rules.make`` (``lrpcli.rules.RULES`` is checked against it by a test) and their aliases.
 RULE_NAMES = ("alpha_beta", "beta_smooth", "constant_operand", "deconvnet", "epsilon", "flat", "gamma", "gradient",

@@ -8,7 +8,7 @@ counts), and ``attribute(layers=...)`` takes its per-layer maps.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -31,6 +31,11 @@ class Recorder:
         self.patterns = list(layers)
         self.keep_graph = keep_graph
         self.detail = detail
+        #: while True, the root mean square of each layer's output is kept in ``scales`` (first forward wins):
+        #: what tells an absolute stabilizer's loss from a bias's (``vanishing_layer``); one pass per layer,
+        #: so the runner measures one batch
+        self.measure_scales = False
+        self.scales: dict[str, float] = {}
         self.start()
 
     def start(self) -> None:
@@ -54,6 +59,10 @@ class Recorder:
         self.order.append(call.key)
         self.rules[call.key] = repr(call.rule)
         self.types[call.key] = type(call.module).__name__
+        if self.measure_scales and call.key not in self.scales and isinstance(call.output, torch.Tensor):
+            out = call.output.detach()
+            if out.numel() and out.is_floating_point():
+                self.scales[call.key] = float(torch.linalg.vector_norm(out)) / out.numel() ** 0.5
         if self.detail:
             with torch.no_grad():
                 x = call.inputs[0] if call.inputs else call.output
@@ -135,3 +144,45 @@ def _detail(parts: list[torch.Tensor], relevance_out: torch.Tensor) -> dict[str,
         "min": torch.where(finite, flat, torch.full_like(flat, big)).min(1).values,
         "nonfinite": (~finite).sum(1) + out_bad,
     }
+
+
+#: A layer whose input relevance is below this share of its output relevance (summed over the batch) lost it.
+VANISHING_KEPT = 0.5
+#: Layers whose output relevance is below this share of the model's output relevance are not judged.
+VANISHING_FLOOR = 1e-3
+
+
+#: A layer is below its stabilizer when its output's root mean square is under this multiple of epsilon.
+VANISHING_SCALE = 10.0
+
+
+def vanishing_layer(layers: Sequence[str], rules: Mapping[str, object], relevance_in: torch.Tensor,
+                    relevance_out: torch.Tensor, output_relevance: float, scales: Mapping[str, float]
+                    ) -> tuple[str, object, float] | None:
+    """(layer, rule, share lost) for the first layer in backward order whose absolute stabilizer swallowed most
+    of its relevance, or None.
+
+    A rule that divides by a stabilized denominator (``sign`` or ``clip`` mode: an absolute epsilon) keeps the
+    sign of the relevance but shrinks it to ``z / (z + eps)``; where activations are far below epsilon almost
+    nothing passes. So: a weighted-layer or pooling rule with such a stabilizer, carrying a non-negligible share
+    of the output relevance, hands on less than half of it with the same sign, and its output (``scales``: root
+    mean square per layer) is within ``VANISHING_SCALE`` x epsilon; a bias absorbs relevance the same way, but at
+    ordinary activation sizes. ``rules`` maps a module name to its rule (call keys ``name#2`` share it).
+    """
+    from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, ZBox, ZPlus
+
+    family = (AlphaBeta, Epsilon, Flat, Gamma, Norm, ZBox, ZPlus)
+    sums_in, sums_out = relevance_in.nansum(0), relevance_out.nansum(0)
+    for j in range(len(layers) - 1, -1, -1):
+        rule = rules.get(layers[j].split("#")[0])
+        stabilizer = getattr(rule, "stabilizer", None)
+        if not isinstance(rule, family) or stabilizer is None or stabilizer.mode == "rms":
+            continue
+        r_in, r_out = float(sums_in[j]), float(sums_out[j])
+        if abs(r_out) <= VANISHING_FLOOR * abs(output_relevance) or r_out == 0:
+            continue
+        if scales.get(layers[j], float("inf")) >= VANISHING_SCALE * stabilizer.epsilon:
+            continue
+        if r_in * r_out >= 0 and abs(r_in) < VANISHING_KEPT * abs(r_out):
+            return layers[j], rule, 1.0 - r_in / r_out
+    return None

@@ -346,6 +346,8 @@ class _Run:
             first + writer_for_resume.rows_written + writer_for_resume.n_skipped)
         layer_patterns = list(config.output.layers or [])
         recorder = Recorder(layer_patterns) if config.attribution.method == "lrp" else None
+        if recorder is not None:
+            recorder.measure_scales = True
         try:
             explainer = Explainer.from_config(config, self.model, recorder=recorder)
             loader, batches, threads = self._batches(start)
@@ -361,6 +363,7 @@ class _Run:
                    leave=False, desc=None if self.shard is None else f"rank {self.shard.rank}")
         completed = False
         checked = False
+        vanishing_warned = False
         try:
             with explainer, warnings.catch_warnings():
                 warnings.simplefilter("once")
@@ -376,6 +379,9 @@ class _Run:
                                                          layer_shapes, check)
                         checked = True
                         summary.rows += len(batch)
+                        if not vanishing_warned and table[0]:
+                            vanishing_warned = _warn_vanishing(explainer, arrays, table[0])
+                            recorder.measure_scales = False  # the first batch's activation sizes are enough
                     make_writer = _writer_factory(config, out_path, stop - first, arrays, table, self.overwrite,
                                                   layer_shapes, self.file_attrs)
                     batch_writer.put((make_writer, [(s.filename, s.reason) for s in skipped], arrays))
@@ -518,6 +524,28 @@ def _attribute_batch(config: Config, explainer: Explainer, batch: Any, device: t
         "output_relevance": output_relevance,
         "layers": maps,
     }, (layers, rules)
+
+
+def _warn_vanishing(explainer: Explainer, arrays: dict[str, Any], layers: list[str]) -> bool:
+    """Warn (and return True) when an absolute stabilizer swallowed most of a layer's relevance in this batch
+    (``recorder.vanishing_layer``): the attribution is then mostly zeros for a reason the user can fix."""
+    from .recorder import vanishing_layer
+
+    session = explainer.session
+    if session is None:
+        return False
+    rules = {a.name: a.rule for a in session.assignments.values()}
+    found = vanishing_layer(layers, rules, torch.from_numpy(arrays["relevance_in"]),
+                            torch.from_numpy(arrays["relevance_out"]), float(np.nansum(arrays["output_relevance"])),
+                            explainer.recorder.scales)
+    if found is None:
+        return False
+    layer, rule, lost = found
+    warnings.warn(f"lrpcli: layer {layer!r} ({type(rule).__name__}) loses {lost:.1%} of its relevance to the "
+                  f"stabilizer (its activations are far below the absolute epsilon "
+                  f"{rule.stabilizer.epsilon:g}); use the scale-relative stabilizer, composite.stabilizer: "
+                  "{mode: rms}, or composite: auto", stacklevel=2)
+    return True
 
 
 def _model_failed(config: Config, x: torch.Tensor, err: Exception) -> ConfigError:

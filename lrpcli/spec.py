@@ -6,6 +6,7 @@ one-line wording (``expected ..., got ...``); ``lrpcli.config`` adds the file an
 Names are checked against ``lrpcli.catalogue``, so validating a config imports no torch.
 """
 
+import copy
 import difflib
 import math
 import re
@@ -446,7 +447,23 @@ class _Composite(Section):
                 raise Bad(f"composite {name!r} does not use {key} (got {show(raw[key])}); remove it (its parameters: "
                           f"{', '.join(p for p in PARAMS if p in used) or 'none'})", f".{key}")
         keep = {k: v for k, v in raw.items() if v is not None or k not in (*used, "rules", "strict")}
+        keep.update(_composite_defaults(COMPOSITES[name].defaults, keep))
         return {**keep, **{k: None for k in PARAMS if k not in used}}
+
+
+def _composite_defaults(defaults: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A composite's own defaults (``CompositeDecl.defaults``) for what ``raw`` leaves out; a mapping default
+    sits under a given mapping (or number, its epsilon) so the keys not given keep the composite's values."""
+    out: dict[str, Any] = {}
+    for key, default in defaults.items():
+        given = raw.get(key)
+        if given is None:
+            out[key] = copy.deepcopy(default)
+        elif isinstance(default, Mapping) and isinstance(given, Mapping):
+            out[key] = {**default, **given}
+        elif isinstance(default, Mapping) and is_number(given):
+            out[key] = {**default, "epsilon": given}
+    return out
 
 
 def _composite_fields() -> dict[str, Any]:

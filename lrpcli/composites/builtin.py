@@ -163,3 +163,58 @@ def _transformer(constant_attention: bool) -> Callable[..., Mixture]:
 
 builds("attn_lrp")(_transformer(constant_attention=False))
 builds("cp_lrp")(_transformer(constant_attention=True))
+
+
+class AutoComposite(Composite):
+    """``auto``: the model decides. At context entry (before canonizers) a model with attention or a LayerNorm,
+    RMSNorm or GroupNorm gets the ``attn_lrp`` rules, any other the ``epsilon_gamma_box`` rules, both with the
+    same parameters; the session's notes say which. Choosing at entry keeps one composite object usable on
+    several models."""
+
+    name = "auto"
+
+    def __init__(self, transformer: Composite, cnn: Composite, stabilizer: Stabilizer, **options: Any) -> None:
+        super().__init__(**options)
+        self.transformer, self.cnn, self.stabilizer = transformer, cnn, stabilizer
+        self.chosen: Composite | None = None
+
+    @staticmethod
+    def wants_transformer(model: nn.Module) -> bool:
+        """Attention or a normalisation layer epsilon_gamma_box has no rule for (ConvNeXt has LayerNorm only)."""
+        from ..canonizers.attention import _window_attention
+
+        kinds = L.NORMS + (nn.MultiheadAttention,) + _window_attention()
+        return any(isinstance(m, kinds) for m in model.modules())
+
+    def context(self, model: nn.Module, **kwargs: Any) -> Any:
+        transformer = self.wants_transformer(model)
+        self.chosen = self.transformer if transformer else self.cnn
+        session = super().context(model, **kwargs)
+        why = "attention or LayerNorm found" if transformer else "no attention or LayerNorm"
+        session.notes.append(f"auto: composite {'attn_lrp' if transformer else 'epsilon_gamma_box'} rules ({why}), "
+                             f"stabilizer {self.stabilizer.mode} {self.stabilizer.epsilon:g}")
+        return session
+
+    def patterns(self) -> list[str]:
+        return self.cnn.patterns()
+
+    def rule_for(self, name: str, module: nn.Module, state: dict) -> Rule | None:
+        if self.chosen is None:
+            raise RuntimeError("lrpcli: composite 'auto' chooses its rules from the model; apply it with "
+                               "composite.context(model)")
+        return self.chosen.rule_for(name, module, state)
+
+
+@builds("auto")
+def auto(*, epsilon: float, gamma: float, low: Any, high: Any, stabilizer: Any = None, zero_params: Sequence[str],
+         maxpool: str, overrides: Any = None, **options: Any) -> AutoComposite:
+    from ..catalogue import AUTO_STABILIZER
+
+    if stabilizer is None or isinstance(stabilizer, dict | int | float):  # the mode defaults to rms here
+        given = {"epsilon": stabilizer} if isinstance(stabilizer, int | float) else (stabilizer or {})
+        stabilizer = {**AUTO_STABILIZER, **given}
+    stab = Stabilizer.coerce(stabilizer)
+    shared = {"epsilon": epsilon, "low": low, "high": high, "stabilizer": stab, "zero_params": zero_params,
+              "maxpool": maxpool, "overrides": overrides}
+    return AutoComposite(BUILDERS["attn_lrp"](**shared), BUILDERS["epsilon_gamma_box"](gamma=gamma, **shared),
+                         stab, **options)
