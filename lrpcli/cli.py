@@ -10,6 +10,7 @@ import warnings
 import click
 
 from . import __version__
+from .allocator import keep_freed_memory
 from .errors import LrpcliError
 
 
@@ -83,7 +84,6 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Layer-wise Relevance Propagation for whole data sets."""
-    from .allocator import keep_freed_memory
 
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
