@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import models
 from .config import Config
 from .data import make_loader, open_image_folder, prefetch
 from .errors import ConfigError, DataError, LrpcliError, RunError
 from .explainer import Explainer
-from .models import load_model, model_fingerprint
 from .recorder import Recorder, vanishing_layer
 from .runtime import available_cpus, resolve_device, resolve_num_workers
 from .store import (
@@ -244,8 +244,8 @@ def _load(config: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
     nothing else in the process may draw from torch's global generator meanwhile.
     """
 
-    model = load_model(config)
-    return model.to(device), model_fingerprint(model)
+    model = models.load_model(config)
+    return model.to(device), models.model_fingerprint(model)
 
 
 def _check_resume(path: Path, config: Config, data: Path, files: list[str], first: int, stop: int,
