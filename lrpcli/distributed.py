@@ -130,7 +130,6 @@ class Shard:
 
     def check_file(self, path: Path, total: int, batch_size: int) -> None:
         """Before resuming: the shard file must hold the samples this rank has now (same split)."""
-
         with open_results(path) as r:
             attrs = r.attrs
         if not all(name in attrs for name in SHARD_ATTRS):
@@ -325,7 +324,6 @@ class _ShardInfo:
 
 
 def _read_shard(path: Path) -> _ShardInfo:
-
     if not path.exists() and not path.is_symlink():
         raise DataError(f"shard {path}: no such file")
     with open_results(path) as r:
@@ -353,7 +351,6 @@ def _read_shard(path: Path) -> _ShardInfo:
 
 def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
     """Same run, no rank twice, none missing, and every sample exactly once: the shards in rank order."""
-
     first = infos[0]
     world, total, batch = (int(first.attrs[k]) for k in ("shard_world_size", "shard_total", "shard_batch_size"))
     by_rank: dict[int, _ShardInfo] = {}
@@ -602,7 +599,6 @@ def _write_virtual(infos: list[_ShardInfo], tmp: Path, output: Path) -> tuple[in
 
 def _verify(path: Path, infos: list[_ShardInfo]) -> None:
     """The written file has exactly the shards' rows: every index once, in order, and is complete."""
-
     expected = np.concatenate([info.index for info in infos])
     with open_results(path) as r:  # virtual sources are found next to it (named relative to its folder)
         index, complete, rows = r.index, r.complete, r.rows_written

@@ -18,7 +18,6 @@ _FACTORIES: dict[str, Callable[[], Canonizer]] = {}
 
 
 def _builtin() -> None:
-
     _FACTORIES.update({
         "merge_batchnorm": MergeBatchNorm,
         "vgg": lambda: Composed("vgg", [MergeBatchNorm()]),

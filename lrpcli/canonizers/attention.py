@@ -87,7 +87,6 @@ class Auto(Canonizer):
     name = "auto"
 
     def __init__(self) -> None:
-
         self.chosen = Composed("auto", [])
 
     @property
@@ -95,7 +94,6 @@ class Auto(Canonizer):
         return self.chosen.needs_probe
 
     def apply(self, model: nn.Module, session: Session) -> nn.Module:
-
         modules = list(model.modules())
         parts: list[Canonizer] = []
         if any(isinstance(m, BATCHNORMS) for m in modules):

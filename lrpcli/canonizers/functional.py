@@ -116,7 +116,6 @@ class _Tracer(fx.Tracer):
         self.inlined: Counter[str] = Counter()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-
         own = (Sum, Gate, Product, MatMul, Scaled, Reduce, LayerNormFn, ExplicitMultiheadAttention,
                ExplicitWindowAttention, Normalize, DotProductAttention)
         if isinstance(m, own + L.WEIGHTED + L.ACTIVATIONS + L.BATCHNORMS + L.IDENTITIES + L.AVGPOOLS

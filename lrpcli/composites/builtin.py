@@ -208,7 +208,6 @@ class AutoComposite(Composite):
 @builds("auto")
 def auto(*, epsilon: float, gamma: float, low: Any, high: Any, stabilizer: Any = None, zero_params: Sequence[str],
          maxpool: str, overrides: Any = None, **options: Any) -> AutoComposite:
-
     if stabilizer is None or isinstance(stabilizer, dict | int | float):  # the mode defaults to rms here
         given = {"epsilon": stabilizer} if isinstance(stabilizer, int | float) else (stabilizer or {})
         stabilizer = {**AUTO_STABILIZER, **given}

@@ -23,7 +23,6 @@ def _torchvision(*names: str) -> tuple[type, ...]:
 
 
 def _functional(*names: str) -> tuple[type, ...]:
-
     return tuple(getattr(functional_modules, n) for n in names)
 
 

@@ -193,7 +193,6 @@ def from_results(path: str | Path, samples: int | None = None) -> Report:
 
     The input relevance is the stored attribution summed per sample, read in blocks.
     """
-
     with open_results(path) as results:
         cons = results.conservation
         n = len(results) if samples is None else min(samples, len(results))

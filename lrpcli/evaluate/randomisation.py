@@ -83,7 +83,6 @@ def cascade(model: torch.nn.Module, checkpoints: int, seed: int) -> list[torch.n
 def attribute_like_the_run(config: Any, model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
                            ) -> torch.Tensor:
     """Relevance of ``x`` for ``targets`` with the config's method: its LRP composite or attributor."""
-
     if config.attribution.method == "lrp":
         comp = composites.get(config.composite.name, **composite_kwargs(config))
         with comp.context(model) as run_model, torch.enable_grad():

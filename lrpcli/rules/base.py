@@ -213,7 +213,6 @@ class ParamRule(Rule):
         return "bias" in self.zero_params
 
     def check(self, module: torch.nn.Module, name: str) -> None:
-
         if not is_linear_layer(module):
             raise ValueError(
                 f"{type(self).__name__} applies to Linear, Conv and ConvTranspose layers; "

@@ -47,13 +47,11 @@ def _layernorm2d() -> tuple[type, ...]:
 
 def norm_types() -> tuple[type, ...]:
     """The module types the LayerNorm rule knows the layout of."""
-
     return (nn.LayerNorm, nn.GroupNorm, LayerNormFn) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 def layout(module: nn.Module, x: torch.Tensor, inputs: Sequence[torch.Tensor] = ()) -> NormLayout:
     """The normalised dimensions and affine parameters of ``module`` applied to ``x``."""
-
     if isinstance(module, _layernorm2d()):
         view = (-1,) + (1,) * (x.dim() - 2)
         w = None if module.weight is None else module.weight.view(view)

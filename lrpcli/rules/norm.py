@@ -32,7 +32,6 @@ class Norm(StabilizedRule):
 
 
 def _is_sum(module: torch.nn.Module) -> bool:
-
     return isinstance(module, Sum)
 
 

@@ -26,7 +26,6 @@ class Pass(Rule):
     makes_temporaries = False
 
     def check(self, module: torch.nn.Module, name: str) -> None:
-
         if isinstance(module, Sum):
             raise ValueError(f"Pass cannot split relevance between the inputs of {name!r} (Sum); use Norm")
 

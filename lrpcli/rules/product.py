@@ -36,7 +36,6 @@ class _OperandRule(Rule):
         return parts
 
     def check(self, module: nn.Module, name: str) -> None:
-
         if not isinstance(module, PRODUCTS):
             raise ValueError(f"{type(self).__name__} applies to products of activations (Product, MatMul, "
                              f"AttentionProduct, Gate); module {name!r} is {type(module).__name__}")
