@@ -19,7 +19,6 @@ from ..errors import LrpcliError
 from . import metrics as M
 from .cache import Cache
 from .perturb import auto_batch_size, perturbation_curves, replacement, subset_scores
-from .randomisation import cascade, randomisation_curves
 from .source import Source, load_masks, load_model_of
 
 #: Metric families (what --metrics names and what is stored), with the table rows each one gives.
@@ -216,6 +215,8 @@ def _chunk(src: Source, rows: np.ndarray, families: list[str], settings: Setting
 def _randomisation(src: Source, source: str, rows: np.ndarray, r: np.ndarray, x: torch.Tensor,
                    targets: torch.Tensor, settings: Settings, model: Any, batch_size: int, state: dict) -> np.ndarray:
     """``len(rows) x checkpoints`` Spearman curves; NaN for the random baseline, which no parameter changes."""
+    from .randomisation import cascade, randomisation_curves  # lazy: keeps the engine out of lrpcli --help
+
     out = np.full((len(rows), settings.mpr_checkpoints), np.nan)
     if source == "random":
         return out
