@@ -9,7 +9,7 @@ import warnings
 
 import click
 
-from . import __version__
+from . import __version__, allocator
 from .errors import LrpcliError
 
 
@@ -83,13 +83,11 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Layer-wise Relevance Propagation for whole data sets."""
-    from .allocator import keep_freed_memory
-
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     if not debug:
         warnings.showwarning = _show_warning
-    keep_freed_memory()  # a batch tool keeps its memory between batches (see lrpcli/allocator.py)
+    allocator.keep_freed_memory()  # a batch tool keeps its memory between batches (see lrpcli/allocator.py)
 
 
 def _register() -> None:

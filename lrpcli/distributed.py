@@ -42,7 +42,19 @@ from typing import Any
 
 import numpy as np
 
+from . import __version__
 from .errors import DataError, LrpcliError, RunError
+from .store import (
+    INPUT_DATASET,
+    LAYERS_GROUP,
+    ResultWriter,
+    _why,
+    config_differences,
+    open_results,
+    read_classes,
+    row_datasets_of,
+    write_classes,
+)
 
 __all__ = [
     "Shard",
@@ -102,7 +114,7 @@ class Shard:
         """``cuda:LOCAL_RANK`` for ``auto``/``cuda`` when CUDA exists, else the CPU; ``cuda:N``/``cpu`` as given."""
         import torch
 
-        from .runtime import resolve_device
+        from .runtime import resolve_device  # lazy: keeps torch out of lrpcli merge
 
         wanted = run_device.strip().lower()
         if wanted in ("auto", "cuda"):
@@ -118,8 +130,6 @@ class Shard:
 
     def check_file(self, path: Path, total: int, batch_size: int) -> None:
         """Before resuming: the shard file must hold the samples this rank has now (same split)."""
-        from .store import open_results
-
         with open_results(path) as r:
             attrs = r.attrs
         if not all(name in attrs for name in SHARD_ATTRS):
@@ -191,8 +201,7 @@ class DistributedSummary:
 def run_rank(config: Any, data: str | Path, shard: Shard, *, resume: bool = False, overwrite: bool = False,
              merge_shards: bool = True, progress: bool | None = None) -> DistributedSummary:
     """One rank's part of a distributed ``lrpcli explain``: its shard, the barrier, and on rank 0 the merge."""
-    from .runner import run as run_shard
-    from .store import open_results
+    from .runner import run as run_shard  # lazy: keeps torch out of lrpcli merge
 
     output = Path(config.output.path)
     if resume and overwrite:
@@ -315,8 +324,6 @@ class _ShardInfo:
 
 
 def _read_shard(path: Path) -> _ShardInfo:
-    from .store import open_results
-
     if not path.exists() and not path.is_symlink():
         raise DataError(f"shard {path}: no such file")
     with open_results(path) as r:
@@ -334,7 +341,6 @@ def _read_shard(path: Path) -> _ShardInfo:
         info = _ShardInfo(path, attrs, r.config, r.rows_written, list(r.skipped), np.asarray(r.index), [], [], {})
     import h5py
 
-    from .store import row_datasets_of
 
     with h5py.File(path, "r") as f:
         info.shapes = {name: (tuple(f[name].shape[1:]), str(f[name].dtype)) for name in row_datasets_of(f)}
@@ -345,8 +351,6 @@ def _read_shard(path: Path) -> _ShardInfo:
 
 def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
     """Same run, no rank twice, none missing, and every sample exactly once: the shards in rank order."""
-    from .store import config_differences, read_classes
-
     first = infos[0]
     world, total, batch = (int(first.attrs[k]) for k in ("shard_world_size", "shard_total", "shard_batch_size"))
     by_rank: dict[int, _ShardInfo] = {}
@@ -462,7 +466,6 @@ def merge(shards: Sequence[str | os.PathLike], output: str | os.PathLike, *, ove
             except OSError:
                 pass
         if isinstance(err, (OSError, RuntimeError, ValueError)):  # h5py's ways of saying "disk full"
-            from .store import _why
 
             raise RunError(f"writing {output} failed ({_why(err)}); nothing was written and the shards are "
                            "kept: free space (or fix the cause) and merge again") from None
@@ -485,7 +488,6 @@ def _write_merged(infos: list[_ShardInfo], tmp: Path) -> tuple[int, int]:
     """
     import h5py
 
-    from .store import INPUT_DATASET, LAYERS_GROUP, ResultWriter, read_classes
 
     first = infos[0]
     attrs = first.attrs
@@ -554,8 +556,6 @@ def _write_virtual(infos: list[_ShardInfo], tmp: Path, output: Path) -> tuple[in
     """``output`` as virtual datasets over the shards (sources named relative to ``output``'s folder)."""
     import h5py
 
-    from . import __version__
-    from .store import LAYERS_GROUP, read_classes, write_classes
 
     first = infos[0]
     rows = sum(info.rows for info in infos)
@@ -599,8 +599,6 @@ def _write_virtual(infos: list[_ShardInfo], tmp: Path, output: Path) -> tuple[in
 
 def _verify(path: Path, infos: list[_ShardInfo]) -> None:
     """The written file has exactly the shards' rows: every index once, in order, and is complete."""
-    from .store import open_results
-
     expected = np.concatenate([info.index for info in infos])
     with open_results(path) as r:  # virtual sources are found next to it (named relative to its folder)
         index, complete, rows = r.index, r.complete, r.rows_written

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .errors import LrpcliError
+
 #: the largest --batch-size (lrpcli.runner.MAX_BATCH_SIZE; not imported here, so --help stays fast)
 MAX_BATCH_SIZE = 2**31 - 1
 
@@ -67,9 +69,8 @@ def explain(config: Path, data: Path, output: Path | None, batch_size: int | Non
     Started by torchrun (RANK/WORLD_SIZE set), every process explains its own block of DATA into
     OUTPUT's shard (out.rank00003.h5) and rank 0 merges the shards into OUTPUT at the end.
     """
-    from .build import load_config
-    from .distributed import from_env
-    from .errors import LrpcliError
+    from .build import load_config  # lazy: keeps lrpcli --help fast
+    from .distributed import from_env  # lazy: keeps lrpcli --help fast
 
     if resume and overwrite:
         raise LrpcliError("--resume and --overwrite exclude each other: --resume continues the file, "
@@ -81,7 +82,7 @@ def explain(config: Path, data: Path, output: Path | None, batch_size: int | Non
     progress = None if not quiet else False
     shard = from_env(cfg.output.path)
     if shard is not None:
-        from .distributed import run_rank
+        from .distributed import run_rank  # lazy: keeps lrpcli --help fast
 
         result = run_rank(cfg, data, shard, resume=resume, overwrite=overwrite,
                           merge_shards=not no_merge, progress=progress)
@@ -89,7 +90,7 @@ def explain(config: Path, data: Path, output: Path | None, batch_size: int | Non
             for line in result.lines():
                 click.echo(line)
         return
-    from .runner import run
+    from .runner import run  # lazy: keeps lrpcli --help fast
 
     summary = run(cfg, data, resume=resume, overwrite=overwrite, progress=progress)
     if not quiet:

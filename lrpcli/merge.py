@@ -24,8 +24,8 @@ def merge(shards: tuple[Path, ...], output: Path | None, overwrite: bool, keep_s
     the same run and config, none missing, none twice, each one complete), else nothing is written. The
     shards are removed after the merged file was written and checked, unless --keep-shards or --virtual.
     """
-    from .distributed import default_output
-    from .distributed import merge as run
+    from .distributed import default_output  # lazy: keeps lrpcli --help fast
+    from .distributed import merge as run  # lazy: keeps lrpcli --help fast
 
     summary = run(shards, output if output is not None else default_output(shards), overwrite=overwrite,
                   keep_shards=keep_shards, virtual=virtual)

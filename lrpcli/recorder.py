@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .hooks import LayerCall, same_elements
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, ZBox, ZPlus
 
 DETAIL_KEYS = ("negative_share", "max", "min", "nonfinite", "input_negative", "dtype")
 
@@ -169,8 +170,6 @@ def vanishing_layer(layers: Sequence[str], rules: Mapping[str, object], relevanc
     mean square per layer) is within ``VANISHING_SCALE`` x epsilon; a bias absorbs relevance the same way, but at
     ordinary activation sizes. ``rules`` maps a module name to its rule (call keys ``name#2`` share it).
     """
-    from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, ZBox, ZPlus
-
     family = (AlphaBeta, Epsilon, Flat, Gamma, Norm, ZBox, ZPlus)
     sums_in, sums_out = relevance_in.nansum(0), relevance_out.nansum(0)
     for j in range(len(layers) - 1, -1, -1):

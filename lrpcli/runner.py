@@ -23,11 +23,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import models
 from .config import Config
+from .data import make_loader, open_image_folder, prefetch
 from .errors import ConfigError, DataError, LrpcliError, RunError
 from .explainer import Explainer
-from .recorder import Recorder
+from .recorder import Recorder, vanishing_layer
 from .runtime import available_cpus, resolve_device, resolve_num_workers
+from .store import (
+    IGNORED_CONFIG_KEYS,
+    ResultWriter,
+    _being_written,
+    _clean_str,
+    choose_compression,
+    config_differences,
+    config_yaml,
+    file_config,
+    open_results,
+)
 
 
 @dataclass
@@ -183,9 +196,6 @@ def _torch_threads(threads: int | str) -> Iterator[None]:
 def _explain(config: Config, data: Path, resume: bool, overwrite: bool, show: bool, shard: Any,
              t0: float) -> RunSummary:
     """The run: inputs, then the model (before anything else draws random numbers), checks, then batches."""
-    from .data import open_image_folder
-    from .store import _being_written
-
     out_path = Path(config.output.path) if shard is None else shard.path
     resuming = resume and out_path.exists()
     if out_path.exists() and not (resume or overwrite):
@@ -232,10 +242,8 @@ def _load(config: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
     Called before any DataLoader exists: a random init is seeded from ``run.seed`` inside ``load_model``, and
     nothing else in the process may draw from torch's global generator meanwhile.
     """
-    from .models import load_model, model_fingerprint
-
-    model = load_model(config)
-    return model.to(device), model_fingerprint(model)
+    model = models.load_model(config)
+    return model.to(device), models.model_fingerprint(model)
 
 
 def _check_resume(path: Path, config: Config, data: Path, files: list[str], first: int, stop: int,
@@ -246,8 +254,6 @@ def _check_resume(path: Path, config: Config, data: Path, files: list[str], firs
     with as many images would otherwise pass, and the file would mix two data sets. The class folders must be
     the same too: a class folder added or removed renumbers the labels of the rows still to come.
     """
-    from .store import IGNORED_CONFIG_KEYS, _clean_str, config_differences, file_config, open_results
-
     with open_results(path) as stored:
         # the batch size is compared too: it decides how rows are batched through the model
         ignored = IGNORED_CONFIG_KEYS - {"run.batch_size"}
@@ -280,8 +286,6 @@ def _check_resume(path: Path, config: Config, data: Path, files: list[str], firs
 
 def _resume_writer(path: Path, config: Config, fingerprint: str) -> Any:
     """The store reopened for appending, after checking that this run builds the model that wrote it."""
-    from .store import ResultWriter, file_config, open_results
-
     with open_results(path) as stored:
         before = stored.attrs.get("model_fingerprint")
     if before is not None and before != fingerprint:
@@ -325,8 +329,6 @@ class _Run:
 
     def _batches(self, start: int) -> tuple[Any, Any, bool]:
         """(loader, what to iterate, threads): the loader draws its seeds from its own generator, not torch's."""
-        from .data import make_loader, prefetch
-
         config, device = self.config, self.device
         workers = resolve_num_workers(config.run.num_workers, samples=self.stop - start,
                                       batch_size=config.run.batch_size, device=device)
@@ -455,8 +457,6 @@ def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
     layer_shapes = dict(layer_shapes)
 
     def make():
-        from .store import ResultWriter, choose_compression, config_yaml, file_config
-
         if arrays is None:
             return None
         first_rows = {"attribution": arrays["attribution"], "prediction": arrays["prediction"]}
@@ -529,8 +529,6 @@ def _attribute_batch(config: Config, explainer: Explainer, batch: Any, device: t
 def _warn_vanishing(explainer: Explainer, arrays: dict[str, Any], layers: list[str]) -> bool:
     """Warn (and return True) when an absolute stabilizer swallowed most of a layer's relevance in this batch
     (``recorder.vanishing_layer``): the attribution is then mostly zeros for a reason the user can fix."""
-    from .recorder import vanishing_layer
-
     session = explainer.session
     if session is None:
         return False

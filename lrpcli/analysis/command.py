@@ -57,8 +57,8 @@ def analyze(file: str, out: str, by: str, wanted: tuple[str, ...], size: int, ab
             eigenvalues: int, clusters: str, tsne: bool, seed: int, threads: int, overwrite: bool,
             quiet: bool) -> None:
     """Spectral relevance analysis (SpRAy) of the relevance maps in OUT.h5, per class, in ViRelAy's layout."""
-    from .analyze import analyze_file
-    from .spray import Params
+    from .analyze import analyze_file  # lazy: keeps lrpcli --help fast
+    from .spray import Params  # lazy: keeps lrpcli --help fast
 
     params = Params(size=size, absolute=absolute, neighbors=neighbors, eigenvalues=eigenvalues,
                     clusters=parse_clusters(clusters), tsne=tsne, seed=seed, threads=threads)
@@ -79,7 +79,7 @@ def analyze(file: str, out: str, by: str, wanted: tuple[str, ...], size: int, ab
 def virelay(files: tuple[str, ...], analyses: tuple[str, ...], out_dir: str, name: str | None, overwrite: bool,
             quiet: bool) -> None:
     """A ViRelAy project folder for OUT.h5: several OUT.h5 of the same data become one project each."""
-    from .project import make_project
+    from .project import make_project  # lazy: keeps lrpcli --help fast
 
     written = make_project(list(files), list(analyses), out_dir, name=name, overwrite=overwrite)
     if not quiet:

@@ -6,19 +6,18 @@ import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .attention import Auto, MultiheadAttentionSteps
 from .base import Canonizer, Composed
+from .batchnorm import MergeBatchNorm
+from .densenet import DenseNetHead
+from .functional import FunctionalOperations
+from .gates import SqueezeExcitationGates
+from .residual import ResidualAdditions, TorchvisionResidualBlocks
 
 _FACTORIES: dict[str, Callable[[], Canonizer]] = {}
 
 
 def _builtin() -> None:
-    from .attention import Auto, MultiheadAttentionSteps
-    from .batchnorm import MergeBatchNorm
-    from .densenet import DenseNetHead
-    from .functional import FunctionalOperations
-    from .gates import SqueezeExcitationGates
-    from .residual import ResidualAdditions, TorchvisionResidualBlocks
-
     _FACTORIES.update({
         "merge_batchnorm": MergeBatchNorm,
         "vgg": lambda: Composed("vgg", [MergeBatchNorm()]),

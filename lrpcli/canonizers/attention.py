@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..composites.layers import BATCHNORMS
 from ..functional_modules import ExplicitMultiheadAttention, ExplicitWindowAttention
-from .base import Canonizer
+from .base import Canonizer, Composed
+from .batchnorm import MergeBatchNorm
+from .functional import FunctionalOperations
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..hooks import Session
@@ -84,8 +87,6 @@ class Auto(Canonizer):
     name = "auto"
 
     def __init__(self) -> None:
-        from .base import Composed
-
         self.chosen = Composed("auto", [])
 
     @property
@@ -93,10 +94,6 @@ class Auto(Canonizer):
         return self.chosen.needs_probe
 
     def apply(self, model: nn.Module, session: Session) -> nn.Module:
-        from ..composites.layers import BATCHNORMS
-        from .batchnorm import MergeBatchNorm
-        from .functional import FunctionalOperations
-
         modules = list(model.modules())
         parts: list[Canonizer] = []
         if any(isinstance(m, BATCHNORMS) for m in modules):

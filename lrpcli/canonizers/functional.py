@@ -38,8 +38,11 @@ from ..composites import layers as L
 from ..functional_modules import (
     AttentionProduct,
     DotProductAttention,
+    ExplicitMultiheadAttention,
+    ExplicitWindowAttention,
     LayerNormFn,
     MatMul,
+    Normalize,
     Product,
     Reduce,
     Scaled,
@@ -113,8 +116,6 @@ class _Tracer(fx.Tracer):
         self.inlined: Counter[str] = Counter()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from ..functional_modules import ExplicitMultiheadAttention, ExplicitWindowAttention, Normalize
-
         own = (Sum, Gate, Product, MatMul, Scaled, Reduce, LayerNormFn, ExplicitMultiheadAttention,
                ExplicitWindowAttention, Normalize, DotProductAttention)
         if isinstance(m, own + L.WEIGHTED + L.ACTIVATIONS + L.BATCHNORMS + L.IDENTITIES + L.AVGPOOLS

@@ -80,7 +80,7 @@ class Composite:
     def context(self, model: nn.Module, *, canonizers: Sequence[Any] | None = None, strict: bool | None = None,
                 recorder: Recorder | None = None) -> Session:
         """``with composite.context(model) as m:`` — rules active on ``m`` inside, everything undone on exit."""
-        from ..canonizers import make_all
+        from ..canonizers import make_all  # lazy: canonizers import this package at their module level
 
         specs = self.canonizers if canonizers is None else list(canonizers)
         return _CheckedSession(self, model, canonizers=make_all(specs),

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..catalogue import COMPOSITES, MAXPOOL_MODES
+from ..catalogue import AUTO_STABILIZER, COMPOSITES, MAXPOOL_MODES
 from ..rules import (
     AlphaBeta,
     BetaSmooth,
@@ -181,7 +181,7 @@ class AutoComposite(Composite):
     @staticmethod
     def wants_transformer(model: nn.Module) -> bool:
         """Attention or a normalisation layer epsilon_gamma_box has no rule for (ConvNeXt has LayerNorm only)."""
-        from ..canonizers.attention import _window_attention
+        from ..canonizers.attention import _window_attention  # lazy: canonizers import this package at module level
 
         kinds = L.NORMS + (nn.MultiheadAttention,) + _window_attention()
         return any(isinstance(m, kinds) for m in model.modules())
@@ -208,8 +208,6 @@ class AutoComposite(Composite):
 @builds("auto")
 def auto(*, epsilon: float, gamma: float, low: Any, high: Any, stabilizer: Any = None, zero_params: Sequence[str],
          maxpool: str, overrides: Any = None, **options: Any) -> AutoComposite:
-    from ..catalogue import AUTO_STABILIZER
-
     if stabilizer is None or isinstance(stabilizer, dict | int | float):  # the mode defaults to rms here
         given = {"epsilon": stabilizer} if isinstance(stabilizer, int | float) else (stabilizer or {})
         stabilizer = {**AUTO_STABILIZER, **given}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import functional_modules
 from ..modules import Gate, Sum
 
 
@@ -22,8 +23,6 @@ def _torchvision(*names: str) -> tuple[type, ...]:
 
 
 def _functional(*names: str) -> tuple[type, ...]:
-    from .. import functional_modules
-
     return tuple(getattr(functional_modules, n) for n in names)
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import LrpcliError
+from ..errors import ConfigWarning, LrpcliError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .report import Report
@@ -51,9 +51,9 @@ def debug(config: Path, data: Path | None, samples: int | None, layers: tuple[st
           zero_bias: bool, strict: bool, device: str | None) -> None:
     """Rule assignment, per-layer conservation and diagnoses: CONFIG on N images of DATA (or on random inputs of
     the configured shape without DATA), or the conservation table of a stored run (debug OUT.h5)."""
-    from .diagnose import diagnose
-    from .format import View, render
-    from .stats import compare_bias, matches, summarize
+    from .diagnose import diagnose  # lazy: keeps lrpcli --help fast
+    from .format import View, render  # lazy: keeps lrpcli --help fast
+    from .stats import compare_bias, matches, summarize  # lazy: keeps lrpcli --help fast
 
     patterns = _patterns(layers)
     if is_result_file(config):
@@ -80,7 +80,7 @@ def debug(config: Path, data: Path | None, samples: int | None, layers: tuple[st
 
 def _stored(path: Path, data: Path | None, samples: int | None, zero_bias: bool) -> tuple[Report, None, bool]:
     """A result file's conservation group: no model, no DATA, no rerun."""
-    from .stats import from_results
+    from .stats import from_results  # lazy: keeps lrpcli --help fast
 
     if data is not None:
         raise LrpcliError(f"{path} is a stored run: it takes no DATA (got {data})")
@@ -94,9 +94,8 @@ def _live(path: Path, data: Path | None, samples: int | None, zero_bias: bool,
     """The configured model on N inputs, and the same inputs with zero_params: [bias] for --zero-bias."""
     import warnings
 
-    from ..build import load_config
-    from ..errors import ConfigWarning
-    from .collect import collect, load
+    from ..build import load_config  # lazy: keeps lrpcli --help fast
+    from .collect import collect, load  # lazy: keeps lrpcli --help fast
 
     overrides = {"run.device": device}
     with warnings.catch_warnings():  # explain's "keys the method does not use": debug uses the composite keys

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..catalogue import COMPOSITES
 from ..errors import DataError
+from ..store import open_results
 from .report import PARAM_RULES, Report, rule_class
 
 #: The conservation columns, in table order: (key in json/csv, table header).
@@ -192,8 +193,6 @@ def from_results(path: str | Path, samples: int | None = None) -> Report:
 
     The input relevance is the stored attribution summed per sample, read in blocks.
     """
-    from ..store import open_results
-
     with open_results(path) as results:
         cons = results.conservation
         n = len(results) if samples is None else min(samples, len(results))

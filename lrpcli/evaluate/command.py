@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import LrpcliError
+from ..errors import DataError, LrpcliError
 from .perturb import REPLACEMENTS, SCORES
 from .run import FAMILIES, MASK_FAMILIES, OPT_IN, Settings
 
@@ -23,7 +23,7 @@ def parse_metrics(text: str | None, masks: bool) -> list[str]:
     """
     if text is None or text.strip() == "all":
         return [f for f in FAMILIES if (masks or f not in MASK_FAMILIES) and f not in OPT_IN]
-    from ..config import did_you_mean
+    from ..config import did_you_mean  # lazy: keeps lrpcli --help fast
 
     known = list(FAMILIES) + [r for r in ROW_TO_FAMILY if r not in FAMILIES]
     chosen = set()
@@ -84,11 +84,10 @@ def evaluate(files: tuple[Path, ...], metrics: str | None, masks: Path | None, o
              blur_sigma: float, fc_runs: int, fc_subset: float, mpr_checkpoints: int, no_baseline: bool,
              quiet: bool) -> None:
     """Measure the attributions of FILES (from 'lrpcli explain') and print one table, metric x file."""
-    from ..errors import DataError
-    from ..runtime import resolve_device
-    from .report import summarise, table_text, write_report
-    from .run import evaluate_file, settings_dict
-    from .source import load_model_of, open_source
+    from ..runtime import resolve_device  # lazy: keeps lrpcli --help fast
+    from .report import summarise, table_text, write_report  # lazy: keeps lrpcli --help fast
+    from .run import evaluate_file, settings_dict  # lazy: keeps lrpcli --help fast
+    from .source import load_model_of, open_source  # lazy: keeps lrpcli --help fast
 
     families = parse_metrics(metrics, masks is not None)
     if masks is not None and not masks.is_dir():
@@ -107,8 +106,8 @@ def evaluate(files: tuple[Path, ...], metrics: str | None, masks: Path | None, o
     dev = resolve_device(device)
     sources = [open_source(f, max_samples, config_file) for f in files]
     if len(sources) > 1:  # refuse mismatched files before any long computation
-        from .report import common_rows
-        from .run import FileResult
+        from .report import common_rows  # lazy: keeps lrpcli --help fast
+        from .run import FileResult  # lazy: keeps lrpcli --help fast
 
         common_rows([FileResult(s, {}, {}) for s in sources])
     models: dict[str, object] = {}
@@ -136,7 +135,7 @@ def evaluate(files: tuple[Path, ...], metrics: str | None, masks: Path | None, o
     if output is not None:
         write_report(output, results, summary, settings_dict(settings), not no_baseline)
     if plot is not None:
-        from .plot import draw_curves
+        from .plot import draw_curves  # lazy: keeps lrpcli --help fast
 
         draw_curves(plot, results, summary, score=score, baseline=not no_baseline)
 

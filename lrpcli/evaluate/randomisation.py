@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import composites, initial_relevance
+from ..build import composite_kwargs
+
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..D of each row of ``N x D``, ties sharing their average rank (as Spearman's coefficient needs)."""
@@ -80,9 +83,6 @@ def cascade(model: torch.nn.Module, checkpoints: int, seed: int) -> list[torch.n
 def attribute_like_the_run(config: Any, model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
                            ) -> torch.Tensor:
     """Relevance of ``x`` for ``targets`` with the config's method: its LRP composite or attributor."""
-    from .. import composites, initial_relevance
-    from ..build import composite_kwargs
-
     if config.attribution.method == "lrp":
         comp = composites.get(config.composite.name, **composite_kwargs(config))
         with comp.context(model) as run_model, torch.enable_grad():
@@ -91,7 +91,8 @@ def attribute_like_the_run(config: Any, model: torch.nn.Module, x: torch.Tensor,
             seed = initial_relevance(output, targets, comp.seed)
             (relevance,) = torch.autograd.grad(output, xi, seed)
         return relevance.detach()
-    from ..runner import _method  # the run's own mapping from config to attributor arguments
+
+    from ..runner import _method  # lazy: runner has no _method yet; hoisted, this module would not import
 
     _output, relevance = _method(config)(model, x, targets)
     return relevance.detach()

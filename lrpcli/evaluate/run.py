@@ -215,7 +215,7 @@ def _chunk(src: Source, rows: np.ndarray, families: list[str], settings: Setting
 def _randomisation(src: Source, source: str, rows: np.ndarray, r: np.ndarray, x: torch.Tensor,
                    targets: torch.Tensor, settings: Settings, model: Any, batch_size: int, state: dict) -> np.ndarray:
     """``len(rows) x checkpoints`` Spearman curves; NaN for the random baseline, which no parameter changes."""
-    from .randomisation import cascade, randomisation_curves
+    from .randomisation import cascade, randomisation_curves  # lazy: keeps the engine out of lrpcli --help
 
     out = np.full((len(rows), settings.mpr_checkpoints), np.nan)
     if source == "random":

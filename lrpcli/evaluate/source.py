@@ -17,7 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import validate
 from ..errors import ConfigError, DataError
+from ..models import load_model, model_fingerprint
+from ..store import open_results
 
 
 @dataclass
@@ -43,8 +46,6 @@ class Source:
 
     def read(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows of ``attribution`` or ``input`` (file opened for this read only, so a cache write can follow)."""
-        from ..store import open_results
-
         with open_results(self.path) as r:
             return r.read(name, rows)
 
@@ -55,8 +56,6 @@ class Source:
     def inputs(self, rows: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The model's inputs of ``rows``: (uint8 / 255 - mean) / std, as the run computed them
         (``Results.inputs``, the run's own normalisation)."""
-        from ..store import open_results
-
         with open_results(self.path) as r:
             return r.inputs(normalised=True, rows=np.asarray(rows)).to(device, dtype)
 
@@ -64,9 +63,6 @@ class Source:
 def open_source(path: str | os.PathLike, max_samples: int | None = None,
                 config_file: str | os.PathLike | None = None) -> Source:
     """Validate ``path`` for evaluation and read its metadata; DataError/ConfigError lines for bad input."""
-    from ..config import validate
-    from ..store import open_results
-
     p = Path(path)
     with open_results(p) as r:
         try:
@@ -130,12 +126,8 @@ def _base_dir(raw: dict, path: Path, config_file: str | os.PathLike | None, run_
 
 def load_model_of(source: Source, device: torch.device) -> torch.nn.Module:
     """The model of ``source``'s stored config on ``device``, checked against the file's fingerprint if any."""
-    from ..models import load_model
-
     model = load_model(source.config).to(device)
     if source.fingerprint:
-        from ..models import model_fingerprint
-
         if model_fingerprint(model) != str(source.fingerprint):
             raise DataError(f"{source.path}: the model built from its stored config differs from the one that wrote "
                             "the file (model_fingerprint differs: weights changed?); evaluate would measure another "

@@ -16,7 +16,7 @@ __all__ = ["palette", "render_heatmap"]
 
 def palette(name_or_spec: str) -> np.ndarray:
     """The ``(256, 3)`` uint8 colour table of a named palette or of a spec like ``0ff,00f,80:000,f00,fff``."""
-    from .palettes import palette as _palette
+    from .palettes import palette as _palette  # lazy: keeps lrpcli --help fast
 
     return _palette(name_or_spec)
 
@@ -35,8 +35,8 @@ def render_heatmap(
     """
     import numpy as np
 
-    from .normalize import to_index
-    from .palettes import palette as _palette
+    from .normalize import to_index  # lazy: keeps lrpcli --help fast
+    from .palettes import palette as _palette  # lazy: keeps lrpcli --help fast
 
     arr = np.asarray(relevance)
     if arr.ndim == 3:

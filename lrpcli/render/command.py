@@ -16,7 +16,7 @@ _SWATCH_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpg", ".jpeg": "jpg"
 
 def _list_cmaps(cmap: str | None, swatch_file: str | None) -> None:
     """Print the named palettes (and a custom --cmap spec); optionally write a swatch strip image."""
-    from . import images, palettes
+    from . import images, palettes  # lazy: keeps lrpcli --help fast
 
     luts = {}
     width = max(len(n) for n in palettes.PALETTES)
@@ -102,7 +102,7 @@ def render(
     if file is None:
         raise click.UsageError("Missing argument 'OUT.h5' (or use --list-cmaps).")
 
-    from .pipeline import DEFAULT_GRID_LABEL, RenderOptions, render_file
+    from .pipeline import DEFAULT_GRID_LABEL, RenderOptions, render_file  # lazy: keeps lrpcli --help fast
 
     opts = RenderOptions(
         cmap="coldnhot" if cmap is None else cmap, norm=norm, level=level, clip=clip, overlay=overlay,

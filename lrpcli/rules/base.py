@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from ..layerops import is_linear_layer
 from .stabilizer import Stabilizer
 
 ZERO_PARAMS = ("bias",)
@@ -212,8 +213,6 @@ class ParamRule(Rule):
         return "bias" in self.zero_params
 
     def check(self, module: torch.nn.Module, name: str) -> None:
-        from ..layerops import is_linear_layer
-
         if not is_linear_layer(module):
             raise ValueError(
                 f"{type(self).__name__} applies to Linear, Conv and ConvTranspose layers; "

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..functional_modules import LayerNormFn
 from .base import Rule, checked_zero_params
 from .stabilizer import Stabilizer
 
@@ -46,15 +47,11 @@ def _layernorm2d() -> tuple[type, ...]:
 
 def norm_types() -> tuple[type, ...]:
     """The module types the LayerNorm rule knows the layout of."""
-    from ..functional_modules import LayerNormFn
-
     return (nn.LayerNorm, nn.GroupNorm, LayerNormFn) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 def layout(module: nn.Module, x: torch.Tensor, inputs: Sequence[torch.Tensor] = ()) -> NormLayout:
     """The normalised dimensions and affine parameters of ``module`` applied to ``x``."""
-    from ..functional_modules import LayerNormFn
-
     if isinstance(module, _layernorm2d()):
         view = (-1,) + (1,) * (x.dim() - 2)
         w = None if module.weight is None else module.weight.view(view)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..modules import Sum
 from .base import StabilizedRule
 
 
@@ -31,8 +32,6 @@ class Norm(StabilizedRule):
 
 
 def _is_sum(module: torch.nn.Module) -> bool:
-    from ..modules import Sum
-
     return isinstance(module, Sum)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..modules import Sum
 from .base import Rule
 
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
@@ -25,8 +26,6 @@ class Pass(Rule):
     makes_temporaries = False
 
     def check(self, module: torch.nn.Module, name: str) -> None:
-        from ..modules import Sum
-
         if isinstance(module, Sum):
             raise ValueError(f"Pass cannot split relevance between the inputs of {name!r} (Sum); use Norm")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..functional_modules import PRODUCTS
 from .base import Rule, check_number
 from .stabilizer import Stabilizer
 
@@ -35,8 +36,6 @@ class _OperandRule(Rule):
         return parts
 
     def check(self, module: nn.Module, name: str) -> None:
-        from ..functional_modules import PRODUCTS
-
         if not isinstance(module, PRODUCTS):
             raise ValueError(f"{type(self).__name__} applies to products of activations (Product, MatMul, "
                              f"AttentionProduct, Gate); module {name!r} is {type(module).__name__}")
