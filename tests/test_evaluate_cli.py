@@ -315,3 +315,22 @@ def test_sigkill_while_storing_leaves_the_file_readable_and_resumable(fresh):
     subprocess.run([sys.executable, script, str(fresh), str(rows)], env=env, check=True, capture_output=True)
     done, stored = cache(fresh, rows).load()
     assert done.all() and stored["value"].tolist() == [i + 0.5 for i in range(rows)]
+
+
+def test_randomisation_reattributes_with_a_non_lrp_method():
+    """A gradient config re-attributes with the plain gradient of the target logit (torch.autograd, by hand)."""
+    import torch
+
+    from lrpcli.build import load_config
+    from lrpcli.evaluate.randomisation import attribute_like_the_run
+
+    config = load_config(DEMO_CONFIG, {"attribution.method": "gradient", "canonizers": []})
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(4)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model(x)
+    targets = torch.tensor([1, 3])
+    got = attribute_like_the_run(config, model, x, targets)
+    xi = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(model(xi).gather(1, targets[:, None]).sum(), xi)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

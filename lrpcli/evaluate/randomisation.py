@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import composites, initial_relevance
-from ..build import composite_kwargs
+from ..explainer import Explainer
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -82,20 +81,11 @@ def cascade(model: torch.nn.Module, checkpoints: int, seed: int) -> list[torch.n
 
 def attribute_like_the_run(config: Any, model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor
                            ) -> torch.Tensor:
-    """Relevance of ``x`` for ``targets`` with the config's method: its LRP composite or attributor."""
-    if config.attribution.method == "lrp":
-        comp = composites.get(config.composite.name, **composite_kwargs(config))
-        with comp.context(model) as run_model, torch.enable_grad():
-            xi = x.detach().clone().requires_grad_(True)
-            output = run_model(xi)
-            seed = initial_relevance(output, targets, comp.seed)
-            (relevance,) = torch.autograd.grad(output, xi, seed)
-        return relevance.detach()
-
-    from ..runner import _method  # lazy: runner has no _method yet; hoisted, this module would not import
-
-    _output, relevance = _method(config)(model, x, targets)
-    return relevance.detach()
+    """Relevance of ``x`` for ``targets`` with the config's method (its LRP composite or attributor), through the
+    same Explainer the run used."""
+    explainer = Explainer.from_config(config, model)
+    explainer.target = targets
+    return explainer(x.detach()).relevance.detach()
 
 
 def randomisation_curves(config: Any, models: list[torch.nn.Module], x: torch.Tensor, targets: torch.Tensor,
