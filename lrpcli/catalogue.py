@@ -133,3 +133,5 @@ CANONIZER_NAMES = ("attention", "auto", "densenet", "efficientnet", "functional"
                    "residual", "resnet", "se_gates", "transformer", "vgg")
 #: ``output.compression`` values (``lrpcli.store.COMPRESSIONS`` is checked against it by a test).
 COMPRESSIONS = ("auto", "lzf", "none")
+#: The largest ``run.batch_size`` / ``--batch-size`` (a DataLoader takes at most sys.maxsize per batch).
+MAX_BATCH_SIZE = 2**31 - 1

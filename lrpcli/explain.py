@@ -7,10 +7,8 @@ from pathlib import Path
 
 import click
 
+from .catalogue import MAX_BATCH_SIZE
 from .errors import LrpcliError
-
-#: the largest --batch-size (lrpcli.runner.MAX_BATCH_SIZE; not imported here, so --help stays fast)
-MAX_BATCH_SIZE = 2**31 - 1
 
 
 class _Threads(click.ParamType):

@@ -139,10 +139,6 @@ def background_threads_help(device: torch.device) -> bool:
     return available_cpus() > torch.get_num_threads()
 
 
-#: The largest ``run.batch_size`` a run accepts (a DataLoader takes at most sys.maxsize per batch).
-MAX_BATCH_SIZE = 2**31 - 1
-
-
 def run(config: Config, data: str | Path, *, resume: bool = False, overwrite: bool = False,
         progress: bool | None = None, shard: Any = None) -> RunSummary:
     """Run the configured attribution over every image of ``data`` and write one HDF5 file.
@@ -155,9 +151,6 @@ def run(config: Config, data: str | Path, *, resume: bool = False, overwrite: bo
     if resume and overwrite:
         raise LrpcliError("--resume and --overwrite exclude each other: --resume continues the file, "
                           "--overwrite replaces it; give one of them")
-    if config.run.batch_size > MAX_BATCH_SIZE:
-        raise ConfigError(f"{config.source}: run.batch_size: expected an integer from 1 to {MAX_BATCH_SIZE}, "
-                          f"got {config.run.batch_size}")
     show = sys.stderr.isatty() if progress is None else progress
     with _sigterm_as_interrupt(), _torch_threads(config.run.threads):
         return _explain(config, Path(data), resume, overwrite, show, shard, t0)

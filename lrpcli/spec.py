@@ -29,6 +29,7 @@ from .catalogue import (
     CANONIZER_NAMES,
     COMPOSITES,
     COMPRESSIONS,
+    MAX_BATCH_SIZE,
     MAXPOOL_MODES,
     PARAMS,
     RULE_ALIASES,
@@ -533,6 +534,13 @@ def _threads(value: Any) -> Any:
     return number
 
 
+def _batch_size(value: Any) -> int:
+    number = integer(value, minimum=1)
+    if number > MAX_BATCH_SIZE:
+        raise expected(f"an integer from 1 to {MAX_BATCH_SIZE}", value)
+    return number
+
+
 def _device(value: Any) -> str:
     if not isinstance(value, str) or not _DEVICE_RE.match(value.strip().lower()):
         raise expected("auto, cpu, cuda or cuda:N", value)
@@ -540,7 +548,7 @@ def _device(value: Any) -> str:
 
 
 class RunSpec(Section):
-    batch_size: PositiveInt = 16
+    batch_size: Annotated[int, BeforeValidator(_batch_size)] = 16
     num_workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)] = "auto"
     device: Annotated[str, BeforeValidator(_device)] = "auto"
     max_samples: Annotated[int | None, _v(integer, minimum=1, nullable=True)] = None
