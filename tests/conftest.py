@@ -6,6 +6,24 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow (zoo sweeps, big models)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: longer than a few seconds; run with --slow (CI runs without)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow cases stay out of the default run so `make test` fits CI's time on two cores."""
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def float64():
     """Tensors default to float64 inside a test (reference comparisons); restored after it."""
