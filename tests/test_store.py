@@ -420,7 +420,7 @@ def test_stale_partial_from_a_killed_creation_is_replaced(tmp_path):
 
 def test_store_imports_no_torch():
     """The store reads and writes with numpy, h5py and PyYAML only (the kill test runs it without torch)."""
-    tree = ast.parse((ROOT / "lrpcli" / "store.py").read_text(encoding="utf-8"))
+    tree = ast.parse((ROOT / "lrpcli" / "store" / "__init__.py").read_text(encoding="utf-8"))
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {
         n.module.split(".")[0]

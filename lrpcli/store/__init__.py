@@ -59,9 +59,9 @@ import h5py
 import numpy as np
 import yaml
 
-from . import __version__
-from .config import Config, resolve_path
-from .errors import DataError, RunError
+from .. import __version__
+from ..config import Config, resolve_path
+from ..errors import DataError, RunError
 
 __all__ = ["ATTRIBUTION_DATASET", "CLASSES_ATTR", "COMPRESSIONS", "CONSERVATION_ROWS", "IGNORED_CONFIG_KEYS",
            "INPUT_DATASET", "LAYERS_GROUP", "ROW_DATASETS", "ResultWriter", "Results", "check_sources",
@@ -1250,7 +1250,7 @@ class Results:
         (``(x / 255 - mean) / std``); ``normalised=False`` gives the images scaled to [0, 1]. ``rows`` as in
         :meth:`read`. A file written without ``output.store_input`` raises DataError. Imports torch.
         """
-        from .data import to_model_input  # lazy: the store stays importable without torch
+        from ..data import to_model_input  # lazy: the store stays importable without torch
 
         if INPUT_DATASET not in self._cache and INPUT_DATASET not in self._file():
             raise DataError(f"{self.path} has no 'input' dataset (the run had output.store_input: false), so the "
@@ -1274,7 +1274,7 @@ class Results:
         weights file, another model.py) raises DataError: its attributions would not be this model's.
         Imports torch.
         """
-        from .models import load_model, model_fingerprint  # lazy: the store stays importable without torch
+        from ..models import load_model, model_fingerprint  # lazy: the store stays importable without torch
 
         base_dir = self.config_dir
         config = Config(self.config, source=f"{self.path} (stored config)", base_dir=base_dir or ".")
