@@ -48,8 +48,8 @@ from .store import (
     INPUT_DATASET,
     LAYERS_GROUP,
     ResultWriter,
-    _why,
     config_differences,
+    error_text,
     open_results,
     read_classes,
     row_datasets_of,
@@ -467,7 +467,7 @@ def merge(shards: Sequence[str | os.PathLike], output: str | os.PathLike, *, ove
                 pass
         if isinstance(err, (OSError, RuntimeError, ValueError)):  # h5py's ways of saying "disk full"
 
-            raise RunError(f"writing {output} failed ({_why(err)}); nothing was written and the shards are "
+            raise RunError(f"writing {output} failed ({error_text(err)}); nothing was written and the shards are "
                            "kept: free space (or fix the cause) and merge again") from None
         raise
     removed = not virtual and not keep_shards

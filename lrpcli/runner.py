@@ -33,13 +33,13 @@ from .runtime import available_cpus, resolve_device, resolve_num_workers
 from .store import (
     IGNORED_CONFIG_KEYS,
     ResultWriter,
-    _being_written,
-    _clean_str,
     choose_compression,
+    clean_str,
     config_differences,
     config_yaml,
     file_config,
     open_results,
+    refuse_existing_output,
 )
 
 
@@ -191,10 +191,8 @@ def _explain(config: Config, data: Path, resume: bool, overwrite: bool, show: bo
     """The run: inputs, then the model (before anything else draws random numbers), checks, then batches."""
     out_path = Path(config.output.path) if shard is None else shard.path
     resuming = resume and out_path.exists()
-    if out_path.exists() and not (resume or overwrite):
-        if _being_written(str(out_path)):
-            raise DataError(f"output {out_path} is being written by another process; stop it or choose another -o")
-        raise DataError(f"{out_path} exists; pass --resume to continue it or --overwrite to replace it")
+    if not (resume or overwrite):
+        refuse_existing_output(out_path, overwrite=False)
     _check_output_dir(out_path)
     with _Status(show) as status:
         status(f"reading {data}")
@@ -255,7 +253,7 @@ def _check_resume(path: Path, config: Config, data: Path, files: list[str], firs
             raise DataError(f"cannot resume {path}: it was written with a different config ("
                             + "; ".join(differences) + "); use --overwrite to start again")
         before = stored.classes
-        if before is not None and before != [_clean_str(c) for c in classes]:
+        if before is not None and before != [clean_str(c) for c in classes]:
             raise DataError(f"cannot resume {path}: it was written for the classes {before}, but {data} now has "
                             f"{list(classes)}; give the DATA the file was started with, or use --overwrite")
         n_rows = int(stored.attrs["n_rows"])
@@ -265,12 +263,12 @@ def _check_resume(path: Path, config: Config, data: Path, files: list[str], firs
         names, index = stored.filename, stored.index
         skipped = [name for name, _ in stored.skipped]
     for row, (name, i) in enumerate(zip(names, index.tolist())):
-        listed = _clean_str(files[i]) if first <= i < stop else None
+        listed = clean_str(files[i]) if first <= i < stop else None
         if listed != name:
             where = f"lists {listed!r} there" if listed is not None else "has no such sample"
             raise DataError(f"cannot resume {path}: row {row} is {name!r} (sample {i} of DATA), but {data} {where}; "
                             "give the DATA the file was started with, or use --overwrite to start again")
-    done = {_clean_str(f) for f in files[first:stop]}
+    done = {clean_str(f) for f in files[first:stop]}
     for name in skipped:
         if name not in done:
             raise DataError(f"cannot resume {path}: it lists {name!r} as skipped, but {data} has no such image; "

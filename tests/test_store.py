@@ -282,7 +282,7 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path):
     with make_writer(path) as w:
         w.append(**batch([0]))
         w.close(True)
-    with pytest.raises(DataError, match=r"out\.h5 already exists.*--resume.*--overwrite"):
+    with pytest.raises(DataError, match=r"out\.h5 exists; pass --resume.*--overwrite"):
         make_writer(path)
     with open_results(path) as r:  # untouched
         assert r.rows_written == 1
@@ -383,8 +383,8 @@ def test_an_hdf5_error_is_reported_by_its_system_message(tmp_path):
     with pytest.raises(OSError) as raw:  # what h5py says: HDF5's call chain with the system's message inside
         h5py.File(missing, "w")
     assert "error message = 'No such file or directory'" in str(raw.value)
-    assert store._why(raw.value) == "No such file or directory"
-    assert store._why(OSError("Unable to open file (file signature not found)")) == (
+    assert store.error_text(raw.value) == "No such file or directory"
+    assert store.error_text(OSError("Unable to open file (file signature not found)")) == (
         "Unable to open file (file signature not found)")
 
 
@@ -420,10 +420,11 @@ def test_stale_partial_from_a_killed_creation_is_replaced(tmp_path):
 
 def test_store_imports_no_torch():
     """The store reads and writes with numpy, h5py and PyYAML only (the kill test runs it without torch)."""
-    tree = ast.parse((ROOT / "lrpcli" / "store" / "__init__.py").read_text(encoding="utf-8"))
-    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    trees = [ast.parse(p.read_text(encoding="utf-8")) for p in sorted((ROOT / "lrpcli" / "store").glob("*.py"))]
+    modules = {a.name.split(".")[0] for t in trees for n in ast.walk(t) if isinstance(n, ast.Import) for a in n.names}
     modules |= {
         n.module.split(".")[0]
+        for tree in trees
         for n in ast.walk(tree)
         if isinstance(n, ast.ImportFrom) and n.module and n.level == 0
     }
