@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 
 from ..errors import DataError
+from ..store import ATTRIBUTION_DATASET, INPUT_DATASET, N_ROWS_ATTR, PREDICTION_DATASET
 from . import layout, source
 
 LABEL_MAP = "label-map.json"
@@ -45,7 +46,7 @@ def _open_run(path: str) -> _Run:
     with source.open_source(path) as results:
         rows = source.read_rows(results)
         try:
-            first = results.read("input", slice(0, 1))
+            first = results.read(INPUT_DATASET, slice(0, 1))
         except KeyError:
             raise DataError(f"{path}: no 'input' dataset, which ViRelAy shows as the images; "
                             "run explain with output.store_input: true") from None
@@ -109,7 +110,7 @@ def _write_dataset(path: str, runs: list[_Run]) -> int:
         labels = np.full(size, -1, dtype=np.int64)
         for run in runs:
             with source.open_source(run.path) as results:
-                for start, chunk in source.iter_relevance(results, run.rows.n, "input"):
+                for start, chunk in source.iter_relevance(results, run.rows.n, INPUT_DATASET):
                     idx = run.rows.index[start: start + len(chunk)]
                     labels[idx] = run.rows.label[start: start + len(chunk)]
                     chunk = np.repeat(chunk, 3, axis=1) if c == 1 else chunk
@@ -132,14 +133,14 @@ def _write_attribution_view(path: str, run: _Run, size: int) -> None:
     """
     idx = run.rows.index
     with source.open_source(run.path) as results:
-        att = results.read("attribution", slice(0, 1))
-        prediction = results.read("prediction", slice(0, run.rows.n))
-        att_last = results.read("attribution", run.rows.n - 1)
-        shape = results.attrs.get("n_rows", run.rows.n)
+        att = results.read(ATTRIBUTION_DATASET, slice(0, 1))
+        prediction = results.read(PREDICTION_DATASET, slice(0, run.rows.n))
+        att_last = results.read(ATTRIBUTION_DATASET, run.rows.n - 1)
+        shape = results.attrs.get(N_ROWS_ATTR, run.rows.n)
     shape = (int(shape), *att.shape[1:])
     layout_ = h5py.VirtualLayout(shape=(size, *att.shape[1:]), dtype=att.dtype)
     src = h5py.VirtualSource(os.path.relpath(os.path.abspath(run.path), os.path.dirname(os.path.abspath(path))),
-                             "attribution", shape=shape)
+                             ATTRIBUTION_DATASET, shape=shape)
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(idx)]):
         first = int(idx[start])

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError
-from ..store import Results, open_results
+from ..store import (
+    ATTRIBUTION_DATASET,
+    CLASSES_ATTR,
+    CONFIG_ATTR,
+    CREATED_ATTR,
+    N_ROWS_ATTR,
+    Results,
+    open_results,
+)
 
 #: Category key for rows without a label (a flat DATA folder) or skipped rows in the dataset file.
 UNLABELLED = "unlabelled"
@@ -38,7 +46,8 @@ def fingerprint(results: Results) -> str:
     """A short id of one explain run (its config text, creation time and size), stored in each analysis so
     that an analysis of another file is recognised."""
     attrs = results.attrs
-    text = json.dumps([str(attrs.get("config", "")), str(attrs.get("created", "")), int(attrs.get("n_rows", 0))])
+    text = json.dumps([str(attrs.get(CONFIG_ATTR, "")), str(attrs.get(CREATED_ATTR, "")),
+                       int(attrs.get(N_ROWS_ATTR, 0))])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -65,7 +74,7 @@ def open_source(path: str | os.PathLike) -> Results:
     try:
         if results.rows_written <= 0:
             raise DataError(f"{path}: no rows written yet (rows_written = 0); nothing to analyse")
-        att = results.read("attribution", slice(0, 1))
+        att = results.read(ATTRIBUTION_DATASET, slice(0, 1))
         if att.ndim != 4 or att.dtype.kind != "f":
             raise DataError(f"{path}: 'attribution' has rows of shape {att.shape[1:]} and dtype {att.dtype}, "
                             "expected float N x C x H x W")
@@ -77,7 +86,7 @@ def open_source(path: str | os.PathLike) -> Results:
 
 def read_rows(results: Results, warn: bool = True) -> Rows:
     """Metadata of the final rows; warns (once) when the run is incomplete, since only part of it is used."""
-    n, n_rows = results.rows_written, int(results.attrs.get("n_rows", results.rows_written))
+    n, n_rows = results.rows_written, int(results.attrs.get(N_ROWS_ATTR, results.rows_written))
     complete = results.complete
     if warn and not complete:
         warnings.warn(
@@ -96,7 +105,7 @@ def read_rows(results: Results, warn: bool = True) -> Rows:
 
 def _stored_classes(results: Results) -> list[str] | None:
     """The root attribute ``classes`` as a list of str (an array of strings or a JSON list), else None."""
-    raw = results.attrs.get("classes")
+    raw = results.attrs.get(CLASSES_ATTR)
     if raw is None:
         return None
     if isinstance(raw, str):
@@ -160,7 +169,7 @@ def _resolve(item: str, classes: list[str]) -> int | None:
     return None
 
 
-def iter_relevance(results: Results, n: int, name: str = "attribution") -> Iterator[tuple[int, np.ndarray]]:
+def iter_relevance(results: Results, n: int, name: str = ATTRIBUTION_DATASET) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, rows)`` chunks of the first ``n`` rows of a relevance dataset, about CHUNK_BYTES each."""
     first = results.read(name, slice(0, 1))
     step = max(1, CHUNK_BYTES // max(1, first.nbytes))

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..catalogue import COMPOSITES
 from ..errors import DataError
-from ..store import open_results
+from ..store import ATTRIBUTION_DATASET, FILENAME_DATASET, open_results
 from .report import PARAM_RULES, Report, rule_class
 
 #: The conservation columns, in table order: (key in json/csv, table header).
@@ -204,9 +204,9 @@ def from_results(path: str | Path, samples: int | None = None) -> Report:
         output = np.asarray(cons["output_relevance"][:n], dtype=np.float64)
         total = np.zeros(n)
         for start in range(0, n, 64):
-            block = results.read("attribution", slice(start, min(n, start + 64)))
+            block = results.read(ATTRIBUTION_DATASET, slice(start, min(n, start + 64)))
             total[start:start + block.shape[0]] = block.reshape(block.shape[0], -1).sum(1, dtype=np.float64)
-        names = list(results.read("filename", slice(0, n)))
+        names = list(results.read(FILENAME_DATASET, slice(0, n)))
         config = results.config or {}
     composite = config.get("composite") or {}
     attribution = config.get("attribution") or {}

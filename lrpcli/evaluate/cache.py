@@ -25,9 +25,9 @@ import numpy as np
 
 from .. import __version__
 from ..errors import DataError
+from ..store import LIBVER  # the format the result file is written in
 
 GROUP = "evaluation"
-_LIBVER = ("earliest", "v108")  # the format the result file is written in (see lrpcli/store.py)
 
 
 def settings_key(family: str, settings: dict[str, Any]) -> str:
@@ -72,7 +72,7 @@ class Cache:
         if not self.enabled:
             return
         try:
-            f = h5py.File(self.path, "a", libver=_LIBVER)
+            f = h5py.File(self.path, "a", libver=LIBVER)
         except OSError as err:
             low = str(err).lower()
             if "lock" in low:

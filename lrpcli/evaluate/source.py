@@ -20,7 +20,17 @@ import torch
 from ..config import validate
 from ..errors import ConfigError, DataError
 from ..models import load_model, model_fingerprint
-from ..store import open_results
+from ..store import (
+    ATTRIBUTION_DATASET,
+    CONFIG_DIR_ATTR,
+    FILENAME_DATASET,
+    INDEX_DATASET,
+    INPUT_DATASET,
+    MODEL_FINGERPRINT_ATTR,
+    N_ROWS_ATTR,
+    TARGET_DATASET,
+    open_results,
+)
 
 
 @dataclass
@@ -51,7 +61,7 @@ class Source:
 
     def relevance(self, rows: np.ndarray) -> np.ndarray:
         """Channel-summed relevance of ``rows`` as float64 ``len(rows) x H x W``."""
-        return self.read("attribution", rows).astype(np.float64).sum(axis=1)
+        return self.read(ATTRIBUTION_DATASET, rows).astype(np.float64).sum(axis=1)
 
     def inputs(self, rows: np.ndarray, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The model's inputs of ``rows``: (uint8 / 255 - mean) / std, as the run computed them
@@ -66,7 +76,7 @@ def open_source(path: str | os.PathLike, max_samples: int | None = None,
     p = Path(path)
     with open_results(p) as r:
         try:
-            first = r.read("input", slice(0, 1))
+            first = r.read(INPUT_DATASET, slice(0, 1))
         except KeyError:
             first = None
         if first is None:
@@ -76,16 +86,16 @@ def open_source(path: str | os.PathLike, max_samples: int | None = None,
         if n == 0:
             raise DataError(f"{p}: no rows written yet; nothing to evaluate")
         shape = tuple(int(s) for s in first.shape[1:])
-        att = tuple(int(s) for s in r.read("attribution", slice(0, 1)).shape[1:])
+        att = tuple(int(s) for s in r.read(ATTRIBUTION_DATASET, slice(0, 1)).shape[1:])
         if att[1:] != shape[1:]:
             raise DataError(f"{p}: attribution maps are {att[1]}x{att[2]} but inputs {shape[1]}x{shape[2]}; "
                             "evaluate needs relevance at the input")
-        index = np.asarray(r.read("index", slice(0, n)), dtype=np.int64)
-        names = [str(s) for s in r.read("filename", slice(0, n))]
-        target = np.asarray(r.read("target", slice(0, n)), dtype=np.int64)
-        raw, n_rows = r.config, int(r.attrs.get("n_rows", len(r)))
-        fingerprint = r.attrs.get("model_fingerprint")
-        run_dir = r.attrs.get("config_dir")  # the run's config folder (files written since it was recorded)
+        index = np.asarray(r.read(INDEX_DATASET, slice(0, n)), dtype=np.int64)
+        names = [str(s) for s in r.read(FILENAME_DATASET, slice(0, n))]
+        target = np.asarray(r.read(TARGET_DATASET, slice(0, n)), dtype=np.int64)
+        raw, n_rows = r.config, int(r.attrs.get(N_ROWS_ATTR, len(r)))
+        fingerprint = r.attrs.get(MODEL_FINGERPRINT_ATTR)
+        run_dir = r.attrs.get(CONFIG_DIR_ATTR)  # the run's config folder (files written since it was recorded)
     base = _base_dir(raw, p, config_file, None if run_dir is None else Path(str(run_dir)))
     try:
         config = validate(raw, source=f"{p} (stored config)", base_dir=base)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, RunError
+from ..store import ATTRIBUTION_DATASET, CLASSES_ATTR
 from . import images, normalize, palettes, select
 from .reader import Source
 
@@ -77,7 +78,7 @@ def class_names(src: Source) -> list[str] | None:
 
     Accepted as an array of strings (how h5py stores a list) or as a JSON list in one string.
     """
-    raw = src.h5.attrs.get("classes")
+    raw = src.h5.attrs.get(CLASSES_ATTR)
     if raw is None:
         return None
     if isinstance(raw, bytes):
@@ -126,7 +127,7 @@ class _Fields(Mapping):
             base = posixpath.basename(str(self.src.filenames[self.row]).replace("\\", "/"))
             return posixpath.splitext(base)[0]
         if key == "layer":
-            layer = self.src.layer or "attribution"
+            layer = self.src.layer or ATTRIBUTION_DATASET
             return safe_name(layer) if self.for_name else layer
         raise KeyError(key)
 
@@ -193,7 +194,7 @@ def _target_size(src: Source) -> tuple[int, int] | None:
     """Size the maps are shown at: the input image's, else the attribution's; None keeps the map's own."""
     if src.input is not None:
         return src.image_size
-    att = src.h5.get("attribution")
+    att = src.h5.get(ATTRIBUTION_DATASET)
     if src.layer is not None and att is not None and getattr(att, "ndim", 0) == 4:
         return int(att.shape[2]), int(att.shape[3])
     return None

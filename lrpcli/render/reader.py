@@ -15,7 +15,19 @@ import h5py
 import numpy as np
 
 from ..errors import DataError
-from ..store import ATTRIBUTION_DATASET, INPUT_DATASET, LAYERS_GROUP, check_sources, open_error
+from ..store import (
+    ATTRIBUTION_DATASET,
+    FILENAME_DATASET,
+    INDEX_DATASET,
+    INPUT_DATASET,
+    LABEL_DATASET,
+    LAYERS_GROUP,
+    ROWS_WRITTEN_ATTR,
+    TARGET_DATASET,
+    VERSION_ATTR,
+    check_sources,
+    open_error,
+)
 
 
 class Source:
@@ -48,7 +60,7 @@ class Source:
 
     def _validate(self, layer: str | None) -> None:
         p = str(self.path)
-        if "lrpcli_version" not in self.h5.attrs:
+        if VERSION_ATTR not in self.h5.attrs:
             raise DataError(f"{p}: an HDF5 file not written by lrpcli (no 'lrpcli_version' root attribute)")
         check_sources(self.h5, p)
         self.layer = layer
@@ -69,7 +81,7 @@ class Source:
                 "expected float N x C x H x W"
             )
         total = self.relevance.shape[0]
-        written = self.h5.attrs.get("rows_written", total)
+        written = self.h5.attrs.get(ROWS_WRITTEN_ATTR, total)
         try:
             written = int(written)
         except (TypeError, ValueError):
@@ -131,22 +143,22 @@ class Source:
     @cached_property
     def labels(self) -> np.ndarray:
         """``label`` of the valid rows (-1 where the file has none)."""
-        return self._column("label", np.full(self.n, -1, dtype=np.int64)).astype(np.int64)
+        return self._column(LABEL_DATASET, np.full(self.n, -1, dtype=np.int64)).astype(np.int64)
 
     @cached_property
     def targets(self) -> np.ndarray:
         """``target`` of the valid rows (-1 where the file has none)."""
-        return self._column("target", np.full(self.n, -1, dtype=np.int64)).astype(np.int64)
+        return self._column(TARGET_DATASET, np.full(self.n, -1, dtype=np.int64)).astype(np.int64)
 
     @cached_property
     def indices(self) -> np.ndarray:
         """``index`` (dataset index) of the valid rows; the row number where the file has none."""
-        return self._column("index", np.arange(self.n, dtype=np.int64)).astype(np.int64)
+        return self._column(INDEX_DATASET, np.arange(self.n, dtype=np.int64)).astype(np.int64)
 
     @cached_property
     def filenames(self) -> np.ndarray:
         """``filename`` of the valid rows as str (empty where the file has none)."""
-        ds = self.h5.get("filename")
+        ds = self.h5.get(FILENAME_DATASET)
         if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.shape[0] < self.n:
             return np.full(self.n, "", dtype=object)
         try:
@@ -159,8 +171,8 @@ class Source:
 
     def column(self, name: str) -> np.ndarray:
         """One metadata column by its dataset name (``label``, ``target``, ``index``, ``filename``)."""
-        return {"label": lambda: self.labels, "target": lambda: self.targets, "index": lambda: self.indices,
-                "filename": lambda: self.filenames}[name]()
+        return {LABEL_DATASET: lambda: self.labels, TARGET_DATASET: lambda: self.targets,
+                INDEX_DATASET: lambda: self.indices, FILENAME_DATASET: lambda: self.filenames}[name]()
 
     @staticmethod
     def _read(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
