@@ -418,6 +418,24 @@ def test_stale_partial_from_a_killed_creation_is_replaced(tmp_path):
     assert not Path(str(path) + ".partial").exists()
 
 
+def test_refuse_existing_output_is_the_one_check_of_runner_and_writer(tmp_path):
+    """The runner's early check and ResultWriter.create refuse an existing output with the same words."""
+    path = tmp_path / "out.h5"
+    store.refuse_existing_output(path, overwrite=False)  # nothing there yet
+    with make_writer(path) as w:  # an open writer holds HDF5's lock on the file
+        with pytest.raises(DataError) as held:
+            store.refuse_existing_output(path, overwrite=True)
+        assert str(held.value) == f"output {path} is being written by another process; stop it or choose another -o"
+        w.close(True)
+    with pytest.raises(DataError) as exists:
+        store.refuse_existing_output(path, overwrite=False)
+    assert str(exists.value) == f"{path} exists; pass --resume to continue it or --overwrite to replace it"
+    with pytest.raises(DataError) as again:
+        make_writer(path)
+    assert str(again.value) == str(exists.value)
+    store.refuse_existing_output(path, overwrite=True)  # a finished file may be replaced
+
+
 def test_store_imports_no_torch():
     """The store reads and writes with numpy, h5py and PyYAML only (the kill test runs it without torch)."""
     trees = [ast.parse(p.read_text(encoding="utf-8")) for p in sorted((ROOT / "lrpcli" / "store").glob("*.py"))]
