@@ -20,7 +20,7 @@ for rank, names in enumerate([
     ("layerops", "relu_recompute", "rules", "hooks", "recorder", "canonizers", "composites"),  # engine
     ("build", "runtime", "models", "data", "methods", "explainer", "api", "attributors"),  # explainer
     ("store",),
-    ("runner", "distributed", "shards"),
+    ("runner", "runsetup", "distributed", "shards"),
     ("render", "debug", "merge", "explain", "evaluate", "analysis"),
     ("cli", "__main__", "__init__"),
 ]):
