@@ -204,15 +204,19 @@ def _first_error(err: ValidationError) -> tuple[str, str]:
     if not isinstance(bad, Bad):
         return path, f"{error['msg']}, got {show(error['input'])}"
     path = (path + bad.sub).lstrip(".")
-    return path, bad.message.replace("<at>", path.rpartition(".")[0] + ".")
+    return path, _placed(bad.message, path)
+
+
+def _placed(message: str, path: str) -> str:
+    """``<at>`` in a message names a sibling of the key at fault: ``<at>low`` at ``composite.high``."""
+    return message.replace("<at>", path.rpartition(".")[0] + ".")
 
 
 def _fail_at(source: str, prefix: str, check: Any, *args: Any) -> Any:
     try:
         return at(prefix, check, *args)
     except Bad as err:
-        path = err.sub
-        raise ConfigError(f"{source}: {path}: {err.message.replace('<at>', path.rpartition('.')[0] + '.')}") from None
+        raise ConfigError(f"{source}: {err.sub}: {_placed(err.message, err.sub)}") from None
 
 
 def check_rules(source: str, value: Any, comp: Mapping, inp: Mapping, checks: EngineChecks, *, prefix: str,
