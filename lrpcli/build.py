@@ -20,7 +20,8 @@ from .composites import Glob
 from .config import Config, check_rule_spec, check_rules, read_config
 from .errors import ConfigError
 from .models import check_model_name
-from .spec import Bad, EngineChecks, bounds_value, did_you_mean, show
+from .spec import EngineChecks, bounds_value
+from .values import Bad, did_you_mean, show
 
 __all__ = ["load_config", "ENGINE_CHECKS", "composite_kwargs", "make_override_rules", "resolve_overrides",
            "resolve_bounds", "resolve_baseline", "resolve_module_type"]

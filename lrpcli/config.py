@@ -18,20 +18,8 @@ import yaml
 from pydantic import ValidationError
 
 from .errors import ConfigError, ConfigWarning
-from .spec import (
-    NO_CHECKS,
-    Bad,
-    EngineChecks,
-    Spec,
-    at,
-    channels,
-    did_you_mean,
-    plain,
-    rule_items,
-    rule_spec,
-    show,
-    unknown_key,
-)
+from .spec import NO_CHECKS, EngineChecks, Spec, channels, rule_items, rule_spec, unknown_key
+from .values import Bad, at, did_you_mean, plain, show
 from .yamlfile import MAX_DEPTH, read_yaml
 
 # channels, did_you_mean and show are re-exported for lrpcli.models.
@@ -42,8 +30,14 @@ __all__ = ["Config", "read_config", "validate", "check_rules", "check_rule_spec"
 DEFAULTS: dict[str, Any] = {name: [] if name == "canonizers" else field.annotation.model_construct().model_dump()
                             for name, field in Spec.model_fields.items()}
 SECTIONS = tuple(DEFAULTS)
-# ``canonizers`` may also be written inside ``composite``; it is resolved to the top level.
-_COMPOSITE_KEYS = (*DEFAULTS["composite"], "canonizers")
+
+
+def _allowed(section: str) -> tuple[str, ...]:
+    """The keys of ``section`` (of the top level for ``""``); ``canonizers`` may also be written in ``composite``
+    (it is resolved to the top level)."""
+    if not section:
+        return SECTIONS
+    return (*DEFAULTS["composite"], "canonizers") if section == "composite" else tuple(DEFAULTS[section])
 
 
 class Config(Mapping):
@@ -205,21 +199,24 @@ def _first_error(err: ValidationError) -> tuple[str, str]:
     path = ".".join(loc)
     if error["type"] in ("extra_forbidden", "invalid_key"):
         parent = ".".join(loc[:-1])
-        allowed = SECTIONS if not parent else _COMPOSITE_KEYS if parent == "composite" else tuple(DEFAULTS[parent])
-        return path, unknown_key(error["loc"][-1], allowed, parent)
+        return path, unknown_key(error["loc"][-1], _allowed(parent), parent)
     bad = (error.get("ctx") or {}).get("error")
     if not isinstance(bad, Bad):
         return path, f"{error['msg']}, got {show(error['input'])}"
     path = (path + bad.sub).lstrip(".")
-    return path, bad.message.replace("<at>", path.rpartition(".")[0] + ".")
+    return path, _placed(bad.message, path)
+
+
+def _placed(message: str, path: str) -> str:
+    """``<at>`` in a message names a sibling of the key at fault: ``<at>low`` at ``composite.high``."""
+    return message.replace("<at>", path.rpartition(".")[0] + ".")
 
 
 def _fail_at(source: str, prefix: str, check: Any, *args: Any) -> Any:
     try:
         return at(prefix, check, *args)
     except Bad as err:
-        path = err.sub
-        raise ConfigError(f"{source}: {path}: {err.message.replace('<at>', path.rpartition('.')[0] + '.')}") from None
+        raise ConfigError(f"{source}: {err.sub}: {_placed(err.message, err.sub)}") from None
 
 
 def check_rules(source: str, value: Any, comp: Mapping, inp: Mapping, checks: EngineChecks, *, prefix: str,
@@ -247,9 +244,8 @@ def _apply_overrides(origin: _Origin, raw: dict, overrides: Mapping[str, Any]) -
                               "e.g. run.batch_size")
         section, key = parts
         origin.overridden.add(dotted)
-        allowed = _COMPOSITE_KEYS if section == "composite" else tuple(DEFAULTS[section])
-        if key not in allowed:
-            origin.fail(dotted, unknown_key(key, allowed, section))
+        if key not in _allowed(section):
+            origin.fail(dotted, unknown_key(key, _allowed(section), section))
         current = raw.get(section)
         if current is not None and not isinstance(current, Mapping):
             origin.fail(section, f"expected a mapping (key: value lines), got {show(current)}")
@@ -273,24 +269,19 @@ def unused_keys(raw: Mapping[str, Any], resolved: Mapping[str, Any]) -> list[str
     """The keys given in ``raw`` that ``attribution.method`` does not read, where their resolved value is not the
     default (a default changes nothing in any method, so a stored config reads back without a warning)."""
     used = METHOD_KEYS[resolved["attribution"]["method"]]
-    candidates: list[tuple[str, Any, Any]] = []
+    candidates: list[tuple[str, Any, Any]] = []  # (key path, resolved value, default)
     composite = raw.get("composite")
-    if isinstance(composite, Mapping):
-        for key in composite:
-            if key == "canonizers":
-                candidates.append(("composite.canonizers", resolved["canonizers"], []))
-            elif key in DEFAULTS["composite"]:
-                candidates.append((f"composite.{key}", resolved["composite"][key], DEFAULTS["composite"][key]))
+    for key in composite if isinstance(composite, Mapping) else ():
+        if key == "canonizers":
+            candidates.append(("composite.canonizers", resolved["canonizers"], []))
+        elif key in DEFAULTS["composite"]:
+            candidates.append((f"composite.{key}", resolved["composite"][key], DEFAULTS["composite"][key]))
     if "canonizers" in raw:
         candidates.append(("canonizers", resolved["canonizers"], []))
-    output = raw.get("output")
-    if isinstance(output, Mapping) and "layers" in output:
-        candidates.append(("output.layers", resolved["output"]["layers"], []))
-    attribution = raw.get("attribution")
-    if isinstance(attribution, Mapping):
-        for key in _METHOD_ATTRIBUTION_KEYS:
-            if key in attribution:
-                candidates.append((f"attribution.{key}", resolved["attribution"][key], DEFAULTS["attribution"][key]))
+    for section, keys in (("output", ("layers",)), ("attribution", _METHOD_ATTRIBUTION_KEYS)):
+        given = raw.get(section)
+        candidates += [(f"{section}.{key}", resolved[section][key], DEFAULTS[section][key])
+                       for key in keys if isinstance(given, Mapping) and key in given]
     return [key for key, value, default in candidates
             if value is not None and value != default and key not in used and key.split(".")[0] not in used]
 

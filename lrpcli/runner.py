@@ -3,19 +3,17 @@
 One composite context is entered for the whole run (canonizers are applied once), batches flow from a
 DataLoader, and each finished batch is handed to the store: to a writer thread, so that HDF5 compression and
 writing overlap the next batch's attribution, where a core is free for it (``background_threads_help``), else
-at once. The per-layer conservation sums come from the same backward pass.
+at once. The per-layer conservation sums come from the same backward pass. The checks and set-up before the
+first batch (output folder, resume, model, signals, threads) are ``lrpcli.runsetup``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import queue
-import signal
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,22 +21,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import models
 from .config import Config
 from .data import make_loader, open_image_folder, prefetch
 from .errors import ConfigError, DataError, LrpcliError, RunError
 from .explainer import Explainer
 from .recorder import Recorder, vanishing_layer
+from .runsetup import (
+    Status,
+    check_output_dir,
+    check_resume,
+    load_model_on,
+    resume_writer,
+    sigterm_as_interrupt,
+    torch_threads,
+)
 from .runtime import available_cpus, resolve_device, resolve_num_workers
 from .store import (
-    IGNORED_CONFIG_KEYS,
     ResultWriter,
     choose_compression,
-    clean_str,
-    config_differences,
     config_yaml,
     file_config,
-    open_results,
     refuse_existing_output,
 )
 
@@ -152,38 +154,8 @@ def run(config: Config, data: str | Path, *, resume: bool = False, overwrite: bo
         raise LrpcliError("--resume and --overwrite exclude each other: --resume continues the file, "
                           "--overwrite replaces it; give one of them")
     show = sys.stderr.isatty() if progress is None else progress
-    with _sigterm_as_interrupt(), _torch_threads(config.run.threads):
+    with sigterm_as_interrupt(), torch_threads(config.run.threads):
         return _explain(config, Path(data), resume, overwrite, show, shard, t0)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the main thread, so ``kill`` says what Ctrl-C says; restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | str) -> Iterator[None]:
-    """torch's intra-op threads for the run (``run.threads``; auto keeps torch's default), restored after."""
-    before = torch.get_num_threads()
-    if threads != "auto" and int(threads) != before:
-        torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def _explain(config: Config, data: Path, resume: bool, overwrite: bool, show: bool, shard: Any,
@@ -193,8 +165,8 @@ def _explain(config: Config, data: Path, resume: bool, overwrite: bool, show: bo
     resuming = resume and out_path.exists()
     if not (resume or overwrite):
         refuse_existing_output(out_path, overwrite=False)
-    _check_output_dir(out_path)
-    with _Status(show) as status:
+    check_output_dir(out_path)
+    with Status(show) as status:
         status(f"reading {data}")
         dataset = open_image_folder(data, config.input)
         if config.attribution.target == "label" and not dataset.classes:
@@ -209,15 +181,15 @@ def _explain(config: Config, data: Path, resume: bool, overwrite: bool, show: bo
         if resuming:
             if shard is not None:
                 shard.check_file(out_path, total, config.run.batch_size)
-            _check_resume(out_path, config, data, dataset.files, first, stop, dataset.classes)
+            check_resume(out_path, config, data, dataset.files, first, stop, dataset.classes)
         status(f"loading model {config.model.get('name') or config.model.get('entrypoint')}")
-        model, fingerprint = _load(config, device)
+        model, fingerprint = load_model_on(config, device)
         file_attrs = {"model_fingerprint": fingerprint, "classes": list(dataset.classes)}
         if shard is not None:
             file_attrs.update(shard.attrs(total, config.run.batch_size))
         writer_for_resume = None
         if resuming:
-            writer_for_resume = _resume_writer(out_path, config, fingerprint)
+            writer_for_resume = resume_writer(out_path, config, fingerprint)
             if writer_for_resume.complete:
                 rows = writer_for_resume.rows_written
                 writer_for_resume.close(complete=True)
@@ -225,87 +197,6 @@ def _explain(config: Config, data: Path, resume: bool, overwrite: bool, show: bo
                                   seconds=time.perf_counter() - t0)
     run = _Run(config, data, dataset, device, model, out_path, first, stop, overwrite, file_attrs, shard)
     return run.go(writer_for_resume, show, t0)
-
-
-def _load(config: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The model on ``device`` and its fingerprint (taken on the CPU copy, so it does not depend on the device).
-
-    Called before any DataLoader exists: a random init is seeded from ``run.seed`` inside ``load_model``, and
-    nothing else in the process may draw from torch's global generator meanwhile.
-    """
-    model = models.load_model(config)
-    return model.to(device), models.model_fingerprint(model)
-
-
-def _check_resume(path: Path, config: Config, data: Path, files: list[str], first: int, stop: int,
-                  classes: list[str]) -> None:
-    """Refuse to continue ``path`` with another config (batch size included), data set or data set size.
-
-    The rows already written must be the same files at the same places of DATA's listing: a different folder
-    with as many images would otherwise pass, and the file would mix two data sets. The class folders must be
-    the same too: a class folder added or removed renumbers the labels of the rows still to come.
-    """
-    with open_results(path) as stored:
-        # the batch size is compared too: it decides how rows are batched through the model
-        ignored = IGNORED_CONFIG_KEYS - {"run.batch_size"}
-        differences = config_differences(stored.config, file_config(config), ignored)
-        if differences:
-            raise DataError(f"cannot resume {path}: it was written with a different config ("
-                            + "; ".join(differences) + "); use --overwrite to start again")
-        before = stored.classes
-        if before is not None and before != [clean_str(c) for c in classes]:
-            raise DataError(f"cannot resume {path}: it was written for the classes {before}, but {data} now has "
-                            f"{list(classes)}; give the DATA the file was started with, or use --overwrite")
-        n_rows = int(stored.attrs["n_rows"])
-        if n_rows != stop - first:
-            raise DataError(f"cannot resume {path}: it was started for {n_rows} samples, but {data} now gives "
-                            f"{stop - first}; give the same DATA, or use --overwrite to start again")
-        names, index = stored.filename, stored.index
-        skipped = [name for name, _ in stored.skipped]
-    for row, (name, i) in enumerate(zip(names, index.tolist())):
-        listed = clean_str(files[i]) if first <= i < stop else None
-        if listed != name:
-            where = f"lists {listed!r} there" if listed is not None else "has no such sample"
-            raise DataError(f"cannot resume {path}: row {row} is {name!r} (sample {i} of DATA), but {data} {where}; "
-                            "give the DATA the file was started with, or use --overwrite to start again")
-    done = {clean_str(f) for f in files[first:stop]}
-    for name in skipped:
-        if name not in done:
-            raise DataError(f"cannot resume {path}: it lists {name!r} as skipped, but {data} has no such image; "
-                            "give the DATA the file was started with, or use --overwrite to start again")
-
-
-def _resume_writer(path: Path, config: Config, fingerprint: str) -> Any:
-    """The store reopened for appending, after checking that this run builds the model that wrote it."""
-    with open_results(path) as stored:
-        before = stored.attrs.get("model_fingerprint")
-    if before is not None and before != fingerprint:
-        raise DataError(f"cannot resume {path}: the model is not the one that wrote its rows (parameters and buffers "
-                        f"differ: {before[:19]}... in the file, {fingerprint[:19]}... now); check model.weights and "
-                        "run.seed, or use --overwrite to start again")
-    return ResultWriter.resume(path, config=file_config(config))
-
-
-class _Status:
-    """A one-line note on stderr of what is loading (transient: it goes when the progress bar comes)."""
-
-    def __init__(self, show: bool) -> None:
-        self.bar: Any = None
-        if show:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=0, bar_format="lrpcli: {desc} ...", leave=False, file=sys.stderr)
-
-    def __call__(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description_str(text)
-
-    def __enter__(self) -> _Status:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class _Run:
@@ -419,20 +310,6 @@ class _Run:
             raise DataError(f"{self.data} has {classes} class folders but the model has {k} outputs: a label is the "
                             "index of its folder (sorted by name), so each folder needs an output; give a folder "
                             f"with at most {k} classes, or set attribution.target to prediction or a class index")
-
-
-def _check_output_dir(path: Path) -> None:
-    """Fail before any work when the output cannot be written (the store checks again when it creates)."""
-    import os
-
-    parent = path.parent if str(path.parent) else Path(".")
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise DataError(f"cannot write {path}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"cannot write {path}: folder {existing} is not writable")
 
 
 def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,

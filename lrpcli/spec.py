@@ -1,19 +1,16 @@
 """The config schema: one pydantic model per section, extra keys forbidden, defaults declared on the fields.
 
-YAML is looser than Python (``1e-6`` reads as a string, one name stands for a list of one, ``mode: rgb`` means
-RGB), so each field's ``before`` validator accepts those spellings and refuses anything else with lrpcli's
-one-line wording (``expected ..., got ...``); ``lrpcli.config`` adds the file and the dotted key path.
-Names are checked against ``lrpcli.catalogue``, so validating a config imports no torch.
+Each field's ``before`` validator is a check of ``lrpcli.values``: it accepts YAML's looser spellings (``1e-6`` as
+a string, one name for a list of one) and refuses anything else with lrpcli's one-line wording, which
+``lrpcli.config`` places at the file and the dotted key path. Names are checked against ``lrpcli.catalogue`` and
+the composite's parameter fields come from its declarations, so validating a config imports no torch.
 """
 
 import copy
-import difflib
-import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, NamedTuple
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -38,6 +35,24 @@ from .catalogue import (
     ZERO_PARAMS,
     Param,
 )
+from .values import (
+    Bad,
+    at,
+    boolean,
+    choice,
+    did_you_mean,
+    each,
+    expected,
+    integer,
+    is_number,
+    known,
+    listed,
+    mapping,
+    number,
+    plain,
+    show,
+    string,
+)
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 GRAY_MEAN, GRAY_STD = [0.449], [0.226]  # mode L: the average of the ImageNet channel statistics
@@ -46,7 +61,6 @@ BASELINES = ("zeros", "black", "white")
 #: The largest ``run.seed``: torch generators take 64-bit seeds, and the seed is stored as a signed 64-bit int.
 MAX_SEED = 2**63 - 1
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-_NUMBER_RE = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 
 
 class EngineChecks(NamedTuple):
@@ -60,152 +74,6 @@ class EngineChecks(NamedTuple):
 
 
 NO_CHECKS = EngineChecks()
-
-
-class Bad(ValueError):
-    """A refused value: the message and where below the field pydantic reports it is (``[1]``, ``.mode``)."""
-
-    def __init__(self, message: str, sub: str = "") -> None:
-        super().__init__(message)
-        self.message, self.sub = message, sub
-
-
-# ------------------------------------------------------------------------------------------ value helpers
-def show(value: Any, limit: int = 60) -> str:
-    """A value as the user wrote it in YAML: strings quoted, null/true/false, long values shortened."""
-    if value is None:
-        text = "null"
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, str):
-        text = repr(value)
-    elif isinstance(value, Mapping | list | tuple):
-        try:
-            text = yaml.safe_dump(plain(value), default_flow_style=True, width=10**6).strip()
-        except yaml.YAMLError:
-            text = repr(value)
-    else:
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def plain(value: Any) -> Any:
-    """A deep copy as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
-    return value
-
-
-def did_you_mean(word: Any, candidates: list[str] | tuple[str, ...], *, cutoff: float = 0.6) -> str:
-    """``"; did you mean 'x'?"`` when a candidate is close to ``word``, else an empty string."""
-    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=cutoff)
-    if not close:
-        lowered = {str(c).lower(): c for c in candidates}
-        close = [lowered[str(word).lower()]] if str(word).lower() in lowered else []
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def expected(what: str, value: Any, sub: str = "") -> Bad:
-    return Bad(f"expected {what}, got {show(value)}", sub)
-
-
-def at(sub: str, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``check(*args)`` with its errors placed at ``sub`` below the current key."""
-    try:
-        return check(*args, **kwargs)
-    except Bad as err:
-        raise Bad(err.message, sub + err.sub) from None
-
-
-def is_number(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int | float) or (isinstance(value, str) and bool(_NUMBER_RE.match(value)))
-
-
-def number(value: Any, minimum: float | None = None, strict: bool = False) -> float:
-    """A finite number; numeric strings such as ``1e-6`` (which YAML 1.1 reads as a string) are accepted."""
-    what = "a number" if minimum is None else f"a number {'>' if strict else '>='} {minimum:g}"
-    got = float(value) if isinstance(value, str) and _NUMBER_RE.match(value) else value
-    if not is_number(got) or not math.isfinite(got) or (
-            minimum is not None and (got < minimum or (strict and got == minimum))):
-        raise expected(what, value)
-    return float(got)
-
-
-def integer(value: Any, minimum: int | None = None, maximum: int | None = None, nullable: bool = False) -> Any:
-    what = "an integer" if minimum is None else f"an integer >= {minimum}"
-    if maximum is not None:
-        what = f"an integer from {minimum} to {maximum}"
-    if nullable:
-        what += " or null"
-        if value is None:
-            return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum) or (
-            maximum is not None and value > maximum):
-        raise expected(what, value)
-    return value
-
-
-def boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise expected("true or false", value)
-    return value
-
-
-def string(value: Any, nullable: bool = False) -> Any:
-    if value is None and nullable:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise expected("a non-empty string" + (" or null" if nullable else ""), value)
-    return value
-
-
-def choice(value: Any, choices: tuple[str, ...]) -> str:
-    """One of ``choices``, matched case-insensitively and returned in its canonical spelling."""
-    if isinstance(value, str):
-        for option in choices:
-            if value.strip().lower() == option.lower():
-                return option
-    hint = did_you_mean(value, choices) if isinstance(value, str) else ""
-    raise Bad(f"expected one of {', '.join(choices)}, got {show(value)}{hint}")
-
-
-def mapping(value: Any) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise expected("a mapping (key: value lines)", value)
-    for key in value:
-        if not isinstance(key, str):
-            raise Bad(f"keys must be strings, got {show(key)}", f".{key}")
-    return dict(value)
-
-
-def listed(value: Any, what: str, nullable: bool = True, one: bool = False) -> list:
-    """A list (None: empty where ``nullable``; a single string where ``one``: a list of it)."""
-    if one and isinstance(value, str):
-        value = [value]
-    if value is None and nullable:
-        return []
-    if not isinstance(value, list | tuple):
-        raise expected(what, value)
-    return list(value)
-
-
-def each(values: list, check: Callable[[Any], Any]) -> list:
-    return [at(f"[{i}]", check, v) for i, v in enumerate(values)]
-
-
-def known(kind: str, name: Any, names: tuple[str, ...] | list[str]) -> str:
-    name = string(name)
-    if name not in names:
-        raise Bad(f"unknown {kind} {show(name)}{did_you_mean(name, names)} (known: {', '.join(names)})")
-    return name
 
 
 def check_keys(given: Mapping, allowed: tuple[str, ...]) -> None:
@@ -227,6 +95,32 @@ def unknown_key(key: Any, allowed: tuple[str, ...], here: str) -> str:
 
 def _v(check: Callable[..., Any], **kwargs: Any) -> BeforeValidator:
     return BeforeValidator(lambda value: check(value, **kwargs))
+
+
+def _auto_or(check: Callable[[Any], Any], what: str | None = None) -> BeforeValidator:
+    """``auto`` (any case), else what ``check`` accepts; where ``what`` is given, a refusal names it instead."""
+    def validate(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            return check(value)
+        except Bad:
+            if what is None:
+                raise
+            raise expected(what, value) from None
+
+    return BeforeValidator(validate)
+
+
+def _at_most(maximum: int, what: str) -> Callable[[Any], int]:
+    """An integer >= 1 that is at most ``maximum`` (a value above it is refused as ``what``)."""
+    def check(value: Any) -> int:
+        checked = integer(value, minimum=1)
+        if checked > maximum:
+            raise expected(what, value)
+        return checked
+
+    return check
 
 
 # ----------------------------------------------------------------------------------------- section values
@@ -347,12 +241,14 @@ def rule_spec(spec: Any, comp: Mapping, inp: Mapping, checks: EngineChecks) -> A
     return key if isinstance(spec, str) else {"name": key, **checked}
 
 
+
 # ------------------------------------------------------------------------------------------------ sections
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 OptStr = Annotated[str | None, _v(string, nullable=True)]
+OptPositiveInt = Annotated[int | None, _v(integer, minimum=1, nullable=True)]
 PositiveInt = Annotated[int, _v(integer, minimum=1)]
 
 
@@ -382,9 +278,13 @@ def channels(mode: str) -> int:
     return 3 if mode == "RGB" else 1
 
 
+#: The default mean and std of each ``input.mode``.
+_STATS = {"RGB": (IMAGENET_MEAN, IMAGENET_STD), "L": (GRAY_MEAN, GRAY_STD)}
+
+
 class InputSpec(Section):
-    resize: Annotated[int | None, _v(integer, minimum=1, nullable=True)] = 256
-    crop: Annotated[int | None, _v(integer, minimum=1, nullable=True)] = 224
+    resize: OptPositiveInt = 256
+    crop: OptPositiveInt = 224
     mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = Field(default_factory=lambda: list(IMAGENET_STD))
     mode: Literal["RGB", "L"] = "RGB"
@@ -395,12 +295,11 @@ class InputSpec(Section):
         """mean/std have one number per channel of ``mode``; their defaults follow it."""
         if not isinstance(raw, Mapping):
             return raw
-        mode = at(".mode", choice, raw.get("mode", "RGB"), ("RGB", "L"))  # mean/std defaults and lengths follow it
+        mode = at(".mode", choice, raw.get("mode", "RGB"), tuple(_STATS))
         n, out = channels(mode), {**raw, "mode": mode}
-        for key, default in (("mean", IMAGENET_MEAN if mode == "RGB" else GRAY_MEAN),
-                             ("std", IMAGENET_STD if mode == "RGB" else GRAY_STD)):
+        what = f"a list of {n} numbers (one per {mode} channel)"
+        for key, default in zip(("mean", "std"), _STATS[mode]):
             value = raw.get(key, default)
-            what = f"a list of {n} numbers (one per {mode} channel)"
             items = at(f".{key}", listed, [value] * n if is_number(value) and not isinstance(value, str) else value,
                        what, False)
             if len(items) != n:
@@ -431,6 +330,10 @@ def _param_field(param: Param) -> tuple[Any, Any]:
             Field(default_factory=param.config_default, description=param.description))
 
 
+def _composite_name(value: Any) -> str:
+    return known("composite", value, sorted(COMPOSITES))
+
+
 class _Composite(Section):
     """The composite section; its parameter fields come from ``lrpcli.catalogue.PARAMS`` (``CompositeSpec``).
     ``low``/``high``, their order and ``rules`` need the input's channels: ``Spec`` checks them."""
@@ -441,7 +344,7 @@ class _Composite(Section):
         """A parameter the composite does not use is an error when given, null when not."""
         if not isinstance(raw, Mapping):
             return raw
-        name = at(".name", known, "composite", raw.get("name", "epsilon_gamma_box"), sorted(COMPOSITES))
+        name = at(".name", _composite_name, raw.get("name", "epsilon_gamma_box"))
         used = COMPOSITES[name].params
         for key in PARAMS:
             if key not in used and raw.get(key) is not None:
@@ -468,8 +371,7 @@ def _composite_defaults(defaults: Mapping[str, Any], raw: Mapping[str, Any]) -> 
 
 
 def _composite_fields() -> dict[str, Any]:
-    fields: dict[str, Any] = {"name": (Annotated[str, BeforeValidator(lambda v: known("composite", v, sorted(
-        COMPOSITES)))], "epsilon_gamma_box")}
+    fields: dict[str, Any] = {"name": (Annotated[str, BeforeValidator(_composite_name)], "epsilon_gamma_box")}
     for name, param in PARAMS.items():
         fields[name] = _param_field(param)
         if name == "stabilizer":  # the output order of earlier versions: rules after stabilizer
@@ -478,17 +380,6 @@ def _composite_fields() -> dict[str, Any]:
 
 
 CompositeSpec = create_model("CompositeSpec", __base__=_Composite, **_composite_fields())
-
-
-class AttributionSpec(Section):
-    method: Annotated[str, _v(choice, choices=METHODS)] = "lrp"
-    target: Annotated[int | str, BeforeValidator(lambda v: _target(v))] = "label"
-    noise_level: Annotated[float, _v(number, minimum=0)] = 0.1
-    n_iter: PositiveInt = 20
-    baseline: Annotated[float | str, BeforeValidator(lambda v: _baseline(v))] = "zeros"
-    window: Annotated[list[int], BeforeValidator(lambda v: _pair(v))] = Field(default_factory=lambda: [8, 8])
-    stride: Annotated[list[int], BeforeValidator(lambda v: _pair(v))] = Field(default_factory=lambda: [8, 8])
-    fill: Annotated[float, _v(number)] = 0.0
 
 
 def _target(value: Any) -> Any:
@@ -515,30 +406,18 @@ def _pair(value: Any) -> list[int]:
     return each(items, lambda v: integer(v, minimum=1))
 
 
-def _workers(value: Any) -> Any:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    value = int(value) if isinstance(value, float) and value.is_integer() else value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise expected("auto or an integer >= 0", value)
-    return value
+Pair = Annotated[list[int], BeforeValidator(_pair)]
 
 
-def _threads(value: Any) -> Any:
-    """torch's intra-op threads for the run; auto keeps torch's own default."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    number = integer(value, minimum=1)
-    if number > 1024:
-        raise expected("auto or an integer from 1 to 1024", value)
-    return number
-
-
-def _batch_size(value: Any) -> int:
-    number = integer(value, minimum=1)
-    if number > MAX_BATCH_SIZE:
-        raise expected(f"an integer from 1 to {MAX_BATCH_SIZE}", value)
-    return number
+class AttributionSpec(Section):
+    method: Annotated[str, _v(choice, choices=METHODS)] = "lrp"
+    target: Annotated[int | str, BeforeValidator(_target)] = "label"
+    noise_level: Annotated[float, _v(number, minimum=0)] = 0.1
+    n_iter: PositiveInt = 20
+    baseline: Annotated[float | str, BeforeValidator(_baseline)] = "zeros"
+    window: Pair = Field(default_factory=lambda: [8, 8])
+    stride: Pair = Field(default_factory=lambda: [8, 8])
+    fill: Annotated[float, _v(number)] = 0.0
 
 
 def _device(value: Any) -> str:
@@ -547,13 +426,19 @@ def _device(value: Any) -> str:
     return value.strip().lower()
 
 
+_batch_size = _at_most(MAX_BATCH_SIZE, f"an integer from 1 to {MAX_BATCH_SIZE}")
+_workers = _auto_or(lambda v: integer(v, minimum=0), "auto or an integer >= 0")
+#: torch's intra-op threads for the run; auto keeps torch's own default.
+_threads = _auto_or(_at_most(1024, "auto or an integer from 1 to 1024"))
+
+
 class RunSpec(Section):
     batch_size: Annotated[int, BeforeValidator(_batch_size)] = 16
-    num_workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)] = "auto"
+    num_workers: Annotated[int | Literal["auto"], _workers] = "auto"
     device: Annotated[str, BeforeValidator(_device)] = "auto"
-    max_samples: Annotated[int | None, _v(integer, minimum=1, nullable=True)] = None
+    max_samples: OptPositiveInt = None
     seed: Annotated[int, _v(integer, minimum=0, maximum=MAX_SEED)] = 0
-    threads: Annotated[int | Literal["auto"], BeforeValidator(_threads)] = "auto"
+    threads: Annotated[int | Literal["auto"], _threads] = "auto"
 
 
 class OutputSpec(Section):
@@ -565,10 +450,16 @@ class OutputSpec(Section):
     compression: Annotated[str, _v(choice, choices=COMPRESSIONS)] = "auto"
 
 
+def _model_section(value: Any) -> Any:
+    if value is None:
+        raise Bad("missing; set model.name (a torchvision model) or model.entrypoint (pkg.module:fn)")
+    return mapping(value)
+
+
 class Spec(Section):
     """A whole config; sections in output order."""
 
-    model: Annotated[ModelSpec, BeforeValidator(lambda v: _model_section(v))] = Field(None, validate_default=True)
+    model: Annotated[ModelSpec, BeforeValidator(_model_section)] = Field(None, validate_default=True)
     input: Annotated[InputSpec, BeforeValidator(mapping)] = Field(None, validate_default=True)
     canonizers: Annotated[list[str], BeforeValidator(canonizer_list)] = Field(default_factory=list)
     composite: Annotated[CompositeSpec, BeforeValidator(mapping)] = Field(None, validate_default=True)
@@ -605,12 +496,6 @@ class Spec(Section):
 
 def _checks(info: ValidationInfo) -> EngineChecks:
     return (info.context or {}).get("checks", NO_CHECKS)
-
-
-def _model_section(value: Any) -> Any:
-    if value is None:
-        raise Bad("missing; set model.name (a torchvision model) or model.entrypoint (pkg.module:fn)")
-    return mapping(value)
 
 
 #: The keys of each section (``canonizers`` is a list), for "did you mean 'run.seed'?" hints.

@@ -16,11 +16,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lrpcli"
 LAYERS: dict[str, int] = {}
 for rank, names in enumerate([
     ("errors", "modules", "functional_modules", "allocator", "catalogue"),  # torch-free declarations, nn blocks
-    ("yamlfile", "spec", "config"),                                         # spec
+    ("yamlfile", "values", "spec", "config"),                               # spec
     ("layerops", "relu_recompute", "rules", "hooks", "recorder", "canonizers", "composites"),  # engine
     ("build", "runtime", "models", "data", "methods", "explainer", "api", "attributors"),  # explainer
     ("store",),
-    ("runner", "distributed"),
+    ("runner", "runsetup", "distributed", "shards"),
     ("render", "debug", "merge", "explain", "evaluate", "analysis"),
     ("cli", "__main__", "__init__"),
 ]):

@@ -8,8 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import DataError, LrpcliError
-from .perturb import REPLACEMENTS, SCORES
-from .run import FAMILIES, MASK_FAMILIES, OPT_IN, Settings
+from .settings import FAMILIES, MASK_FAMILIES, OPT_IN, REPLACEMENTS, SCORES, Settings
 
 ROW_TO_FAMILY = {row: fam for fam, rows in FAMILIES.items() for row in rows}
 

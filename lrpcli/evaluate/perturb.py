@@ -15,13 +15,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .settings import REPLACEMENTS, SCORES
+
 __all__ = ["REPLACEMENTS", "SCORES", "auto_batch_size", "masked_scores", "perturbation_curves", "replacement",
            "subset_scores"]
 
-#: What a removed region is replaced with (see ``replacement``).
-REPLACEMENTS = ("mean", "black", "uniform", "blur")
-#: What is measured: the target's logit, or its softmax probability.
-SCORES = ("logit", "probability")
 
 
 def replacement(x: torch.Tensor, kind: str, mean: list[float], std: list[float], indices: np.ndarray,

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .run import FAMILIES, FileResult
+from .run import FileResult
+from .settings import FAMILIES
 
 #: Which way is better, per table row (shown in the table and the JSON).
 BETTER = {"aopc_morf": "higher", "aopc_lerf": "lower", "abpc": "higher", "faithfulness_correlation": "higher",
