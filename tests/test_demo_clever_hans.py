@@ -86,7 +86,7 @@ def test_the_model_puts_relevance_on_the_tag_only_where_it_is(tmp_path):
     share = positive[:, make_data.tag_box()].sum(axis=1) / positive.reshape(len(positive), -1).sum(axis=1)
     tagged = _tagged_rows(out)
     assert tagged.sum() == 3
-    assert share[tagged].min() > 0.2 and share[tagged].mean() > 0.35, np.round(share[tagged], 3)
+    assert share[tagged].min() > 0.2 and share[tagged].mean() > 0.3, np.round(share[tagged], 3)
     assert np.median(share[~tagged]) < 0.02, np.round(share[~tagged], 3)
 
 
