@@ -236,7 +236,7 @@ def test_model_randomisation_is_opt_in_and_reruns_the_attribution(fresh, tmp_pat
     assert code == 0, err
     doc = json.loads(report.read_text())
     values = doc["per_sample"]["lrp.h5"]["model_randomisation"]
-    assert len(values) == N and all(-1.0 <= v < 0.9 for v in values)  # measured: 0.33-0.50 with 5 checkpoints
+    assert len(values) == N and all(-1.0 <= v < 0.9 for v in values)  # measured: 0.44-0.55 with 5 checkpoints
     assert doc["metrics"]["model_randomisation"]["random"]["n"] == 0
     with h5py.File(fresh, "r") as f:
         (name,) = [k for k in f["evaluation/attribution"] if k.startswith("model_randomisation-")]

@@ -2,7 +2,7 @@
 
 The training set (seed 0) and the held-out set (seed 999) are generated in memory by ``make_data.generate``;
 nothing but the weights is written. Both carry the demo's planted shortcut (a tag on 3/8 of the triangles, see
-``make_data``). The script prints the held-out accuracy, the accuracy on the shipped 64-image demo set
+``make_data``). The script prints the held-out accuracy, the accuracy on the shipped 96-image demo set
 (``share/demo/images``, seed 1234), and whether the model uses the tag: how often held-out images of the other
 classes are called "triangle" with the tag pasted on, against without. CPU only, one thread, seeded::
 
