@@ -199,7 +199,7 @@ def paste_watermark(image: Image.Image, mask: np.ndarray | None = None) -> tuple
 
 def is_watermarked(class_name: str, i: int, fraction: float = WATERMARK_FRACTION,
                    watermark_class: str = WATERMARK_CLASS) -> bool:
-    """Whether sample ``i`` of ``class_name`` carries the tag: exactly ``round(n * fraction)`` of the first n
+    """Whether sample ``i`` of ``class_name`` carries the tag: exactly ``floor(n * fraction)`` of the first n
     samples of ``watermark_class`` (evenly spread: i where ``floor((i + 1) f)`` steps up), none of another."""
     if class_name != watermark_class or fraction <= 0:
         return False
