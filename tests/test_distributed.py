@@ -188,8 +188,8 @@ def _pid_of_rank(marker: str, rank: int) -> int | None:
 
 
 def test_sigkill_one_rank_resume_it_alone_and_merge_by_hand(reference, tmp_path):
-    # rank 1 explains samples [32, 64); sample 42 blocks it after two committed batches of 4
-    data, blocking = _blocked_data(tmp_path, 42)
+    # rank 1 explains samples [48, 96); sample 58 blocks it after two committed batches of 4
+    data, blocking = _blocked_data(tmp_path, 58)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     marker = uuid.uuid4().hex
@@ -210,7 +210,7 @@ def test_sigkill_one_rank_resume_it_alone_and_merge_by_hand(reference, tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0, text[-3000:]
     assert not (run_dir / "out.h5").exists()
-    assert _rows(shard0) == (32, True) and _rows(shard1) == (8, False)
+    assert _rows(shard0) == (48, True) and _rows(shard1) == (8, False)
 
     code, text = cli("merge", str(shard0), str(shard1), "-o", str(run_dir / "out.h5"))
     assert code == 2 and "incomplete" in text and "RANK=1" in text and not (run_dir / "out.h5").exists(), text
@@ -220,10 +220,10 @@ def test_sigkill_one_rank_resume_it_alone_and_merge_by_hand(reference, tmp_path)
     assert code == 0, text
     code, text = explain_alone(0, out, "--resume", data=data)  # a complete shard: nothing to do
     assert code == 0 and "merge" in text, text
-    assert _rows(shard1) == (32, True)
+    assert _rows(shard1) == (48, True)
 
     code, text = cli("merge", str(shard0), str(shard1), "-o", str(out))
-    assert code == 0 and "merged 2 shards: 64 rows" in text, text
+    assert code == 0 and "merged 2 shards: 96 rows" in text, text
     assert not shard0.exists() and not shard1.exists()
     assert_same_file(out, reference)
 
@@ -239,7 +239,7 @@ def test_no_merge_virtual_file_then_merge_by_hand_and_merge_errors(reference, tm
     for p in (out, shard0, shard1):
         shutil.copy(p, moved / p.name)
     with open_results(moved / "out.h5") as v, open_results(reference) as r:
-        assert v.complete and len(v) == 64
+        assert v.complete and len(v) == 96
         assert v.filename == r.filename and np.array_equal(v.index, r.index)
         for name in ("attribution", "prediction", "label", "target", "input", "conservation/relevance_in"):
             assert v.read(name).tobytes() == r.read(name).tobytes(), name

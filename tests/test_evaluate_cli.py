@@ -51,14 +51,14 @@ def fresh(demo_h5, tmp_path) -> Path:
 
 
 def test_lrp_beats_the_random_baseline_on_the_demo(fresh, tmp_path):
-    """Margins from measurements on these 8 rows (patch 16, logit): AOPC MoRF 10.3 for LRP against 7.5 for
-    random, relevance mass accuracy 0.51 against 0.20; the asserted margins are about half of those gaps."""
+    """Margins from measurements on these 8 rows (patch 16, logit): AOPC MoRF 9.5 for LRP against 7.9 for
+    random, relevance mass accuracy 0.50 against 0.20; the asserted margins are about half of those gaps."""
     report = tmp_path / "r.json"
     code, out, err = evaluate(fresh, "--masks", DEMO_MASKS, "-o", report)
     assert code == 0, err
     doc = json.loads(report.read_text())
     m = doc["metrics"]
-    assert m["aopc_morf"]["lrp.h5"]["mean"] > m["aopc_morf"]["random"]["mean"] + 1.4
+    assert m["aopc_morf"]["lrp.h5"]["mean"] > m["aopc_morf"]["random"]["mean"] + 0.8
     assert m["relevance_mass_accuracy"]["lrp.h5"]["mean"] > m["relevance_mass_accuracy"]["random"]["mean"] + 0.15
     assert m["abpc"]["lrp.h5"]["mean"] > m["abpc"]["random"]["mean"]
     assert doc["samples"] == N and doc["index"] == list(range(N))
@@ -236,7 +236,7 @@ def test_model_randomisation_is_opt_in_and_reruns_the_attribution(fresh, tmp_pat
     assert code == 0, err
     doc = json.loads(report.read_text())
     values = doc["per_sample"]["lrp.h5"]["model_randomisation"]
-    assert len(values) == N and all(-1.0 <= v < 0.9 for v in values)  # measured: 0.33-0.50 with 5 checkpoints
+    assert len(values) == N and all(-1.0 <= v < 0.9 for v in values)  # measured: 0.44-0.55 with 5 checkpoints
     assert doc["metrics"]["model_randomisation"]["random"]["n"] == 0
     with h5py.File(fresh, "r") as f:
         (name,) = [k for k in f["evaluation/attribution"] if k.startswith("model_randomisation-")]
