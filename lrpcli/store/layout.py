@@ -62,9 +62,12 @@ CONSERVATION_GROUP = "conservation"
 #: The conserved layers' names and rules, one entry per layer (not per sample)
 CONSERVATION_LAYER = f"{CONSERVATION_GROUP}/layer"
 CONSERVATION_RULE = f"{CONSERVATION_GROUP}/rule"
-#: Per-sample conservation sums, one row per sample
-CONSERVATION_ROWS = tuple(f"{CONSERVATION_GROUP}/{name}" for name in
-                          ("relevance_in", "relevance_out", "output_relevance"))
+#: Per-sample conservation sums, one row per sample: the names in the group, which are also the keys of a
+#: batch given to ``ResultWriter.append`` and of ``Results.conservation``
+RELEVANCE_IN = "relevance_in"
+RELEVANCE_OUT = "relevance_out"
+OUTPUT_RELEVANCE = "output_relevance"
+CONSERVATION_ROWS = tuple(f"{CONSERVATION_GROUP}/{name}" for name in (RELEVANCE_IN, RELEVANCE_OUT, OUTPUT_RELEVANCE))
 #: The group holding one per-sample dataset per stored layer (``layers/<module name>``)
 LAYERS_GROUP = "layers"
 #: The images that could not be used, and why; the first ``skipped_written`` entries are final
