@@ -37,6 +37,19 @@ from .runsetup import (
 )
 from .runtime import available_cpus, resolve_device, resolve_num_workers
 from .store import (
+    ATTRIBUTION_DATASET,
+    CLASSES_ATTR,
+    FILENAME_DATASET,
+    INDEX_DATASET,
+    INPUT_DATASET,
+    LABEL_DATASET,
+    LAYERS_GROUP,
+    MODEL_FINGERPRINT_ATTR,
+    OUTPUT_RELEVANCE,
+    PREDICTION_DATASET,
+    RELEVANCE_IN,
+    RELEVANCE_OUT,
+    TARGET_DATASET,
     ResultWriter,
     choose_compression,
     config_yaml,
@@ -184,7 +197,7 @@ def _explain(config: Config, data: Path, resume: bool, overwrite: bool, show: bo
             check_resume(out_path, config, data, dataset.files, first, stop, dataset.classes)
         status(f"loading model {config.model.get('name') or config.model.get('entrypoint')}")
         model, fingerprint = load_model_on(config, device)
-        file_attrs = {"model_fingerprint": fingerprint, "classes": list(dataset.classes)}
+        file_attrs = {MODEL_FINGERPRINT_ATTR: fingerprint, CLASSES_ATTR: list(dataset.classes)}
         if shard is not None:
             file_attrs.update(shard.attrs(total, config.run.batch_size))
         writer_for_resume = None
@@ -327,17 +340,17 @@ def _writer_factory(config: Config, path: Path, total: int, arrays: dict | None,
     def make():
         if arrays is None:
             return None
-        first_rows = {"attribution": arrays["attribution"], "prediction": arrays["prediction"]}
+        first_rows = {ATTRIBUTION_DATASET: arrays[ATTRIBUTION_DATASET], PREDICTION_DATASET: arrays[PREDICTION_DATASET]}
         if config.output.store_input:
-            first_rows["input"] = arrays["input"]
-        first_rows.update({f"layers/{name}": value for name, value in arrays["layers"].items()})
+            first_rows[INPUT_DATASET] = arrays[INPUT_DATASET]
+        first_rows.update({f"{LAYERS_GROUP}/{name}": value for name, value in arrays[LAYERS_GROUP].items()})
         attrs = dict(file_attrs or {})
-        classes = attrs.pop("classes", None)
+        classes = attrs.pop(CLASSES_ATTR, None)
         stored = file_config(config)
         return ResultWriter.create(
             path, config=stored, config_yaml=config_yaml(stored), classes=classes, attrs=attrs,
             config_dir=Path(config.base_dir).resolve(), n_rows=total,
-            num_outputs=arrays["prediction"].shape[1], sample_shape=tuple(arrays["attribution"].shape[1:]),
+            num_outputs=arrays[PREDICTION_DATASET].shape[1], sample_shape=tuple(arrays[ATTRIBUTION_DATASET].shape[1:]),
             layers=layers, rules=rules, dtype=config.output.dtype, store_input=config.output.store_input,
             overwrite=overwrite, extra_layers=dict(layer_shapes), torch_version=torch.__version__,
             compressed=choose_compression(config.output.compression, first_rows))
@@ -380,17 +393,17 @@ def _attribute_batch(config: Config, explainer: Explainer, batch: Any, device: t
     if torch.isnan(relevance).any():
         warnings.warn("lrpcli: NaN in the relevance of this batch; see `lrpcli debug` for the layer", stacklevel=2)
     return {
-        "attribution": relevance.detach().cpu().numpy(),
-        "prediction": output.detach().reshape(n, -1).to(torch.float32).cpu().numpy(),
-        "label": labels.numpy(),
-        "target": result.target.cpu().numpy(),
-        "index": batch.indices.numpy().astype(np.uint32),
-        "filename": list(batch.filenames),
-        "input": batch.images.numpy() if config.output.store_input else None,
-        "relevance_in": relevance_in,
-        "relevance_out": relevance_out,
-        "output_relevance": output_relevance,
-        "layers": maps,
+        ATTRIBUTION_DATASET: relevance.detach().cpu().numpy(),
+        PREDICTION_DATASET: output.detach().reshape(n, -1).to(torch.float32).cpu().numpy(),
+        LABEL_DATASET: labels.numpy(),
+        TARGET_DATASET: result.target.cpu().numpy(),
+        INDEX_DATASET: batch.indices.numpy().astype(np.uint32),
+        FILENAME_DATASET: list(batch.filenames),
+        INPUT_DATASET: batch.images.numpy() if config.output.store_input else None,
+        RELEVANCE_IN: relevance_in,
+        RELEVANCE_OUT: relevance_out,
+        OUTPUT_RELEVANCE: output_relevance,
+        LAYERS_GROUP: maps,
     }, (layers, rules)
 
 
@@ -401,8 +414,8 @@ def _warn_vanishing(explainer: Explainer, arrays: dict[str, Any], layers: list[s
     if session is None:
         return False
     rules = {a.name: a.rule for a in session.assignments.values()}
-    found = vanishing_layer(layers, rules, torch.from_numpy(arrays["relevance_in"]),
-                            torch.from_numpy(arrays["relevance_out"]), float(np.nansum(arrays["output_relevance"])),
+    found = vanishing_layer(layers, rules, torch.from_numpy(arrays[RELEVANCE_IN]),
+                            torch.from_numpy(arrays[RELEVANCE_OUT]), float(np.nansum(arrays[OUTPUT_RELEVANCE])),
                             explainer.recorder.scales)
     if found is None:
         return False

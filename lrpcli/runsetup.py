@@ -20,7 +20,16 @@ import torch
 from . import models
 from .config import Config
 from .errors import DataError
-from .store import IGNORED_CONFIG_KEYS, ResultWriter, clean_str, config_differences, file_config, open_results
+from .store import (
+    IGNORED_CONFIG_KEYS,
+    MODEL_FINGERPRINT_ATTR,
+    N_ROWS_ATTR,
+    ResultWriter,
+    clean_str,
+    config_differences,
+    file_config,
+    open_results,
+)
 
 __all__ = ["sigterm_as_interrupt", "torch_threads", "load_model_on", "check_resume", "resume_writer", "Status",
            "check_output_dir"]
@@ -85,7 +94,7 @@ def check_resume(path: Path, config: Config, data: Path, files: list[str], first
         if before is not None and before != [clean_str(c) for c in classes]:
             raise DataError(f"cannot resume {path}: it was written for the classes {before}, but {data} now has "
                             f"{list(classes)}; give the DATA the file was started with, or use --overwrite")
-        n_rows = int(stored.attrs["n_rows"])
+        n_rows = int(stored.attrs[N_ROWS_ATTR])
         if n_rows != stop - first:
             raise DataError(f"cannot resume {path}: it was started for {n_rows} samples, but {data} now gives "
                             f"{stop - first}; give the same DATA, or use --overwrite to start again")
@@ -107,7 +116,7 @@ def check_resume(path: Path, config: Config, data: Path, files: list[str], first
 def resume_writer(path: Path, config: Config, fingerprint: str) -> Any:
     """The store reopened for appending, after checking that this run builds the model that wrote it."""
     with open_results(path) as stored:
-        before = stored.attrs.get("model_fingerprint")
+        before = stored.attrs.get(MODEL_FINGERPRINT_ATTR)
     if before is not None and before != fingerprint:
         raise DataError(f"cannot resume {path}: the model is not the one that wrote its rows (parameters and buffers "
                         f"differ: {before[:19]}... in the file, {fingerprint[:19]}... now); check model.weights and "

@@ -2,43 +2,43 @@
 
 The split is deterministic and contiguous, in whole batches (see ``lrpcli.distributed`` for why); a shard is an
 ordinary result file whose root attributes ``SHARD_ATTRS`` say which samples it holds. ``merge`` reads and checks
-the shards (same run, every sample exactly once), writes the joined file (a copy, or HDF5 virtual datasets over
-the shards) under a temporary name, verifies it and renames it. Nothing here needs torch (``lrpcli merge`` runs
-anywhere h5py does).
+the shards (same run, every sample exactly once); ``lrpcli.store.join`` writes the joined file (a copy, or HDF5
+virtual datasets over the shards) under a temporary name; ``merge`` verifies it and renames it. Nothing here
+needs torch (``lrpcli merge`` runs anywhere h5py does).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .errors import DataError, RunError
 from .store import (
-    INPUT_DATASET,
-    LAYERS_GROUP,
-    ResultWriter,
+    SHARD_ATTRS,
+    SHARD_BATCH_SIZE_ATTR,
+    SHARD_RANK_ATTR,
+    SHARD_START_ATTR,
+    SHARD_STOP_ATTR,
+    SHARD_TOTAL_ATTR,
+    SHARD_WORLD_SIZE_ATTR,
     config_differences,
     error_text,
     open_results,
+    part_layout,
     read_classes,
-    row_datasets_of,
-    write_classes,
+    write_joined,
+    write_virtual,
 )
 
 __all__ = ["SHARD_ATTRS", "shard_bounds", "shard_path", "default_output", "merge", "MergeSummary"]
 
-SHARD_ATTRS = ("shard_rank", "shard_world_size", "shard_start", "shard_stop", "shard_total", "shard_batch_size")
 _SHARD_RE = re.compile(r"^(?P<stem>.*)\.rank(?P<rank>\d{5,})(?P<suffix>\.[^.]*)?$")
-_MERGE_CHUNK_BYTES = 64 << 20  # rows copied per step of the merge: about this many bytes
 
 
 # ------------------------------------------------------------------------------------------- the split
@@ -89,7 +89,7 @@ class _ShardInfo:
 
     @property
     def rank(self) -> int:
-        return int(self.attrs["shard_rank"])
+        return int(self.attrs[SHARD_RANK_ATTR])
 
 
 def _read_shard(path: Path) -> _ShardInfo:
@@ -100,31 +100,26 @@ def _read_shard(path: Path) -> _ShardInfo:
         missing = [a for a in SHARD_ATTRS if a not in attrs]
         if missing:
             raise DataError(f"{path} is not a shard of a distributed run (no {missing[0]} attribute)")
-        rank, world = int(attrs["shard_rank"]), int(attrs["shard_world_size"])
-        start, stop = int(attrs["shard_start"]), int(attrs["shard_stop"])
+        rank, world = int(attrs[SHARD_RANK_ATTR]), int(attrs[SHARD_WORLD_SIZE_ATTR])
+        start, stop = int(attrs[SHARD_START_ATTR]), int(attrs[SHARD_STOP_ATTR])
         if not r.complete:
             done = r.rows_written + r.skipped_written
             raise DataError(
                 f"{path} is incomplete ({done} of its {stop - start} samples done): finish it with "
                 f"RANK={rank} WORLD_SIZE={world} lrpcli explain ... --resume (or rerun torchrun with --resume)")
         info = _ShardInfo(path, attrs, r.config, r.rows_written, list(r.skipped), np.asarray(r.index), [], [], {})
-    import h5py
-
-
-    with h5py.File(path, "r") as f:
-        info.shapes = {name: (tuple(f[name].shape[1:]), str(f[name].dtype)) for name in row_datasets_of(f)}
-        info.layers = f["conservation/layer"].asstr()[()].tolist()
-        info.rules = f["conservation/rule"].asstr()[()].tolist()
+    info.shapes, info.layers, info.rules = part_layout(path)
     return info
 
 
 def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
     """Same run, no rank twice, none missing, and every sample exactly once: the shards in rank order."""
     first = infos[0]
-    world, total, batch = (int(first.attrs[k]) for k in ("shard_world_size", "shard_total", "shard_batch_size"))
+    run_attrs = (SHARD_WORLD_SIZE_ATTR, SHARD_TOTAL_ATTR, SHARD_BATCH_SIZE_ATTR)
+    world, total, batch = (int(first.attrs[k]) for k in run_attrs)
     by_rank: dict[int, _ShardInfo] = {}
     for info in infos:
-        same = tuple(int(info.attrs[k]) for k in ("shard_world_size", "shard_total", "shard_batch_size"))
+        same = tuple(int(info.attrs[k]) for k in run_attrs)
         if same != (world, total, batch):
             raise DataError(
                 f"{info.path} and {first.path} come from different runs: {info.path.name} is a shard of "
@@ -156,7 +151,7 @@ def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
                 raise DataError(f"missing shard: rank {rank} of {world} (samples [{start}, {stop})), expected "
                                 f"{shard_path(_merged_name(first.path), rank)}")
             continue
-        got = (int(info.attrs["shard_start"]), int(info.attrs["shard_stop"]))
+        got = (int(info.attrs[SHARD_START_ATTR]), int(info.attrs[SHARD_STOP_ATTR]))
         if got != (start, stop):
             raise DataError(f"{info.path} holds samples [{got[0]}, {got[1]}) but rank {rank} of {world} should "
                             f"hold [{start}, {stop})")
@@ -222,10 +217,11 @@ def merge(shards: Sequence[str | os.PathLike], output: str | os.PathLike, *, ove
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".merging")
     try:
+        total = int(infos[0].attrs[SHARD_TOTAL_ATTR])
         if virtual:
-            rows, skipped = _write_virtual(infos, tmp, output)
-        else:
-            rows, skipped = _write_merged(infos, tmp)
+            rows, skipped = write_virtual(infos, tmp, output, total)
+        else:  # crash safety while merging is not needed: tmp only becomes the output when complete and verified
+            rows, skipped = write_joined(infos, tmp, total)
         _verify(tmp, infos)
         os.replace(tmp, output)
     except BaseException as err:
@@ -244,126 +240,6 @@ def merge(shards: Sequence[str | os.PathLike], output: str | os.PathLike, *, ove
         for info in infos:
             info.path.unlink()
     return MergeSummary(output, len(infos), rows, skipped, time.perf_counter() - t0, virtual, removed)
-
-
-def _write_merged(infos: list[_ShardInfo], tmp: Path) -> tuple[int, int]:
-    """A real copy with the layout, attributes, chunking and dtypes of a one-process run's file.
-
-    ``ResultWriter.create`` builds the file (every dataset, every attribute) exactly as a run does; the rows
-    are then copied in: the compressed one-row chunks as they are (raw chunk copy, no decompress/compress;
-    40x faster than re-encoding, the bytes are the same), the small per-row datasets as values. The file is
-    finished like ``ResultWriter.close(complete=True)`` finishes one: trimmed to its rows, then committed.
-    Crash safety while merging is not needed: ``tmp`` only becomes the output when complete and verified.
-    """
-    import h5py
-
-
-    first = infos[0]
-    attrs = first.attrs
-    shapes = first.shapes
-    layer_names = [name[len(LAYERS_GROUP) + 1:] for name in shapes if name.startswith(LAYERS_GROUP + "/")]
-    with h5py.File(first.path, "r") as src:  # the first shard's choice (output.compression: auto decides per file)
-        compressed = {name: src[name].compression is not None for name in shapes}
-    ResultWriter.create(
-        tmp, config=first.config, config_yaml=str(attrs["config"]), n_rows=int(attrs["shard_total"]),
-        num_outputs=shapes["prediction"][0][0], sample_shape=shapes["attribution"][0],
-        layers=first.layers, rules=first.rules, dtype=shapes["attribution"][1],
-        store_input=INPUT_DATASET in shapes, overwrite=True,
-        extra_layers={name: shapes[f"layers/{name}"][0] for name in layer_names},
-        torch_version=str(attrs.get("torch_version", "")), compressed=compressed, classes=read_classes(attrs),
-        config_dir=attrs.get("config_dir")).close(complete=False)
-    skipped = [s for info in infos for s in info.skipped]
-    rows = 0
-    with h5py.File(tmp, "r+", libver=("earliest", "v108")) as out:
-        if "model_fingerprint" in attrs:  # the model that wrote the rows, as in a one-process file
-            out.attrs["model_fingerprint"] = attrs["model_fingerprint"]
-        for info in infos:
-            with h5py.File(info.path, "r") as src:
-                for name in shapes:
-                    _copy_rows(src[name], out[name], info.rows, rows)
-            rows += info.rows
-        for i, key in enumerate(("filename", "reason")):
-            dset = out[f"skipped/{key}"]
-            if dset.shape[0] < len(skipped):
-                dset.resize(len(skipped), axis=0)
-            if skipped:
-                dset[: len(skipped)] = np.array([s[i] for s in skipped], dtype=object)
-            dset.resize(len(skipped), axis=0)
-        for name in shapes:
-            out[name].resize(rows, axis=0)
-        out.flush()
-        out.attrs.modify("rows_written", np.int64(rows))
-        out.attrs.modify("skipped_written", np.int64(len(skipped)))
-        out.flush()
-        out.attrs.modify("complete", np.bool_(True))
-    return rows, len(skipped)
-
-
-def _copy_rows(src: Any, dst: Any, n: int, at: int) -> None:
-    """Rows ``[0, n)`` of ``src`` into rows ``[at, at + n)`` of ``dst``."""
-    import h5py
-
-    same_layout = (src.chunks == dst.chunks and src.chunks is not None and src.chunks[0] == 1
-                   and src.dtype == dst.dtype and src.compression == dst.compression
-                   and src.compression_opts == dst.compression_opts and src.shuffle == dst.shuffle
-                   and tuple(src.chunks[1:]) == src.shape[1:])
-    if same_layout:
-        rest = (0,) * (src.ndim - 1)
-        for i in range(n):
-            mask, raw = src.id.read_direct_chunk((i, *rest))
-            dst.id.write_direct_chunk((at + i, *rest), raw, mask)
-        return
-    row_bytes = max(1, src.dtype.itemsize * math.prod(src.shape[1:]))
-    step = max(1, _MERGE_CHUNK_BYTES // row_bytes)
-    text = h5py.check_string_dtype(src.dtype) is not None
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        dst[at + lo: at + hi] = np.asarray(src.asstr()[lo:hi], dtype=object) if text else src[lo:hi]
-
-
-def _write_virtual(infos: list[_ShardInfo], tmp: Path, output: Path) -> tuple[int, int]:
-    """``output`` as virtual datasets over the shards (sources named relative to ``output``'s folder)."""
-    import h5py
-
-
-    first = infos[0]
-    rows = sum(info.rows for info in infos)
-    skipped = [s for info in infos for s in info.skipped]
-    text = h5py.string_dtype("utf-8")
-    with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-        for key in ("config", "torch_version"):
-            f.attrs[key] = str(first.attrs.get(key, ""))
-        f.attrs["lrpcli_version"] = __version__
-        f.attrs["created"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-        f.attrs["n_rows"] = np.int64(first.attrs["shard_total"])
-        f.attrs["complete"] = np.bool_(True)
-        f.attrs["rows_written"] = np.int64(rows)
-        f.attrs["skipped_written"] = np.int64(len(skipped))
-        f.attrs["virtual_shards"] = [os.path.relpath(info.path, output.parent) for info in infos]
-        for key in ("model_fingerprint", "config_dir"):
-            if key in first.attrs:
-                f.attrs[key] = first.attrs[key]
-        classes = read_classes(first.attrs)
-        if classes is not None:
-            write_classes(f.attrs, classes)
-        for name, (shape, dtype) in first.shapes.items():
-            dt = text if dtype == "object" else np.dtype(dtype)
-            layout = h5py.VirtualLayout(shape=(rows,) + shape, dtype=dt)
-            at = 0
-            for info in infos:
-                if info.rows:
-                    source = h5py.VirtualSource(os.path.relpath(info.path, output.parent), name,
-                                                shape=(info.rows,) + shape)
-                    layout[at:at + info.rows] = source
-                    at += info.rows
-            f.create_virtual_dataset(name, layout)
-        f.require_group(LAYERS_GROUP)
-        f.create_dataset("conservation/layer", data=np.array(first.layers, dtype=object), dtype=text)
-        f.create_dataset("conservation/rule", data=np.array(first.rules, dtype=object), dtype=text)
-        for i, key in enumerate(("filename", "reason")):
-            f.create_dataset(f"skipped/{key}", data=np.array([s[i] for s in skipped], dtype=object), dtype=text,
-                             shape=(len(skipped),))
-    return rows, len(skipped)
 
 
 def _verify(path: Path, infos: list[_ShardInfo]) -> None:

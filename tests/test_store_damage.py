@@ -169,7 +169,7 @@ def test_float16_storage_reads_back_as_float32(tmp_path):
 
 
 def test_merge_on_a_full_disk_is_one_line_and_keeps_the_shards(tmp_path, monkeypatch):
-    import lrpcli.shards as shards_module
+    import lrpcli.store.join as join_module
 
     shard0, shard1 = shards(tmp_path)
     out = tmp_path / "out.h5"
@@ -178,7 +178,7 @@ def test_merge_on_a_full_disk_is_one_line_and_keeps_the_shards(tmp_path, monkeyp
         raise RuntimeError("Can't synchronously write data (file write failed: time = now, filename = 'x', file "
                            "descriptor = 3, errno = 28, error message = 'No space left on device', buf = 0x0)")
 
-    monkeypatch.setattr(shards_module, "_copy_rows", disk_full)
+    monkeypatch.setattr(join_module, "copy_rows", disk_full)
     line = one_error_line(*cli("merge", str(shard0), str(shard1), "-o", str(out)), exit_code=1)  # a RunError
     assert line == (f"lrpcli: error: writing {out} failed (No space left on device); nothing was written and the "
                     "shards are kept: free space (or fix the cause) and merge again")

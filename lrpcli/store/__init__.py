@@ -41,7 +41,8 @@ A flush hands the data to the operating system, which is what survives a killed 
 The package, one job per module: ``layout`` (names, dtypes, chunking, the empty file: the only place that
 knows the format), ``writer`` (``ResultWriter``), ``reader`` (``open_results``, ``Results``), ``damage``
 (opening a file, one-line errors for locked, foreign, damaged or incomplete ones), ``recovery`` (crash repair),
-``locks`` (who may write an output), ``compression`` and ``stored_config`` (the config as stored, and the
+``locks`` (who may write an output), ``join`` (shards joined into one file: a copy or virtual datasets),
+``compression`` and ``stored_config`` (the config as stored, and the
 comparison a resume makes). Other lrpcli modules import from ``lrpcli.store`` only.
 
 It needs numpy, h5py and PyYAML only (no torch), so files can be read anywhere; only
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 from .compression import COMPRESSIONS, choose_compression, pays_to_compress
 from .damage import check_sources, error_text, missing_sources, open_error
+from .join import copy_rows, part_layout, write_joined, write_virtual
 from .layout import (
     ATTRIBUTION_DATASET,
     CLASSES_ATTR,
@@ -70,16 +72,27 @@ from .layout import (
     LIBVER,
     MODEL_FINGERPRINT_ATTR,
     N_ROWS_ATTR,
+    OUTPUT_RELEVANCE,
     PARTIAL_SUFFIX,
     PREDICTION_DATASET,
+    RELEVANCE_IN,
+    RELEVANCE_OUT,
     ROW_DATASETS,
     ROWS_WRITTEN_ATTR,
+    SHARD_ATTRS,
+    SHARD_BATCH_SIZE_ATTR,
+    SHARD_RANK_ATTR,
+    SHARD_START_ATTR,
+    SHARD_STOP_ATTR,
+    SHARD_TOTAL_ATTR,
+    SHARD_WORLD_SIZE_ATTR,
     SKIPPED_FILENAME,
     SKIPPED_REASON,
     SKIPPED_WRITTEN_ATTR,
     TARGET_DATASET,
     TORCH_VERSION_ATTR,
     VERSION_ATTR,
+    VIRTUAL_SHARDS_ATTR,
     clean_str,
     read_classes,
     row_datasets,
@@ -95,10 +108,13 @@ __all__ = [
     "ATTRIBUTION_DATASET", "CLASSES_ATTR", "COMPLETE_ATTR", "COMPRESSIONS", "CONFIG_ATTR", "CONFIG_DIR_ATTR",
     "CONSERVATION_LAYER", "CONSERVATION_ROWS", "CONSERVATION_RULE", "CREATED_ATTR", "FILENAME_DATASET",
     "IGNORED_CONFIG_KEYS", "INDEX_DATASET", "INPUT_DATASET", "LABEL_DATASET", "LAYERS_GROUP", "LIBVER",
-    "MODEL_FINGERPRINT_ATTR", "N_ROWS_ATTR", "PARTIAL_SUFFIX", "PREDICTION_DATASET", "ROWS_WRITTEN_ATTR",
-    "ROW_DATASETS", "SKIPPED_FILENAME", "SKIPPED_REASON", "SKIPPED_WRITTEN_ATTR", "TARGET_DATASET",
-    "TORCH_VERSION_ATTR", "VERSION_ATTR", "ResultWriter", "Results", "being_written", "check_sources",
-    "choose_compression", "clean_str", "config_differences", "config_yaml", "error_text", "file_config",
-    "missing_sources", "open_error", "open_results", "pays_to_compress", "read_classes",
-    "refuse_existing_output", "row_datasets", "row_datasets_of", "write_classes",
+    "MODEL_FINGERPRINT_ATTR", "N_ROWS_ATTR", "OUTPUT_RELEVANCE", "PARTIAL_SUFFIX", "PREDICTION_DATASET",
+    "RELEVANCE_IN", "RELEVANCE_OUT", "ROWS_WRITTEN_ATTR", "ROW_DATASETS", "SHARD_ATTRS", "SHARD_BATCH_SIZE_ATTR",
+    "SHARD_RANK_ATTR", "SHARD_START_ATTR", "SHARD_STOP_ATTR", "SHARD_TOTAL_ATTR", "SHARD_WORLD_SIZE_ATTR",
+    "SKIPPED_FILENAME", "SKIPPED_REASON", "SKIPPED_WRITTEN_ATTR", "TARGET_DATASET", "TORCH_VERSION_ATTR",
+    "VERSION_ATTR", "VIRTUAL_SHARDS_ATTR", "ResultWriter", "Results", "being_written", "check_sources",
+    "choose_compression", "clean_str", "config_differences", "config_yaml", "copy_rows", "error_text",
+    "file_config", "missing_sources", "open_error", "open_results", "part_layout", "pays_to_compress",
+    "read_classes", "refuse_existing_output", "row_datasets", "row_datasets_of", "write_classes", "write_joined",
+    "write_virtual",
 ]

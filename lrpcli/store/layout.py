@@ -5,7 +5,7 @@ Layout (DESIGN.md section 3; also a ViRelAy attribution file): ``attribution``, 
 root attributes ``classes``, ``config``, ``config_dir``, ``model_fingerprint``, ``lrpcli_version``,
 ``torch_version``, ``created``, ``complete``, ``rows_written`` (and the bookkeeping attributes ``n_rows`` and
 ``skipped_written``). The writer, the reader, the render reader (lrpcli.render.reader), the shard merge
-(lrpcli.distributed) and the commands that read result files take the names from here.
+(lrpcli.shards, lrpcli.store.join) and the commands that read result files take the names from here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ COMPRESSION = "lzf"
 PARTIAL_SUFFIX = ".partial"
 #: The HDF5 1.8 file format (see rule 4 in lrpcli.store): no "open for writing" flag a kill could leave set
 LIBVER = ("earliest", "v108")
+#: A file of virtual datasets needs the HDF5 1.10 format (it is written whole, then renamed into place)
+VIRTUAL_LIBVER = ("v110", "latest")
 _MULTI_ROW_CHUNK_BYTES = 64 * 1024  # target size of the uncompressed chunks of the small per-row datasets
 #: Rows per chunk of the ``skipped/*`` datasets
 SKIPPED_CHUNK = 1024
@@ -60,9 +62,12 @@ CONSERVATION_GROUP = "conservation"
 #: The conserved layers' names and rules, one entry per layer (not per sample)
 CONSERVATION_LAYER = f"{CONSERVATION_GROUP}/layer"
 CONSERVATION_RULE = f"{CONSERVATION_GROUP}/rule"
-#: Per-sample conservation sums, one row per sample
-CONSERVATION_ROWS = tuple(f"{CONSERVATION_GROUP}/{name}" for name in
-                          ("relevance_in", "relevance_out", "output_relevance"))
+#: Per-sample conservation sums, one row per sample: the names in the group, which are also the keys of a
+#: batch given to ``ResultWriter.append`` and of ``Results.conservation``
+RELEVANCE_IN = "relevance_in"
+RELEVANCE_OUT = "relevance_out"
+OUTPUT_RELEVANCE = "output_relevance"
+CONSERVATION_ROWS = tuple(f"{CONSERVATION_GROUP}/{name}" for name in (RELEVANCE_IN, RELEVANCE_OUT, OUTPUT_RELEVANCE))
 #: The group holding one per-sample dataset per stored layer (``layers/<module name>``)
 LAYERS_GROUP = "layers"
 #: The images that could not be used, and why; the first ``skipped_written`` entries are final
@@ -90,6 +95,18 @@ COMPLETE_ATTR = "complete"
 #: The commit record: rows (and skipped images) that are final
 ROWS_WRITTEN_ATTR = "rows_written"
 SKIPPED_WRITTEN_ATTR = "skipped_written"
+#: A file of virtual datasets over shards: the shards' paths, relative to its folder
+VIRTUAL_SHARDS_ATTR = "virtual_shards"
+#: A shard of a distributed run: its rank, the run's world size, the samples ``[start, stop)`` it holds of the
+#: run's ``total``, and the run's batch size (lrpcli.shards)
+SHARD_RANK_ATTR = "shard_rank"
+SHARD_WORLD_SIZE_ATTR = "shard_world_size"
+SHARD_START_ATTR = "shard_start"
+SHARD_STOP_ATTR = "shard_stop"
+SHARD_TOTAL_ATTR = "shard_total"
+SHARD_BATCH_SIZE_ATTR = "shard_batch_size"
+SHARD_ATTRS = (SHARD_RANK_ATTR, SHARD_WORLD_SIZE_ATTR, SHARD_START_ATTR, SHARD_STOP_ATTR, SHARD_TOTAL_ATTR,
+               SHARD_BATCH_SIZE_ATTR)
 
 #: What a file needs to be an lrpcli result file (checked when it is opened)
 REQUIRED_DATASETS = (
