@@ -48,7 +48,7 @@ def parse_clusters(text: str) -> tuple[int, ...]:
               help="k values for k-means, as a range or list: 2-10, 2,4,8.")
 @click.option("--tsne/--no-tsne", default=True, show_default=True,
               help="Also compute a 2-d t-SNE layout for display.")
-@click.option("--tsne-fit", type=click.IntRange(4, None), default=5000, show_default=True, metavar="N",
+@click.option("--tsne-fit", type=click.IntRange(4, None), default=2000, show_default=True, metavar="N",
               help="t-SNE fits at most N samples of a class; the others are placed by their nearest neighbours.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of k-means, t-SNE and the eigensolver.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,

@@ -19,6 +19,9 @@ placed at the distance-weighted mean of its nearest fitted neighbours in the spe
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,7 +193,7 @@ def hdbscan(embedding: np.ndarray, n_dims: int, min_cluster_size: int | None = N
     return _relabel(labels)
 
 
-def tsne(embedding: np.ndarray, seed: int = 0, perplexity: float = 30.0, fit: int = 5000) -> np.ndarray:
+def tsne(embedding: np.ndarray, seed: int = 0, perplexity: float = 30.0, fit: int = 2000) -> np.ndarray:
     """A 2-d t-SNE layout of the spectral embedding, for display (``(n, 2)`` float32).
 
     At most ``fit`` samples (a random subset drawn with ``seed``) are fitted; each other sample is placed at
@@ -259,7 +262,7 @@ class Params:
     clusters: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)
     tsne: bool = True
     #: Largest number of samples of a category that t-SNE fits; the others are placed by their neighbours.
-    tsne_fit: int = 5000
+    tsne_fit: int = 2000
     seed: int = 0
     #: Threads of the numerical libraries (BLAS, OpenMP). 1 by default: their workers spin while they wait,
     #: and on a busy machine one thread ran k-means 70x and t-SNE 5x faster than two (share/bench).
@@ -276,10 +279,14 @@ class Result:
     layouts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def analyse(features: np.ndarray, params: Params) -> Result:
-    """The full SpRAy pipeline on one category's preprocessed features ``(n, d)``."""
+def analyse(features: np.ndarray, params: Params, times: dict[str, list[float]] | None = None) -> Result:
+    """The full SpRAy pipeline on one category's preprocessed features ``(n, d)``.
+
+    ``times``, when given, collects each stage's ``[wall, CPU]`` seconds (added to what it already holds):
+    ``graph``, ``eigen``, ``clustering``, ``embedding``; share/bench/bench_analyze.py reports them.
+    """
     with limit_threads(params.threads):
-        return _analyse(features, params)
+        return _analyse(features, params, times if times is not None else {})
 
 
 def limit_threads(threads: int):
@@ -294,10 +301,24 @@ def limit_threads(threads: int):
     return threadpool_limits(threads)
 
 
-def _analyse(features: np.ndarray, params: Params) -> Result:
-    graph = knn_affinity(features, params.neighbors)
-    eigenvalues, embedding = spectral_embedding(graph, params.eigenvalues, params.seed)
-    clusterings = {f"kmeans-{k:02d}": kmeans(embedding, k, params.seed) for k in params.clusters}
-    clusterings["hdbscan"] = hdbscan(embedding, min(8, max(4, eigengap(eigenvalues) + 1)))
-    layouts = {"tsne": tsne(embedding, params.seed, fit=params.tsne_fit)} if params.tsne else {}
+def _analyse(features: np.ndarray, params: Params, times: dict[str, list[float]]) -> Result:
+    with _stage(times, "graph"):
+        graph = knn_affinity(features, params.neighbors)
+    with _stage(times, "eigen"):
+        eigenvalues, embedding = spectral_embedding(graph, params.eigenvalues, params.seed)
+    with _stage(times, "clustering"):
+        clusterings = {f"kmeans-{k:02d}": kmeans(embedding, k, params.seed) for k in params.clusters}
+        clusterings["hdbscan"] = hdbscan(embedding, min(8, max(4, eigengap(eigenvalues) + 1)))
+    with _stage(times, "embedding"):
+        layouts = {"tsne": tsne(embedding, params.seed, fit=params.tsne_fit)} if params.tsne else {}
     return Result(eigenvalues.astype(np.float32), embedding.astype(np.float32), clusterings, layouts)
+
+
+@contextmanager
+def _stage(times: dict[str, list[float]], name: str) -> Iterator[None]:
+    """Adds the block's wall and process CPU seconds to ``times[name]``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    total = times.setdefault(name, [0.0, 0.0])
+    total[0] += time.perf_counter() - wall
+    total[1] += time.process_time() - cpu
