@@ -74,11 +74,11 @@ def preprocess(relevance: np.ndarray, size: int = 32, absolute: bool = False) ->
     return pooled
 
 
-def principal_components(features: np.ndarray, dims: int, chunk: int = 8192) -> np.ndarray:
+def principal_components(features: np.ndarray, dims: int, chunk: int = 2048) -> np.ndarray:
     """``features`` projected onto their ``dims`` leading principal components (float32, ``(n, dims)``).
 
-    Exact: the d x d covariance is accumulated in float64 over row chunks (memory d^2, not n x d in float64)
-    and decomposed densely, so the result does not depend on a seed.
+    Exact: the d x d covariance is accumulated in float64 over row chunks and decomposed densely, so the result
+    does not depend on a seed; the projection is made chunk by chunk too (no centred copy of all features).
     """
     x = np.asarray(features, dtype=np.float32)
     n, d = x.shape
@@ -89,7 +89,10 @@ def principal_components(features: np.ndarray, dims: int, chunk: int = 8192) -> 
         cov += c.T @ c
     _, vec = np.linalg.eigh(cov)
     basis = vec[:, ::-1][:, :dims].astype(np.float32)
-    return (x - mean.astype(np.float32)) @ basis
+    out = np.empty((n, basis.shape[1]), dtype=np.float32)
+    for start in range(0, n, chunk):  # chunk by chunk: no centred copy of all features
+        out[start: start + chunk] = (x[start: start + chunk] - mean.astype(np.float32)) @ basis
+    return out
 
 
 def knn_affinity(features: np.ndarray, n_neighbors: int = 10) -> sp.csr_matrix:
