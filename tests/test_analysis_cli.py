@@ -301,3 +301,15 @@ def test_analyze_by_target_groups_by_the_explained_output(runs, tmp_path):
         for key in f:
             assert list(f[key]["index"][:]) == list(np.flatnonzero(target == int(key)))
             assert f[key].attrs["name"] == f"output {int(key)}" and f[key].attrs["by"] == "target"
+
+
+def test_analyze_tsne_fit_is_stored_and_bounded(runs, tmp_path):
+    base, _, _ = runs
+    code, _, err = run("analyze", str(base / "f.h5"), "-o", str(tmp_path / "t.h5"), "--clusters", "2",
+                       "--tsne-fit", "4", "-q")
+    assert code == 0, err
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        assert json.loads(f.attrs["params"])["tsne_fit"] == 4
+        assert all(f[key]["embedding/tsne"].shape == (len(f[key]["index"]), 2) for key in f)
+    code, _, err = run("analyze", str(base / "f.h5"), "-o", str(tmp_path / "u.h5"), "--tsne-fit", "3")
+    assert code == 2 and "--tsne-fit" in err and "3" in err

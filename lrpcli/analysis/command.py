@@ -47,21 +47,23 @@ def parse_clusters(text: str) -> tuple[int, ...]:
 @click.option("--clusters", default="2-10", show_default=True, metavar="KS",
               help="k values for k-means, as a range or list: 2-10, 2,4,8.")
 @click.option("--tsne/--no-tsne", default=True, show_default=True,
-              help="Also compute a 2-d t-SNE layout (the slowest step on large classes).")
+              help="Also compute a 2-d t-SNE layout for display.")
+@click.option("--tsne-fit", type=click.IntRange(4, None), default=2000, show_default=True, metavar="N",
+              help="t-SNE fits at most N samples of a class; the others are placed by their nearest neighbours.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of k-means, t-SNE and the eigensolver.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Threads of the numerical libraries; more only pays on an idle multi-core machine.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing ANALYSIS.h5.")
 @click.option("-q", "--quiet", is_flag=True, help="No per-class progress lines.")
 def analyze(file: str, out: str, by: str, wanted: tuple[str, ...], size: int, absolute: bool, neighbors: int,
-            eigenvalues: int, clusters: str, tsne: bool, seed: int, threads: int, overwrite: bool,
+            eigenvalues: int, clusters: str, tsne: bool, tsne_fit: int, seed: int, threads: int, overwrite: bool,
             quiet: bool) -> None:
     """Spectral relevance analysis (SpRAy) of the relevance maps in OUT.h5, per class, in ViRelAy's layout."""
     from .analyze import analyze_file  # lazy: keeps lrpcli --help fast
     from .spray import Params  # lazy: keeps lrpcli --help fast
 
     params = Params(size=size, absolute=absolute, neighbors=neighbors, eigenvalues=eigenvalues,
-                    clusters=parse_clusters(clusters), tsne=tsne, seed=seed, threads=threads)
+                    clusters=parse_clusters(clusters), tsne=tsne, tsne_fit=tsne_fit, seed=seed, threads=threads)
     log = None if quiet else (lambda line: click.echo(line, err=True))
     cats = analyze_file(file, out, params, by=by, wanted=wanted, overwrite=overwrite, log=log)
     if not quiet:

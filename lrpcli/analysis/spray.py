@@ -9,10 +9,19 @@ embedding; k-means (one clustering per k) and HDBSCAN group it; t-SNE lays it ou
 Memory: only the pooled features (N x size^2 float32) and the kNN graph (N x neighbours entries) are held;
 there is no N x N matrix. scikit-learn and scipy do the numerics (well-kept, already needed by ViRelAy's
 stack); CoRelAy itself was not used because it pulls in a dense pairwise-distance step (N^2 memory).
+
+Time: the two steps that grow faster than N are bounded for large categories. The exact kNN search costs
+N^2 * d, so above ``KNN_PCA_FROM`` samples it runs on the leading ``KNN_PCA_DIMS`` principal components (an
+exact PCA from the d x d covariance: deterministic, and pooled relevance maps are smooth, so little is lost);
+t-SNE is fitted on at most ``Params.tsne_fit`` samples (a seeded random subset) and every other sample is
+placed at the distance-weighted mean of its nearest fitted neighbours in the spectral embedding.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +29,12 @@ import scipy.sparse as sp
 
 #: Below this many samples the eigenproblem is solved densely (exact, and faster than ARPACK for small N).
 DENSE_LIMIT = 600
+#: Above this many samples the kNN search runs on principal components (its cost is N^2 * dimensions).
+KNN_PCA_FROM = 10_000
+#: Principal components kept for that search.
+KNN_PCA_DIMS = 64
+#: Fitted neighbours that place a sample left out of the t-SNE fit.
+PLACE_NEIGHBORS = 10
 
 
 def pool(maps: np.ndarray, size: int) -> np.ndarray:
@@ -59,14 +74,41 @@ def preprocess(relevance: np.ndarray, size: int = 32, absolute: bool = False) ->
     return pooled
 
 
+def principal_components(features: np.ndarray, dims: int, chunk: int = 2048) -> np.ndarray:
+    """``features`` projected onto their ``dims`` leading principal components (float32, ``(n, dims)``).
+
+    Exact: the d x d covariance is accumulated in float64 over row chunks and decomposed densely, so the result
+    does not depend on a seed; the projection is made chunk by chunk too (no centred copy of all features).
+    """
+    x = np.asarray(features, dtype=np.float32)
+    n, d = x.shape
+    mean = x.mean(axis=0, dtype=np.float64)
+    cov = np.zeros((d, d), dtype=np.float64)
+    for start in range(0, n, chunk):
+        c = x[start: start + chunk].astype(np.float64) - mean
+        cov += c.T @ c
+    _, vec = np.linalg.eigh(cov)
+    basis = vec[:, ::-1][:, :dims].astype(np.float32)
+    out = np.empty((n, basis.shape[1]), dtype=np.float32)
+    for start in range(0, n, chunk):  # chunk by chunk: no centred copy of all features
+        out[start: start + chunk] = (x[start: start + chunk] - mean.astype(np.float32)) @ basis
+    return out
+
+
 def knn_affinity(features: np.ndarray, n_neighbors: int = 10) -> sp.csr_matrix:
     """Symmetric 0/1 affinity: i and j are joined when either is among the other's ``n_neighbors`` nearest
-    (Euclidean) neighbours. Sparse, at most ``2 * n * n_neighbors`` entries; no self-loops."""
+    (Euclidean) neighbours. Sparse, at most ``2 * n * n_neighbors`` entries; no self-loops.
+
+    Above ``KNN_PCA_FROM`` samples, distances are taken on ``KNN_PCA_DIMS`` principal components: the exact
+    search costs n^2 * d, and 64 components cut d sixteen-fold for maps pooled to 32 x 32.
+    """
     from sklearn.neighbors import kneighbors_graph
 
     n = features.shape[0]
     if n < 2:
         return sp.csr_matrix((n, n), dtype=np.float64)
+    if n > KNN_PCA_FROM and features.shape[1] > KNN_PCA_DIMS:
+        features = principal_components(features, KNN_PCA_DIMS)
     k = max(1, min(n_neighbors, n - 1))
     graph = kneighbors_graph(features, k, mode="connectivity", include_self=False)
     graph = graph.maximum(graph.T).tocsr().astype(np.float64)
@@ -154,23 +196,50 @@ def hdbscan(embedding: np.ndarray, n_dims: int, min_cluster_size: int | None = N
     return _relabel(labels)
 
 
-def tsne(embedding: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+def tsne(embedding: np.ndarray, seed: int = 0, perplexity: float = 30.0, fit: int = 2000) -> np.ndarray:
     """A 2-d t-SNE layout of the spectral embedding, for display (``(n, 2)`` float32).
 
+    At most ``fit`` samples (a random subset drawn with ``seed``) are fitted; each other sample is placed at
+    the inverse-distance-weighted mean of the layout of its ``PLACE_NEIGHBORS`` nearest fitted samples in the
+    spectral embedding. t-SNE costs grow faster than n, placement is one cheap kNN query, and a display of
+    more than a few thousand points per class shows no more structure.
     Perplexity is lowered to ``(n - 1) / 3`` for small categories; with fewer than 4 samples the first two
     spectral coordinates are used instead.
     """
-    from sklearn.manifold import TSNE
-
     n = embedding.shape[0]
     if n < 4:
         out = np.zeros((n, 2), dtype=np.float32)
         d = min(2, embedding.shape[1])
         out[:, :d] = embedding[:, :d]
         return out
-    perp = float(min(perplexity, (n - 1) / 3.0))
+    if n <= fit:
+        return _fit_tsne(embedding, seed, perplexity)
+    fitted = np.sort(np.random.default_rng(seed).choice(n, max(4, fit), replace=False))
+    out = np.empty((n, 2), dtype=np.float32)
+    out[fitted] = _fit_tsne(embedding[fitted], seed, perplexity)
+    rest = np.setdiff1d(np.arange(n), fitted)
+    out[rest] = place(embedding[fitted], out[fitted], embedding[rest])
+    return out
+
+
+def _fit_tsne(embedding: np.ndarray, seed: int, perplexity: float) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    perp = float(min(perplexity, (embedding.shape[0] - 1) / 3.0))
     layout = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(embedding)
     return layout.astype(np.float32)
+
+
+def place(reference: np.ndarray, layout: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Positions for ``queries`` in the 2-d ``layout`` of ``reference``: the inverse-distance-weighted mean of
+    their nearest reference samples' positions (a query equal to a reference sample lands on it)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(PLACE_NEIGHBORS, reference.shape[0])
+    dist, idx = NearestNeighbors(n_neighbors=k).fit(reference).kneighbors(queries)
+    weight = 1.0 / np.maximum(dist, 1e-12)
+    weight /= weight.sum(axis=1, keepdims=True)
+    return np.einsum("qk,qkc->qc", weight, layout[idx]).astype(np.float32)
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -195,6 +264,8 @@ class Params:
     eigenvalues: int = 32
     clusters: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)
     tsne: bool = True
+    #: Largest number of samples of a category that t-SNE fits; the others are placed by their neighbours.
+    tsne_fit: int = 2000
     seed: int = 0
     #: Threads of the numerical libraries (BLAS, OpenMP). 1 by default: their workers spin while they wait,
     #: and on a busy machine one thread ran k-means 70x and t-SNE 5x faster than two (share/bench).
@@ -211,10 +282,14 @@ class Result:
     layouts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def analyse(features: np.ndarray, params: Params) -> Result:
-    """The full SpRAy pipeline on one category's preprocessed features ``(n, d)``."""
+def analyse(features: np.ndarray, params: Params, times: dict[str, list[float]] | None = None) -> Result:
+    """The full SpRAy pipeline on one category's preprocessed features ``(n, d)``.
+
+    ``times``, when given, collects each stage's ``[wall, CPU]`` seconds (added to what it already holds):
+    ``graph``, ``eigen``, ``clustering``, ``embedding``; share/bench/bench_analyze.py reports them.
+    """
     with limit_threads(params.threads):
-        return _analyse(features, params)
+        return _analyse(features, params, times if times is not None else {})
 
 
 def limit_threads(threads: int):
@@ -229,10 +304,24 @@ def limit_threads(threads: int):
     return threadpool_limits(threads)
 
 
-def _analyse(features: np.ndarray, params: Params) -> Result:
-    graph = knn_affinity(features, params.neighbors)
-    eigenvalues, embedding = spectral_embedding(graph, params.eigenvalues, params.seed)
-    clusterings = {f"kmeans-{k:02d}": kmeans(embedding, k, params.seed) for k in params.clusters}
-    clusterings["hdbscan"] = hdbscan(embedding, min(8, max(4, eigengap(eigenvalues) + 1)))
-    layouts = {"tsne": tsne(embedding, params.seed)} if params.tsne else {}
+def _analyse(features: np.ndarray, params: Params, times: dict[str, list[float]]) -> Result:
+    with _stage(times, "graph"):
+        graph = knn_affinity(features, params.neighbors)
+    with _stage(times, "eigen"):
+        eigenvalues, embedding = spectral_embedding(graph, params.eigenvalues, params.seed)
+    with _stage(times, "clustering"):
+        clusterings = {f"kmeans-{k:02d}": kmeans(embedding, k, params.seed) for k in params.clusters}
+        clusterings["hdbscan"] = hdbscan(embedding, min(8, max(4, eigengap(eigenvalues) + 1)))
+    with _stage(times, "embedding"):
+        layouts = {"tsne": tsne(embedding, params.seed, fit=params.tsne_fit)} if params.tsne else {}
     return Result(eigenvalues.astype(np.float32), embedding.astype(np.float32), clusterings, layouts)
+
+
+@contextmanager
+def _stage(times: dict[str, list[float]], name: str) -> Iterator[None]:
+    """Adds the block's wall and process CPU seconds to ``times[name]``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    total = times.setdefault(name, [0.0, 0.0])
+    total[0] += time.perf_counter() - wall
+    total[1] += time.process_time() - cpu

@@ -1,23 +1,24 @@
-"""Time ``lrpcli analyze`` (SpRAy) for N samples of 224 x 224 relevance, one category (the worst case).
+"""Time ``lrpcli analyze`` (SpRAy) stage by stage for N relevance maps of 224 x 224, with its peak memory.
 
-Two parts, because a file of 50,000 x 3 x 224 x 224 float32 is 30 GB:
+Stages, as ``lrpcli.analysis.spray.analyse`` reports them: preprocess (read + channel sum + pooling),
+graph (kNN), eigen (spectral embedding), clustering (k-means for k = 2..10 and HDBSCAN), embedding (t-SNE).
 
-1. reading + preprocessing: a synthetic file in the lrpcli layout (``--file-rows`` rows, lzf-compressed
-   per-row chunks like explain writes) is read and pooled by the function analyze runs
-   (``lrpcli.analysis.analyze.compute_features``); the figure is rows per second, which scales linearly;
-2. SpRAy proper on N synthetic pooled maps (32 x 32, a few planted groups plus noise): kNN graph, spectral
-   embedding, k-means for k = 2..10, HDBSCAN, and t-SNE (``--tsne-max``: skipped above that N).
+A file of 50,000 x 3 x 224 x 224 float32 is 30 GB, so preprocess is timed on a synthetic file in the lrpcli
+layout (``--file-rows`` rows, lzf-compressed per-row chunks like explain writes) by the function analyze runs
+(``lrpcli.analysis.analyze.compute_features``) and scaled to N (it reads one chunk at a time: linear in N).
+The other stages run on N synthetic pooled maps split into ``--classes`` equal classes (each a few planted
+groups plus noise), through ``spray.analyse`` with analyze's defaults. Wall and process CPU seconds are printed
+(CPU time is the check on a shared machine), with the load average and the process's peak RSS; ``--json``
+adds one machine-readable line (``make bench``'s analyze section reads it).
 
-The estimate for N is part 1 extrapolated to N plus part 2 measured at N. Wall and process CPU seconds are
-printed (CPU time is the check on a shared machine), with the load average and peak RSS.
-
-    .venv/bin/python share/bench/bench_analyze.py [--n 5000,50000] [--file-rows 1000] [--tsne-max 50000]
-                                                  [--threads 1]
+    .venv/bin/python share/bench/bench_analyze.py [--n 20000] [--classes 1] [--file-rows 1000] [--threads 1]
+                                                  [--no-tsne] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import tempfile
@@ -81,65 +82,75 @@ def _timed(fn):
     return result, time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench_read(rows: int, size: int) -> float:
-    """Rows per second of reading + preprocessing from an lzf-compressed file (setup not timed)."""
+def bench_read(rows: int, size: int) -> tuple[float, float]:
+    """Wall and CPU seconds per row of reading + preprocessing an lzf-compressed file (setup not timed)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.h5"
         write_file(path, rows, size)
         with open_results(path) as results:
             _, wall, cpu = _timed(lambda: compute_features(results, rows, spray.Params()))
-    print(f"read+preprocess: {rows} rows of 3x{size}x{size} in {wall:.1f} s wall ({cpu:.1f} s CPU): "
+    print(f"preprocess: {rows} rows of 3x{size}x{size} in {wall:.1f} s wall ({cpu:.1f} s CPU): "
           f"{rows / wall:.0f} rows/s")
-    return rows / wall
+    return wall / rows, cpu / rows
 
 
-def bench_spray(n: int, tsne_max: int, threads: int) -> float:
-    """Seconds of each SpRAy step on n synthetic features; returns the total wall time."""
-    with spray.limit_threads(threads):
-        return _bench_spray(n, tsne_max)
+def bench_spray(n: int, classes: int, params: spray.Params) -> dict[str, list[float]]:
+    """``[wall, CPU]`` seconds of each SpRAy stage, summed over ``classes`` classes of ``n // classes`` maps."""
+    times: dict[str, list[float]] = {}
+    per_class = n // classes
+    for c in range(classes):
+        feats = synthetic_features(per_class, seed=c)
+        result = spray.analyse(feats, params, times)
+        if c == 0:
+            print(f"  class 0: {per_class} maps, eigengap {spray.eigengap(result.eigenvalues)}, "
+                  f"{len(set(result.clusterings['hdbscan'].tolist()) - {-1})} HDBSCAN clusters")
+    return times
 
 
-def _bench_spray(n: int, tsne_max: int) -> float:
-    feats = synthetic_features(n)
-    params = spray.Params()
-    total = 0.0
-    graph, w, c = _timed(lambda: spray.knn_affinity(feats, params.neighbors))
-    total += w
-    print(f"  n={n}: kNN graph {w:.1f} s ({c:.1f} CPU), {graph.nnz} edges, {graph.data.nbytes * 3 / 2**20:.0f} MiB")
-    (ev, emb), w, c = _timed(lambda: spray.spectral_embedding(graph, params.eigenvalues))
-    total += w
-    print(f"  n={n}: spectral embedding ({params.eigenvalues} eigenpairs) {w:.1f} s ({c:.1f} CPU)")
-    _, w, c = _timed(lambda: [spray.kmeans(emb, k) for k in params.clusters])
-    total += w
-    print(f"  n={n}: k-means k=2..10 {w:.1f} s ({c:.1f} CPU)")
-    _, w, c = _timed(lambda: spray.hdbscan(emb, min(8, max(4, spray.eigengap(ev) + 1))))
-    total += w
-    print(f"  n={n}: HDBSCAN {w:.1f} s ({c:.1f} CPU)")
-    if n <= tsne_max:
-        _, w, c = _timed(lambda: spray.tsne(emb))
-        total += w
-        print(f"  n={n}: t-SNE {w:.1f} s ({c:.1f} CPU)")
-    else:
-        print(f"  n={n}: t-SNE skipped (--tsne-max {tsne_max}); analyze --no-tsne skips it too")
-    return total
+STAGES = ("preprocess", "graph", "eigen", "clustering", "embedding")
+
+
+def peak_rss() -> int:
+    """Bytes: this process's resident high-water mark. Linux's VmHWM, which starts afresh at exec; ru_maxrss
+    keeps the parent's figure in a child forked from a big process (make bench's, with torch loaded)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", default="5000,50000", help="sample counts, comma-separated (default 5000,50000)")
-    p.add_argument("--file-rows", type=int, default=1000, help="rows of the synthetic file for part 1")
+    p.add_argument("--n", type=int, default=20000, help="maps in all (default 20000)")
+    p.add_argument("--classes", type=int, default=1, help="classes the maps are split into (default 1)")
+    p.add_argument("--file-rows", type=int, default=1000, help="rows of the synthetic file for preprocess")
     p.add_argument("--size", type=int, default=224, help="relevance map side (default 224)")
-    p.add_argument("--tsne-max", type=int, default=50000, help="largest n that also runs t-SNE")
     p.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads, as analyze --threads (default 1)")
+    p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE layout, as analyze --no-tsne")
+    p.add_argument("--json", action="store_true", help="end with one line 'json: {...}' of the figures")
     args = p.parse_args()
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, {args.threads} thread(s)")
-    rate = bench_read(args.file_rows, args.size)
-    for n in (int(v) for v in args.n.split(",")):
-        spray_s = bench_spray(n, args.tsne_max, args.threads)
-        print(f"n={n}: SpRAy {spray_s:.0f} s + read/preprocess {n / rate:.0f} s (extrapolated) = "
-              f"{spray_s + n / rate:.0f} s estimated for analyze")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS {peak:.0f} MiB")
+    if args.n < 2 * args.classes or args.classes < 1:
+        p.error(f"--n {args.n} --classes {args.classes}: need at least 2 maps per class")
+    load_start = os.getloadavg()
+    print(f"load average {load_start[0]:.1f} on {os.cpu_count()} CPUs, {args.threads} thread(s)")
+    wall_row, cpu_row = bench_read(args.file_rows, args.size)
+    times = {"preprocess": [wall_row * args.n, cpu_row * args.n]}
+    times.update(bench_spray(args.n, args.classes, spray.Params(tsne=not args.no_tsne, threads=args.threads)))
+    for stage in STAGES:
+        if stage in times:
+            wall, cpu = times[stage]
+            note = " (scaled from --file-rows)" if stage == "preprocess" else ""
+            print(f"{stage:>10}: {wall:7.1f} s wall ({cpu:6.1f} s CPU){note}")
+    total = [sum(v[0] for v in times.values()), sum(v[1] for v in times.values())]
+    peak = peak_rss()
+    print(f"{'total':>10}: {total[0]:7.1f} s wall ({total[1]:6.1f} s CPU) for {args.n} maps in {args.classes} "
+          f"class(es); peak RSS {peak / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f} at end")
+    if args.json:
+        print("json: " + json.dumps({"n": args.n, "classes": args.classes, "stages": times, "total": total,
+                                     "peak_rss": peak, "tsne": not args.no_tsne, "load": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":

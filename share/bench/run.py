@@ -1,7 +1,7 @@
 """``make bench``: one table of lrpcli's performance, all figures from one run.
 
     .venv/bin/python share/bench/run.py [--device cpu|cuda] [--quick] [--composites a,b] [--repeats N] [--write]
-                                        [--only vgg16,resnet50,demo,synthetic,render,evaluate]
+                                        [--only vgg16,resnet50,demo,synthetic,render,evaluate,analyze]
 
 Sections (see the scripts next to this one for what exactly each times):
 - models: every built-in composite on torchvision vgg16 and resnet50 (random weights, 224x224, batch 8 on CPU,
@@ -11,6 +11,8 @@ Sections (see the scripts next to this one for what exactly each times):
 - render: ``lrpcli render`` of 1,000 heatmaps (share/bench/bench_render.py), seconds.
 - evaluate: ``lrpcli evaluate``'s batched region perturbation against a per-sample loop, on the demo model and
   resnet50 (share/bench/bench_evaluate.py), samples/s and their ratio (target >= 10x).
+- analyze: ``lrpcli analyze`` (SpRAy) of ``--analyze-n`` 224x224 maps in ``--analyze-classes`` classes
+  (share/bench/bench_analyze.py, its own process): seconds per stage, wall and CPU, and peak RSS.
 
 Each figure is the median of several repeats after a warm-up. Ratios are the targets (DESIGN.md section 4 and
 issue 7): they compare runs of the same process minutes apart, so they hold on a loaded machine where absolute
@@ -34,7 +36,7 @@ from benchlib import describe_device, load, log, median
 import lrpcli
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("vgg16", "resnet50", "demo", "synthetic", "render", "evaluate")
+SECTIONS = ("vgg16", "resnet50", "demo", "synthetic", "render", "evaluate", "analyze")
 TIME_TARGET = {"cpu": 2.0, "cuda": 1.6}
 EPSILON_TARGET = 1.3
 MEMORY_TARGET = 1.5
@@ -58,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--explain-repeats", type=int,
                    help="passes over the synthetic ImageFolder, each way (default 1: a pass is already 32 batches)")
     p.add_argument("--render-n", type=int, help="heatmaps to render (default 1000, --quick 200)")
+    p.add_argument("--analyze-n", type=int, help="maps for the analyze section (default 20000, --quick 5000)")
+    p.add_argument("--analyze-classes", type=int, default=1, help="classes the analyze maps form (default 1)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave glibc's malloc as it is (by default the run tunes it as the lrpcli command does: "
@@ -87,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.explain_batch = args.explain_batch or (64 if cuda else 8)
     args.explain_repeats = args.explain_repeats or 1
     args.render_n = args.render_n or (200 if args.quick else 1000)
+    args.analyze_n = args.analyze_n or (5000 if args.quick else 20000)
     return args
 
 
@@ -189,6 +194,24 @@ def bench_render(n: int, repeats: int) -> list[float]:
     return times
 
 
+def analyze_row(table: Table, n: int, classes: int) -> None:
+    """Runs share/bench/bench_analyze.py in its own process (its peak RSS is the analysis alone)."""
+    import json
+
+    cmd = [sys.executable, str(HERE / "bench_analyze.py"), "--n", str(n), "--classes", str(classes), "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    line = next((row for row in done.stdout.splitlines() if row.startswith("json: ")), None)
+    if line is None:
+        raise RuntimeError(f"unexpected bench_analyze.py output:\n{done.stdout}\n{done.stderr}")
+    r = json.loads(line[len("json: "):])
+    wall, cpu = r["total"]
+    table.add("analyze", f"{n:,} maps 224x224, {classes} class(es)", "", f"{n / wall:.0f}",
+              f"{wall:.0f} s wall ({cpu:.0f} s CPU)", f"peak RSS {_mib(r['peak_rss'])}", "(diagnostic)", "")
+    stages = ", ".join(f"{k} {w:.0f} s ({c:.0f} s CPU)" for k, (w, c) in r["stages"].items())
+    table.notes.append(f"analyze: {stages}; preprocess scaled from 1,000 rows read (bench_analyze.py)")
+    log(f"analyze {n} maps: {wall:.0f} s wall, {cpu:.0f} s CPU")
+
+
 def git_state() -> str:
     """The commit the engine was measured at, and whether lrpcli/ had uncommitted changes."""
     root = HERE.parents[1]
@@ -238,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         table.notes.append(f"render: median of {len(times)} after a warm-up (bench_render.py, lzf input, jobs auto)")
     if "evaluate" in args.sections:
         evaluate_rows(table, args.device, args.quick)
+    if "analyze" in args.sections:
+        analyze_row(table, args.analyze_n, args.analyze_classes)
 
     minutes = (time.time() - started) / 60
     header = [
