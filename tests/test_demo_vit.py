@@ -34,10 +34,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASSES = ("circle", "cross", "square", "triangle")
 # Mean share of positive relevance inside the masks, measured on the shipped weights. First 4 images of each
-# class: attn_lrp 0.398, gradient 0.278, mask area 0.221. All 64 (lrpcli explain): attn_lrp 0.398, gradient
+# class: attn_lrp 0.513, gradient 0.278, mask area 0.221. All 64 (lrpcli explain): attn_lrp 0.515, gradient
 # 0.259, mask area 0.221. The margins keep about half of the measured distances.
-LRP_OVER_AREA = 0.09
-LRP_OVER_GRADIENT = 0.06
+LRP_OVER_AREA = 0.15
+LRP_OVER_GRADIENT = 0.12
 
 
 def _model() -> torch.nn.Module:
