@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # everything the demo and the README's render examples write; `make clean` removes it, .gitignore ignores it
-DEMO_OUT := demo.h5 demo.h5.partial demo_analysis.h5
+DEMO_OUT := demo.h5 demo.h5.partial demo_analysis.h5 demo_vit.h5 demo_vit.h5.partial
 DEMO_MAPS := demo_heatmaps
 DEMO_VIRELAY := demo_virelay
 
@@ -34,6 +34,8 @@ demo: $(STAMP)
 	$(BIN)/lrpcli evaluate demo.h5 --masks share/demo/masks --patch-size 16 --metrics region_perturbation,relevance_mass_accuracy,relevance_rank_accuracy,pointing_game -q
 	$(BIN)/lrpcli analyze demo.h5 -o demo_analysis.h5 --overwrite -q
 	$(BIN)/lrpcli virelay demo.h5 --analysis demo_analysis.h5 -d $(DEMO_VIRELAY) --overwrite -q
+	$(BIN)/lrpcli explain configs/demo_vit.yaml share/demo/images -o demo_vit.h5 --overwrite
+	$(BIN)/python share/demo/report.py demo_vit.h5
 	@echo "heatmaps in $(DEMO_MAPS)/: plain/, overlay/ (over the input images), grid.png (montage of the overlays)"
 	@echo "SpRAy clusters in ViRelAy: $(BIN)/python -m virelay $(DEMO_VIRELAY)/demo.yaml  (then open http://localhost:8000)"
 

@@ -539,7 +539,7 @@ def test_make_demo_keeps_overlays_and_plain_maps_apart_and_make_clean_removes_it
     names = ["00000_0_0.png", "00001_0_0.png", "00002_0_0.png"]
     project = sorted(p.relative_to(work).as_posix() for p in (work / "demo_virelay").iterdir())
     assert "demo_virelay/demo.yaml" in project
-    assert made == sorted(["demo.h5", "demo_analysis.h5", "demo_heatmaps/grid.png",
+    assert made == sorted(["demo.h5", "demo_analysis.h5", "demo_vit.h5", "demo_heatmaps/grid.png",
                            *(f"demo_heatmaps/overlay/{n}" for n in names), *(f"demo_heatmaps/plain/{n}" for n in names),
                            *project])
     assert Image.open(work / "demo_heatmaps/plain" / names[0]).mode == "P"  # a palette map

@@ -16,7 +16,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_config_validates(path):
     config = load_config(path)
-    assert config.composite.name in path.stem or path.stem == "demo"
+    assert config.composite.name in path.stem or path.stem in ("demo", "demo_vit")
 
 
 def test_pretrained_weights_offline_error_mentions_local_path(tmp_path, monkeypatch):
