@@ -118,10 +118,16 @@ class LayerCall:
 
     def memo(self, key: str, build: Callable[[], Any]) -> Any:
         """A value computed once per backward of this call and shared by its batch slices (W+, stacked weights,
-        a ZBox's bound terms): work that depends on the parameters, not on the samples."""
-        if key not in self._memo:
-            self._memo[key] = build()
-        return self._memo[key]
+        a ZBox's bound terms): work that depends on the parameters, not on the samples. In a first-order
+        backward the session also keeps it for later calls of the module (``ParamCache``)."""
+        memo = self._memo
+        if key not in memo:
+            cache = self.session.param_cache
+            if torch.is_grad_enabled() or formula.enabled():
+                memo[key] = build()
+            else:
+                memo[key] = cache.get(self, key, build)
+        return memo[key]
 
     def output_without_bias(self, bias: torch.Tensor | None) -> torch.Tensor:
         """z - b: the layer output without its bias term (the one from ``params()``), from the stored output."""
@@ -238,6 +244,66 @@ class LayerCall:
                 "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
                 "tensors (e.g. `out += identity`: use the 'residual' canonizer, or `out = out + identity`)."
             )
+
+
+class ParamCache:
+    """Values that depend only on a module's parameters (W+, stacked weights, merged BatchNorm weights), kept by
+    the session from one backward to the next.
+
+    Small networks run many cheap layers: rebuilding each layer's weight-derived tensors in every backward
+    costs as much as the rule's arithmetic on the activations. An entry is reused while every parameter and
+    buffer it was built from is the same tensor at the same version (an optimizer step, ``reset_parameters``
+    or ``load_state_dict`` change them), and the input has the same shape, dtype and device (ZBox's bound
+    terms follow the input's size). Modules whose parameters a canonizer substitutes are cached only where it
+    names the modules they come from (``Session.param_sources``). Entries are capped at ``ENTRY_BYTES`` each
+    and ``BUDGET_BYTES`` in all (the first dense layers of VGG-style models stay uncached: their weights are
+    large and their rebuild is small beside their arithmetic); only first-order backward passes use it.
+    """
+
+    ENTRY_BYTES = 4 * 2**20
+    BUDGET_BYTES = 64 * 2**20
+    __slots__ = ("entries", "used")
+
+    def __init__(self) -> None:
+        #: (module, rule id, key) -> (stamp, value, bytes)
+        self.entries: dict[tuple[nn.Module, int, str], tuple[tuple, Any, int]] = {}
+        self.used = 0
+
+    def get(self, call: LayerCall, key: str, build: Callable[[], Any]) -> Any:
+        stamp = call.session.param_stamp(call)
+        if stamp is None:
+            return build()
+        slot = (call.module, id(call.rule), key)
+        entry = self.entries.get(slot)
+        if entry is not None and _same_stamp(entry[0], stamp):
+            return entry[1]
+        value = build()
+        size = _owned_bytes(value)
+        if entry is not None:
+            self.used -= entry[2]
+            del self.entries[slot]
+        if size <= self.ENTRY_BYTES and self.used + size <= self.BUDGET_BYTES:
+            self.entries[slot] = (stamp, value, size)
+            self.used += size
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.used = 0
+
+
+def _same_stamp(a: tuple, b: tuple) -> bool:
+    """Equal stamps: the same tensors (by identity; a stamp holds them, so no id is reused) and equal values."""
+    return len(a) == len(b) and all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+def _owned_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` that are not parameters (a parameter is held by the model anyway)."""
+    if isinstance(value, (tuple, list)):
+        return sum(_owned_bytes(v) for v in value)
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        return value.numel() * value.element_size()
+    return 0
 
 
 #: modules whose output is >= 0 whatever their input, and modules whose output keeps the signs of their input
@@ -456,6 +522,10 @@ class Session:
         self.active = True
         self.assignments: dict[nn.Module, Assignment] = {}
         self.param_overrides: dict[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        #: for a module in ``param_overrides``: the further modules whose parameters and buffers its substituted
+        #: parameters are computed from (a merged BatchNorm); without an entry its values are never cached
+        self.param_sources: dict[nn.Module, tuple[nn.Module, ...]] = {}
+        self.param_cache = ParamCache()
         self.notes: list[str] = []  # what canonizers did, for reports
         self._handles: list[Any] = []
         self._inplace: list[nn.Module] = []
@@ -514,6 +584,8 @@ class Session:
         for canonizer in reversed(self.canonizers):
             canonizer.revert()
         self.param_overrides.clear()
+        self.param_sources.clear()
+        self.param_cache.clear()
         for module in self._inplace:
             module.inplace = True
         self._inplace.clear()
@@ -631,6 +703,27 @@ class Session:
         if override is not None:
             return override()
         return module.weight, module.bias
+
+    def param_stamp(self, call: LayerCall) -> tuple | None:
+        """What ``ParamCache`` entries of this call are valid for: each parameter and buffer the call's parameters
+        come from (identity, storage and version) and the input's shape, dtype and device; None where unknown
+        (a substitution without named sources)."""
+        module = call.module
+        sources: tuple[nn.Module, ...] = (module,)
+        if module in self.param_overrides:
+            extra = self.param_sources.get(module)
+            if extra is None:
+                return None
+            sources += extra
+        stamp: list[Any] = []
+        for source in sources:
+            for tensors in (source._parameters, source._buffers):
+                for t in tensors.values():
+                    if t is not None:  # the tensor itself: compared by identity (ParamCache.get)
+                        stamp += (t, t.data_ptr(), t._version)
+        x = call.inputs[0] if call.inputs else call.output
+        stamp += (x.shape[1:], x.dtype, x.device)
+        return tuple(stamp)
 
     def _tap_hook(self, name: str) -> Callable[..., Any]:
         """A forward hook that taps the relevance at this module's output (any module, also containers)."""

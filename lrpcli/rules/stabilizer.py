@@ -66,6 +66,8 @@ class Stabilizer:
             else:
                 s = den.clamp(min=self.epsilon) if out is None else torch.clamp(den, min=self.epsilon, out=out)
             return torch.div(numerator, s, out=s)
+        if not torch.is_grad_enabled() and self.mode == "rms":
+            return self._divide_rms(numerator, den, out)
         if torch.is_grad_enabled() or self.mode != "sign":
             result = numerator / self(den)
             return result if out is None else out.copy_(result)
@@ -73,6 +75,17 @@ class Stabilizer:
         out = torch.copysign(eps, den) if out is None else torch.copysign(eps, den, out=out)
         out.add_(den)
         return torch.div(numerator, out, out=out)
+
+    def _divide_rms(self, numerator: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """``numerator / self(den)`` in rms mode, bit for bit, in four passes over den instead of eight: the
+        per-sample term eps * rms is picked by the sign (sign(0) = +1) straight into the result's buffer, which
+        then takes den and the division in place (x + y = y + x and (eps * rms) * 1 = eps * rms exactly)."""
+        dims = tuple(range(1, den.dim()))
+        rms = den.pow(2).mean(dim=dims, keepdim=True).sqrt() if dims else den.pow(2).mean().sqrt()
+        term = self.epsilon * torch.where(rms > 0, rms, 1.0)
+        s = torch.where(den >= 0, term, -term) if out is None else torch.where(den >= 0, term, -term, out=out)
+        s.add_(den)
+        return torch.div(numerator, s, out=s)
 
     def with_epsilon(self, epsilon: float) -> Stabilizer:
         """The same mode with another epsilon (the Epsilon rule's own epsilon)."""
