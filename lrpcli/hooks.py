@@ -80,16 +80,19 @@ CHUNK_BYTES = 16 * 2**20
 class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
-    __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified",
+    __slots__ = ("session", "module", "name", "key", "rule", "reads", "inputs", "output", "versions", "rectified",
                  "output_rectified", "relu_recomputed", "input_nonnegative", "into", "_memo", "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
-                 inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                 inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
+                 reads: tuple[str, ...] | None = None) -> None:
         self.session = session
         self.module = module
         self.name = name
         self.key = key
         self.rule = rule
+        #: ``rule.reads_of(module)``, given by the session from its per-module dispatch
+        self.reads = rule.reads_of(module) if reads is None else reads
         self.inputs = inputs
         self.output = output
         self.versions = tuple(t._version for t in inputs) + (output._version,)
@@ -152,7 +155,7 @@ class LayerCall:
         """
         if self.rule.needs_graph:
             return
-        reads = self.rule.reads_of(self.module)
+        reads = self.reads
         if "output" not in reads:
             self.output = torch.empty_like(self.output, device="meta")
         if "inputs" not in reads:
@@ -236,7 +239,7 @@ class LayerCall:
     def check_unmodified(self) -> None:
         """Refuse to compute with tensors that an in-place operation changed after the module ran."""
         now = tuple(t._version for t in self.inputs) + (self.output._version,)
-        reads = self.rule.reads_of(self.module)
+        reads = self.reads
         changed = [a != b for a, b in zip(now, self.versions)]
         if ("inputs" in reads and any(changed[:-1])) or ("output" in reads and changed[-1]):
             raise RuntimeError(
@@ -251,45 +254,63 @@ class ParamCache:
     the session from one backward to the next.
 
     Small networks run many cheap layers: rebuilding each layer's weight-derived tensors in every backward
-    costs as much as the rule's arithmetic on the activations. An entry is reused while every parameter and
-    buffer it was built from is the same tensor at the same version (an optimizer step, ``reset_parameters``
-    or ``load_state_dict`` change them), and the input has the same shape, dtype and device (ZBox's bound
-    terms follow the input's size). Modules whose parameters a canonizer substitutes are cached only where it
-    names the modules they come from (``Session.param_sources``). Entries are capped at ``ENTRY_BYTES`` each
-    and ``BUDGET_BYTES`` in all (the first dense layers of VGG-style models stay uncached: their weights are
-    large and their rebuild is small beside their arithmetic); only first-order backward passes use it.
+    costs as much as the rule's arithmetic on the activations. A module's entries are reused while every
+    parameter and buffer they were built from is the same tensor at the same version (an optimizer step,
+    ``reset_parameters`` or ``load_state_dict`` change them), and the input has the same shape, dtype and device
+    (ZBox's bound terms follow the input's size); else they are all dropped. Modules whose parameters a canonizer
+    substitutes are cached only where it names the modules they come from (``Session.param_sources``). Entries
+    are capped at ``ENTRY_BYTES`` each and ``BUDGET_BYTES`` in all (the large weights of VGG-style models stay
+    uncached: their rebuild is small beside their arithmetic); only first-order backward passes use it.
     """
 
     ENTRY_BYTES = 4 * 2**20
-    BUDGET_BYTES = 64 * 2**20
-    __slots__ = ("entries", "used")
+    BUDGET_BYTES = 128 * 2**20
+    __slots__ = ("stamps", "entries", "used")
 
     def __init__(self) -> None:
-        #: (module, rule id, key) -> (stamp, value, bytes)
-        self.entries: dict[tuple[nn.Module, int, str], tuple[tuple, Any, int]] = {}
+        #: (module, rule id) -> the stamp its entries were built under (``Session.param_stamp``)
+        self.stamps: dict[tuple[nn.Module, int], tuple] = {}
+        #: (module, rule id) -> {key: (value, bytes)}
+        self.entries: dict[tuple[nn.Module, int], dict[str, tuple[Any, int]]] = {}
         self.used = 0
 
     def get(self, call: LayerCall, key: str, build: Callable[[], Any]) -> Any:
-        stamp = call.session.param_stamp(call)
-        if stamp is None:
+        entries = call._memo.get(_ENTRIES, _ENTRIES)
+        if entries is _ENTRIES:  # once per backward of the call
+            entries = call._memo[_ENTRIES] = self._entries_of(call)
+        if entries is None:
             return build()
-        slot = (call.module, id(call.rule), key)
-        entry = self.entries.get(slot)
-        if entry is not None and _same_stamp(entry[0], stamp):
-            return entry[1]
+        entry = entries.get(key)
+        if entry is not None:
+            return entry[0]
         value = build()
         size = _owned_bytes(value)
-        if entry is not None:
-            self.used -= entry[2]
-            del self.entries[slot]
         if size <= self.ENTRY_BYTES and self.used + size <= self.BUDGET_BYTES:
-            self.entries[slot] = (stamp, value, size)
+            entries[key] = (value, size)
             self.used += size
         return value
 
+    def _entries_of(self, call: LayerCall) -> dict[str, tuple[Any, int]] | None:
+        """The call's module's entries, emptied first if its parameters changed; None: not cacheable."""
+        stamp = call.session.param_stamp(call)
+        if stamp is None:
+            return None
+        slot = (call.module, id(call.rule))
+        old = self.stamps.get(slot)
+        if old is None or not _same_stamp(old, stamp):
+            self.stamps[slot] = stamp
+            self.used -= sum(size for _, size in self.entries.pop(slot, {}).values())
+            self.entries[slot] = {}
+        return self.entries[slot]
+
     def clear(self) -> None:
+        self.stamps.clear()
         self.entries.clear()
         self.used = 0
+
+
+#: the key under which a call's memo keeps its ParamCache entries
+_ENTRIES = "\0entries"
 
 
 def _same_stamp(a: tuple, b: tuple) -> bool:
@@ -478,10 +499,32 @@ class Assignment:
     rule: Rule | None
     calls: int = 0
     order: int = -1
+    #: what the forward hook needs to know of the rule on this module, worked out once (``Dispatch``)
+    dispatch: Dispatch | None = None
 
     @property
     def type_name(self) -> str:
         return type(self.module).__name__
+
+
+class Dispatch:
+    """The rule's answers for one module, asked once when the rule is assigned instead of at every call: the
+    forward hook of a small network runs hundreds of times per batch. Rules are stateless, so the answers hold
+    for the session."""
+
+    __slots__ = ("reads", "native", "keeps_zeros", "keeps_nothing", "is_relu", "producer", "recompute")
+
+    def __init__(self, rule: Rule, module: nn.Module) -> None:
+        self.reads = rule.reads_of(module)
+        self.native = rule.is_native_gradient
+        self.keeps_zeros = rule.keeps_zeros(module)
+        self.keeps_nothing = not self.reads and not rule.needs_graph
+        self.is_relu = type(module) is nn.ReLU
+        #: a linear layer whose rule may keep relu(z) for z (``LayerCall.rectify``)
+        self.producer = is_linear_layer(module) and rule.tolerates_rectified_output()
+        #: the rule's side of ``relu_recompute.recomputable_relu`` (reads only the input); the tensors' side is
+        #: checked at each call
+        self.recompute = not rule.needs_graph and "inputs" in self.reads and "output" not in self.reads
 
 
 @dataclass
@@ -696,6 +739,7 @@ class Session:
                 raise UnhandledModuleError(
                     f"lrpcli: no rule for module {assignment.name!r} ({assignment.type_name}) and strict=True")
             assignment.rule = rule
+            assignment.dispatch = None if rule is None else Dispatch(rule, module)
         return assignment.rule
 
     def params_of(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -743,31 +787,32 @@ class Session:
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if self._probing:
             return None
-        rule = self.rule_for(module)
         assignment = self.assignments[module]
+        rule = assignment.rule if assignment.order >= 0 else self.rule_for(module)
         count = self._call_counts.get(module, 0)
         self._call_counts[module] = count + 1
         assignment.calls += 1
         if rule is None or not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
             return None
-        inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
         if not output.requires_grad:
             return None
+        inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
+        dispatch: Dispatch = assignment.dispatch
         plain = formula.enabled()
-        if rule.is_native_gradient and self.recorder is None and not plain and not (
-                rule.keeps_zeros(module) and inputs and self._rectifies(inputs[0])):
+        if dispatch.native and self.recorder is None and not plain and not (
+                dispatch.keeps_zeros and inputs and self._rectifies(inputs[0])):
             # the module's own gradient flows unhooked: same result, nothing kept alive. A max pool over a ReLU
             # output that the layer below keeps stays hooked: it hands on the note that saves that layer a check
             # (``ZeroNotes``), and keeps nothing that is not kept anyway
             return None
         key = assignment.name if count == 0 else f"{assignment.name}#{count + 1}"
-        call = LayerCall(self, module, assignment.name, key, rule, inputs, output)
+        call = LayerCall(self, module, assignment.name, key, rule, inputs, output, dispatch.reads)
         if self.recorder is not None:
             self.recorder.on_forward(call)
         # a ReLU output that can be recomputed stays out of the graph: once the forward has moved on, nothing
         # refers to it or to its autograd node, and its storage is freed
-        recompute = (self._in_root and not plain and relu_recompute.recomputable_relu(rule, module, inputs, output)
-                     and self._saved.install())
+        recompute = (dispatch.recompute and self._in_root and not plain
+                     and relu_recompute.recomputable_relu(rule, module, inputs, output) and self._saved.install())
         call.relu_recomputed = recompute
         result = _RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
         call.release()
@@ -776,15 +821,15 @@ class Session:
             call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # z lives in ctx (above)
         if plain:  # every layer keeps its own output (no relu(z) in its place)
             return result
-        keeps_nothing = not rule.reads_of(module) and not rule.needs_graph
-        if keeps_nothing and inputs and type(module) is nn.ReLU:
+        keeps_nothing = dispatch.keeps_nothing
+        if keeps_nothing and inputs and dispatch.is_relu:
             if self._rectify_producer(inputs[0], output):
                 self._rectifying[id(result)] = weakref.ref(result)
         elif keeps_nothing and inputs and output is inputs[0]:  # an identity (a merged BatchNorm): look through
             entry = self._producers.pop(id(output), None)
             if entry is not None and entry[0]() is output:
                 self._producers[id(result)] = (weakref.ref(result), entry[1])
-        elif self._in_root and is_linear_layer(module) and rule.tolerates_rectified_output():
+        elif self._in_root and dispatch.producer:
             # weak both ways: an entry never keeps a graph alive (e.g. a submodule called outside the root)
             self._producers[id(result)] = (weakref.ref(result), weakref.ref(call))
         return result

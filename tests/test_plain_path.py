@@ -58,6 +58,7 @@ RULES = {
     'gamma_0.25': lambda: Gamma(0.25, stabilizer=EPS),
     'gamma_1_zb': lambda: Gamma(1.0, stabilizer=EPS, zero_params=['bias']),
     'gamma_clip': lambda: Gamma(0.25, stabilizer=Stabilizer(0.5, 'clip')),
+    'gamma_rms': lambda: Gamma(0.25, stabilizer=Stabilizer(0.1, 'rms')),  # composite auto's stabilizer
     'zbox': lambda: ZBox(-3.0, 3.0, stabilizer=EPS),
     'flat': lambda: Flat(stabilizer=EPS),
     'wsquare': lambda: WSquare(stabilizer=EPS),
