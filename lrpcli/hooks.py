@@ -36,6 +36,7 @@ from . import relu_recompute
 from .layerops import bias_shape, empty_like_layout, forward, is_linear_layer
 from .rules import formula
 from .rules.base import Rule, fits
+from .rules.passthrough import Pass
 
 
 class Composite(Protocol):
@@ -512,7 +513,7 @@ class Dispatch:
     forward hook of a small network runs hundreds of times per batch. Rules are stateless, so the answers hold
     for the session."""
 
-    __slots__ = ("reads", "native", "keeps_zeros", "keeps_nothing", "is_relu", "producer", "recompute")
+    __slots__ = ("reads", "native", "keeps_zeros", "keeps_nothing", "is_relu", "producer", "recompute", "passes")
 
     def __init__(self, rule: Rule, module: nn.Module) -> None:
         self.reads = rule.reads_of(module)
@@ -525,6 +526,9 @@ class Dispatch:
         #: the rule's side of ``relu_recompute.recomputable_relu`` (reads only the input); the tensors' side is
         #: checked at each call
         self.recompute = not rule.needs_graph and "inputs" in self.reads and "output" not in self.reads
+        #: the rule hands the relevance on unchanged: on a module that returns its very input (a merged
+        #: BatchNorm, Dropout or Identity in eval mode) that is what the missing autograd node does too
+        self.passes = type(rule) is Pass
 
 
 @dataclass
@@ -585,6 +589,7 @@ class Session:
         self._probed = False
         self._probing = False
         self._warned = False
+        self._unhandled_ran = False  # a module without a rule ran (``_root_hook`` then names them)
         self._entered = False
 
     # -- context -------------------------------------------------------------------------------------------
@@ -677,6 +682,8 @@ class Session:
 
     def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._probing or self._warned:
+            return
+        if not self._unhandled_ran:
             return
         missing = [a for a in self.assignments.values() if a.rule is None and a.calls > 0]
         if missing:
@@ -792,13 +799,18 @@ class Session:
         count = self._call_counts.get(module, 0)
         self._call_counts[module] = count + 1
         assignment.calls += 1
-        if rule is None or not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
+        if rule is None:
+            self._unhandled_ran = True
             return None
-        if not output.requires_grad:
+        if not isinstance(output, torch.Tensor) or not torch.is_grad_enabled() or not output.requires_grad:
             return None
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
         dispatch: Dispatch = assignment.dispatch
         plain = formula.enabled()
+        if dispatch.passes and self.recorder is None and not plain and len(inputs) == 1 and output is inputs[0]:
+            # an identity under Pass: no node, the relevance arrives below as the very tensor (its ZeroNotes
+            # hold), and a producer above stays registered under the same tensor
+            return None
         if dispatch.native and self.recorder is None and not plain and not (
                 dispatch.keeps_zeros and inputs and self._rectifies(inputs[0])):
             # the module's own gradient flows unhooked: same result, nothing kept alive. A max pool over a ReLU
