@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lrpcli
-from lrpcli import hooks
+from lrpcli import layercall
 from lrpcli.composites.base import LayerMap
 from lrpcli.modules import Sum
 from lrpcli.rules import (
@@ -116,7 +116,7 @@ def _layer(factory, seed: int) -> nn.Module:
 @pytest.mark.parametrize('rule_id', list(RULES))
 def test_fast_equals_plain(rule_id, layer_id, factory, shape, channels_last, setting, monkeypatch):
     if setting == 'sliced':  # every layer over slices of the batch, ZPlus's dense layers in blocks of rows
-        monkeypatch.setattr(hooks, 'CHUNK_BYTES', 64)
+        monkeypatch.setattr(layercall, 'CHUNK_BYTES', 64)
         monkeypatch.setattr(zplus, 'BLOCK_BYTES', 64)
     layer = _layer(factory, seed=len(layer_id))
     model = _model(layer, setting)
