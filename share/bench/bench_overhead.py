@@ -108,6 +108,57 @@ def profile(name: str, batch: int, composite: str) -> None:
     pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(30)
 
 
+def fixed_cost(name: str, batch: int, composite: str, package: str, repeats: int = 3) -> tuple[float, float, int]:
+    """(Python ms per attribution, torch-op ms per attribution, hooked calls per attribution) under cProfile.
+
+    Time inside torch's built-in functions and tensor methods is the arithmetic (and its dispatch); everything
+    else is Python: the hooks, the rules' bookkeeping, autograd's calls into Python nodes. cProfile inflates the
+    Python share alike for every package, so compare packages with each other, not with unprofiled runs."""
+    import cProfile
+    import importlib
+    import pstats
+
+    explainer_cls = importlib.import_module(f"{package}.explainer").Explainer
+    composite_of = importlib.import_module(f"{package}.composites").get
+    model = build(name)
+    x = torch.randn(batch, 3, 224, 224)
+    with explainer_cls(model, composite_of(composite), canonizers=["auto"]) as explainer:
+        explainer(x)
+        explainer(x)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(repeats):
+            explainer(x)
+        prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    ops = python = 0.0
+    hooked = 0
+    for (file, _, func), (_, ncalls, tottime, _, _) in stats.items():
+        if file == "~" and ("torch" in func or "of 'torch._C" in func):
+            ops += tottime
+        else:
+            python += tottime
+        if func == "_forward_hook":
+            hooked = ncalls // repeats
+    return 1e3 * python / repeats, 1e3 * ops / repeats, hooked
+
+
+def print_fixed(models: list[str], batches: list[int], composites: list[str], against: str | None) -> None:
+    """One row per model: Python and op time per attribution (cProfile) and the Python time per hooked call."""
+    packages = [against, "lrpcli"] if against else ["lrpcli"]
+    print("| model | batch | composite | " + " | ".join(f"{p}: python ms, ops ms, us per hooked call"
+                                                         for p in packages) + " |")
+    print("|---|---|---|" + "---|" * len(packages))
+    for name in models:
+        for batch in batches:
+            for composite in composites:
+                cells = []
+                for package in packages:
+                    python, ops, hooked = fixed_cost(name, batch, composite, package)
+                    cells.append(f"{python:.0f}, {ops:.0f}, {1e3 * python / max(hooked, 1):.0f} ({hooked} calls)")
+                print(f"| {name} | {batch} | {composite} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(FAMILIES))
@@ -117,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--against", default=None, help="an importable copy of an older lrpcli package to time "
                         "in the same rounds (its ratio is the 'before' column)")
+    parser.add_argument("--fixed", action="store_true", help="the Python time per attribution under cProfile "
+                        "(this package, and --against's), instead of the timing table")
     parser.add_argument("--profile", default=None, help="profile this model (first batch, first composite)")
     args = parser.parse_args(argv)
     lrpcli.keep_freed_memory()  # as the lrpcli command runs
@@ -125,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     composites = args.composites.split(",")
     if args.profile:
         profile(args.profile, batches[0], composites[0])
+        return
+    if args.fixed:
+        print_fixed(args.models.split(","), batches, composites, args.against)
         return
     against = args.against
     print(f"torch {torch.__version__}, lrpcli {lrpcli.__version__}, {args.threads} thread(s), "
