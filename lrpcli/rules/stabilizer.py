@@ -77,13 +77,16 @@ class Stabilizer:
         return torch.div(numerator, out, out=out)
 
     def _divide_rms(self, numerator: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        """``numerator / self(den)`` in rms mode, bit for bit, in four passes over den instead of eight: the
-        per-sample term eps * rms is picked by the sign (sign(0) = +1) straight into the result's buffer, which
-        then takes den and the division in place (x + y = y + x and (eps * rms) * 1 = eps * rms exactly)."""
+        """``numerator / self(den)`` in rms mode, bit for bit, with two buffers instead of five: sign(den) (sign(0)
+        = +1) times the per-sample eps * rms goes into the result's buffer, which then takes den and the division
+        in place (products and sums commute exactly)."""
         dims = tuple(range(1, den.dim()))
         rms = den.pow(2).mean(dim=dims, keepdim=True).sqrt() if dims else den.pow(2).mean().sqrt()
         term = self.epsilon * torch.where(rms > 0, rms, 1.0)
-        s = torch.where(den >= 0, term, -term) if out is None else torch.where(den >= 0, term, -term, out=out)
+        # sign0(den) * term, the sign written as scalars: a where() between broadcast tensors is many times slower
+        sign = torch.where(den >= 0, 1.0, -1.0)
+        s = torch.mul(sign, term) if out is None else torch.mul(sign, term, out=out)
+        del sign
         s.add_(den)
         return torch.div(numerator, s, out=s)
 
