@@ -34,13 +34,15 @@ import torch
 from torch import nn
 
 from . import relu_recompute
-from .layercall import CHUNK_BYTES, LayerCall, ParamCache, ZeroNotes, known_nonnegative, same_elements
+from .layercall import LayerCall, ParamCache, ZeroNotes, known_nonnegative, same_elements
 from .layerops import is_linear_layer
 from .rules import formula
 from .rules.base import Rule
 from .rules.passthrough import Pass
 
-__all__ = ["CHUNK_BYTES", "Assignment", "LayerCall", "ParamCache", "Probe", "ProbeCall", "Session",
+# re-exported: callers and tests name them here. CHUNK_BYTES is not: patching hooks.CHUNK_BYTES would change
+# nothing, so it fails instead
+__all__ = ["Assignment", "LayerCall", "ParamCache", "Probe", "ProbeCall", "Session",
            "UnhandledModuleError", "UnhandledModuleWarning", "ZeroNotes", "known_nonnegative", "rules_off",
            "same_elements", "sessions_of"]
 
