@@ -6,8 +6,9 @@ the rule with the relevance arriving at ``z`` and returns the relevance for each
 directly. The module's own backward is never run (the rule's result replaces it) and the layer is never
 re-run: the forward already computed ``z``, and rules reuse it.
 
-Per-call state (inputs, output, rule) lives in a ``LayerCall`` owned by the autograd node, so a module called
-twice in one forward gets two independent records, and everything is freed with the graph. The session can be
+Per-call state (inputs, output, rule) lives in a ``LayerCall`` (``lrpcli.layercall``, with the zero notes and
+the parameter cache) owned by the autograd node, so a module called twice in one forward gets two independent
+records, and everything is freed with the graph. The session can be
 made inactive (``inactive()``): nodes then pass the plain gradient to ``z``, which is what a second backward
 through a relevance (create_graph=True) must see.
 
@@ -33,9 +34,17 @@ import torch
 from torch import nn
 
 from . import relu_recompute
-from .layerops import bias_shape, empty_like_layout, forward, is_linear_layer
+from .layercall import LayerCall, ParamCache, ZeroNotes, known_nonnegative, same_elements
+from .layerops import is_linear_layer
 from .rules import formula
-from .rules.base import Rule, fits
+from .rules.base import Rule
+from .rules.passthrough import Pass
+
+# re-exported: callers and tests name them here. CHUNK_BYTES is not: patching hooks.CHUNK_BYTES would change
+# nothing, so it fails instead
+__all__ = ["Assignment", "LayerCall", "ParamCache", "Probe", "ProbeCall", "Session",
+           "UnhandledModuleError", "UnhandledModuleWarning", "ZeroNotes", "known_nonnegative", "rules_off",
+           "same_elements", "sessions_of"]
 
 
 class Composite(Protocol):
@@ -71,195 +80,6 @@ class Recorder(Protocol):
     def on_backward(self, call: LayerCall, relevance: torch.Tensor, result: Sequence[torch.Tensor | None]) -> None: ...
 
     def on_map(self, key: str, relevance: torch.Tensor) -> None: ...
-
-
-#: largest relevance tensor (bytes) a rule processes in one piece; larger ones are split over the batch
-CHUNK_BYTES = 16 * 2**20
-
-
-class LayerCall:
-    """One call of a hooked module: what its rule needs in the backward."""
-
-    __slots__ = ("session", "module", "name", "key", "rule", "inputs", "output", "versions", "rectified",
-                 "output_rectified", "relu_recomputed", "input_nonnegative", "into", "_memo", "__weakref__")
-
-    def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
-                 inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        self.session = session
-        self.module = module
-        self.name = name
-        self.key = key
-        self.rule = rule
-        self.inputs = inputs
-        self.output = output
-        self.versions = tuple(t._version for t in inputs) + (output._version,)
-        self.rectified = False
-        #: in the backward: the output is relu(z) and the relevance is 0 wherever it is 0 (see restore_output)
-        self.output_rectified = False
-        #: the call is a ReLU whose output is not in the graph (``relu_recompute``): the plain gradient is computed
-        #: from the input here instead of by the ReLU's own autograd node
-        self.relu_recomputed = False
-        self._memo: dict[str, Any] = {}
-        #: where a rule may write the relevance of the first input (``times_input(..., into=call.into)``): this
-        #: slice's rows of the whole batch's result, when the backward runs over slices of the batch; else None
-        self.into: torch.Tensor | None = None
-        #: the first input is a hooked ReLU's output (through pooling or reshaping), unmodified: x >= 0 is known
-        #: without reading x (sign-split rules skip their min/max pass)
-        self.input_nonnegative = bool(inputs) and known_nonnegative(inputs[0])
-
-    @property
-    def x(self) -> torch.Tensor:
-        return self.inputs[0]
-
-    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weight and bias in effect for this call (merged ones while a canonizer is active); computed once
-        per backward of the call, also when the rule runs over several batch slices."""
-        return self.memo("params", lambda: self.session.params_of(self.module))
-
-    def memo(self, key: str, build: Callable[[], Any]) -> Any:
-        """A value computed once per backward of this call and shared by its batch slices (W+, stacked weights,
-        a ZBox's bound terms): work that depends on the parameters, not on the samples."""
-        if key not in self._memo:
-            self._memo[key] = build()
-        return self._memo[key]
-
-    def output_without_bias(self, bias: torch.Tensor | None) -> torch.Tensor:
-        """z - b: the layer output without its bias term (the one from ``params()``), from the stored output."""
-        if bias is None:
-            return self.output
-        return self.output - bias.view(bias_shape(self.module, self.output))
-
-    def native_vjp(self, v: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """The module's own vector-Jacobian product at v, for each input (None where an input has no path)."""
-        wanted = [t for t in self.inputs if t.requires_grad]
-        if not wanted:
-            return tuple(None for _ in self.inputs)
-        grads = iter(torch.autograd.grad(self.output, wanted, v, retain_graph=True,
-                                          create_graph=torch.is_grad_enabled(), allow_unused=True))
-        return tuple(next(grads) if t.requires_grad else None for t in self.inputs)
-
-    def release(self) -> None:
-        """Keep only the tensors the rule reads; the others become shape-only (meta) stand-ins.
-
-        A LayerCall lives as long as the graph: holding every layer's output would keep activations alive that
-        a plain backward frees (a ReLU's Pass needs none, ZPlus no output), doubling peak memory.
-        """
-        if self.rule.needs_graph:
-            return
-        reads = self.rule.reads_of(self.module)
-        if "output" not in reads:
-            self.output = torch.empty_like(self.output, device="meta")
-        if "inputs" not in reads:
-            self.inputs = tuple(torch.empty_like(t, device="meta") for t in self.inputs)
-
-    def rectify(self, rectified: torch.Tensor) -> None:
-        """Keep relu(z) instead of z: the ReLU's output, which the next layer keeps anyway (one activation
-        less per layer). Only for rules that ``tolerates_rectified_output()``; ``restore_output`` makes it exact."""
-        self.output = rectified.detach()  # detached: no reference cycle through the graph
-        self.versions = self.versions[:-1] + (self.output._version,)
-        self.rectified = True
-
-    def restore_output(self, relevance: torch.Tensor) -> None:
-        """Give the rule an output that yields exactly its relevance, after ``rectify``.
-
-        Where relu(z) > 0 it equals z. Where it is 0 (z <= 0) the rule's ratio R_j / s(den_j) is 0 whatever
-        den_j is, as long as R_j = 0 — which holds whenever the layers above are proportional to their input
-        (every LRP rule but Flat, WSquare and ZBox, and no gradient rule). When the relevance is the very tensor
-        such a rule made from this output (``ZeroNotes``), that is known without looking; else one pass over
-        both tensors checks it. Where it fails, z is recomputed from the stored input, one forward of this
-        layer; also under create_graph=True, where z must carry its graph.
-        """
-        if not self.rectified:
-            return
-        self.rectified = False
-        zero_where_rectified = not torch.is_grad_enabled() and (
-            self.session.zero_notes.known(relevance, self.output)
-            or not bool(torch.logical_and(relevance != 0, self.output == 0).any()))
-        if zero_where_rectified:
-            self.output_rectified = True  # rules may use it: only outputs > 0 carry relevance
-        else:
-            weight, bias = self.params()
-            self.output = forward(self.module, self.x, weight, bias, self.output)
-            self.versions = self.versions[:-1] + (self.output._version,)
-
-    def relevance(self, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """The rule's relevance for each input; over slices of the batch where the layer is large.
-
-        A rule's temporaries are several tensors of the output's size (products, denominators, a pair buffer, the
-        transposed operation's result); at the first layers of an image model they set the peak memory. Rules
-        are per-sample, so slicing the batch changes no number, and bounds those temporaries to CHUNK_BYTES.
-        """
-        n = relevance.shape[0] if relevance.dim() else 0
-        parts = min(n, -(-relevance.numel() * relevance.element_size() // CHUNK_BYTES))
-        if parts <= 1 or self.rule.needs_graph or not self.rule.makes_temporaries or torch.is_grad_enabled() \
-                or not self._batched(n) or not self.rule.splits_over_batch(self):
-            return self.rule.relevance(self, relevance)
-        # the first input's result is allocated up front, so that rules write each slice's rows straight into
-        # it (``into``) instead of into a temporary that is then copied
-        # (on the relevance's device: x is a shape-only stand-in where the rule does not read it)
-        first = empty_like_layout(self.x, self.x.shape, dtype=torch.result_type(self.x, relevance),
-                                  device=relevance.device)
-        results: list[torch.Tensor | None] = []
-        for rows in torch.arange(n).tensor_split(parts):
-            start, stop = int(rows[0]), int(rows[-1]) + 1
-            sliced = self._rows(start, stop)
-            sliced.into = first[start:stop]
-            part = self.rule.relevance(sliced, relevance[start:stop])
-            if not results:
-                results = [None if r is None else (first if k == 0 and fits(sliced.into, r)
-                                                   else r.new_empty((n,) + r.shape[1:]))
-                           for k, r in enumerate(part)]
-            for out, r in zip(results, part):
-                if out is not None and r is not None and r.data_ptr() != out[start:stop].data_ptr():
-                    out[start:stop] = r
-        return tuple(results)
-
-    def _batched(self, n: int) -> bool:
-        return all(t.dim() > 0 and t.shape[0] == n for t in self.inputs + (self.output,))
-
-    def _rows(self, start: int, stop: int) -> LayerCall:
-        """This call restricted to samples start:stop (the same module, rule and parameters)."""
-        part = object.__new__(LayerCall)
-        for slot in LayerCall.__slots__:
-            if slot != "__weakref__":
-                setattr(part, slot, getattr(self, slot))
-        part.inputs = tuple(t[start:stop] for t in self.inputs)
-        part.output = self.output[start:stop]
-        return part
-
-    def check_unmodified(self) -> None:
-        """Refuse to compute with tensors that an in-place operation changed after the module ran."""
-        now = tuple(t._version for t in self.inputs) + (self.output._version,)
-        reads = self.rule.reads_of(self.module)
-        changed = [a != b for a, b in zip(now, self.versions)]
-        if ("inputs" in reads and any(changed[:-1])) or ("output" in reads and changed[-1]):
-            raise RuntimeError(
-                f"lrpcli: the input or output of module {self.name!r} ({type(self.module).__name__}) was modified "
-                "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
-                "tensors (e.g. `out += identity`: use the 'residual' canonizer, or `out = out + identity`)."
-            )
-
-
-#: modules whose output is >= 0 whatever their input, and modules whose output keeps the signs of their input
-_NONNEGATIVE_OUTPUT = (nn.ReLU, nn.ReLU6)
-_SIGN_KEEPING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-                 nn.AdaptiveMaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Identity)
-
-
-def known_nonnegative(x: torch.Tensor, depth: int = 4) -> bool:
-    """True when x is, unmodified, what a hooked ReLU returned (possibly through pooling or reshaping layers).
-
-    Read from the autograd graph: a hooked module's result has its ``_RuleFunction`` node as grad_fn, which
-    carries the LayerCall; an in-place change since then gives x another grad_fn or another version.
-    """
-    call = getattr(x.grad_fn, "call", None)
-    if not isinstance(call, LayerCall) or call.versions[-1] != x._version:
-        return False
-    if isinstance(call.module, _NONNEGATIVE_OUTPUT):
-        return True
-    return (depth > 0 and isinstance(call.module, _SIGN_KEEPING) and bool(call.inputs)
-            and known_nonnegative(call.inputs[0], depth - 1))
 
 
 class _RuleFunction(torch.autograd.Function):
@@ -327,68 +147,6 @@ class _RuleFunction(torch.autograd.Function):
         return result
 
 
-class ZeroNotes:
-    """Which relevance tensors are known to be zero wherever a given tensor is, kept by the session.
-
-    A rule with ``proportional_to_inputs`` makes relevance that is zero wherever its input is; when that input is
-    a ReLU's output, the layer below the ReLU (which keeps relu(z) as its output, ``LayerCall.rectify``) is then
-    spared the pass over its output and relevance that ``restore_output`` would otherwise make. A note is keyed
-    by the relevance tensor's id and holds it weakly (ids of dead tensors are reused), with the versions of both
-    tensors: it holds only while neither changed. Notes are made and read within one backward; the session drops
-    them at the start of each forward.
-    """
-
-    __slots__ = ("notes",)
-
-    def __init__(self) -> None:
-        #: id(relevance) -> (weak relevance, its version, weak input, the input's version)
-        self.notes: dict[int, tuple[weakref.ref, int, weakref.ref, int]] = {}
-
-    def mark(self, inputs: Sequence[torch.Tensor], result: Sequence[torch.Tensor | None]) -> None:
-        """Each input's relevance in ``result`` is zero wherever that input is."""
-        for x, r in zip(inputs, result):
-            if r is not None and r.shape == x.shape and not x.is_meta:
-                self.notes[id(r)] = (weakref.ref(r), r._version, weakref.ref(x), x._version)
-
-    def _note(self, relevance: torch.Tensor) -> tuple[weakref.ref, int, weakref.ref, int] | None:
-        note = self.notes.get(id(relevance))
-        return note if note is not None and note[0]() is relevance else None
-
-    def hand_on(self, relevance: torch.Tensor, result: Sequence[torch.Tensor | None]) -> None:
-        """A result holding the very elements of the relevance (a Pass that reshapes it: Flatten) keeps its
-        note."""
-        note = self._note(relevance)
-        if note is not None:
-            for r in result:
-                if r is not None and r is not relevance and same_elements(r, relevance):
-                    self.notes[id(r)] = (weakref.ref(r),) + note[1:]
-
-    def known(self, relevance: torch.Tensor, output: torch.Tensor) -> bool:
-        """True if ``relevance`` is known to be zero wherever ``output`` is: a note says so for a tensor holding
-        the same elements as ``output``, and neither changed since."""
-        note = self._note(relevance)
-        if note is None:
-            return False
-        _, version, ref, x_version = note
-        x = ref()
-        return (x is not None and relevance._version == version and x._version == x_version
-                and relevance.numel() == output.numel() and same_elements(x, output))
-
-    def clear(self) -> None:
-        self.notes.clear()
-
-
-def same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """a and b hold the same elements in the same order (one is b itself, or both are the same memory with the
-    same layout, or contiguous reshapes of one another)."""
-    if a is b:
-        return True
-    if (a.dim() == 0 or b.dim() == 0 or a.data_ptr() != b.data_ptr() or a.dtype != b.dtype
-            or a.device != b.device or a.numel() != b.numel() or a.shape[0] != b.shape[0]):
-        return False
-    return (a.shape == b.shape and a.stride() == b.stride()) or (a.is_contiguous() and b.is_contiguous())
-
-
 class _Tap(torch.autograd.Function):
     """Identity both ways; the backward hands the relevance arriving at a module's output to the recorder."""
 
@@ -412,10 +170,35 @@ class Assignment:
     rule: Rule | None
     calls: int = 0
     order: int = -1
+    #: what the forward hook needs to know of the rule on this module, worked out once (``Dispatch``)
+    dispatch: Dispatch | None = None
 
     @property
     def type_name(self) -> str:
         return type(self.module).__name__
+
+
+class Dispatch:
+    """The rule's answers for one module, asked once when the rule is assigned instead of at every call: the
+    forward hook of a small network runs hundreds of times per batch. Rules are stateless, so the answers hold
+    for the session."""
+
+    __slots__ = ("reads", "native", "keeps_zeros", "keeps_nothing", "is_relu", "producer", "recompute", "passes")
+
+    def __init__(self, rule: Rule, module: nn.Module) -> None:
+        self.reads = rule.reads_of(module)
+        self.native = rule.is_native_gradient
+        self.keeps_zeros = rule.keeps_zeros(module)
+        self.keeps_nothing = not self.reads and not rule.needs_graph
+        self.is_relu = type(module) is nn.ReLU
+        #: a linear layer whose rule may keep relu(z) for z (``LayerCall.rectify``)
+        self.producer = is_linear_layer(module) and rule.tolerates_rectified_output()
+        #: the rule's side of ``relu_recompute.recomputable_relu`` (reads only the input); the tensors' side is
+        #: checked at each call
+        self.recompute = not rule.needs_graph and "inputs" in self.reads and "output" not in self.reads
+        #: the rule hands the relevance on unchanged: on a module that returns its very input (a merged
+        #: BatchNorm, Dropout or Identity in eval mode) that is what the missing autograd node does too
+        self.passes = type(rule) is Pass
 
 
 @dataclass
@@ -456,6 +239,10 @@ class Session:
         self.active = True
         self.assignments: dict[nn.Module, Assignment] = {}
         self.param_overrides: dict[nn.Module, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        #: for a module in ``param_overrides``: the further modules whose parameters and buffers its substituted
+        #: parameters are computed from (a merged BatchNorm); without an entry its values are never cached
+        self.param_sources: dict[nn.Module, tuple[nn.Module, ...]] = {}
+        self.param_cache = ParamCache()
         self.notes: list[str] = []  # what canonizers did, for reports
         self._handles: list[Any] = []
         self._inplace: list[nn.Module] = []
@@ -472,6 +259,7 @@ class Session:
         self._probed = False
         self._probing = False
         self._warned = False
+        self._unhandled_ran = False  # a module without a rule ran (``_root_hook`` then names them)
         self._entered = False
 
     # -- context -------------------------------------------------------------------------------------------
@@ -514,6 +302,8 @@ class Session:
         for canonizer in reversed(self.canonizers):
             canonizer.revert()
         self.param_overrides.clear()
+        self.param_sources.clear()
+        self.param_cache.clear()
         for module in self._inplace:
             module.inplace = True
         self._inplace.clear()
@@ -562,6 +352,8 @@ class Session:
 
     def _root_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._probing or self._warned:
+            return
+        if not self._unhandled_ran:
             return
         missing = [a for a in self.assignments.values() if a.rule is None and a.calls > 0]
         if missing:
@@ -624,6 +416,7 @@ class Session:
                 raise UnhandledModuleError(
                     f"lrpcli: no rule for module {assignment.name!r} ({assignment.type_name}) and strict=True")
             assignment.rule = rule
+            assignment.dispatch = None if rule is None else Dispatch(rule, module)
         return assignment.rule
 
     def params_of(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -631,6 +424,27 @@ class Session:
         if override is not None:
             return override()
         return module.weight, module.bias
+
+    def param_stamp(self, call: LayerCall) -> tuple | None:
+        """What ``ParamCache`` entries of this call are valid for: each parameter and buffer the call's parameters
+        come from (identity, storage and version) and the input's shape, dtype and device; None where unknown
+        (a substitution without named sources)."""
+        module = call.module
+        sources: tuple[nn.Module, ...] = (module,)
+        if module in self.param_overrides:
+            extra = self.param_sources.get(module)
+            if extra is None:
+                return None
+            sources += extra
+        stamp: list[Any] = []
+        for source in sources:
+            for tensors in (source._parameters, source._buffers):
+                for t in tensors.values():
+                    if t is not None:  # the tensor itself: compared by identity (ParamCache.get)
+                        stamp += (t, t.data_ptr(), t._version)
+        x = call.inputs[0] if call.inputs else call.output
+        stamp += (x.shape[1:], x.dtype, x.device)
+        return tuple(stamp)
 
     def _tap_hook(self, name: str) -> Callable[..., Any]:
         """A forward hook that taps the relevance at this module's output (any module, also containers)."""
@@ -650,31 +464,37 @@ class Session:
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if self._probing:
             return None
-        rule = self.rule_for(module)
         assignment = self.assignments[module]
+        rule = assignment.rule if assignment.order >= 0 else self.rule_for(module)
         count = self._call_counts.get(module, 0)
         self._call_counts[module] = count + 1
         assignment.calls += 1
-        if rule is None or not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
+        if rule is None:
+            self._unhandled_ran = True
+            return None
+        if not isinstance(output, torch.Tensor) or not torch.is_grad_enabled() or not output.requires_grad:
             return None
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
-        if not output.requires_grad:
-            return None
+        dispatch: Dispatch = assignment.dispatch
         plain = formula.enabled()
-        if rule.is_native_gradient and self.recorder is None and not plain and not (
-                rule.keeps_zeros(module) and inputs and self._rectifies(inputs[0])):
+        if dispatch.passes and self.recorder is None and not plain and len(inputs) == 1 and output is inputs[0]:
+            # an identity under Pass: no node, the relevance arrives below as the very tensor (its ZeroNotes
+            # hold), and a producer above stays registered under the same tensor
+            return None
+        if dispatch.native and self.recorder is None and not plain and not (
+                dispatch.keeps_zeros and inputs and self._rectifies(inputs[0])):
             # the module's own gradient flows unhooked: same result, nothing kept alive. A max pool over a ReLU
             # output that the layer below keeps stays hooked: it hands on the note that saves that layer a check
             # (``ZeroNotes``), and keeps nothing that is not kept anyway
             return None
         key = assignment.name if count == 0 else f"{assignment.name}#{count + 1}"
-        call = LayerCall(self, module, assignment.name, key, rule, inputs, output)
+        call = LayerCall(self, module, assignment.name, key, rule, inputs, output, dispatch.reads)
         if self.recorder is not None:
             self.recorder.on_forward(call)
         # a ReLU output that can be recomputed stays out of the graph: once the forward has moved on, nothing
         # refers to it or to its autograd node, and its storage is freed
-        recompute = (self._in_root and not plain and relu_recompute.recomputable_relu(rule, module, inputs, output)
-                     and self._saved.install())
+        recompute = (dispatch.recompute and self._in_root and not plain
+                     and relu_recompute.recomputable_relu(rule, module, inputs, output) and self._saved.install())
         call.relu_recomputed = recompute
         result = _RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
         call.release()
@@ -683,15 +503,15 @@ class Session:
             call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # z lives in ctx (above)
         if plain:  # every layer keeps its own output (no relu(z) in its place)
             return result
-        keeps_nothing = not rule.reads_of(module) and not rule.needs_graph
-        if keeps_nothing and inputs and type(module) is nn.ReLU:
+        keeps_nothing = dispatch.keeps_nothing
+        if keeps_nothing and inputs and dispatch.is_relu:
             if self._rectify_producer(inputs[0], output):
                 self._rectifying[id(result)] = weakref.ref(result)
         elif keeps_nothing and inputs and output is inputs[0]:  # an identity (a merged BatchNorm): look through
             entry = self._producers.pop(id(output), None)
             if entry is not None and entry[0]() is output:
                 self._producers[id(result)] = (weakref.ref(result), entry[1])
-        elif self._in_root and is_linear_layer(module) and rule.tolerates_rectified_output():
+        elif self._in_root and dispatch.producer:
             # weak both ways: an entry never keeps a graph alive (e.g. a submodule called outside the root)
             self._producers[id(result)] = (weakref.ref(result), weakref.ref(call))
         return result

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lrpcli
+from lrpcli import layercall
 from lrpcli.composites import FirstLayer, LayerMap, Mixture, NameMap
 from lrpcli.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
@@ -353,8 +354,8 @@ def test_rectified_output_gives_the_same_relevance(monkeypatch, lower_rule, uppe
     reference_model, _ = _relu_chain(_OtherReLU, lower_rule, upper_rule)
     reference_model.load_state_dict(model.state_dict())
     calls = []
-    original = hooks.forward
-    monkeypatch.setattr(hooks, "forward", lambda *a: calls.append(1) or original(*a))
+    original = layercall.forward
+    monkeypatch.setattr(layercall, "forward", lambda *a: calls.append(1) or original(*a))
     got = lrpcli.attribute(model, x, 1, composite=comp)
     assert len(calls) == recomputes
     rectified = []
@@ -492,7 +493,7 @@ def test_large_layers_split_over_the_batch_give_the_same_relevance(monkeypatch):
     for comp in composites:
         whole = lrpcli.attribute(model, x, 1, composite=comp)
         split.clear()
-        monkeypatch.setattr(hooks, "CHUNK_BYTES", 64)
+        monkeypatch.setattr(layercall, "CHUNK_BYTES", 64)
         monkeypatch.setattr(hooks.LayerCall, "_rows", spy)
         pieces = lrpcli.attribute(model, x, 1, composite=comp)
         monkeypatch.undo()
@@ -505,7 +506,6 @@ def test_large_layers_split_over_the_batch_give_the_same_relevance(monkeypatch):
 def test_channels_last_model_keeps_its_layout_through_the_rules(monkeypatch, sliced):
     """A channels-last model and input: the rules allocate their buffers in that layout (mixing layouts made every
     element-wise pass slow), the pointwise matrix-product path stands aside, and the numbers are those of NCHW."""
-    import lrpcli.hooks as hooks
 
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 1), nn.ReLU(),
@@ -517,7 +517,7 @@ def test_channels_last_model_keeps_its_layout_through_the_rules(monkeypatch, sli
                               (nn.Linear, Epsilon(1e-6))])])
     whole = lrpcli.attribute(model, x, 1, composite=comp)
     if sliced:
-        monkeypatch.setattr(hooks, "CHUNK_BYTES", 64)
+        monkeypatch.setattr(layercall, "CHUNK_BYTES", 64)
     cl = torch.channels_last
     r = lrpcli.attribute(model.to(memory_format=cl), x.contiguous(memory_format=cl), 1, composite=comp)
     torch.testing.assert_close(r, whole, atol=1e-12, rtol=0)
@@ -543,7 +543,7 @@ def test_sliced_activation_rules_give_the_same_relevance(monkeypatch, activation
         split.append(self.name)
         return original_rows(self, a, b)
 
-    monkeypatch.setattr(hooks, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(layercall, "CHUNK_BYTES", 64)
     monkeypatch.setattr(hooks.LayerCall, "_rows", rows)
     pieces = lrpcli.attribute(model, x, 1, composite=comp)
     monkeypatch.undo()
@@ -579,7 +579,7 @@ def test_batch_slices_are_written_into_the_result_and_pass_layers_are_not_sliced
         copies.append(tuple(self.shape))
         return original_setitem(self, key, value)
 
-    monkeypatch.setattr(hooks, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(layercall, "CHUNK_BYTES", 64)
     monkeypatch.setattr(hooks.LayerCall, "_rows", rows)
     monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)
     pieces = lrpcli.attribute(model, x, 1, composite=comp)

@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {}
 for rank, names in enumerate([
     ("errors", "modules", "functional_modules", "allocator", "catalogue"),  # torch-free declarations, nn blocks
     ("yamlfile", "values", "spec", "config"),                               # spec
-    ("layerops", "relu_recompute", "rules", "hooks", "recorder", "canonizers", "composites"),  # engine
+    ("layerops", "relu_recompute", "rules", "layercall", "hooks", "recorder", "canonizers", "composites"),  # engine
     ("build", "runtime", "models", "data", "methods", "explainer", "api", "attributors"),  # explainer
     ("store",),
     ("runner", "runsetup", "distributed", "shards"),
@@ -26,7 +26,7 @@ for rank, names in enumerate([
 ]):
     for name in names:
         LAYERS[name] = rank
-ENGINE = {"layerops", "relu_recompute", "rules", "hooks", "recorder", "canonizers", "composites"}
+ENGINE = {"layerops", "relu_recompute", "rules", "layercall", "hooks", "recorder", "canonizers", "composites"}
 
 
 def module_name(path: Path) -> str:

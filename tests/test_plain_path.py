@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lrpcli
-from lrpcli import hooks
+from lrpcli import layercall
 from lrpcli.composites.base import LayerMap
 from lrpcli.modules import Sum
 from lrpcli.rules import (
@@ -58,6 +58,7 @@ RULES = {
     'gamma_0.25': lambda: Gamma(0.25, stabilizer=EPS),
     'gamma_1_zb': lambda: Gamma(1.0, stabilizer=EPS, zero_params=['bias']),
     'gamma_clip': lambda: Gamma(0.25, stabilizer=Stabilizer(0.5, 'clip')),
+    'gamma_rms': lambda: Gamma(0.25, stabilizer=Stabilizer(0.1, 'rms')),  # composite auto's stabilizer
     'zbox': lambda: ZBox(-3.0, 3.0, stabilizer=EPS),
     'flat': lambda: Flat(stabilizer=EPS),
     'wsquare': lambda: WSquare(stabilizer=EPS),
@@ -115,7 +116,7 @@ def _layer(factory, seed: int) -> nn.Module:
 @pytest.mark.parametrize('rule_id', list(RULES))
 def test_fast_equals_plain(rule_id, layer_id, factory, shape, channels_last, setting, monkeypatch):
     if setting == 'sliced':  # every layer over slices of the batch, ZPlus's dense layers in blocks of rows
-        monkeypatch.setattr(hooks, 'CHUNK_BYTES', 64)
+        monkeypatch.setattr(layercall, 'CHUNK_BYTES', 64)
         monkeypatch.setattr(zplus, 'BLOCK_BYTES', 64)
     layer = _layer(factory, seed=len(layer_id))
     model = _model(layer, setting)

@@ -17,6 +17,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import lrpcli
 import lrpcli.hooks as hooks
+import lrpcli.layercall as layercall
 import lrpcli.relu_recompute as relu_recompute
 from lrpcli.composites import LayerMap
 
@@ -158,7 +159,7 @@ def test_same_numbers_as_without_recomputation(name, monkeypatch):
         relevance, maps = lrpcli.attribute(model, x, 2, composite=comp, layers=["*"])
         results += [relevance] + [maps[k] for k in sorted(maps)]
         with monkeypatch.context() as mp:
-            mp.setattr(hooks, "CHUNK_BYTES", 64)
+            mp.setattr(layercall, "CHUNK_BYTES", 64)
             results.append(lrpcli.attribute(model, x, 0, composite=comp))
         return results
 

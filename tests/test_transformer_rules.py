@@ -425,6 +425,6 @@ def test_layernorm_fn_is_not_sliced_over_the_batch(monkeypatch):
     x = torch.randn(4, 3, 4, dtype=DT)
     upper = torch.randn(4, 3, 4, dtype=DT)
     want = attribute(model, x, upper, layer_map(LayerNormFn, LayerNormRule()))
-    monkeypatch.setattr(lrpcli.hooks, 'CHUNK_BYTES', 64)
+    monkeypatch.setattr(lrpcli.layercall, 'CHUNK_BYTES', 64)
     got = attribute(model, x, upper, layer_map(LayerNormFn, LayerNormRule()))
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

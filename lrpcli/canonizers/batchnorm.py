@@ -106,6 +106,7 @@ class MergeBatchNorm(Canonizer):
             self._patched.append((module, module.__dict__.get("forward")))
             module.forward = new
         session.param_overrides[layer] = lambda: merged_params(layer, bn)
+        session.param_sources[layer] = (bn,)
         self.merged.append((layer, bn))
 
     def revert(self) -> None:
