@@ -8,6 +8,7 @@ The ``functional`` canonizer (torch.fx) puts calls of these in place of ``a * b`
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import Gate
+
+#: BatchNorms that ``merge_batchnorm`` folded into the layer before them (they run as the identity while merged);
+#: the BatchNorm rule hands relevance through them unchanged
+MERGED_BATCHNORMS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class Product(nn.Module):
