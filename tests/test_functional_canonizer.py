@@ -216,8 +216,8 @@ def test_scaled_dot_product_attention_is_explicit(mask):
 
 
 def test_position_bias_on_attention_logits_is_a_constant():
-    """scores + bias (a parameter) that goes into a softmax stays a plain addition (relevance to the scores, as
-    for a mask), while activation + parameter elsewhere becomes an EmbeddingSum; swapaxes is routing."""
+    """scores + bias (a parameter) that goes into a softmax becomes an AttentionBias (the bias absorbs its share),
+    while activation + parameter elsewhere becomes an EmbeddingSum; swapaxes is routing."""
 
     class BiasedAttention(nn.Module):
         def __init__(self):
@@ -232,8 +232,8 @@ def test_position_bias_on_attention_logits_is_a_constant():
 
     _, notes, names = _notes(BiasedAttention().to(DT), ['functional'], torch.randn(2, 3, 4, dtype=DT))
     assert notes == ['functional: routed through modules: embedding x1, matmul x1, softmax x1, attention_product x1',
-                     'functional: position biases of attention logits added as constants (relevance stays with the '
-                     'scores): x1']
+                     'functional: position biases of attention logits as AttentionBias (the bias absorbs its share '
+                     "of relevance, as a layer's bias does): x1"]
 
 
 def test_functional_inplace_relu_after_merged_batchnorm():

@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..composites import layers as L
 from ..functional_modules import (
+    AttentionBias,
     AttentionProduct,
     DotProductAttention,
     ExplicitMultiheadAttention,
@@ -135,7 +136,6 @@ class _Rewriter:
         self.gm = traced
         self.done: Counter[str] = Counter()
         self.left: Counter[str] = Counter()
-        self.constants: Counter[str] = Counter()
         self._count = 0
         self._tensor: dict[fx.Node, bool] = {}
 
@@ -300,9 +300,12 @@ class _Rewriter:
             return False
         embedding = not all(self.is_activation(a) for a in args)
         if embedding and self.feeds_softmax(node):
-            # a position bias on attention logits is a constant addend, like a mask: relevance stays with the
-            # scores (the plain addition hands it on unchanged)
-            self.constants["attention bias"] += 1
+            # a position bias on attention logits: it absorbs its share, as a layer's bias does, and nothing flows
+            # into the parameters (or the MLP) that made it
+            scores, bias = (args[0], args[1]) if self.is_activation(args[0]) else (args[1], args[0])
+            with self.gm.graph.inserting_before(node):
+                bias = self.gm.graph.call_method("detach", (bias,))
+            self.replace(node, AttentionBias(), (scores, bias), "attention_bias")
             return True
         self.replace(node, EmbeddingSum() if embedding else Sum(), tuple(args), "embedding" if embedding else "sum")
         return True
@@ -452,11 +455,11 @@ class FunctionalOperations(Canonizer):
         inlined: Counter[str] = Counter()
         untraced: list[str] = []
         result = self._canonize(model, "", done, left, inlined, untraced)
-        constants = done.pop("constant", 0)
+        constants = done.pop("attention_bias", 0)
         notes = [f"functional: routed through modules: {_counts(done) or 'nothing'}"]
         if constants:
-            notes.append("functional: position biases of attention logits added as constants (relevance stays "
-                         f"with the scores): x{constants}")
+            notes.append(f"functional: position biases of attention logits as AttentionBias (the bias absorbs its "
+                         f"share of relevance, as a layer's bias does): x{constants}")
         if inlined:
             notes.append(f"functional: inlined by torch.fx (their operations are routed above): {_counts(inlined)}")
         if left:
@@ -489,8 +492,6 @@ class FunctionalOperations(Canonizer):
         rewriter = _Rewriter(traced)
         rewriter.run()
         done.update(rewriter.done)
-        if rewriter.constants:
-            done["constant"] += sum(rewriter.constants.values())
         left.update(rewriter.left)
         inlined.update(tracer.inlined)
         return traced
