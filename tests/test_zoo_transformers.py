@@ -86,6 +86,8 @@ def test_vit_cp_lrp_conserves_with_embedding_share():
     assert abs(embedding) > 0.1 * total  # a real share: leaving it out would break conservation
     assert not any('left on the plain gradient' in n for n in notes)
     assert 'functional: routed through modules: sum x4, embedding x1' in notes
+    assert ("functional: parameters that are terms of the signal take relevance as the input does (the embeddings' "
+            "share, not a loss): class_token, encoder.pos_embedding") in notes
 
 
 def test_vit_attn_lrp_deficit_is_the_softmax_rule(monkeypatch):
