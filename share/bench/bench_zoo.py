@@ -231,13 +231,22 @@ def coverage_and_time(name: str, size: int, repeats: int, batch: int = 2) -> tup
     return left, finite, median(lrps) / median(grads)
 
 
+def parameters_m(name: str) -> float:
+    """Millions of parameters, counted on the meta device (no memory, no random init: vit_h_14 takes a minute)."""
+    import torchvision
+
+    with torch.device("meta"):
+        model = torchvision.models.get_model(name)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
 def sweep_one(name: str, max_params_m: float, repeats: int, conserve: bool) -> ZooRow:
-    model = build(name)
-    row = ZooRow(name, sum(p.numel() for p in model.parameters()) / 1e6)
+    row = ZooRow(name, parameters_m(name))
     if row.params_m > max_params_m:
         row.skipped = f"{row.params_m:.0f}M parameters > --max-params {max_params_m:g}M"
         return row
     try:
+        model = build(name)
         row.size = smallest_size(model)
         del model
         row.left, row.finite, row.ratio = coverage_and_time(name, row.size, repeats)
