@@ -72,3 +72,9 @@ def test_coverage_left_reads_modules_and_notes():
     assert bench_zoo.coverage_left(Session()) == [
         "head (Tanhshrink)", "functional: left on the plain gradient: exp x1",
         "functional: Bar at <model> (not traced) computes outside its modules: sum x1"]
+
+
+def test_parameter_count_with_and_without_the_meta_device():
+    """squeezenet builds on the meta device; RegNet's builders compute with tensors and are built for real."""
+    assert round(bench_zoo.parameters_m("squeezenet1_1"), 4) == 1.2355
+    assert round(bench_zoo.parameters_m("regnet_x_400mf"), 4) == 5.4960
