@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave glibc's malloc as it is (by default the run tunes it as the lrpcli command does: "
                    "lrpcli.keep_freed_memory, for the gradient and the composites alike)")
     p.add_argument("--write", action="store_true", help=f"append the table to {HERE / 'RESULTS.md'}")
-    p.add_argument("--zoo", action="store_true", help="the zoo sweep (alone, or with the sections of --only)")
+    p.add_argument("--zoo", action="store_true",
+                   help="the zoo sweep, on the CPU (alone, or with the sections of --only)")
     p.add_argument("--zoo-models", help="zoo: comma-separated model names or globs (default: every torchvision model)")
     p.add_argument("--zoo-max-params", type=float, default=350.0,
                    help="zoo: skip models above this many million parameters (default 350)")
