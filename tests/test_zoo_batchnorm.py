@@ -166,3 +166,14 @@ def test_densenet_post_concatenation_batchnorms_match_a_dense_reference():
 
     passed, _ = _auto(model, x, overrides=[(nn.BatchNorm2d, Pass())])
     assert (passed - got).abs().sum() > 0.05 * got.abs().sum()
+
+
+def test_config_gives_the_rule_to_any_composite(tmp_path):
+    """`{type: BatchNorm2d, rule: batchnorm}` in a config; the composite's zero_params reach it."""
+    from lrpcli.build import composite_kwargs, load_config
+
+    path = tmp_path / "densenet.yaml"
+    path.write_text("model: {name: densenet121}\ncanonizers: [densenet]\ncomposite:\n  name: epsilon_plus\n"
+                    "  zero_params: [bias]\n  rules:\n    - {type: BatchNorm2d, rule: batchnorm}\n")
+    kwargs = composite_kwargs(load_config(path))
+    assert kwargs["overrides"] == [(nn.BatchNorm2d, BatchNormRule(zero_params=["bias"]))]
