@@ -122,12 +122,12 @@ declare("auto", "looks at the model: the attn_lrp rules where it has attention o
         defaults={"stabilizer": AUTO_STABILIZER})
 
 #: Rule names of ``lrpcli.rules.make`` (``lrpcli.rules.RULES`` is checked against it by a test) and their aliases.
-RULE_NAMES = ("alpha_beta", "beta_smooth", "constant_operand", "deconvnet", "epsilon", "flat", "gamma", "gradient",
-              "guided_backprop", "layernorm", "maxpool_average", "norm", "pass", "product", "softmax", "wsquare",
-              "zbox", "zplus")
+RULE_NAMES = ("alpha_beta", "batchnorm", "beta_smooth", "constant_operand", "deconvnet", "epsilon", "flat", "gamma",
+              "gradient", "guided_backprop", "layernorm", "maxpool_average", "norm", "pass", "product", "softmax",
+              "wsquare", "zbox", "zplus")
 RULE_ALIASES = {"alphabeta": "alpha_beta", "z_plus": "zplus", "w_square": "wsquare", "z_box": "zbox",
                 "wta": "gradient", "guidedbackprop": "guided_backprop", "betasmooth": "beta_smooth",
-                "layer_norm": "layernorm"}
+                "layer_norm": "layernorm", "batch_norm": "batchnorm"}
 #: Canonizer names of ``lrpcli.canonizers.make`` (checked against it by a test).
 CANONIZER_NAMES = ("attention", "auto", "densenet", "efficientnet", "functional", "merge_batchnorm", "mobilenet",
                    "residual", "resnet", "se_gates", "transformer", "vgg")

@@ -8,6 +8,7 @@ The ``functional`` canonizer (torch.fx) puts calls of these in place of ``a * b`
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import Gate
+from .modules import Gate, Sum
+
+#: BatchNorms that ``merge_batchnorm`` folded into the layer before them (they run as the identity while merged);
+#: the BatchNorm rule hands relevance through them unchanged
+MERGED_BATCHNORMS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class Product(nn.Module):
@@ -55,6 +60,17 @@ class AttentionProduct(MatMul):
                  constant_index: int = 0) -> None:
         super().__init__(fn, equation)
         self.constant_index = constant_index
+
+
+class AttentionBias(Sum):
+    """Attention logits plus a position bias made from parameters (Swin's relative position bias table, Swin V2's
+    continuous position-bias MLP, MaxViT's): as a ``Sum`` (Norm) the bias takes its share of the logits'
+    relevance and keeps it, as a layer's bias does, R_scores = scores R / s(scores + bias). Handing all of it
+    to the scores instead multiplies it by (scores + bias) / scores, which explodes where the bias dominates.
+    Callers pass the bias detached: no relevance flows into the parameters or the MLP that made it."""
+
+    def forward(self, scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return scores + bias
 
 
 class Scaled(nn.Module):
@@ -237,7 +253,8 @@ class ExplicitWindowAttention(nn.Module):
     The fused ``shifted_window_attention`` function is opaque to hooks and to torch.fx. Here the q/k/v parts of
     ``qkv`` are Linear layers, the scores a MatMul (V1: with the 1/sqrt(d) scale; V2: of the normalised q and k,
     then times the clamped logit scale), then the Softmax and the AttentionProduct; ``proj`` is the original
-    layer. The relative position bias and the shift mask are added as constants: relevance passes to the scores.
+    layer. The relative position bias is an ``AttentionBias`` (it absorbs its share); the shift mask is a
+    constant addend (relevance passes to the scores).
     The windows, shifts and padding are computed exactly as torchvision does, from the same parameters.
     """
 
@@ -259,6 +276,7 @@ class ExplicitWindowAttention(nn.Module):
             self.logit = Scaled(torch.mul, 0)
         else:
             self.scores = MatMul(torch.matmul, scale=(dim // heads) ** -0.5)
+        self.position_bias = AttentionBias()
         self.softmax = nn.Softmax(dim=-1)
         self.attention_dropout = nn.Dropout(source.attention_dropout)
         self.values = AttentionProduct(torch.matmul, constant_index=0)
@@ -292,7 +310,7 @@ class ExplicitWindowAttention(nn.Module):
             attn = self.logit(attn, torch.clamp(src.logit_scale, max=math.log(100.0)).exp())
         else:
             attn = self.scores(q, k.transpose(-2, -1))
-        attn = attn + src.get_relative_position_bias()
+        attn = self.position_bias(attn, src.get_relative_position_bias().detach())
         if sum(shift) > 0:
             attn = attn + _shift_mask(x, pad_h, pad_w, window, shift, windows).unsqueeze(1)
         attn = self.attention_dropout(self.softmax(attn))

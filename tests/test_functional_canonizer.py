@@ -51,6 +51,10 @@ def _notes(model, canonizers, x):
     return out, notes, names
 
 
+EMBEDDINGS = ("functional: parameters that are terms of the signal take relevance as the input does (the "
+              "embeddings' share, not a loss): ")
+
+
 def test_block_is_routed_and_computes_the_same():
     torch.manual_seed(0)
     model = Block().to(DT).eval()
@@ -61,7 +65,7 @@ def test_block_is_routed_and_computes_the_same():
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     assert notes == ['functional: routed through modules: scaled x2, max_pool x1, embedding x1, matmul x1, '
                      'softmax x1, attention_product x1, gelu x1, sigmoid x1, gate x1, sum x1, layer_norm x1, '
-                     'product x1, reduce x1']
+                     'product x1, reduce x1', EMBEDDINGS + 'pos']
     assert {'EmbeddingSum', 'MatMul', 'AttentionProduct', 'Softmax', 'GELU', 'Gate', 'Scaled', 'LayerNormFn',
             'Product', 'Reduce', 'Sum', 'MaxPool1d'} <= names
     assert model.forward == forward_before and not any(n.startswith('lrpcli') for n, _ in model.named_modules())
@@ -216,8 +220,8 @@ def test_scaled_dot_product_attention_is_explicit(mask):
 
 
 def test_position_bias_on_attention_logits_is_a_constant():
-    """scores + bias (a parameter) that goes into a softmax stays a plain addition (relevance to the scores, as
-    for a mask), while activation + parameter elsewhere becomes an EmbeddingSum; swapaxes is routing."""
+    """scores + bias (a parameter) that goes into a softmax becomes an AttentionBias (the bias absorbs its share),
+    while activation + parameter elsewhere becomes an EmbeddingSum; swapaxes is routing."""
 
     class BiasedAttention(nn.Module):
         def __init__(self):
@@ -232,8 +236,8 @@ def test_position_bias_on_attention_logits_is_a_constant():
 
     _, notes, names = _notes(BiasedAttention().to(DT), ['functional'], torch.randn(2, 3, 4, dtype=DT))
     assert notes == ['functional: routed through modules: embedding x1, matmul x1, softmax x1, attention_product x1',
-                     'functional: position biases of attention logits added as constants (relevance stays with the '
-                     'scores): x1']
+                     'functional: position biases of attention logits as AttentionBias (the bias absorbs its share '
+                     "of relevance, as a layer's bias does): x1", EMBEDDINGS + 'pos']
 
 
 def test_functional_inplace_relu_after_merged_batchnorm():

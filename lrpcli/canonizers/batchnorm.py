@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..composites.layers import BATCHNORMS
+from ..functional_modules import MERGED_BATCHNORMS
 from ..layerops import CONV_TRANSPOSE_TYPES, CONV_TYPES, LINEAR_TYPES
 from .base import Canonizer
 
@@ -108,6 +109,7 @@ class MergeBatchNorm(Canonizer):
         session.param_overrides[layer] = lambda: merged_params(layer, bn)
         session.param_sources[layer] = (bn,)
         self.merged.append((layer, bn))
+        MERGED_BATCHNORMS.add(bn)
 
     def revert(self) -> None:
         for module, previous in reversed(self._patched):
@@ -115,5 +117,7 @@ class MergeBatchNorm(Canonizer):
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = previous
+        for _, bn in self.merged:
+            MERGED_BATCHNORMS.discard(bn)
         self._patched.clear()
         self.merged.clear()

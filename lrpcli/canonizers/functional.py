@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..composites import layers as L
 from ..functional_modules import (
+    AttentionBias,
     AttentionProduct,
     DotProductAttention,
     ExplicitMultiheadAttention,
@@ -135,7 +136,7 @@ class _Rewriter:
         self.gm = traced
         self.done: Counter[str] = Counter()
         self.left: Counter[str] = Counter()
-        self.constants: Counter[str] = Counter()
+        self.embeddings: list[str] = []  # parameters that enter as terms of the input (see ``_note_embeddings``)
         self._count = 0
         self._tensor: dict[fx.Node, bool] = {}
 
@@ -222,8 +223,37 @@ class _Rewriter:
                 handled = False
             if not handled and kind not in ROUTING and any(self.is_activation(a) for a in node.all_input_nodes):
                 self.left[_op_name(kind)] += 1
+        self._note_embeddings()
         self.gm.graph.lint()
         self.gm.recompile()
+
+    def _parameter_source(self, node: Any) -> str | None:
+        """The parameter a constant term comes from, through routing (expand, reshape, indexing): its name."""
+        while isinstance(node, fx.Node):
+            if node.op == "get_attr":
+                return str(node.target) if isinstance(self._attr(node), nn.Parameter) else None
+            if _kind(node) not in ROUTING or not node.args:
+                return None
+            node = node.args[0]
+        return None
+
+    def _note_embeddings(self) -> None:
+        """Parameters that are terms of the signal: summed with it (a position embedding, ``EmbeddingSum``) or
+        concatenated to it (a class token). Relevance reaches them as it reaches the input; the note names
+        them, so that their share is not taken for a loss."""
+        for node in self.gm.graph.nodes:
+            module = self.module_of(node)
+            if isinstance(module, EmbeddingSum):
+                terms = list(node.args)
+            elif _kind(node) in (torch.cat, torch.concat, torch.stack) and node.args \
+                    and isinstance(node.args[0], (list, tuple)) and any(self.is_activation(a) for a in node.args[0]):
+                terms = list(node.args[0])
+            else:
+                continue
+            for term in terms:
+                name = self._parameter_source(term)  # also an expand to the input's batch size (a class token)
+                if name is not None and name not in self.embeddings:
+                    self.embeddings.append(name)
 
     def rewrite(self, node: fx.Node, kind: Any) -> bool:
         args, kwargs = node.args, node.kwargs
@@ -300,9 +330,12 @@ class _Rewriter:
             return False
         embedding = not all(self.is_activation(a) for a in args)
         if embedding and self.feeds_softmax(node):
-            # a position bias on attention logits is a constant addend, like a mask: relevance stays with the
-            # scores (the plain addition hands it on unchanged)
-            self.constants["attention bias"] += 1
+            # a position bias on attention logits: it absorbs its share, as a layer's bias does, and nothing flows
+            # into the parameters (or the MLP) that made it
+            scores, bias = (args[0], args[1]) if self.is_activation(args[0]) else (args[1], args[0])
+            with self.gm.graph.inserting_before(node):
+                bias = self.gm.graph.call_method("detach", (bias,))
+            self.replace(node, AttentionBias(), (scores, bias), "attention_bias")
             return True
         self.replace(node, EmbeddingSum() if embedding else Sum(), tuple(args), "embedding" if embedding else "sum")
         return True
@@ -444,6 +477,7 @@ class FunctionalOperations(Canonizer):
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
         self._watches: list[_Watch] = []
         self._session: Session | None = None
+        self._embeddings: list[str] = []
 
     def apply(self, model: nn.Module, session: Session) -> nn.Module:
         self._session = session
@@ -451,12 +485,17 @@ class FunctionalOperations(Canonizer):
         left: Counter[str] = Counter()
         inlined: Counter[str] = Counter()
         untraced: list[str] = []
+        embeddings: list[str] = []
+        self._embeddings = embeddings
         result = self._canonize(model, "", done, left, inlined, untraced)
-        constants = done.pop("constant", 0)
+        constants = done.pop("attention_bias", 0)
         notes = [f"functional: routed through modules: {_counts(done) or 'nothing'}"]
         if constants:
-            notes.append("functional: position biases of attention logits added as constants (relevance stays "
-                         f"with the scores): x{constants}")
+            notes.append(f"functional: position biases of attention logits as AttentionBias (the bias absorbs its "
+                         f"share of relevance, as a layer's bias does): x{constants}")
+        if embeddings:
+            notes.append("functional: parameters that are terms of the signal take relevance as the input does (the "
+                         f"embeddings' share, not a loss): {', '.join(embeddings)}")
         if inlined:
             notes.append(f"functional: inlined by torch.fx (their operations are routed above): {_counts(inlined)}")
         if left:
@@ -489,8 +528,7 @@ class FunctionalOperations(Canonizer):
         rewriter = _Rewriter(traced)
         rewriter.run()
         done.update(rewriter.done)
-        if rewriter.constants:
-            done["constant"] += sum(rewriter.constants.values())
+        self._embeddings.extend(f"{where}.{name}" if where else name for name in rewriter.embeddings)
         left.update(rewriter.left)
         inlined.update(tracer.inlined)
         return traced

@@ -15,6 +15,7 @@ from torch import nn
 from ..catalogue import AUTO_STABILIZER, COMPOSITES, MAXPOOL_MODES
 from ..rules import (
     AlphaBeta,
+    BatchNormRule,
     BetaSmooth,
     ConstantOperand,
     DeconvNet,
@@ -212,7 +213,10 @@ def auto(*, epsilon: float, gamma: float, low: Any, high: Any, stabilizer: Any =
         given = {"epsilon": stabilizer} if isinstance(stabilizer, int | float) else (stabilizer or {})
         stabilizer = {**AUTO_STABILIZER, **given}
     stab = Stabilizer.coerce(stabilizer)
+    # BatchNorms merge_batchnorm could not fold (DenseNet's, after a concatenation) keep their scale and shift;
+    # after the user's overrides, which win
+    batchnorm = (L.BATCHNORMS, BatchNormRule(stab, tuple(zero_params or ())))
     shared = {"epsilon": epsilon, "low": low, "high": high, "stabilizer": stab, "zero_params": zero_params,
-              "maxpool": maxpool, "overrides": overrides}
+              "maxpool": maxpool, "overrides": list(overrides or []) + [batchnorm]}
     return AutoComposite(BUILDERS["attn_lrp"](**shared), BUILDERS["epsilon_gamma_box"](gamma=gamma, **shared),
                          stab, **options)

@@ -7,6 +7,7 @@ from typing import Any
 from .activations import BetaSmooth, DeconvNet, GuidedBackprop
 from .alphabeta import AlphaBeta
 from .base import ParamRule, Rule
+from .batchnorm import BatchNormRule
 from .epsilon import Epsilon
 from .flat import Flat, WSquare
 from .formula import plain
@@ -24,11 +25,12 @@ from .zplus import ZPlus
 RULES: dict[str, type[Rule]] = {
     cls.name: cls
     for cls in (Epsilon, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Norm, Pass, Gradient, GuidedBackprop,
-                DeconvNet, BetaSmooth, MaxPoolAverage, LayerNormRule, SoftmaxRule, Product, ConstantOperand)
+                DeconvNet, BetaSmooth, MaxPoolAverage, LayerNormRule, SoftmaxRule, Product, ConstantOperand,
+                BatchNormRule)
 }
 ALIASES = {"alphabeta": "alpha_beta", "z_plus": "zplus", "w_square": "wsquare", "z_box": "zbox",
            "wta": "gradient", "guidedbackprop": "guided_backprop", "betasmooth": "beta_smooth",
-           "layer_norm": "layernorm"}
+           "layer_norm": "layernorm", "batch_norm": "batchnorm"}
 
 
 def names() -> list[str]:
@@ -51,5 +53,6 @@ def make(name: str, **params: Any) -> Rule:
 
 
 __all__ = ["Rule", "ParamRule", "Stabilizer", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare",
-           "Norm", "Pass", "Gradient", "GuidedBackprop", "DeconvNet", "BetaSmooth", "MaxPoolAverage", "make",
+           "Norm", "Pass", "BatchNormRule", "Gradient",
+           "GuidedBackprop", "DeconvNet", "BetaSmooth", "MaxPoolAverage", "make",
            "names", "plain"]

@@ -13,6 +13,10 @@ Sections (see the scripts next to this one for what exactly each times):
   resnet50 (share/bench/bench_evaluate.py), samples/s and their ratio (target >= 10x).
 - analyze: ``lrpcli analyze`` (SpRAy) of ``--analyze-n`` 224x224 maps in ``--analyze-classes`` classes
   (share/bench/bench_analyze.py, its own process): seconds per stage, wall and CPU, and peak RSS.
+- zoo (not in the default run; ``--zoo`` or ``--only zoo``): every torchvision classification model through
+  ``composite: auto`` and ``canonizers: auto``, one row per model (share/bench/bench_zoo.py): coverage left,
+  finiteness, float64 conservation, time against the plain gradient. ``--zoo-models`` picks models (globs),
+  ``--zoo-max-params`` skips the largest.
 
 Each figure is the median of several repeats after a warm-up. Ratios are the targets (DESIGN.md section 4 and
 issue 7): they compare runs of the same process minutes apart, so they hold on a loaded machine where absolute
@@ -37,6 +41,7 @@ import lrpcli
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("vgg16", "resnet50", "demo", "synthetic", "render", "evaluate", "analyze")
+OPTIONAL = ("zoo",)  # chosen by name only: the zoo sweep takes an hour or more on a CPU
 TIME_TARGET = {"cpu": 2.0, "cuda": 1.6}
 EPSILON_TARGET = 1.3
 MEMORY_TARGET = 1.5
@@ -67,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="leave glibc's malloc as it is (by default the run tunes it as the lrpcli command does: "
                    "lrpcli.keep_freed_memory, for the gradient and the composites alike)")
     p.add_argument("--write", action="store_true", help=f"append the table to {HERE / 'RESULTS.md'}")
+    p.add_argument("--zoo", action="store_true",
+                   help="the zoo sweep, on the CPU (alone, or with the sections of --only)")
+    p.add_argument("--zoo-models", help="zoo: comma-separated model names or globs (default: every torchvision model)")
+    p.add_argument("--zoo-max-params", type=float, default=350.0,
+                   help="zoo: skip models above this many million parameters (default 350)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,9 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device.type not in TIME_TARGET:
         p.error(f"--device: expected cpu or cuda, got {args.device}")
     args.sections = SECTIONS if not args.only else tuple(s.strip() for s in args.only.split(",") if s.strip())
-    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if args.zoo:
+        args.sections = (args.sections if args.only else ()) + ("zoo",)
+    unknown = sorted(set(args.sections) - set(SECTIONS + OPTIONAL))
     if unknown:
-        p.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+        p.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS + OPTIONAL)}")
     names = lrpcli.composites.names()
     args.composite_list = names if not args.composites else [c.strip() for c in args.composites.split(",")]
     bad = sorted(set(args.composite_list) - set(names))
@@ -225,6 +237,14 @@ def git_state() -> str:
     return f"git {head}" + (" + uncommitted changes under lrpcli/" if dirty else "")
 
 
+def zoo_section(args: argparse.Namespace) -> str:
+    """The zoo sweep (bench_zoo.py): its table, one row per model, and a summary line."""
+    from bench_zoo import markdown, run, select, summary
+
+    rows = run(select(args.zoo_models), args.zoo_max_params, 1 if args.quick else 3, conserve=True)
+    return markdown(rows) + "\n\n" + summary(rows)
+
+
 RESULTS_TITLE = """# lrpcli benchmark results
 
 Appended by `make bench BENCH_ARGS=--write` (share/bench/run.py). Ratios compare runs of one process; absolute
@@ -263,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_rows(table, args.device, args.quick)
     if "analyze" in args.sections:
         analyze_row(table, args.analyze_n, args.analyze_classes)
+    zoo = zoo_section(args) if "zoo" in args.sections else ""
 
     minutes = (time.time() - started) / 60
     header = [
@@ -280,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"- {n}" for n in table.notes]
     verdict = ("all targets met" if not table.misses else
                f"{len(table.misses)} target(s) missed: " + "; ".join(table.misses))
-    text = "\n".join(header) + "\n\n" + table.markdown() + "\n\n" + "\n".join(notes) + f"\n\n{verdict}\n"
+    if zoo and not table.rows:  # the zoo alone: its own table is the result
+        text = "\n".join(header) + "\n\n" + zoo + "\n"
+    else:
+        text = "\n".join(header) + "\n\n" + table.markdown() + "\n\n" + "\n".join(notes) + f"\n\n{verdict}\n"
+        text += f"\n{zoo}\n" if zoo else ""
     print(text)
     if args.write:
         results = HERE / "RESULTS.md"
@@ -288,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             results.write_text(RESULTS_TITLE)
         with open(results, "a") as f:
             title = f"## {time.strftime('%Y-%m-%d %H:%M')} — {device}{' (quick)' if args.quick else ''}"
-            f.write(f"\n{title}\n\n" + "\n".join(f"- {h}" for h in header) + "\n\n" + table.markdown() + "\n\n"
-                    + "\n".join(notes) + f"\n\n{verdict}\n")
+            body = text.split("\n\n", 1)[1]
+            f.write(f"\n{title}\n\n" + "\n".join(f"- {h}" for h in header) + "\n\n" + body)
         log(f"appended to {HERE / 'RESULTS.md'}")
     return 0
 

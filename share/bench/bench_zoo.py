@@ -1,0 +1,330 @@
+"""The torchvision zoo sweep: every model of ``torchvision.models.list_models(module=torchvision.models)`` through
+``composite: auto`` and ``canonizers: auto``, one row per model.
+
+    .venv/bin/python share/bench/bench_zoo.py [--models resnet18,vit_*] [--max-params 350] [--repeats 3]
+                                              [--no-time] [--no-conservation]
+
+Each model is built with random weights (``weights: None``, the seed ``lrpcli explain`` uses) at the smallest
+input size it accepts among ``SIZES`` (ViTs and MaxViT need their own image size), then:
+
+- coverage: float32, batch 2, through the code ``lrpcli explain`` runs for a shipped auto config
+  (``Explainer.from_config``): the modules left without a rule and the functional operations the canonizers left
+  on the plain gradient (``coverage_left``), and whether the relevance is finite;
+- time: the explainer against the plain input gradient, paired runs in this process (median of ``--repeats``
+  pairs after a warm-up), the ratio of medians;
+- conservation: float64, batch 1, biases zeroed in the model and the rules, epsilon and the rms stabilizer at
+  1e-12, and the attention weights held constant (CP-LRP's ``constant_operand`` on every AttentionProduct, so
+  no softmax rule runs): every rule on the path is then conservative, and (relevance at the input + relevance
+  that reaches the model's own embedding parameters) / output relevance should be 1 within ``TOLERANCE``.
+
+Models above ``--max-params`` million parameters are skipped with the reason printed (the float64 copy of a
+600M-parameter model needs 5 GB). Imported by tests/test_zoo_sweep.py, which runs the same checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from benchlib import log, median
+from torch import nn
+
+import lrpcli
+from lrpcli.build import load_config
+from lrpcli.explainer import Explainer
+from lrpcli.models import load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "configs" / "efficientnet_b0_auto.yaml"  # a shipped auto config; the model name is replaced
+SIZES = (32, 64, 96, 128, 160, 224, 299)
+TOLERANCE = 1e-6
+EXACT = {  # config overrides that make the auto rules exactly conservative (see the module docstring)
+    "composite.zero_params": ["bias"],
+    "composite.epsilon": 1e-12,
+    "composite.stabilizer": {"epsilon": 1e-12, "mode": "rms"},
+    "composite.rules": [{"type": "lrpcli.functional_modules.AttentionProduct", "rule": {"name": "constant_operand"}}],
+}
+#: what a note says when the canonizers left something without a rule
+UNSEEN = ("left on the plain gradient", "cannot trace", "not decomposed")
+
+
+@dataclass
+class ZooRow:
+    """One model's sweep result."""
+
+    model: str
+    params_m: float
+    size: int = 0
+    left: list[str] = field(default_factory=list)
+    finite: bool | None = None
+    ratio: float | None = None  # attribution time / plain gradient time
+    conservation: float | None = None  # (input + embeddings) / output relevance, float64
+    embedding_share: float | None = None
+    skipped: str = ""
+    error: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.skipped:
+            return "skipped"
+        if self.error:
+            return "error"
+        bad = []
+        if self.left:
+            bad.append("coverage")
+        if self.finite is False:
+            bad.append("non-finite")
+        if self.conservation is not None and not abs(self.conservation - 1) <= TOLERANCE:
+            bad.append("conservation")
+        return "ok" if not bad else "FAIL " + "+".join(bad)
+
+    def cells(self) -> tuple[str, ...]:
+        left = "-" if not self.left else f"{len(self.left)}: {'; '.join(self.left)}"
+        cons = "-" if self.conservation is None else f"{self.conservation - 1:+.1e}"
+        if self.embedding_share:
+            cons += f" (emb {self.embedding_share:.2f})"
+        ratio = "-" if self.ratio is None else f"{self.ratio:.2f}x"
+        why = self.skipped or self.error
+        return (self.model, f"{self.params_m:.0f}M", str(self.size or "-"), left,
+                "-" if self.finite is None else ("yes" if self.finite else "NO"), cons, ratio,
+                self.status + (f" ({why})" if why else ""))
+
+
+HEADER = ("model", "params", "size", "coverage left", "finite", "conservation - 1", "time vs gradient", "status")
+
+
+def config_for(name: str, exact: bool = False):
+    """The shipped auto config with this model (random weights); ``exact``: the conservative variant."""
+    overrides = {"model.name": name, "model.weights": None}
+    if exact:
+        overrides.update(EXACT)
+    return load_config(TEMPLATE, overrides)
+
+
+def build(name: str) -> nn.Module:
+    """As ``lrpcli explain`` builds it (``load_model``: eval mode, seeded), random weights. torchvision
+    initialises some weights to zero (ViT's classification head): those are drawn at random, so that the output,
+    and the relevance, are not zero."""
+    model = load_model({"model": {"name": name, "weights": None}})
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, nn.Linear) and not weight.any():
+                weight.copy_(torch.randn(weight.shape, generator=gen) * weight.shape[1] ** -0.5)
+    return model
+
+
+def smallest_size(model: nn.Module, sizes: tuple[int, ...] = SIZES) -> int:
+    """The smallest square input among ``sizes`` the model runs on."""
+    for size in sizes:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype))
+            return size
+        except Exception:  # too small: a shape error somewhere inside the model
+            continue
+    raise ValueError(f"runs on none of the sizes {sizes}")
+
+
+def coverage_left(session) -> list[str]:
+    """What the auto config left on the plain gradient: modules without a rule, and the canonizers' notes about
+    operations they could not route or models they could not trace."""
+    left = [f"{a.name} ({a.type_name})" for a in session.unhandled()]
+    for note in session.notes:
+        if any(u in note for u in UNSEEN):
+            left.append(note)
+        elif "computes outside its modules:" in note and not note.endswith(": nothing"):
+            left.append(note)
+    return left
+
+
+def hooked_session(explainer: Explainer):
+    return lrpcli.hooks.sessions_of(explainer.model)[0]
+
+
+def embedding_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Parameters a model keeps on its containers (class token, position embedding, layer scale, position-bias
+    tables): the ones that can take relevance as a term of a sum (the weights of a leaf layer never do)."""
+    found = []
+    for prefix, module in model.named_modules():
+        if next(module.children(), None) is None:
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            found.append((f"{prefix}.{name}" if prefix else name, p))
+    return found
+
+
+def zero_biases(model: nn.Module) -> None:
+    """Biases out of the forward (BatchNorm shifts and means too), with non-trivial BatchNorm scales: relevance
+    can then only be conserved, never absorbed by a bias."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.zero_()
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) * 1.5 + 0.5)
+                if module.weight is not None:
+                    module.weight.copy_(torch.rand(module.weight.shape, generator=gen) + 0.5)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+
+
+def conservation(name: str, size: int) -> tuple[float, float, bool, list[str]]:
+    """(input + embeddings) / output relevance in float64 with the exactly conservative variant of the auto
+    rules; the embeddings' share of it; whether all is finite; what the coverage left."""
+    model = build(name).double()
+    zero_biases(model)
+    x = torch.randn(1, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params = embedding_parameters(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Explainer.from_config(config_for(name, exact=True), model) as explainer:
+            xi = x.clone().requires_grad_(True)
+            out = explainer.model(xi)
+            seed = lrpcli.initial_relevance(out, out.argmax(1), "output")
+            grads = torch.autograd.grad(out, [xi] + [p for _, p in params], seed, allow_unused=True)
+            left = coverage_left(hooked_session(explainer))
+    total = seed.sum().item()
+    at_input = grads[0].sum().item()
+    embedded = sum(g.sum().item() for g in grads[1:] if g is not None)
+    finite = all(torch.isfinite(g).all().item() for g in grads if g is not None)
+    return (at_input + embedded) / total, embedded / total, finite, left
+
+
+def coverage_and_time(name: str, size: int, repeats: int, batch: int = 2) -> tuple[list[str], bool, float | None]:
+    """Coverage and finiteness of the auto config in float32, and (repeats > 0) its time against the gradient."""
+    model = build(name)
+    twin = copy.deepcopy(model)  # the explainer's copy: the plain gradient runs on a model without hooks
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+    def gradient() -> torch.Tensor:
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        return torch.autograd.grad(out, xi, lrpcli.initial_relevance(out, out.argmax(1), "output"))[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Explainer.from_config(config_for(name), twin) as explainer:
+            relevance = explainer(x).relevance  # also the warm-up (the canonizers' probe runs on the first call)
+            left = coverage_left(hooked_session(explainer))
+            finite = bool(torch.isfinite(relevance).all())
+            if repeats <= 0:
+                return left, finite, None
+            gradient()
+            grads, lrps = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                gradient()
+                t1 = time.perf_counter()
+                explainer(x)
+                grads.append(t1 - t0)
+                lrps.append(time.perf_counter() - t1)
+    return left, finite, median(lrps) / median(grads)
+
+
+def parameters_m(name: str) -> float:
+    """Millions of parameters, counted on the meta device where the builder allows (no memory, no random init:
+    vit_h_14 takes a minute); RegNet's builders compute their widths with tensors and are built for real."""
+    import torchvision
+
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name)
+    except NotImplementedError:  # "Cannot copy out of meta tensor"
+        model = torchvision.models.get_model(name)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def sweep_one(name: str, max_params_m: float, repeats: int, conserve: bool) -> ZooRow:
+    row = ZooRow(name, parameters_m(name))
+    if row.params_m > max_params_m:
+        row.skipped = f"{row.params_m:.0f}M parameters > --max-params {max_params_m:g}M"
+        return row
+    try:
+        model = build(name)
+        row.size = smallest_size(model)
+        del model
+        row.left, row.finite, row.ratio = coverage_and_time(name, row.size, repeats)
+        if conserve:
+            row.conservation, row.embedding_share, finite, _ = conservation(name, row.size)
+            row.finite = row.finite and finite
+    except Exception as err:  # one model's failure is a row, not the end of the sweep
+        row.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+    return row
+
+
+def select(patterns: str | None) -> list[str]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if not patterns:
+        return names
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in wanted)]
+    unknown = [p for p in wanted if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unknown:
+        raise SystemExit(f"bench_zoo: no torchvision model matches {', '.join(unknown)}")
+    return chosen
+
+
+def markdown(rows: list[ZooRow]) -> str:
+    table = [HEADER] + [r.cells() for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(HEADER), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in table[1:]])
+
+
+def summary(rows: list[ZooRow]) -> str:
+    ran = [r for r in rows if not r.skipped]
+    ok = [r for r in ran if r.status == "ok"]
+    skipped = [r.model for r in rows if r.skipped]
+    text = f"{len(ok)} of {len(ran)} models ok (coverage empty, finite, conservation within {TOLERANCE:g})"
+    if skipped:
+        text += f"; skipped for size: {', '.join(skipped)}"
+    bad = [f"{r.model}: {r.status}" for r in ran if r.status != "ok"]
+    return text + ("; " + "; ".join(bad) if bad else "")
+
+
+def run(names: list[str], max_params_m: float, repeats: int, conserve: bool) -> list[ZooRow]:
+    rows = []
+    for name in names:
+        t0 = time.perf_counter()
+        row = sweep_one(name, max_params_m, repeats, conserve)
+        rows.append(row)
+        log(f"zoo {name}: {row.status} in {time.perf_counter() - t0:.0f} s | " + " | ".join(row.cells()[2:]))
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", help="comma-separated names or globs (default: the whole list)")
+    p.add_argument("--max-params", type=float, default=350.0,
+                   help="skip models above this many million parameters (default 350: vit_h_14, regnet_y_128gf)")
+    p.add_argument("--repeats", type=int, default=3, help="timed pairs per model (default 3)")
+    p.add_argument("--no-time", action="store_true", help="skip the timing")
+    p.add_argument("--no-conservation", action="store_true", help="skip the float64 conservation check")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(select(args.models), args.max_params, 0 if args.no_time else args.repeats, not args.no_conservation)
+    print(markdown(rows) + "\n\n" + summary(rows))
+    return 0 if all(r.status in ("ok", "skipped") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
