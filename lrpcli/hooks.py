@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import relu_recompute
-from .layerops import bias_shape, empty_like_layout, forward, is_linear_layer
+from .layerops import bias_shape, empty_like_layout, forward, is_linear_layer, tracing
 from .rules import formula
 from .rules.base import Rule, fits
 
@@ -189,6 +189,8 @@ class LayerCall:
         transposed operation's result); at the first layers of an image model they set the peak memory. Rules
         are per-sample, so slicing the batch changes no number, and bounds those temporaries to CHUNK_BYTES.
         """
+        if tracing():  # a capture serves any batch size: no slices that depend on it
+            return self.rule.relevance(self, relevance)
         n = relevance.shape[0] if relevance.dim() else 0
         parts = min(n, -(-relevance.numel() * relevance.element_size() // CHUNK_BYTES))
         if parts <= 1 or self.rule.needs_graph or not self.rule.makes_temporaries or torch.is_grad_enabled() \
@@ -302,7 +304,7 @@ class _RuleFunction(torch.autograd.Function):
         call.restore_output(relevance)
         result = call.relevance(relevance)
         call._memo.clear()
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not tracing():  # a capture keeps no notes (they read memory)
             notes = call.session.zero_notes
             if call.rule.proportional_to_inputs or (call.rule.keeps_zeros(call.module)
                                                     and notes.known(relevance, call.output)):
@@ -673,15 +675,16 @@ class Session:
             self.recorder.on_forward(call)
         # a ReLU output that can be recomputed stays out of the graph: once the forward has moved on, nothing
         # refers to it or to its autograd node, and its storage is freed
-        recompute = (self._in_root and not plain and relu_recompute.recomputable_relu(rule, module, inputs, output)
-                     and self._saved.install())
+        traced = tracing()  # a capture keeps every layer's own output, like the plain path
+        recompute = (self._in_root and not plain and not traced
+                     and relu_recompute.recomputable_relu(rule, module, inputs, output) and self._saved.install())
         call.relu_recomputed = recompute
         result = _RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
         call.release()
         if recompute:
             self._saved.add(result, inputs[0])
             call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # z lives in ctx (above)
-        if plain:  # every layer keeps its own output (no relu(z) in its place)
+        if plain or traced:  # every layer keeps its own output (no relu(z) in its place)
             return result
         keeps_nothing = not rule.reads_of(module) and not rule.needs_graph
         if keeps_nothing and inputs and type(module) is nn.ReLU:

@@ -9,7 +9,9 @@ it stays differentiable for second-order use.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,25 @@ def bias_shape(module: nn.Module, z: torch.Tensor) -> tuple[int, ...]:
     if isinstance(module, nn.Linear):
         return (z.shape[-1],)
     return (1, z.shape[1]) + (1,) * (z.dim() - 2)
+
+
+_TRACING = {"on": False}
+
+
+def tracing() -> bool:
+    """True while ``lrpcli.export`` captures an attribution as a graph: the engine then takes no decision that
+    reads a tensor's values or memory (sign checks, zero notes, batch slices, outputs kept as relu(z))."""
+    return _TRACING["on"]
+
+
+@contextlib.contextmanager
+def traced() -> Iterator[None]:
+    """Mark the block as a capture (``tracing()``); the general path of each shortcut runs instead."""
+    previous, _TRACING["on"] = _TRACING["on"], True
+    try:
+        yield
+    finally:
+        _TRACING["on"] = previous
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by number of dimensions

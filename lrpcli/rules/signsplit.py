@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .. import layerops as ops
-from ..layerops import bias_shape, channel_dim, forward, input_vjp, pairable
+from ..layerops import bias_shape, channel_dim, forward, input_vjp, pairable, tracing
 from .base import fits, times_input
 
 
@@ -37,6 +37,8 @@ class SignSplit:
         self.bias = None if zero_bias else self._bias_full
         if call.input_nonnegative:  # a ReLU's output: no pass over x (has_pos may be True for an all-zero x)
             self.has_pos, self.has_neg = True, False
+        elif tracing():  # a captured graph serves any input: both signs, no pass that reads values
+            self.has_pos, self.has_neg = True, True
         else:
             low, high = torch.aminmax(self.x.detach())   # one pass for both signs
             low, high = torch.stack([low, high]).tolist()
