@@ -217,3 +217,21 @@ def test_torchvision_zoo_equals_eager(name, canonizers, composite, size):
     kwargs = {"composite": composite, "canonizers": canonizers}
     program = lrpcli.export(model, example=torch.randn(2, 3, size, size), **kwargs).module()
     _check(program, model, (3, size, size), 10, F32, **kwargs)
+
+
+def test_readme_export_and_deploying_examples_run(tmp_path, monkeypatch):
+    """The 'lrpcli export' section's Python blocks, in one namespace, in a scratch folder: the library example
+    writes attributor.pt2, the serving example loads and runs it."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## `lrpcli export`"):text.index("## Python API")]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2 and len([ln for ln in blocks[1].splitlines() if ln.strip()]) == 5
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert namespace["logits"].shape == (4, 10) and namespace["heatmaps"].shape == (4, 32, 32)
+    ref = lrpcli.attribute(namespace["model"], namespace["x"], torch.tensor([0, 1, 2, 3]), "epsilon_plus")
+    assert _relative(namespace["relevance"], ref) <= F32
