@@ -55,7 +55,11 @@ def to_onnx(program: torch.export.ExportedProgram) -> Any:
     except ModuleNotFoundError:
         raise ExportError(f"--onnx needs the onnx and onnxscript packages: {EXTRA}") from None
     try:
-        program = program.run_decompositions({torch.ops.aten.convolution_backward.default: _conv_input_grad})
+        # the exporter's own decompositions first, so that the nodes it names are nodes of this program
+        table = torch.export.default_decompositions()
+        table[torch.ops.aten.convolution_backward.default] = _conv_input_grad
+        table[torch.ops.aten.copysign.Tensor] = torch._refs.copysign  # as the exporter would, to prims.signbit
+        program = program.run_decompositions(table)
         return torch.onnx.export(program, dynamo=True, custom_translation_table=_translations(), verbose=False)
     except Exception as err:
         raise ExportError(unconvertible(program, err)) from err
@@ -79,17 +83,21 @@ def unconvertible(program: torch.export.ExportedProgram, err: BaseException) -> 
     if operation is None:
         first = str(err).strip().split("\n")[0]
         return f"--onnx: the ONNX exporter failed: {first[:300]}"
-    layer = layer_of(program, node[1]) if node else None
+    layer = layer_of(program, node[1] if node else None, operation)
     where = f" (used by layer {layer!r})" if layer else ""
     return (f"--onnx: the ONNX exporter cannot convert operation {operation}{where}; the .pt2 program does not "
             "need ONNX and runs as is")
 
 
-def layer_of(program: torch.export.ExportedProgram, node_name: str) -> str | None:
-    """The layer a node of the program was captured for (``export_program`` marks each node), if known."""
-    for node in program.graph.nodes:
-        if node.name == node_name:
-            return node.meta.get("custom", {}).get("lrpcli_layer")
+def layer_of(program: torch.export.ExportedProgram, node_name: str | None, operation: str) -> str | None:
+    """The layer the named node (else the first node of ``operation``) was captured for, where
+    ``export_program`` could tell (its ``lrpcli_layer`` metadata)."""
+    nodes = [n for n in program.graph.nodes if n.name == node_name] or [
+        n for n in program.graph.nodes if n.op == "call_function" and str(n.target) == operation]
+    for node in nodes:
+        layer = node.meta.get("custom", {}).get("lrpcli_layer")
+        if layer is not None:
+            return layer
     return None
 
 

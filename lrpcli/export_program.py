@@ -10,8 +10,9 @@ weights as buffers and exported with ``torch.export``: the saved program needs t
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -73,9 +74,22 @@ def export(model: nn.Module, composite: str | Composite | None = "epsilon_gamma_
         batch = torch.export.Dim("batch", min=1)
         shapes = ({0: batch}, {0: batch})
     try:
-        return torch.export.export(attributor, (x, second), dynamic_shapes=shapes)
+        program = torch.export.export(attributor, (x, second), dynamic_shapes=shapes)
     except Exception as err:  # the capture ran: what fails here is a shape the graph fixed
         raise ExportError(f"cannot export the captured attribution: {_first_line(err)}") from err
+    _carry_layers(graph, program)
+    return program
+
+
+def _carry_layers(graph: nn.Module, program: torch.export.ExportedProgram) -> None:
+    """Each exported node's layer (``custom`` metadata ``lrpcli_layer``), from the captured node it was traced
+    from: export records the line of the captured graph's code that made it, which names that node."""
+    layers = {node.name: node.meta.get("lrpcli_layer") for node in graph.graph.nodes}
+    for node in program.graph.nodes:
+        lines = re.findall(r"^\s+(\w+) = torch\.ops\.", node.meta.get("stack_trace") or "", flags=re.M)
+        layer = layers.get(lines[-1]) if lines else None
+        if layer is not None:
+            node.meta.setdefault("custom", {})["lrpcli_layer"] = layer
 
 
 def capture(model: nn.Module, composite: str | Composite | None = "epsilon_gamma_box",
@@ -146,6 +160,7 @@ def _program(model: nn.Module, initial: str, target: TargetForm) -> Callable[...
                 seed = _initial(output, second, initial)
             else:
                 seed = second
+            _Layers.backward_starts()
             (relevance,) = torch.autograd.grad(output, xi, seed)
         return output.detach(), relevance
 
@@ -173,38 +188,86 @@ def _trace(run: Callable[..., Any], model: nn.Module, state: dict[str, torch.Ten
 
     fakes = {k: fake(v, False) for k, v in state.items()}
     fx, fs = fake(x, dynamic_batch), fake(second, dynamic_batch)
-    with _where(model) as where:
+    with _Layers(model) as layers:
         try:
             with traced(), mode:
-                return make_fx(program, tracing_mode="real", _allow_non_fake_inputs=True)(fakes, fx, fs)
+                graph = make_fx(program, tracing_mode="real", _allow_non_fake_inputs=True)(fakes, fx, fs)
         except LrpcliError:
             raise
         except Exception as err:
-            raise ExportError(_capture_failure(where, err)) from err
+            raise ExportError(_capture_failure(layers.stack, err)) from err
+    names = layers.label(graph.graph)
+    for node in graph.graph.nodes:
+        node.meta["lrpcli_layer"] = names[node.name]
+    return graph
 
 
-@contextmanager
-def _where(model: nn.Module) -> Iterator[list[str]]:
-    """The names of the modules whose forward is running (innermost last); left as it was where one raised."""
-    stack: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        label = name or type(module).__name__
+class _Layers:
+    """Which module each recorded operation belongs to, and where a failed capture stopped.
 
-        def push(_module: nn.Module, _args: Any, label: str = label) -> None:
-            stack.append(label)
+    ``stack``: the modules whose forward is running (innermost last), left as it was where one raised. Every
+    module's forward start and end, and the start of each leaf's backward (a pre-hook on its output's node), is
+    a mark: the last node in the graph being recorded then, and the layer the nodes after it belong to.
+    """
 
-        def pop(_module: nn.Module, _args: Any, _out: Any) -> None:
-            if stack:
-                stack.pop()
+    #: the capture in progress (``backward_starts`` marks its graph)
+    active: _Layers | None = None
 
-        handles.append(module.register_forward_pre_hook(push))
-        handles.append(module.register_forward_hook(pop))
-    try:
-        yield stack
-    finally:
-        for handle in handles:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.last_leaf = "output"
+        self.stack: list[str] = []
+        self.marks: dict[str | None, str] = {}
+        self.handles: list[Any] = []
+
+    def mark(self, label: str) -> None:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+        proxy = get_proxy_mode()
+        if proxy is not None:
+            last = next(reversed(proxy.tracer.graph.nodes), None)
+            self.marks[None if last is None else last.name] = label
+
+    @classmethod
+    def backward_starts(cls) -> None:
+        """The backward begins at the leaf that made the output (autograd runs no pre-hook on the root node)."""
+        if cls.active is not None:
+            cls.active.mark(cls.active.last_leaf)
+
+    def __enter__(self) -> _Layers:
+        _Layers.active = self
+        for name, module in self.model.named_modules():
+            leaf = next(module.children(), None) is None
+            label = name or type(module).__name__
+            self.handles.append(module.register_forward_pre_hook(functools.partial(self._push, label)))
+            self.handles.append(module.register_forward_hook(functools.partial(self._pop, label, leaf)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _Layers.active = None
+        for handle in self.handles:
             handle.remove()
+
+    def _push(self, label: str, _module: nn.Module, _args: Any) -> None:
+        self.stack.append(label)
+        self.mark(label)
+
+    def _pop(self, label: str, leaf: bool, _module: nn.Module, args: Any, output: Any) -> None:
+        if self.stack:
+            self.stack.pop()
+        self.mark(self.stack[-1] if self.stack else "output")
+        if leaf and isinstance(output, torch.Tensor) and output.grad_fn is not None \
+                and not any(output is a for a in args):  # an identity (a merged BatchNorm) is its input's layer
+            self.last_leaf = label
+            output.grad_fn.register_prehook(lambda _grads: self.mark(label))
+
+    def label(self, graph: torch.fx.Graph) -> dict[str, str]:
+        """Node name -> layer, for every node of the recorded graph."""
+        current, found = self.marks.get(None, "input"), {}
+        for node in graph.nodes:
+            found[node.name] = current
+            current = self.marks.get(node.name, current)
+        return found
 
 
 def _capture_failure(where: list[str], err: BaseException) -> str:

@@ -126,3 +126,18 @@ def test_missing_config_and_other_methods_are_one_line(config, tmp_path):
     assert result.exit_code == 2
     assert result.output.splitlines()[-1] == (f"lrpcli: error: {config}: attribution.method: export captures lrp, "
                                               "not smoothgrad; set attribution.method: lrp")
+
+
+@pytest.mark.slow
+def test_unconvertible_onnx_operation_is_one_line_naming_it_and_the_layer(config, tmp_path, monkeypatch):
+    """Without its translation prims.signbit (torch.copysign in the stabilizers) cannot be converted."""
+    pytest.importorskip("onnxscript")
+    import lrpcli.export_onnx
+
+    monkeypatch.setattr(lrpcli.export_onnx, "_translations", dict)
+    result = run("export", str(config), "-o", str(tmp_path / "a.pt2"), "--onnx", str(tmp_path / "a.onnx"))
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == (
+        "lrpcli: error: --onnx: the ONNX exporter cannot convert operation prims.signbit.default (used by layer "
+        "'6.linear'); the .pt2 program does not need ONNX and runs as is")
+    assert (tmp_path / "a.pt2").exists() and not (tmp_path / "a.onnx").exists()
