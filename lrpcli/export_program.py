@@ -50,7 +50,8 @@ class Attributor(nn.Module):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         state = {name: getattr(self, f"w{i}") for i, name in enumerate(self.names)}
-        return self.program(state, x, target)
+        with torch.no_grad():  # the graph holds the backward already (and out= operations, which refuse autograd)
+            return self.program(state, x, target)
 
 
 def export(model: nn.Module, composite: str | Composite | None = "epsilon_gamma_box",

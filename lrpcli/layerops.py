@@ -105,8 +105,9 @@ def _pointwise(module: nn.Module, positions: int, t: torch.Tensor) -> bool:
     reorders are cheap and oneDNN is as fast, so those stay with it. A channels-last tensor (``t``, the
     operand) needs no reorder and stays with oneDNN too.
     """
-    return (t.device.type == "cpu" and positions >= POINTWISE_MIN_POSITIONS and isinstance(module, CONV_TYPES)
-            and memory_format_of(t) == torch.contiguous_format
+    # (not in a capture: baddbmm of a symbolic batch size has no meta function)
+    return (not tracing() and t.device.type == "cpu" and positions >= POINTWISE_MIN_POSITIONS
+            and isinstance(module, CONV_TYPES) and memory_format_of(t) == torch.contiguous_format
             and module.groups == 1 and _simple_padding(module) and all(k == 1 for k in module.kernel_size)
             and all(p == 0 for p in module.padding) and all(d == 1 for d in module.dilation))
 

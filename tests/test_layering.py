@@ -19,7 +19,7 @@ for rank, names in enumerate([
     ("yamlfile", "spec", "config"),                                         # spec
     ("layerops", "relu_recompute", "rules", "hooks", "recorder", "canonizers", "composites"),  # engine
     ("build", "runtime", "models", "data", "methods", "explainer", "api", "attributors",
-     "export_program"),  # explainer
+     "export_program", "export_onnx"),  # explainer
     ("store",),
     ("runner", "distributed"),
     ("render", "debug", "merge", "explain", "evaluate", "analysis", "export_command"),

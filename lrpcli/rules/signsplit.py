@@ -251,7 +251,8 @@ class SignSplit:
             weight = self.weight_pos if sign == "pos" else self.weight_neg
             stacked = mine[0][0] if len(mine) == 1 else torch.cat([v for v, _ in mine])  # along the batch
             vjps = input_vjp(m, self.x, weight, stacked, self.z)
-            for (_, part), vjp in zip(mine, vjps.chunk(len(mine))):
+            # split by sizes (not chunk): the same views, and a captured batch size needs no guard on them
+            for (_, part), vjp in zip(mine, vjps.split([v.shape[0] for v, _ in mine])):
                 term = times_input(part, vjp, self.call.into if result is None else None)
                 result = term if result is None else (result + term if torch.is_grad_enabled() else result.add_(term))
         return result if result is not None else torch.zeros_like(self.x)

@@ -190,7 +190,7 @@ def export_rows(table: Table, device: torch.device, batch: int, repeats: int, qu
                       f"{ratio:.2f}x eager (pairs {min(pairs):.2f}-{max(pairs):.2f})", "", "(diagnostic)", "")
         table.notes.append(f"{label}: export {r['export_s']:.0f} s once"
                            + (f", compile {r['compile_s']:.0f} s once" if r["compile_s"] is not None else "")
-                           + (f"; compile failed: {r['compile_error']}" if r["compile_error"] else "")
+                           + (f"; compile errors: {r['compile_error']}" if r["compile_error"] else "")
                            + f"; ratio = median of {len(r['spread'].get('exported', []))} paired runs")
 
 
