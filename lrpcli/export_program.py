@@ -67,8 +67,8 @@ def export(model: nn.Module, composite: str | Composite | None = "epsilon_gamma_
     composite, as in ``lrpcli.attribute``. A model whose forward cannot be captured (it branches on a tensor's
     values) raises ``ExportError`` naming the module.
     """
-    graph, state, (x, second) = capture(model, composite, canonizers, example=example, dynamic_batch=dynamic_batch,
-                           target=target, strict=strict, **params)
+    graph, state, (x, second) = capture(model, composite, canonizers, example=example,
+                                        dynamic_batch=dynamic_batch, target=target, strict=strict, **params)
     attributor = Attributor(graph, state)
     shapes = None
     if dynamic_batch:
