@@ -191,8 +191,11 @@ def _vit() -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                             num_classes=10).eval()
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()
+    with torch.no_grad():  # torchvision starts the head at zero: every logit, and so every relevance, would be 0
+        model.heads.head.weight.normal_(0, 32 ** -0.5)
+    return model
 
 
 ZOO = [  # (builder, canonizers, composite, input size)
