@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 
-from .export_program import ExportError
+from .export_program import ExportError, all_nodes
+
+#: operations the decompositions make, and the operation of the captured program they come from
+ORIGINS = {"prims.signbit.default": "aten.copysign.Tensor"}
 
 EXTRA = "pip install 'lrpcli[export]' (onnx, onnxscript; onnxruntime to run it)"
 
@@ -59,8 +62,8 @@ def to_onnx(program: torch.export.ExportedProgram) -> Any:
         table = torch.export.default_decompositions()
         table[torch.ops.aten.convolution_backward.default] = _conv_input_grad
         table[torch.ops.aten.copysign.Tensor] = torch._refs.copysign  # as the exporter would, to prims.signbit
-        program = program.run_decompositions(table)
-        return torch.onnx.export(program, dynamo=True, custom_translation_table=_translations(), verbose=False)
+        decomposed = program.run_decompositions(table)
+        return torch.onnx.export(decomposed, dynamo=True, custom_translation_table=_translations(), verbose=False)
     except Exception as err:
         raise ExportError(unconvertible(program, err)) from err
 
@@ -83,7 +86,7 @@ def unconvertible(program: torch.export.ExportedProgram, err: BaseException) -> 
     if operation is None:
         first = str(err).strip().split("\n")[0]
         return f"--onnx: the ONNX exporter failed: {first[:300]}"
-    layer = layer_of(program, node[1] if node else None, operation)
+    layer = layer_of(program, node[1] if node else None, ORIGINS.get(operation, operation))
     where = f" (used by layer {layer!r})" if layer else ""
     return (f"--onnx: the ONNX exporter cannot convert operation {operation}{where}; the .pt2 program does not "
             "need ONNX and runs as is")
@@ -92,8 +95,8 @@ def unconvertible(program: torch.export.ExportedProgram, err: BaseException) -> 
 def layer_of(program: torch.export.ExportedProgram, node_name: str | None, operation: str) -> str | None:
     """The layer the named node (else the first node of ``operation``) was captured for, where
     ``export_program`` could tell (its ``lrpcli_layer`` metadata)."""
-    nodes = [n for n in program.graph.nodes if n.name == node_name] or [
-        n for n in program.graph.nodes if n.op == "call_function" and str(n.target) == operation]
+    nodes = [n for n in all_nodes(program) if n.name == node_name] or [
+        n for n in all_nodes(program) if n.op == "call_function" and str(n.target) == operation]
     for node in nodes:
         layer = node.meta.get("custom", {}).get("lrpcli_layer")
         if layer is not None:

@@ -86,11 +86,18 @@ def _carry_layers(graph: nn.Module, program: torch.export.ExportedProgram) -> No
     """Each exported node's layer (``custom`` metadata ``lrpcli_layer``), from the captured node it was traced
     from: export records the line of the captured graph's code that made it, which names that node."""
     layers = {node.name: node.meta.get("lrpcli_layer") for node in graph.graph.nodes}
-    for node in program.graph.nodes:
+    for node in all_nodes(program):
         lines = re.findall(r"^\s+(\w+) = torch\.ops\.", node.meta.get("stack_trace") or "", flags=re.M)
         layer = layers.get(lines[-1]) if lines else None
         if layer is not None:
             node.meta.setdefault("custom", {})["lrpcli_layer"] = layer
+
+
+def all_nodes(program: torch.export.ExportedProgram) -> Iterator[torch.fx.Node]:
+    """Every node of the program, also those of its submodules (the no_grad region is one)."""
+    for module in program.graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            yield from module.graph.nodes
 
 
 def capture(model: nn.Module, composite: str | Composite | None = "epsilon_gamma_box",
