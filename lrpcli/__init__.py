@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "attribute": ("api", "attribute"),
+    "export": ("export_program", "export"),
     "initial_relevance": ("api", "initial_relevance"),
     "Session": ("hooks", "Session"),
     "UnhandledModuleWarning": ("hooks", "UnhandledModuleWarning"),

@@ -97,7 +97,7 @@ def _register() -> None:
     for module, name in (("lrpcli.explain", "explain"), ("lrpcli.render.command", "render"),
                          ("lrpcli.debug.command", "debug"), ("lrpcli.merge", "merge"),
                          ("lrpcli.evaluate.command", "evaluate"), ("lrpcli.analysis.command", "analyze"),
-                         ("lrpcli.analysis.command", "virelay")):
+                         ("lrpcli.analysis.command", "virelay"), ("lrpcli.export_command", "export")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import relu_recompute
 from .layercall import LayerCall, ParamCache, ZeroNotes, known_nonnegative, same_elements
-from .layerops import is_linear_layer
+from .layerops import is_linear_layer, tracing
 from .rules import formula
 from .rules.base import Rule
 from .rules.passthrough import Pass
@@ -122,7 +122,7 @@ class _RuleFunction(torch.autograd.Function):
         call.restore_output(relevance)
         result = call.relevance(relevance)
         call._memo.clear()
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not tracing():  # a capture keeps no notes (they read memory)
             notes = call.session.zero_notes
             if call.rule.proportional_to_inputs or (call.rule.keeps_zeros(call.module)
                                                     and notes.known(relevance, call.output)):
@@ -493,7 +493,8 @@ class Session:
             self.recorder.on_forward(call)
         # a ReLU output that can be recomputed stays out of the graph: once the forward has moved on, nothing
         # refers to it or to its autograd node, and its storage is freed
-        recompute = (dispatch.recompute and self._in_root and not plain
+        traced = tracing()  # a capture keeps every layer's own output, like the plain path
+        recompute = (dispatch.recompute and self._in_root and not plain and not traced
                      and relu_recompute.recomputable_relu(rule, module, inputs, output) and self._saved.install())
         call.relu_recomputed = recompute
         result = _RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
@@ -501,7 +502,7 @@ class Session:
         if recompute:
             self._saved.add(result, inputs[0])
             call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # z lives in ctx (above)
-        if plain:  # every layer keeps its own output (no relu(z) in its place)
+        if plain or traced:  # every layer keeps its own output (no relu(z) in its place)
             return result
         keeps_nothing = dispatch.keeps_nothing
         if keeps_nothing and inputs and dispatch.is_relu:

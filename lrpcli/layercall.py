@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .layerops import bias_shape, empty_like_layout, forward
+from .layerops import bias_shape, empty_like_layout, forward, tracing
 from .rules import formula
 from .rules.base import Rule, fits
 
@@ -91,7 +91,7 @@ class LayerCall:
         memo = self._memo
         if key not in memo:
             cache = self.session.param_cache
-            if torch.is_grad_enabled() or formula.enabled():
+            if torch.is_grad_enabled() or formula.enabled() or tracing():  # a capture bakes nothing in
                 memo[key] = build()
             else:
                 memo[key] = cache.get(self, key, build)
@@ -163,6 +163,8 @@ class LayerCall:
         transposed operation's result); at the first layers of an image model they set the peak memory. Rules
         are per-sample, so slicing the batch changes no number, and bounds those temporaries to CHUNK_BYTES.
         """
+        if tracing():  # a capture serves any batch size: no slices that depend on it
+            return self.rule.relevance(self, relevance)
         n = relevance.shape[0] if relevance.dim() else 0
         parts = min(n, -(-relevance.numel() * relevance.element_size() // CHUNK_BYTES))
         if parts <= 1 or self.rule.needs_graph or not self.rule.makes_temporaries or torch.is_grad_enabled() \

@@ -9,7 +9,9 @@ it stays differentiable for second-order use.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,25 @@ def bias_shape(module: nn.Module, z: torch.Tensor) -> tuple[int, ...]:
     if isinstance(module, nn.Linear):
         return (z.shape[-1],)
     return (1, z.shape[1]) + (1,) * (z.dim() - 2)
+
+
+_TRACING = {"on": False}
+
+
+def tracing() -> bool:
+    """True while ``lrpcli.export`` captures an attribution as a graph: the engine then takes no decision that
+    reads a tensor's values or memory (sign checks, zero notes, batch slices, outputs kept as relu(z))."""
+    return _TRACING["on"]
+
+
+@contextlib.contextmanager
+def traced() -> Iterator[None]:
+    """Mark the block as a capture (``tracing()``); the general path of each shortcut runs instead."""
+    previous, _TRACING["on"] = _TRACING["on"], True
+    try:
+        yield
+    finally:
+        _TRACING["on"] = previous
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by number of dimensions
@@ -84,8 +105,9 @@ def _pointwise(module: nn.Module, positions: int, t: torch.Tensor) -> bool:
     reorders are cheap and oneDNN is as fast, so those stay with it. A channels-last tensor (``t``, the
     operand) needs no reorder and stays with oneDNN too.
     """
-    return (t.device.type == "cpu" and positions >= POINTWISE_MIN_POSITIONS and isinstance(module, CONV_TYPES)
-            and memory_format_of(t) == torch.contiguous_format
+    # (not in a capture: baddbmm of a symbolic batch size has no meta function)
+    return (not tracing() and t.device.type == "cpu" and positions >= POINTWISE_MIN_POSITIONS
+            and isinstance(module, CONV_TYPES) and memory_format_of(t) == torch.contiguous_format
             and module.groups == 1 and _simple_padding(module) and all(k == 1 for k in module.kernel_size)
             and all(p == 0 for p in module.padding) and all(d == 1 for d in module.dilation))
 

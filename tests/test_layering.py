@@ -18,10 +18,11 @@ for rank, names in enumerate([
     ("errors", "modules", "functional_modules", "allocator", "catalogue"),  # torch-free declarations, nn blocks
     ("yamlfile", "values", "spec", "config"),                               # spec
     ("layerops", "relu_recompute", "rules", "layercall", "hooks", "recorder", "canonizers", "composites"),  # engine
-    ("build", "runtime", "models", "data", "methods", "explainer", "api", "attributors"),  # explainer
+    ("build", "runtime", "models", "data", "methods", "explainer", "api", "attributors",
+     "export_program", "export_onnx"),  # explainer
     ("store",),
     ("runner", "runsetup", "distributed", "shards"),
-    ("render", "debug", "merge", "explain", "evaluate", "analysis"),
+    ("render", "debug", "merge", "explain", "evaluate", "analysis", "export_command"),
     ("cli", "__main__", "__init__"),
 ]):
     for name in names:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from .. import layerops as ops
-from ..layerops import bias_shape, channel_dim, forward, input_vjp, pairable
+from ..layerops import bias_shape, channel_dim, forward, input_vjp, pairable, tracing
 from .base import fits, times_input
 
 
@@ -37,6 +37,8 @@ class SignSplit:
         self.bias = None if zero_bias else self._bias_full
         if call.input_nonnegative:  # a ReLU's output: no pass over x (has_pos may be True for an all-zero x)
             self.has_pos, self.has_neg = True, False
+        elif tracing():  # a captured graph serves any input: both signs, no pass that reads values
+            self.has_pos, self.has_neg = True, True
         else:
             low, high = torch.aminmax(self.x.detach())   # one pass for both signs
             low, high = torch.stack([low, high]).tolist()
@@ -249,7 +251,8 @@ class SignSplit:
             weight = self.weight_pos if sign == "pos" else self.weight_neg
             stacked = mine[0][0] if len(mine) == 1 else torch.cat([v for v, _ in mine])  # along the batch
             vjps = input_vjp(m, self.x, weight, stacked, self.z)
-            for (_, part), vjp in zip(mine, vjps.chunk(len(mine))):
+            # split by sizes (not chunk): the same views, and a captured batch size needs no guard on them
+            for (_, part), vjp in zip(mine, vjps.split([v.shape[0] for v, _ in mine])):
                 term = times_input(part, vjp, self.call.into if result is None else None)
                 result = term if result is None else (result + term if torch.is_grad_enabled() else result.add_(term))
         return result if result is not None else torch.zeros_like(self.x)

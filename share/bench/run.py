@@ -1,7 +1,7 @@
 """``make bench``: one table of lrpcli's performance, all figures from one run.
 
     .venv/bin/python share/bench/run.py [--device cpu|cuda] [--quick] [--composites a,b] [--repeats N] [--write]
-                                        [--only vgg16,resnet50,demo,synthetic,render,evaluate,analyze]
+                                        [--only vgg16,resnet50,demo,synthetic,render,evaluate,analyze,export]
 
 Sections (see the scripts next to this one for what exactly each times):
 - models: every built-in composite on torchvision vgg16 and resnet50 (random weights, 224x224, batch 8 on CPU,
@@ -17,6 +17,8 @@ Sections (see the scripts next to this one for what exactly each times):
   ``composite: auto`` and ``canonizers: auto``, one row per model (share/bench/bench_zoo.py): coverage left,
   finiteness, float64 conservation, time against the plain gradient. ``--zoo-models`` picks models (globs),
   ``--zoo-max-params`` skips the largest.
+- export: the attribution exported by ``lrpcli.export`` and ``torch.compile`` of it against eager
+  ``lrpcli.attribute``, same batch, paired runs (share/bench/bench_export.py): s/batch and the median ratio.
 
 Each figure is the median of several repeats after a warm-up. Ratios are the targets (DESIGN.md section 4 and
 issue 7): they compare runs of the same process minutes apart, so they hold on a loaded machine where absolute
@@ -40,7 +42,7 @@ from benchlib import describe_device, load, log, median
 import lrpcli
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("vgg16", "resnet50", "demo", "synthetic", "render", "evaluate", "analyze")
+SECTIONS = ("vgg16", "resnet50", "demo", "synthetic", "render", "evaluate", "analyze", "export")
 OPTIONAL = ("zoo",)  # chosen by name only: the zoo sweep takes an hour or more on a CPU
 TIME_TARGET = {"cpu": 2.0, "cuda": 1.6}
 EPSILON_TARGET = 1.3
@@ -189,6 +191,26 @@ def evaluate_rows(table: Table, device: torch.device, quick: bool) -> None:
     table.notes.append("evaluate: samples/s of region perturbation, batched vs a per-sample loop (bench_evaluate.py)")
 
 
+def export_rows(table: Table, device: torch.device, batch: int, repeats: int, quick: bool) -> None:
+    """The exported program and torch.compile of it against eager attribution (paired, same batch)."""
+    from bench_export import CASES, bench_case
+
+    for name in CASES[:1] if quick else CASES:
+        r = bench_case(name, device, batch, repeats)
+        eager = r["seconds"]["eager"]
+        label = f"export {name} b{batch}"
+        table.add(label, "eager attribute", f"{eager:.3f}", f"{batch / eager:.1f}", "1.00x (baseline)", "", "", "")
+        for key, ratio in r["ratios"].items():
+            pairs = r["spread"][key]
+            sec = r["seconds"][key]
+            table.add(label, key, f"{sec:.3f}", f"{batch / sec:.1f}",
+                      f"{ratio:.2f}x eager (pairs {min(pairs):.2f}-{max(pairs):.2f})", "", "(diagnostic)", "")
+        table.notes.append(f"{label}: export {r['export_s']:.0f} s once"
+                           + (f", compile {r['compile_s']:.0f} s once" if r["compile_s"] is not None else "")
+                           + (f"; compile errors: {r['compile_error']}" if r["compile_error"] else "")
+                           + f"; ratio = median of {len(r['spread'].get('exported', []))} paired runs")
+
+
 def bench_render(n: int, repeats: int) -> list[float]:
     """Runs share/bench/bench_render.py (its own setup untimed): one warm-up that writes the file, then repeats."""
     times = []
@@ -284,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     if "analyze" in args.sections:
         analyze_row(table, args.analyze_n, args.analyze_classes)
     zoo = zoo_section(args) if "zoo" in args.sections else ""
+    if "export" in args.sections:
+        export_rows(table, args.device, args.batch, args.repeats, args.quick)
 
     minutes = (time.time() - started) / 60
     header = [
