@@ -14,20 +14,23 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "attribute": ("api", "attribute"),
-    "export": ("export_program", "export"),
-    "initial_relevance": ("api", "initial_relevance"),
-    "Session": ("hooks", "Session"),
-    "UnhandledModuleWarning": ("hooks", "UnhandledModuleWarning"),
-    "rules_off": ("hooks", "rules_off"),
-    "Recorder": ("recorder", "Recorder"),
-    "Sum": ("modules", "Sum"),
-    "Gate": ("modules", "Gate"),
-    "Stabilizer": ("rules", "Stabilizer"),
-    "keep_freed_memory": ("allocator", "keep_freed_memory"),
+    "attribute": ("explainer.api", "attribute"),
+    "export": ("explainer.export_program", "export"),
+    "initial_relevance": ("explainer.api", "initial_relevance"),
+    "Session": ("engine.hooks", "Session"),
+    "UnhandledModuleWarning": ("engine.hooks", "UnhandledModuleWarning"),
+    "rules_off": ("engine.hooks", "rules_off"),
+    "Recorder": ("engine.recorder", "Recorder"),
+    "Sum": ("engine.modules", "Sum"),
+    "Gate": ("engine.modules", "Gate"),
+    "Stabilizer": ("engine.rules", "Stabilizer"),
+    "keep_freed_memory": ("explainer.allocator", "keep_freed_memory"),
     "open_results": ("store", "open_results"),
 }
-_SUBMODULES = ("attributors", "canonizers", "composites", "hooks", "recorder", "rules", "store")
+# the engine's and explainer's public modules under short names: ``lrpcli.rules.plain()``, ``lrpcli.composites``
+_SUBMODULES = {"attributors": "explainer.attributors", "canonizers": "engine.canonizers",
+               "composites": "engine.composites", "hooks": "engine.hooks", "recorder": "engine.recorder",
+               "rules": "engine.rules", "store": "store"}
 
 __all__ = ["__version__", *_LAZY, *_SUBMODULES]
 
@@ -37,7 +40,7 @@ def __getattr__(name: str) -> Any:
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(f".{module}", __name__), attr)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
+        value = importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     else:
         raise AttributeError(f"module 'lrpcli' has no attribute {name!r}")
     globals()[name] = value

@@ -1,9 +1,10 @@
 """What the engine offers, by name, without importing it: composites and their parameters, rule, canonizer and
 compression names.
 
-The config schema validates against these tables so it needs no torch; the engine registries (``lrpcli.rules``,
-``lrpcli.canonizers``, ``lrpcli.composites``, ``lrpcli.store``) build from or are checked against them (an import
--time check for composites, tests for the rest), so a name added to one side cannot be missed on the other.
+The config schema validates against these tables so it needs no torch; the engine registries
+(``lrpcli.engine.rules``, ``lrpcli.engine.canonizers``, ``lrpcli.engine.composites``, ``lrpcli.store``) build from
+or are checked against them (an import-time check for composites, tests for the rest), so a name added to one side
+cannot be missed on the other.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ZERO_PARAMS = ("bias",)
 @dataclass(frozen=True)
 class Param:
     """One composite parameter, declared once: the config default (``default``), the values it takes (``kind``:
-    the check ``lrpcli.spec.PARAM_CHECKS`` applies; ``allowed``: as the README writes them), what it does, and
+    the check ``lrpcli.spec.schema.PARAM_CHECKS`` applies; ``allowed``: as the README writes them), what it does, and
     the default of a composite built in Python without a config (``engine_default``; ``auto`` bounds need the
     input's mean/std)."""
 
@@ -84,7 +85,7 @@ COMPOSITES: dict[str, CompositeDecl] = {}
 
 def declare(name: str, description: str, params: tuple[str, ...] = (), gradient_space: bool = False,
             defaults: dict[str, Any] | None = None) -> CompositeDecl:
-    """Declare composite ``name``; its builder (``lrpcli.composites``) must take exactly ``params``."""
+    """Declare composite ``name``; its builder (``lrpcli.engine.composites``) must take exactly ``params``."""
     decl = CompositeDecl(name, description, tuple(params), gradient_space, dict(defaults or {}))
     COMPOSITES[name] = decl
     return decl

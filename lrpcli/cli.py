@@ -9,8 +9,9 @@ import warnings
 
 import click
 
-from . import __version__, allocator
-from .errors import LrpcliError
+from lrpcli import __version__
+from lrpcli.errors import LrpcliError
+from lrpcli.explainer import allocator
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -87,17 +88,18 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
     if not debug:
         warnings.showwarning = _show_warning
-    allocator.keep_freed_memory()  # a batch tool keeps its memory between batches (see lrpcli/allocator.py)
+    allocator.keep_freed_memory()  # a batch tool keeps its memory between batches (see lrpcli/explainer/allocator.py)
 
 
 def _register() -> None:
     """Attach the commands that exist; each lives in its own module."""
     import importlib
 
-    for module, name in (("lrpcli.explain", "explain"), ("lrpcli.render.command", "render"),
-                         ("lrpcli.debug.command", "debug"), ("lrpcli.merge", "merge"),
-                         ("lrpcli.evaluate.command", "evaluate"), ("lrpcli.analysis.command", "analyze"),
-                         ("lrpcli.analysis.command", "virelay"), ("lrpcli.export_command", "export")):
+    for module, name in (("lrpcli.commands.explain", "explain"), ("lrpcli.commands.render.command", "render"),
+                         ("lrpcli.commands.debug.command", "debug"), ("lrpcli.commands.merge", "merge"),
+                         ("lrpcli.commands.evaluate.command", "evaluate"),
+                         ("lrpcli.commands.analysis.command", "analyze"),
+                         ("lrpcli.commands.analysis.command", "virelay"), ("lrpcli.commands.export", "export")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:

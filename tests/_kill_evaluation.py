@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrpcli.evaluate.cache import Cache
+from lrpcli.commands.evaluate.cache import Cache
 
 COLUMNS = {"value": ()}
 SETTINGS = {"version": 1, "family": "sparseness", "test": "kill"}

@@ -10,7 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from lrpcli import allocator
+from lrpcli.explainer import allocator
 
 GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 

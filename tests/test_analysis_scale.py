@@ -1,4 +1,4 @@
-"""SpRAy at scale (lrpcli/analysis/spray.py): the large-category paths (kNN on principal components, t-SNE on
+"""SpRAy at scale (lrpcli/commands/analysis/spray.py): the large-category paths (kNN on principal components, t-SNE on
 a subset with the rest placed by neighbours) and the memory bound (no N x N array anywhere)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import tracemalloc
 
 import numpy as np
 
-from lrpcli.analysis import spray
+from lrpcli.commands.analysis import spray
 
 
 def test_principal_components_keep_distances_of_low_rank_data():

@@ -1,4 +1,4 @@
-"""SpRAy numerics (lrpcli/analysis/spray.py): hand-computed pooling, exact eigenvalues, planted groups."""
+"""SpRAy numerics (lrpcli/commands/analysis/spray.py): hand-computed pooling, exact eigenvalues, planted groups."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from lrpcli.analysis import spray
+from lrpcli.commands.analysis import spray
 
 
 def _dense_laplacian_eigenvalues(a: np.ndarray) -> np.ndarray:

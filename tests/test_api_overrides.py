@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import lrpcli
-from lrpcli import rules
-from lrpcli.rules import Epsilon, Pass, ZPlus
+from lrpcli.engine import rules
+from lrpcli.engine.rules import Epsilon, Pass, ZPlus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lrpcli
-from lrpcli import attributors as A
+from lrpcli.explainer import attributors as A
 
 pytestmark = pytest.mark.usefixtures("float64")
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lrpcli import canonizers, catalogue, composites, rules, store
-from lrpcli.composites.builtin import BUILDERS
-from lrpcli.config import DEFAULTS
+from lrpcli import catalogue, store
+from lrpcli.engine import canonizers, composites, rules
+from lrpcli.engine.composites.builtin import BUILDERS
+from lrpcli.spec.config import DEFAULTS
 
 
 def test_every_declared_composite_has_a_builder_taking_its_parameters():
@@ -24,7 +25,7 @@ def test_every_declared_composite_has_a_builder_taking_its_parameters():
 
 
 def test_a_builder_that_does_not_take_its_declared_parameters_is_refused():
-    from lrpcli.composites.builtin import builds
+    from lrpcli.engine.composites.builtin import builds
 
     catalogue.declare("_test_only", "a test", ("epsilon",))
     try:
@@ -85,7 +86,7 @@ def test_readme_composite_table_matches_declarations():
 
 
 def test_validating_a_config_imports_no_torch_and_no_engine():
-    code = ("import sys; from lrpcli.config import validate; "
+    code = ("import sys; from lrpcli.spec.config import validate; "
             "validate({'model': {'name': 'resnet18'}, 'canonizers': ['vgg'], 'output': {'compression': 'lzf'}, "
             "'composite': {'rules': [{'type': 'Linear', 'rule': {'name': 'epsilon', 'epsilon': 0.1}}]}}); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.split('.')[:2] in "
@@ -96,7 +97,7 @@ def test_validating_a_config_imports_no_torch_and_no_engine():
 
 
 def test_composite_section_fields_come_from_the_declared_parameters():
-    from lrpcli.spec import PARAM_CHECKS, CompositeSpec
+    from lrpcli.spec.schema import PARAM_CHECKS, CompositeSpec
 
     fields = CompositeSpec.model_fields
     assert [k for k in fields if k in catalogue.PARAMS] == list(catalogue.PARAMS)
@@ -105,9 +106,9 @@ def test_composite_section_fields_come_from_the_declared_parameters():
 
 
 def test_engine_checks_are_passed_in():
-    from lrpcli.config import validate
     from lrpcli.errors import ConfigError
-    from lrpcli.spec import Bad, EngineChecks
+    from lrpcli.spec.config import validate
+    from lrpcli.spec.schema import Bad, EngineChecks
 
     def no_such_model(name: str) -> None:
         raise Bad(f"no model {name!r} here")
@@ -119,7 +120,7 @@ def test_engine_checks_are_passed_in():
 
 
 def test_gradient_space_is_declared_and_matches_the_built_seed():
-    from lrpcli.debug.stats import GRADIENT_SPACE
+    from lrpcli.commands.debug.stats import GRADIENT_SPACE
 
     for name, decl in catalogue.COMPOSITES.items():
         assert (composites.get(name).seed != "output") == decl.gradient_space, name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-COMMANDS = ("explain", "render", "debug", "merge", "evaluate", "analyze", "virelay")
+COMMANDS = ("explain", "render", "debug", "merge", "evaluate", "analyze", "virelay", "export")
 
 
 def test_help_of_every_command_imports_no_torch():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lrpcli.composites import get
-from lrpcli.rules import Stabilizer
+from lrpcli.engine.composites import get
+from lrpcli.engine.rules import Stabilizer
 from tests.test_zoo_transformers import tiny_convnext, tiny_vit
 
 DT = torch.float64
@@ -64,7 +64,7 @@ def test_auto_stabilizer_keeps_rms_unless_the_mode_is_given():
 
 
 def test_auto_in_a_config_defaults_to_rms(tmp_path):
-    from lrpcli.build import load_config
+    from lrpcli.explainer.build import load_config
 
     def stab(extra: str) -> dict:
         path = tmp_path / "c.yaml"

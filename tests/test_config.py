@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import textwrap
 from pathlib import Path
 
@@ -9,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from lrpcli.build import composite_kwargs, load_config, resolve_baseline, resolve_bounds
-from lrpcli.config import DEFAULTS, Config, resolve_path
 from lrpcli.errors import ConfigError
-from lrpcli.runtime import resolve_device
+from lrpcli.explainer.build import composite_kwargs, load_config, resolve_baseline, resolve_bounds
+from lrpcli.explainer.runtime import resolve_device
+from lrpcli.spec.config import DEFAULTS, Config, resolve_path
 
 
 def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
@@ -40,8 +41,8 @@ def error(tmp_path: Path, text: str, overrides: dict | None = None) -> str:
 
 
 def registry(name: str):
-    """The engine registries are written separately; skip registry tests until they exist."""
-    return pytest.importorskip(f"lrpcli.{name}")
+    """An engine registry (rules, composites, canonizers) by name."""
+    return importlib.import_module(f"lrpcli.engine.{name}")
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -523,7 +524,7 @@ def test_num_workers_values(tmp_path, given, resolved):
     ],
 )
 def test_resolve_num_workers_auto(device, samples, batch, cpus, expected):
-    from lrpcli.runtime import MAX_AUTO_WORKERS, resolve_num_workers
+    from lrpcli.explainer.runtime import MAX_AUTO_WORKERS, resolve_num_workers
 
     assert MAX_AUTO_WORKERS == 8
     got = resolve_num_workers("auto", samples=samples, batch_size=batch, device=torch.device(device), cpus=cpus)
@@ -534,7 +535,7 @@ def test_resolve_num_workers_auto(device, samples, batch, cpus, expected):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_resolve_num_workers_explicit_is_kept(device):
-    from lrpcli.runtime import resolve_num_workers
+    from lrpcli.explainer.runtime import resolve_num_workers
 
     for n in (0, 1, 2, 17):
         assert resolve_num_workers(n, samples=4, batch_size=16, device=device, cpus=2) == n
@@ -543,7 +544,7 @@ def test_resolve_num_workers_explicit_is_kept(device):
 def test_resolve_num_workers_default_cpus_is_the_affinity(monkeypatch):
     import os
 
-    from lrpcli import runtime as config_module
+    from lrpcli.explainer import runtime as config_module
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4}, raising=False)
     assert config_module.available_cpus() == 5
@@ -602,7 +603,7 @@ def test_nesting_within_the_bound_is_read(tmp_path):
 
 
 def test_deep_python_mapping_is_one_line():
-    from lrpcli.config import validate
+    from lrpcli.spec.config import validate
 
     raw: dict = {"model": {"name": "resnet18", "kwargs": {}}}
     inner = raw["model"]["kwargs"]

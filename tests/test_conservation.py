@@ -53,8 +53,8 @@ def build(net: str, seed: int, bias: bool) -> tuple[nn.Module, torch.Tensor]:
 
 
 def rest_map(rule):
-    from lrpcli.composites import LayerMap
-    from lrpcli.rules import Norm, Pass
+    from lrpcli.engine.composites import LayerMap
+    from lrpcli.engine.rules import Norm, Pass
 
     return LayerMap([
         ((nn.Linear, nn.Conv2d), rule),
@@ -65,8 +65,8 @@ def rest_map(rule):
 
 
 def composite(first: str, rest: str):
-    from lrpcli.composites import FirstLayer, Mixture
-    from lrpcli.rules import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
+    from lrpcli.engine.composites import FirstLayer, Mixture
+    from lrpcli.engine.rules import AlphaBeta, Epsilon, Flat, Gamma, ZBox, ZPlus
 
     rules = {
         'epsilon': lambda: Epsilon(1e-9),
@@ -131,7 +131,7 @@ def test_conservation_bias_free(first, rest, net):
 @pytest.mark.parametrize('net', sorted(NETS))
 def test_epsilon_tiny_equals_gradient_times_input(net):
     import lrpcli
-    from lrpcli.rules import Epsilon
+    from lrpcli.engine.rules import Epsilon
 
     for seed in (0, 1):
         model, x = build(net, seed, bias=True)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lrpcli.data import Batch, ImageDataset, Skipped, collate, make_loader
 from lrpcli.errors import DataError
+from lrpcli.explainer.data import Batch, ImageDataset, Skipped, collate, make_loader
 
 
 def save(path: Path, mode: str = "RGB", size: tuple[int, int] = (40, 30), value: int | tuple = 128) -> Path:
@@ -228,7 +228,7 @@ def test_loader_pins_memory_for_cuda(tmp_path):
 
 
 def test_dataset_from_config_input_section(tmp_path):
-    from lrpcli.build import load_config
+    from lrpcli.explainer.build import load_config
 
     (tmp_path / "c.yaml").write_text("model: {name: resnet18}\ninput: {resize: 20, crop: 12, mode: L}\n")
     config = load_config(tmp_path / "c.yaml")
@@ -241,7 +241,7 @@ def test_dataset_from_config_input_section(tmp_path):
 def test_prefetch_keeps_order_and_reads_ahead_in_a_thread(tmp_path):
     import threading
 
-    from lrpcli.data import prefetch
+    from lrpcli.explainer.data import prefetch
 
     ds = make_flat(tmp_path, 7)
     loader = make_loader(ds, batch_size=3, num_workers=0, device="cpu")
@@ -267,7 +267,7 @@ def test_prefetch_keeps_order_and_reads_ahead_in_a_thread(tmp_path):
 
 
 def test_prefetch_raises_the_producers_error_in_place():
-    from lrpcli.data import prefetch
+    from lrpcli.explainer.data import prefetch
 
     def items():
         yield 1
@@ -295,7 +295,7 @@ def _endless(produced: list[int]):
 def test_prefetch_closed_early_stops_its_thread():
     import threading
 
-    from lrpcli.data import prefetch
+    from lrpcli.explainer.data import prefetch
 
     produced: list[int] = []
     before = set(threading.enumerate())
@@ -313,7 +313,7 @@ def test_prefetch_reads_before_the_first_next_and_closes_unstarted():
     no item was ever taken."""
     import threading
 
-    from lrpcli.data import prefetch
+    from lrpcli.explainer.data import prefetch
 
     produced: list[int] = []
     before = set(threading.enumerate())

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lrpcli.cli import main
-from lrpcli.debug.command import FORMATS
-from lrpcli.debug.format import RENDERERS, cell
+from lrpcli.commands.debug.command import FORMATS
+from lrpcli.commands.debug.format import RENDERERS, cell
 
 # --------------------------------------------------------------------------------------------- helpers
 DENSE = """\

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 import lrpcli
-from lrpcli.build import composite_kwargs, load_config
 from lrpcli.cli import main
-from lrpcli.models import load_weights_file
+from lrpcli.explainer.build import composite_kwargs, load_config
+from lrpcli.explainer.models import load_weights_file
 from lrpcli.store import open_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_lrp_relevance_sits_on_the_objects_more_than_the_gradient():
 def test_cp_lrp_conserves_on_the_trained_vit():
     """float64, biases left out of the rules: the relevance at the input, the class token and the position
     embedding adds up to the output relevance; the coverage notes name nothing left on the plain gradient."""
-    from lrpcli.composites import get
+    from lrpcli.engine.composites import get
 
     model = _model().double()
     x = _subset(1)[0].double()

@@ -20,7 +20,7 @@ import yaml
 from click.testing import CliRunner
 
 from lrpcli.cli import main
-from lrpcli.distributed import shard_bounds, shard_path
+from lrpcli.runner.distributed import shard_bounds, shard_path
 from lrpcli.store import open_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,16 +138,16 @@ import os
 if os.environ.get("LRPCLI_TEST_BLOCK") and "RANK" in os.environ:  # a torchrun worker of the test
     import time
 
-    import lrpcli.data
+    import lrpcli.explainer.data
 
-    _load = lrpcli.data.ImageDataset.load
+    _load = lrpcli.explainer.data.ImageDataset.load
 
     def load(self, path):
         while os.path.samefile(path, os.environ["LRPCLI_TEST_BLOCK"]):
             time.sleep(0.1)  # until the test kills this process
         return _load(self, path)
 
-    lrpcli.data.ImageDataset.load = load
+    lrpcli.explainer.data.ImageDataset.load = load
 """
 
 

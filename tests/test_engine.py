@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import lrpcli
-from lrpcli import layercall
-from lrpcli.composites import FirstLayer, LayerMap, Mixture, NameMap
-from lrpcli.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
+from lrpcli.engine import layercall
+from lrpcli.engine.composites import FirstLayer, LayerMap, Mixture, NameMap
+from lrpcli.engine.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -49,7 +49,7 @@ def test_context_leaves_model_bitwise_unchanged():
 
 def test_hooks_removed_after_exception_inside_context():
     model = small_net()
-    composite = lrpcli.composites.get("epsilon_plus")
+    composite = lrpcli.engine.composites.get("epsilon_plus")
     with pytest.raises(RuntimeError, match="boom"):
         with composite.context(model) as m:
             m(torch.randn(1, 2, 6, 6))
@@ -127,7 +127,7 @@ def test_first_layer_is_first_in_forward_order_not_definition_order():
     comp = Mixture([FirstLayer(nn.Linear, ZBox(-1.0, 1.0)), LayerMap([(nn.Linear, Epsilon())])])
     with comp.context(model) as m:
         m(torch.randn(1, 4))
-        session = lrpcli.hooks.sessions_of(model)[0]
+        session = lrpcli.engine.hooks.sessions_of(model)[0]
         rules = {a.name: repr(a.rule) for a in session.coverage()}
     assert rules["early"].startswith("ZBox") and rules["late"].startswith("Epsilon")
 
@@ -189,13 +189,13 @@ def test_unhandled_module_warns_and_strict_raises():
 
 
 def test_composite_registry_and_parameters():
-    assert set(lrpcli.composites.names()) >= {
+    assert set(lrpcli.engine.composites.names()) >= {
         "epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat",
         "guided_backprop", "deconvnet", "excitation_backprop", "beta_smooth"}
     with pytest.raises(ValueError, match="valid composites: .*epsilon_plus"):
-        lrpcli.composites.get("epsilon_plsu")
+        lrpcli.engine.composites.get("epsilon_plsu")
     with pytest.raises(ValueError, match="does not use gamma"):
-        lrpcli.composites.get("epsilon_plus", gamma=0.5)
+        lrpcli.engine.composites.get("epsilon_plus", gamma=0.5)
 
 
 @pytest.mark.parametrize("composite,param,values", [
@@ -220,7 +220,7 @@ def test_every_parameter_reaches_its_rules(composite, param, values):
 
 
 def test_composite_object_with_params_is_rejected():
-    comp = lrpcli.composites.get("epsilon_plus")
+    comp = lrpcli.engine.composites.get("epsilon_plus")
     with pytest.raises(ValueError, match="epsilon: only apply with a composite name"):
         lrpcli.attribute(small_net(), torch.randn(1, 2, 6, 6), 0, composite=comp, epsilon=0.1)
 
@@ -239,7 +239,7 @@ def test_gradient_space_composites_start_from_one_hot():
 def test_rules_off_gives_plain_gradient_inside_context():
     model = small_net(7)
     x = torch.randn(2, 2, 6, 6, requires_grad=True)
-    comp = lrpcli.composites.get("epsilon_plus")
+    comp = lrpcli.engine.composites.get("epsilon_plus")
     with comp.context(model) as m:
         out = m(x)
         with lrpcli.rules_off(model):
@@ -309,7 +309,7 @@ def test_memory_flat_over_1000_attributions():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(4, 8)
-    comp = lrpcli.composites.get("epsilon_gamma_box", low=-3.0, high=3.0)
+    comp = lrpcli.engine.composites.get("epsilon_gamma_box", low=-3.0, high=3.0)
     grown = _traced_bytes(lambda: lrpcli.attribute(model, x, 0, composite=comp))
     assert grown < 64 * 1024, f"new context each time: memory grew by {grown} bytes over 1000 attributions"
     with comp.context(model) as m:
@@ -347,7 +347,7 @@ def test_rectified_output_gives_the_same_relevance(monkeypatch, lower_rule, uppe
     same where no relevance reaches z <= 0 (a rule proportional to its input above; Gamma and Epsilon then use
     their branch for z > 0 alone), and through one recomputed forward where some does (Flat above gives
     relevance to inputs that are 0)."""
-    import lrpcli.hooks as hooks
+    import lrpcli.engine.hooks as hooks
 
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
     model, comp = _relu_chain(nn.ReLU, lower_rule, upper_rule)
@@ -373,7 +373,7 @@ def test_relevance_made_by_a_proportional_rule_needs_no_zero_check(monkeypatch, 
     be zero where relu(z) is: restore_output skips its pass over both tensors. Under Flat (layer "4") it is not
     known, and the check runs (and, Flat giving relevance to zero inputs, z is recomputed: same numbers as in
     test_rectified_output_gives_the_same_relevance)."""
-    import lrpcli.hooks as hooks
+    import lrpcli.engine.hooks as hooks
 
     x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
     model, comp = _relu_chain(nn.ReLU, Gamma(0.25), upper_rule)
@@ -391,15 +391,15 @@ def test_zero_note_passes_a_winner_takes_all_max_pool(monkeypatch, recorded):
     """A MaxPool (the Gradient rule; hooked with a recorder, and without one where its input is a ReLU output that
     the layer below keeps) hands the note on: an input of 0 that wins its window made the output 0, whose
     relevance is 0. The relevance is the same as with z kept."""
-    import lrpcli.hooks as hooks
-    from lrpcli.recorder import Recorder
+    import lrpcli.engine.hooks as hooks
+    from lrpcli.engine.recorder import Recorder
 
     def chain(relu_type: type) -> nn.Module:
         torch.manual_seed(6)
         return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), relu_type(), nn.MaxPool2d(2),
                              nn.Conv2d(4, 3, 3, padding=1), relu_type(), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)).double()
 
-    from lrpcli.rules import Gradient
+    from lrpcli.engine.rules import Gradient
 
     comp = LayerMap([(nn.Conv2d, Gamma(0.25)), (nn.Linear, Epsilon(1e-6)), (nn.ReLU, Pass()), (nn.Flatten, Pass()),
                      (nn.MaxPool2d, Gradient())])
@@ -422,7 +422,7 @@ def test_zero_note_passes_a_winner_takes_all_max_pool(monkeypatch, recorded):
 
 
 def test_zero_note_holds_only_while_both_tensors_are_unchanged():
-    from lrpcli.hooks import ZeroNotes
+    from lrpcli.engine.hooks import ZeroNotes
 
     notes = ZeroNotes()
     mark_zeros, zero_where = notes.mark, notes.known
@@ -451,7 +451,7 @@ def test_rectified_output_releases_z():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
     seen = []
-    import lrpcli.hooks as hooks
+    import lrpcli.engine.hooks as hooks
 
     original = hooks.LayerCall.rectify
 
@@ -469,8 +469,8 @@ def test_rectified_output_releases_z():
 def test_large_layers_split_over_the_batch_give_the_same_relevance(monkeypatch):
     """Rules on slices of the batch (CHUNK_BYTES small) give the relevance of one piece: every rule is per
     sample, also the rms stabilizer and a ZBox with bounds per sample (which is never split)."""
-    import lrpcli.hooks as hooks
-    from lrpcli.rules import Stabilizer
+    import lrpcli.engine.hooks as hooks
+    from lrpcli.engine.rules import Stabilizer
 
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3), nn.ReLU(),
@@ -527,8 +527,8 @@ def test_channels_last_model_keeps_its_layout_through_the_rules(monkeypatch, sli
 @pytest.mark.parametrize("activation", ["deconvnet", "guided_backprop", "beta_smooth"])
 def test_sliced_activation_rules_give_the_same_relevance(monkeypatch, activation):
     """Activation rules are sliced too, also DeconvNet, which keeps only shape stand-ins of its input."""
-    import lrpcli.hooks as hooks
-    from lrpcli.rules import BetaSmooth, DeconvNet, GuidedBackprop
+    import lrpcli.engine.hooks as hooks
+    from lrpcli.engine.rules import BetaSmooth, DeconvNet, GuidedBackprop
 
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(125, 2)).double()
@@ -555,7 +555,7 @@ def test_sliced_activation_rules_give_the_same_relevance(monkeypatch, activation
 def test_batch_slices_are_written_into_the_result_and_pass_layers_are_not_sliced(monkeypatch, later):
     """Slicing the batch bounds a rule's temporaries; the slices' relevance goes straight into the whole batch's
     result (no copy afterwards), and a Pass layer, which makes no temporaries, is never sliced."""
-    import lrpcli.hooks as hooks
+    import lrpcli.engine.hooks as hooks
 
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3), nn.ReLU(),
@@ -596,7 +596,7 @@ def test_submodules_called_directly_leave_no_producer_records():
     model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), nn.Conv2d(2, 2, 3))
     comp = LayerMap([(nn.Conv2d, Epsilon(1e-6)), (nn.ReLU, Pass())])
     with comp.context(model) as m:
-        session = lrpcli.hooks.sessions_of(model)[0]
+        session = lrpcli.engine.hooks.sessions_of(model)[0]
         for _ in range(20):
             x = torch.randn(2, 1, 6, 6, requires_grad=True)
             out = m[0](x)
@@ -611,7 +611,7 @@ def test_inputs_known_nonnegative_from_the_graph_skip_the_sign_pass(monkeypatch)
     """A conv fed by a hooked ReLU (also through a pooling layer that reads its input) knows x >= 0 from the graph;
     the first layer, a view (Flatten) and a ReLU output changed in place do not. Attributions are bitwise those
     computed with the sign pass."""
-    import lrpcli.hooks as hooks
+    import lrpcli.engine.hooks as hooks
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AvgPool2d(2),
@@ -641,7 +641,7 @@ def test_inputs_known_nonnegative_from_the_graph_skip_the_sign_pass(monkeypatch)
 
     outputs = []
     handle = model[2].register_forward_pre_hook(lambda module, args: outputs.append(args[0]))  # the ReLU's result
-    with lrpcli.composites.get("epsilon_plus").context(model) as m:
+    with lrpcli.engine.composites.get("epsilon_plus").context(model) as m:
         m(x.clone().requires_grad_(True))
         relu_out = outputs[-1]
         assert hooks.known_nonnegative(relu_out)
@@ -656,7 +656,7 @@ def test_inputs_known_nonnegative_from_the_graph_skip_the_sign_pass(monkeypatch)
 def test_mixed_sign_inputs_take_the_fused_path_with_the_general_result(monkeypatch, rule_name, layer):
     """A first layer sees inputs of both signs: AlphaBeta and Gamma stack [x+, x-] and back-project through one
     block weight (x- with W+ and W- swapped); the result equals the general sign-split path's."""
-    from lrpcli.rules.signsplit import SignSplit
+    from lrpcli.engine.rules.signsplit import SignSplit
 
     torch.manual_seed(6)
     first = nn.Conv2d(3, 4, 3, padding=1) if layer == "conv" else nn.ConvTranspose2d(3, 4, 3, stride=2)

@@ -85,8 +85,8 @@ def test_second_call_reads_the_stored_values(fresh, tmp_path, monkeypatch):
     def fail(*_a, **_k):
         raise AssertionError("recomputed although stored")
 
-    monkeypatch.setattr("lrpcli.evaluate.run.perturbation_curves", fail)
-    monkeypatch.setattr("lrpcli.evaluate.run.load_model_of", fail)
+    monkeypatch.setattr("lrpcli.commands.evaluate.run.perturbation_curves", fail)
+    monkeypatch.setattr("lrpcli.commands.evaluate.run.load_model_of", fail)
     code, second, err = evaluate(fresh, "--metrics", "region_perturbation,sparseness")
     assert code == 0, err
     assert second == first
@@ -100,7 +100,7 @@ def test_killed_evaluation_resumes_where_it_stopped(fresh, monkeypatch):
         g = f["evaluation/attribution"][name]
         g["done"][3:] = 0
         g["morf"][3:] = np.nan
-    import lrpcli.evaluate.run as run_module
+    import lrpcli.commands.evaluate.run as run_module
 
     computed = []
     real = run_module.perturbation_curves
@@ -219,8 +219,8 @@ def test_model_randomisation_is_opt_in_and_reruns_the_attribution(fresh, tmp_pat
     """The re-attribution of the unchanged model reproduces the stored maps; after the cascade the maps differ."""
     import torch
 
-    from lrpcli.evaluate.randomisation import attribute_like_the_run
-    from lrpcli.evaluate.source import load_model_of, open_source
+    from lrpcli.commands.evaluate.randomisation import attribute_like_the_run
+    from lrpcli.commands.evaluate.source import load_model_of, open_source
 
     src = open_source(fresh, 4, DEMO_CONFIG)
     rows = np.arange(4)
@@ -265,8 +265,8 @@ def test_same_file_twice(demo_h5):
 def test_plot_has_one_panel_per_target_class(tmp_path):
     from types import SimpleNamespace
 
-    from lrpcli.evaluate import plot
-    from lrpcli.evaluate.run import FileResult
+    from lrpcli.commands.evaluate import plot
+    from lrpcli.commands.evaluate.run import FileResult
 
     rng = np.random.default_rng(0)
     curves = {s: {"morf": rng.normal(size=(6, 5)), "lerf": rng.normal(size=(6, 5))} for s in ("attribution", "random")}
@@ -321,8 +321,8 @@ def test_randomisation_reattributes_with_a_non_lrp_method():
     """A gradient config re-attributes with the plain gradient of the target logit (torch.autograd, by hand)."""
     import torch
 
-    from lrpcli.build import load_config
-    from lrpcli.evaluate.randomisation import attribute_like_the_run
+    from lrpcli.commands.evaluate.randomisation import attribute_like_the_run
+    from lrpcli.explainer.build import load_config
 
     config = load_config(DEMO_CONFIG, {"attribution.method": "gradient", "canonizers": []})
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),

@@ -1,4 +1,4 @@
-"""``lrpcli.evaluate``: metric formulas on hand-computed cases, and the batched perturbation against an
+"""``lrpcli.commands.evaluate``: metric formulas on hand-computed cases, and the batched perturbation against an
 independent per-sample implementation written here (float64, one image per forward, plain loops)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lrpcli.evaluate import metrics as M
-from lrpcli.evaluate.perturb import perturbation_curves, replacement, subset_scores
-from lrpcli.evaluate.run import pixel_ranks, random_subsets
+from lrpcli.commands.evaluate import metrics as M
+from lrpcli.commands.evaluate.perturb import perturbation_curves, replacement, subset_scores
+from lrpcli.commands.evaluate.run import pixel_ranks, random_subsets
 
 
 # ------------------------------------------------------------------------------------------- formulas
@@ -176,7 +176,7 @@ def test_batched_subsets_equal_the_per_sample_loop(one_thread):
 
 # ----------------------------------------------------------------------------- parameter randomisation
 def test_spearman_with_ties_by_hand():
-    from lrpcli.evaluate.randomisation import average_ranks, spearman
+    from lrpcli.commands.evaluate.randomisation import average_ranks, spearman
 
     assert average_ranks(np.array([[10.0, 20.0, 20.0, 5.0]])).tolist() == [[2.0, 3.5, 3.5, 1.0]]
     a = np.array([[1.0, 2.0, 3.0, 4.0]])
@@ -188,7 +188,7 @@ def test_spearman_with_ties_by_hand():
 
 
 def test_cascade_randomises_from_the_top():
-    from lrpcli.evaluate.randomisation import cascade, parameter_layers
+    from lrpcli.commands.evaluate.randomisation import cascade, parameter_layers
 
     net = _net()
     assert parameter_layers(net) == ["7", "3", "0"]

@@ -308,12 +308,12 @@ def test_model_that_fails_to_load_leaves_no_reader_thread(tmp_path, monkeypatch)
     generator meanwhile): a model that cannot load leaves no thread and no file."""
     import threading
 
-    import lrpcli.runner
-    from lrpcli.build import load_config
+    import lrpcli.runner.local
     from lrpcli.errors import LrpcliError
-    from lrpcli.runner import run as run_explain
+    from lrpcli.explainer.build import load_config
+    from lrpcli.runner.local import run as run_explain
 
-    monkeypatch.setattr(lrpcli.runner, "background_threads_help", lambda device: True)
+    monkeypatch.setattr(lrpcli.runner.local, "background_threads_help", lambda device: True)
 
     config = load_config(_config(tmp_path, BASE.replace("model.pt", "missing.pt")),
                          {"output.path": str(tmp_path / "o.h5")})
@@ -331,15 +331,15 @@ def test_threads_only_where_a_core_is_free_and_same_file_either_way(demo_h5, tmp
 
     import torch
 
-    import lrpcli.runner
-    from lrpcli.build import load_config
+    import lrpcli.runner.local
+    from lrpcli.explainer.build import load_config
 
-    monkeypatch.setattr(lrpcli.runner, "available_cpus", lambda: 4)
-    monkeypatch.setattr(lrpcli.runner.torch, "get_num_threads", lambda: 4)
-    assert not lrpcli.runner.background_threads_help(torch.device("cpu"))
-    assert lrpcli.runner.background_threads_help(torch.device("cuda"))
-    monkeypatch.setattr(lrpcli.runner.torch, "get_num_threads", lambda: 3)
-    assert lrpcli.runner.background_threads_help(torch.device("cpu"))
+    monkeypatch.setattr(lrpcli.runner.local, "available_cpus", lambda: 4)
+    monkeypatch.setattr(lrpcli.runner.local.torch, "get_num_threads", lambda: 4)
+    assert not lrpcli.runner.local.background_threads_help(torch.device("cpu"))
+    assert lrpcli.runner.local.background_threads_help(torch.device("cuda"))
+    monkeypatch.setattr(lrpcli.runner.local.torch, "get_num_threads", lambda: 3)
+    assert lrpcli.runner.local.background_threads_help(torch.device("cpu"))
     monkeypatch.undo()
 
     keys = ("attribution", "prediction", "input", "index", "conservation/relevance_in", "conservation/relevance_out")
@@ -354,9 +354,9 @@ def test_threads_only_where_a_core_is_free_and_same_file_either_way(demo_h5, tmp
 
     monkeypatch.setattr(threading.Thread, "start", start)
     for helps in (True, False):
-        monkeypatch.setattr(lrpcli.runner, "background_threads_help", lambda device, helps=helps: helps)
+        monkeypatch.setattr(lrpcli.runner.local, "background_threads_help", lambda device, helps=helps: helps)
         out = tmp_path / f"{helps}.h5"
-        lrpcli.runner.run(load_config(DEMO_CONFIG, {"output.path": str(out)}), DEMO_DATA)
+        lrpcli.runner.local.run(load_config(DEMO_CONFIG, {"output.path": str(out)}), DEMO_DATA)
         with h5py.File(out, "r") as f:
             for key, value in expected.items():
                 np.testing.assert_array_equal(f[key][:], value, err_msg=f"threads {helps}: {key}")

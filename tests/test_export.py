@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lrpcli
-from lrpcli.export_program import ExportError
+from lrpcli.explainer.export_program import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (1, 3, 8)
@@ -44,9 +44,9 @@ def _check(program: nn.Module, model: nn.Module, shape: tuple[int, ...], classes
 @pytest.fixture(scope="module")
 def demo():
     """The shipped demo model and composite from configs/demo.yaml, exported once (batch of 2)."""
-    from lrpcli.build import load_config
-    from lrpcli.explainer import composite_from_config
-    from lrpcli.models import load_model
+    from lrpcli.explainer.build import load_config
+    from lrpcli.explainer.explainer import composite_from_config
+    from lrpcli.explainer.models import load_model
 
     config = load_config(ROOT / "configs" / "demo.yaml")
     model, composite = load_model(config), composite_from_config(config)
@@ -149,9 +149,9 @@ def test_float64_and_an_initial_relevance_as_input(float64):
 @pytest.mark.slow
 def test_demo_float64_from_a_one_sample_example(float64):
     """A one-sample example still gives a program for any batch size (it is traced at two samples)."""
-    from lrpcli.build import load_config
-    from lrpcli.explainer import composite_from_config
-    from lrpcli.models import load_model
+    from lrpcli.explainer.build import load_config
+    from lrpcli.explainer.explainer import composite_from_config
+    from lrpcli.explainer.models import load_model
 
     config = load_config(ROOT / "configs" / "demo.yaml")
     model, composite = load_model(config).double(), composite_from_config(config)

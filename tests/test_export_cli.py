@@ -57,9 +57,9 @@ def config(tmp_path):
 
 
 def _eager(config, x, target):
-    from lrpcli.build import load_config
-    from lrpcli.explainer import composite_from_config
-    from lrpcli.models import load_model
+    from lrpcli.explainer.build import load_config
+    from lrpcli.explainer.explainer import composite_from_config
+    from lrpcli.explainer.models import load_model
 
     cfg = load_config(config)
     return lrpcli.attribute(load_model(cfg), x, target, composite_from_config(cfg), return_output=True)
@@ -132,9 +132,9 @@ def test_missing_config_and_other_methods_are_one_line(config, tmp_path):
 def test_unconvertible_onnx_operation_is_one_line_naming_it_and_the_layer(config, tmp_path, monkeypatch):
     """Without its translation prims.signbit (torch.copysign in the stabilizers) cannot be converted."""
     pytest.importorskip("onnxscript")
-    import lrpcli.export_onnx
+    import lrpcli.explainer.export_onnx
 
-    monkeypatch.setattr(lrpcli.export_onnx, "_translations", dict)
+    monkeypatch.setattr(lrpcli.explainer.export_onnx, "_translations", dict)
     result = run("export", str(config), "-o", str(tmp_path / "a.pt2"), "--onnx", str(tmp_path / "a.onnx"))
     assert result.exit_code == 2
     assert result.output.splitlines()[-1] == (

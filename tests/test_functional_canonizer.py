@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrpcli
-from lrpcli.composites import get
-from lrpcli.hooks import sessions_of
+from lrpcli.engine.composites import get
+from lrpcli.engine.hooks import sessions_of
 
 DT = torch.float64
 

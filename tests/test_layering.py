@@ -12,22 +12,21 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lrpcli"
 
-# Layer of each top-level module or subpackage of lrpcli (lowest first).
+# Layer of each top-level module or folder of lrpcli (lowest first): the folders are the layers.
 LAYERS: dict[str, int] = {}
 for rank, names in enumerate([
-    ("errors", "modules", "functional_modules", "allocator", "catalogue"),  # torch-free declarations, nn blocks
-    ("yamlfile", "values", "spec", "config"),                               # spec
-    ("layerops", "relu_recompute", "rules", "layercall", "hooks", "recorder", "canonizers", "composites"),  # engine
-    ("build", "runtime", "models", "data", "methods", "explainer", "api", "attributors",
-     "export_program", "export_onnx"),  # explainer
-    ("store",),
-    ("runner", "runsetup", "distributed", "shards"),
-    ("render", "debug", "merge", "explain", "evaluate", "analysis", "export_command"),
+    ("errors", "catalogue"),   # torch-free declarations every layer may use
+    ("spec",),                 # the config schema, no torch
+    ("engine",),               # rules, hooks, canonizers, composites: pure, imports only the two above
+    ("explainer",),            # model, data, Explainer, library API
+    ("store",),                # the HDF5 file format
+    ("runner",),               # one process, torchrun shards
+    ("commands",),             # explain, render, debug, merge, evaluate, analysis, export
     ("cli", "__main__", "__init__"),
 ]):
     for name in names:
         LAYERS[name] = rank
-ENGINE = {"layerops", "relu_recompute", "rules", "layercall", "hooks", "recorder", "canonizers", "composites"}
+ENGINE = {"engine"}
 
 
 def module_name(path: Path) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrpcli import layerops
+from lrpcli.engine import layerops
 
 pytestmark = pytest.mark.usefixtures("float64")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from lrpcli.build import load_config
 from lrpcli.errors import ConfigError
-from lrpcli.models import input_shape, load_model
+from lrpcli.explainer.build import load_config
+from lrpcli.explainer.models import input_shape, load_model
 
 TINY = """\
 import torch

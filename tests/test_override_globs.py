@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from lrpcli import composites
 from lrpcli.cli import main
-from lrpcli.composites import Glob, LayerMap, Mixture, NameMap
+from lrpcli.engine import composites
+from lrpcli.engine.composites import Glob, LayerMap, Mixture, NameMap
+from lrpcli.engine.rules import Epsilon, Pass
 from lrpcli.errors import ConfigError, UnmatchedPatternError
-from lrpcli.rules import Epsilon, Pass
 
 ROOT = Path(__file__).resolve().parents[1]
 

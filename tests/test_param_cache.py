@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from lrpcli.composites import get
-from lrpcli.explainer import Explainer
-from lrpcli.rules import plain
+from lrpcli.engine.composites import get
+from lrpcli.engine.rules import plain
+from lrpcli.explainer.explainer import Explainer
 
 DT = torch.float64
 
@@ -91,7 +91,7 @@ def test_nothing_is_kept_on_the_plain_path_or_for_second_order():
 
 
 def test_the_budget_bounds_what_is_kept(monkeypatch):
-    from lrpcli import hooks
+    from lrpcli.engine import hooks
 
     monkeypatch.setattr(hooks.ParamCache, "BUDGET_BYTES", 2000)
     model, x = _model(), torch.randn(2, 3, 8, 8, dtype=DT)

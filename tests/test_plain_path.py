@@ -1,4 +1,4 @@
-"""Every fast path of the engine against the plain, formula-shaped path (``lrpcli.rules.plain()``), in float64.
+"""Every fast path of the engine against the plain, formula-shaped path (``lrpcli.engine.rules.plain()``), in float64.
 
 Each rule runs on each layer type it applies to in three settings: as a first layer (inputs of both signs), after
 a ReLU and before one with relevance only where the ReLU passes (x >= 0, the layer keeps relu(z): the fused and
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import lrpcli
-from lrpcli import layercall
-from lrpcli.composites.base import LayerMap
-from lrpcli.modules import Sum
-from lrpcli.rules import (
+from lrpcli.engine import layercall
+from lrpcli.engine.composites.base import LayerMap
+from lrpcli.engine.modules import Sum
+from lrpcli.engine.rules import (
     AlphaBeta,
     BetaSmooth,
     DeconvNet,
@@ -198,7 +198,7 @@ def test_environment_variable_switches_the_plain_path_on(value, on):
     import sys
 
     env = dict(os.environ, LRPCLI_PLAIN=value)
-    code = 'from lrpcli.rules import formula; print(formula.enabled())'
+    code = 'from lrpcli.engine.rules import formula; print(formula.enabled())'
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(on)
 
@@ -219,7 +219,7 @@ def test_plain_formula_on_the_worked_example():
         torch.testing.assert_close(r[0], torch.tensor(values, dtype=DT), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize('composite', lrpcli.composites.names())
+@pytest.mark.parametrize('composite', lrpcli.engine.composites.names())
 def test_builtin_composites_with_merged_batchnorm(composite):
     """Each built-in composite, with its canonizer's merged weights, on a small conv net."""
     torch.manual_seed(0)

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import lrpcli
-from lrpcli import recorder as recorder_module
-from lrpcli.modules import Sum
-from lrpcli.recorder import Recorder, per_sample_sum
+from lrpcli.engine import recorder as recorder_module
+from lrpcli.engine.modules import Sum
+from lrpcli.engine.recorder import Recorder, per_sample_sum
 
 
 class Residual(nn.Module):
@@ -32,7 +32,7 @@ class Residual(nn.Module):
 
 
 def _table(model: nn.Module, x: torch.Tensor, recorder: Recorder):
-    comp = lrpcli.composites.get("epsilon_plus")
+    comp = lrpcli.engine.composites.get("epsilon_plus")
     with comp.context(model, recorder=recorder) as m:
         xi = x.clone().requires_grad_(True)
         out = m(xi)

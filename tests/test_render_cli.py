@@ -13,17 +13,17 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lrpcli.cli import main
-from lrpcli.render import palette
-from lrpcli.render.images import grid_geometry, label_height
-from lrpcli.render.palettes import PALETTES
-from lrpcli.render.pipeline import (
+from lrpcli.commands.render import palette
+from lrpcli.commands.render.images import grid_geometry, label_height
+from lrpcli.commands.render.palettes import PALETTES
+from lrpcli.commands.render.pipeline import (
     DEFAULT_GRID_LABEL,
     RenderOptions,
     class_names,
     format_template,
     render_file,
 )
-from lrpcli.render.reader import Source
+from lrpcli.commands.render.reader import Source
 
 N, WRITTEN, H, W = 8, 6, 4, 4
 # channel-summed relevance of row 0; channels 1 and 2 cancel out
@@ -281,8 +281,8 @@ def test_rendering_does_not_import_torch(h5: Path, tmp_path: Path) -> None:
     pkg = Path(__file__).resolve().parents[1] / "lrpcli"
     code = (
         f"import sys, types; pkg = types.ModuleType('lrpcli'); pkg.__path__ = [{str(pkg)!r}]; "
-        "pkg.__version__ = '0'; sys.modules['lrpcli'] = pkg; from lrpcli.render.command import render; "
-        "from lrpcli.render.pipeline import RenderOptions, render_file; "
+        "pkg.__version__ = '0'; sys.modules['lrpcli'] = pkg; from lrpcli.commands.render.command import render; "
+        "from lrpcli.commands.render.pipeline import RenderOptions, render_file; "
         f"render_file({str(h5)!r}, {str(tmp_path / 'o')!r}, RenderOptions(overlay=0.5)); "
         f"render_file({str(h5)!r}, {str(tmp_path / 'g')!r}, RenderOptions(grid=True)); "
         "assert 'torch' not in sys.modules, 'torch imported'"
@@ -343,7 +343,7 @@ def test_class_names_in_grid_labels_and_names(tmp_path: Path, monkeypatch: pytes
         seen.append(list(labels))
         return real_grid(tiles, labels, columns)
 
-    monkeypatch.setattr("lrpcli.render.images.grid", spy)
+    monkeypatch.setattr("lrpcli.commands.render.images.grid", spy)
     res = run(path, "-d", tmp_path / "g", "--grid", "--select", "0:3", "-q")
     assert res.exit_code == 0, res.output
     assert seen == [["#100 y=circle t=square", "#101 y=square t=a/b c", "#102 y=a/b c t=circle"]]

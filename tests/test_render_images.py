@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lrpcli.render import palette
-from lrpcli.render.images import (
+from lrpcli.commands.render import palette
+from lrpcli.commands.render.images import (
     GRID_BACKGROUND,
     colorize,
     grid,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lrpcli.commands.render import palette, render_heatmap
+from lrpcli.commands.render.normalize import magnitude, to_index
 from lrpcli.errors import DataError
-from lrpcli.render import palette, render_heatmap
-from lrpcli.render.normalize import magnitude, to_index
 
 RAMP = np.array([[-2.0, -1.0, 0.0, 1.0, 2.0]], dtype=np.float32)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lrpcli.commands.render import palette
+from lrpcli.commands.render.palettes import CENTRE, PALETTES, is_signed, lut_from_spec, norm_mismatch, parse_spec
 from lrpcli.errors import DataError
-from lrpcli.render import palette
-from lrpcli.render.palettes import CENTRE, PALETTES, is_signed, lut_from_spec, norm_mismatch, parse_spec
 
 
 def _hex(text: str) -> list[int]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lrpcli.render.images import write_new
-from lrpcli.render.pipeline import RenderOptions, render_file
+from lrpcli.commands.render.images import write_new
+from lrpcli.commands.render.pipeline import RenderOptions, render_file
 from tests.test_render_cli import WRITTEN, rgb, run, write_h5
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="POSIX links")

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
+from lrpcli.commands.render.select import parse, resolve
 from lrpcli.errors import DataError
-from lrpcli.render.select import parse, resolve
 
 N = 12
 COLUMNS = {

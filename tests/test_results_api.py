@@ -16,13 +16,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 import lrpcli
-from lrpcli.build import load_config
 from lrpcli.cli import main
-from lrpcli.data import ImageDataset
+from lrpcli.commands.render.pipeline import class_names
+from lrpcli.commands.render.reader import Source
 from lrpcli.errors import DataError
-from lrpcli.models import model_fingerprint
-from lrpcli.render.pipeline import class_names
-from lrpcli.render.reader import Source
+from lrpcli.explainer.build import load_config
+from lrpcli.explainer.data import ImageDataset
+from lrpcli.explainer.models import model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"

@@ -21,9 +21,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from lrpcli.build import load_config
 from lrpcli.cli import main
 from lrpcli.errors import DataError
+from lrpcli.explainer.build import load_config
 from lrpcli.store import ResultWriter, open_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +59,8 @@ def _one_error_line(err: str, *needles: str) -> str:
 # ------------------------------------------------------------------------------------ reproducible random init
 _REPEAT = """
 import json, sys
-from lrpcli.build import load_config
-from lrpcli.runner import run as explain
+from lrpcli.explainer.build import load_config
+from lrpcli.runner.local import run as explain
 from lrpcli.store import open_results
 config, out = sys.argv[1], sys.argv[2]
 rows = []
@@ -110,24 +110,24 @@ def test_random_init_is_the_same_model_in_six_runs_with_one_and_two_threads(tmp_
 def test_model_is_built_before_any_loader_and_the_global_generator_is_untouched(tmp_path, monkeypatch):
     """The cause of the mixed models: no reader thread may exist while the model is seeded and built, and the
     loader draws its seeds from its own generator."""
-    import lrpcli.models
+    import lrpcli.explainer.models
 
     seen = []
-    original = lrpcli.models.load_model
+    original = lrpcli.explainer.models.load_model
 
     def load_model(*args, **kwargs):
         seen.append(sorted(t.name for t in threading.enumerate()))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(lrpcli.models, "load_model", load_model)
-    import lrpcli.runner
+    monkeypatch.setattr(lrpcli.explainer.models, "load_model", load_model)
+    import lrpcli.runner.local
 
-    monkeypatch.setattr(lrpcli.runner, "background_threads_help", lambda device: True)  # the reader thread
+    monkeypatch.setattr(lrpcli.runner.local, "background_threads_help", lambda device: True)  # the reader thread
     torch.manual_seed(1234)
     state = torch.get_rng_state()
     config = load_config(_config(tmp_path, RANDOM_INIT), {"output.path": str(tmp_path / "o.h5"),
                                                           "run.max_samples": 8, "run.num_workers": 0})
-    lrpcli.runner.run(config, DEMO_DATA, progress=False)
+    lrpcli.runner.local.run(config, DEMO_DATA, progress=False)
     assert len(seen) == 1 and "lrpcli-reader" not in seen[0]
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -317,21 +317,21 @@ def test_sigterm_says_what_ctrl_c_says(tmp_path):
 
 
 def test_threads_apply_to_the_run_and_the_sigterm_handler_is_restored(tmp_path, monkeypatch):
-    import lrpcli.runner
+    import lrpcli.runner.local
 
     seen = []
-    original = lrpcli.runner._attribute_batch
+    original = lrpcli.runner.local._attribute_batch
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(lrpcli.runner, "_attribute_batch", spy)
+    monkeypatch.setattr(lrpcli.runner.local, "_attribute_batch", spy)
     before_threads, before_handler = torch.get_num_threads(), signal.getsignal(signal.SIGTERM)
     want = 1 if before_threads != 1 else 2
     config = load_config(DEMO_CONFIG, {"output.path": str(tmp_path / "o.h5"), "run.max_samples": 4,
                                        "run.threads": want, "run.num_workers": 0})
-    lrpcli.runner.run(config, DEMO_DATA, progress=False)
+    lrpcli.runner.local.run(config, DEMO_DATA, progress=False)
     assert seen == [want]
     assert torch.get_num_threads() == before_threads and signal.getsignal(signal.SIGTERM) is before_handler
     code, _, err = explain(tmp_path / "x.h5", "--threads", "0")
@@ -339,19 +339,19 @@ def test_threads_apply_to_the_run_and_the_sigterm_handler_is_restored(tmp_path, 
 
 
 def test_progress_shows_loading_and_one_rate_and_the_time_includes_start_up(tmp_path, monkeypatch, capsys):
-    import lrpcli.models
-    import lrpcli.runner
+    import lrpcli.explainer.models
+    import lrpcli.runner.local
 
-    original = lrpcli.models.load_model
+    original = lrpcli.explainer.models.load_model
 
     def slow(*args, **kwargs):
         time.sleep(0.5)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(lrpcli.models, "load_model", slow)
+    monkeypatch.setattr(lrpcli.explainer.models, "load_model", slow)
     config = load_config(DEMO_CONFIG, {"output.path": str(tmp_path / "o.h5"), "run.max_samples": 4,
                                        "run.num_workers": 0})
-    summary = lrpcli.runner.run(config, DEMO_DATA, progress=True)
+    summary = lrpcli.runner.local.run(config, DEMO_DATA, progress=True)
     err = capsys.readouterr().err
     assert "lrpcli: loading model ../share/demo/model.py:build ..." in err
     assert "img/s" in err and "images/s" not in err

@@ -28,7 +28,7 @@ def linear(weight, bias=None) -> nn.Linear:
 
 def attribute(layer, x, target, rule):
     import lrpcli
-    from lrpcli.composites import LayerMap
+    from lrpcli.engine.composites import LayerMap
 
     return lrpcli.attribute(nn.Sequential(layer), x, target=target, composite=LayerMap([(type(layer), rule)]))
 
@@ -51,7 +51,7 @@ WORKED = [
 
 
 def _worked_rule(name):
-    from lrpcli.rules import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
+    from lrpcli.engine.rules import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
 
     return {
         'Epsilon(1e-6)': lambda: Epsilon(1e-6),
@@ -87,7 +87,7 @@ def test_worked_example_output_is_as_stated():
 
 
 def test_worked_example_zbox_is_exactly_conservative():
-    from lrpcli.rules import Stabilizer, ZBox
+    from lrpcli.engine.rules import Stabilizer, ZBox
 
     rule = ZBox(-3, 3, stabilizer=Stabilizer(0.0))
     got = attribute(_worked_layer(), t(2, -1, 1)[None], t(1.75, 0)[None], rule)
@@ -96,7 +96,7 @@ def test_worked_example_zbox_is_exactly_conservative():
 
 
 def test_worked_example_epsilon_zero_bias():
-    from lrpcli.rules import Epsilon
+    from lrpcli.engine.rules import Epsilon
 
     # bias dropped: z_0 = 3 - 1 - 0.5 = 1.5; R = [3, -1, -0.5] * 1.75 / 1.5 = [3.5, -7/6, -7/12]
     got = attribute(_worked_layer(), t(2, -1, 1)[None], t(1.75, 0)[None], Epsilon(1e-9, zero_params=['bias']))
@@ -104,7 +104,7 @@ def test_worked_example_epsilon_zero_bias():
 
 
 def test_worked_example_gamma_zero_bias():
-    from lrpcli.rules import Gamma
+    from lrpcli.engine.rules import Gamma
 
     # bias dropped: z_0 = 1.5 >= 0. Contributions [3.75, -1, -0.5] (as with bias), den = 2.25 (no bias term)
     # R = [3.75, -1, -0.5] * 1.75 / 2.25 = [2.916667, -0.777778, -0.388889]
@@ -118,7 +118,7 @@ def test_worked_example_gamma_zero_bias():
 
 
 def test_zplus_ignores_negative_contributions():
-    from lrpcli.rules import AlphaBeta, ZPlus
+    from lrpcli.engine.rules import AlphaBeta, ZPlus
 
     # x = [1, -2], W = [[1, 1]], b = 0.5: z = 1 - 2 + 0.5 = -0.5.
     # ZPlus: x+W+ = [1, 0] (x_1 = -2 pairs with W- = 0), den = 1 + b+ = 1.5; R_out = [3] -> [2, 0]
@@ -131,7 +131,7 @@ def test_zplus_ignores_negative_contributions():
 
 
 def test_zplus_negative_input_with_negative_weight_counts():
-    from lrpcli.rules import ZPlus
+    from lrpcli.engine.rules import ZPlus
 
     # x = [1, -2, 3], W = [[1, -1, -1]], no bias: z = 1 + 2 - 3 = 0.
     # ZPlus: x0+ W+ = 1, x1- W- = (-2)(-1) = 2, x2+ pairs with W+ = 0 -> 0; den = 3; R_out = [6] -> [2, 4, 0]
@@ -141,7 +141,7 @@ def test_zplus_negative_input_with_negative_weight_counts():
 
 
 def test_alphabeta_2_1_by_hand():
-    from lrpcli.rules import AlphaBeta
+    from lrpcli.engine.rules import AlphaBeta
 
     # same layer: positive part P = [1, 2, 0] (den+ 3), negative part N = [0, 0, -3] (x2+ W-; den- = -3)
     # R_out = 6: 2 * P * 6/3 - 1 * N * 6/(-3) = [4, 8, 0] - [0, 0, 6] = [4, 8, -6]
@@ -151,7 +151,7 @@ def test_alphabeta_2_1_by_hand():
 
 
 def test_gamma_negative_output_by_hand():
-    from lrpcli.rules import Gamma
+    from lrpcli.engine.rules import Gamma
 
     # x = [1, -1], W = [[1, 2]], b = 0: z = -1 < 0, so the mirrored branch:
     # x0+ with W + g W- = 1 + 0.5 * 0 = 1 -> 1;  x1- with W + g W+ = 2 + 0.5 * 2 = 3 -> -3;  den = -2
@@ -162,7 +162,7 @@ def test_gamma_negative_output_by_hand():
 
 
 def test_gamma_bias_decides_the_branch():
-    from lrpcli.rules import Gamma
+    from lrpcli.engine.rules import Gamma
 
     # x = [1, -1], W = [[1, 2]], b = 1.5: z = 0.5 >= 0 (the bias decides), positive branch with g = 1:
     # x0+ with W + W+ = 2 -> 2; x1- with W + W- = 2 + 0 = 2 -> -2; bias b + b+ = 3; den = 3
@@ -177,7 +177,7 @@ def test_gamma_bias_decides_the_branch():
 
 
 def test_wsquare_by_hand():
-    from lrpcli.rules import WSquare
+    from lrpcli.engine.rules import WSquare
 
     # W = [[1, 2], [3, 0]], b = [1, 0]: den = [1 + 4 + 1, 9 + 0] = [6, 9]; R_out = [6, 9]
     # R = [1 * 6/6 + 9 * 9/9, 4 * 6/6 + 0] = [10, 4]   (independent of x)
@@ -190,7 +190,7 @@ def test_wsquare_by_hand():
 
 
 def test_zbox_per_channel_by_hand():
-    from lrpcli.rules import ZBox
+    from lrpcli.engine.rules import ZBox
 
     # x = [0, 1], W = [[1, -1]], low = [-1, 0], high = [1, 2], bias 7 (ignored by ZBox):
     # c0 = 0*1 - (-1)*1 - 1*0 = 1;  c1 = 1*(-1) - 0*0 - 2*(-1) = 1;  den = 2;  R_out = 4 -> [2, 2]
@@ -208,7 +208,7 @@ def _conv1d_2tap():
 
 
 def test_conv1d_two_taps_epsilon():
-    from lrpcli.rules import Epsilon
+    from lrpcli.engine.rules import Epsilon
 
     # kernel [2, 1], x = [1, 2, -1, 3]: z_k = 2 x_k + x_{k+1} = [4, 3, 1]; R_out = [1, 1, 1]
     # R0 = 1*2/4 = 0.5
@@ -221,7 +221,7 @@ def test_conv1d_two_taps_epsilon():
 
 
 def test_conv1d_two_taps_zplus_and_flat():
-    from lrpcli.rules import Flat, ZPlus
+    from lrpcli.engine.rules import Flat, ZPlus
 
     x = t(1, 2, -1, 3).reshape(1, 1, 4)
     r = t(1, 1, 1).reshape(1, 1, 3)
@@ -235,7 +235,7 @@ def test_conv1d_two_taps_zplus_and_flat():
 
 
 def test_conv1d_padding_flat_counts_only_real_inputs():
-    from lrpcli.rules import Flat
+    from lrpcli.engine.rules import Flat
 
     # kernel 2, padding 1, x of length 3 -> 4 outputs:
     # o0 = {pad, x0}, o1 = {x0, x1}, o2 = {x1, x2}, o3 = {x2, pad}
@@ -249,7 +249,7 @@ def test_conv1d_padding_flat_counts_only_real_inputs():
 
 
 def test_avgpool_norm_by_hand():
-    from lrpcli.rules import Norm
+    from lrpcli.engine.rules import Norm
 
     # AvgPool1d(2), x = [1, 3, -2, 4]: z = [2, 1]; R_out = [4, -1]
     # R = [1 * 0.5 * 4/2, 3 * 0.5 * 4/2, -2 * 0.5 * (-1)/1, 4 * 0.5 * (-1)/1] = [1, 3, 1, -2]
@@ -260,8 +260,8 @@ def test_avgpool_norm_by_hand():
 
 def test_sum_norm_splits_by_contribution():
     import lrpcli
-    from lrpcli.composites import LayerMap
-    from lrpcli.rules import Norm
+    from lrpcli.engine.composites import LayerMap
+    from lrpcli.engine.rules import Norm
 
     class Two(nn.Module):
         def __init__(self):
@@ -288,7 +288,7 @@ def test_sum_module_forward():
 
 
 def test_stabilizer_modes_by_hand():
-    from lrpcli.rules import Epsilon, Stabilizer, ZPlus
+    from lrpcli.engine.rules import Epsilon, Stabilizer, ZPlus
 
     layer = linear([[1, 1]])
     # x = [0.1, 0.1]: ZPlus den = 0.2. clip at 0.5: s = 0.5; R_out = 1 -> [0.1, 0.1] / 0.5 = [0.2, 0.2]
@@ -315,7 +315,7 @@ def test_stabilizer_modes_by_hand():
 
 
 def test_alphabeta_requires_alpha_minus_beta_one():
-    from lrpcli.rules import AlphaBeta
+    from lrpcli.engine.rules import AlphaBeta
 
     with pytest.raises(ValueError):
         AlphaBeta(alpha=2, beta=0.5)
@@ -326,7 +326,7 @@ def test_alphabeta_requires_alpha_minus_beta_one():
 
 
 def test_negative_parameters_raise():
-    from lrpcli.rules import Epsilon, Gamma
+    from lrpcli.engine.rules import Epsilon, Gamma
 
     with pytest.raises(ValueError):
         Gamma(-0.25)
@@ -337,7 +337,7 @@ def test_negative_parameters_raise():
 
 
 def test_reprs_show_parameters():
-    from lrpcli.rules import AlphaBeta, Epsilon, Gamma, ZBox
+    from lrpcli.engine.rules import AlphaBeta, Epsilon, Gamma, ZBox
 
     assert 'Gamma(gamma=0.25' in repr(Gamma(0.25))
     assert 'Epsilon(epsilon=0.25' in repr(Epsilon(0.25))
@@ -352,8 +352,8 @@ def test_reprs_show_parameters():
 def test_guided_backprop_by_hand(act):
     """(x > 0) max(R, 0) on the activation's input, whether the rule reads the output (ReLU-like) or the input."""
     import lrpcli
-    from lrpcli.composites import LayerMap
-    from lrpcli.rules import GuidedBackprop
+    from lrpcli.engine.composites import LayerMap
+    from lrpcli.engine.rules import GuidedBackprop
 
     x = torch.tensor([[-1.0, 0.0, 2.0, 3.0]])
     upper = torch.tensor([[5.0, 7.0, -2.0, 4.0]])

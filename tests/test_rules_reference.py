@@ -31,7 +31,7 @@ def pointwise_products(request, monkeypatch):
     """Layers with 'pointwise' in the test id take layerops' matrix-product path for 1x1 convolutions at any
     size (it starts at POINTWISE_MIN_POSITIONS output positions, too many for well-conditioned random data);
     the other 1x1 cases keep the convolution path."""
-    from lrpcli import layerops
+    from lrpcli.engine import layerops
 
     if 'pointwise' in request.node.name:
         monkeypatch.setattr(layerops, 'POINTWISE_MIN_POSITIONS', 1)
@@ -72,13 +72,13 @@ def _per_channel_bounds(c: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _stab(eps, mode):
-    from lrpcli.rules import Stabilizer
+    from lrpcli.engine.rules import Stabilizer
 
     return Stabilizer(eps, mode)
 
 
 def _engine_rules():
-    from lrpcli.rules import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
+    from lrpcli.engine.rules import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
 
     def zbox_pc(c, **kw):
         low, high = _per_channel_bounds(c)
@@ -244,7 +244,7 @@ def check_against_reference(rule_id: str, layer_id: str, zero_bias: bool, bias: 
                             nonnegative: bool = False) -> None:
     """The engine's rule on one layer against the dense reference, for every seed: values within ATOL, shape and
     dtype as the input's, the layer's state untouched."""
-    from lrpcli.composites import LayerMap
+    from lrpcli.engine.composites import LayerMap
 
     factory, in_shape = LAYER_BY_ID[layer_id]
     c = in_shape[0]
@@ -290,7 +290,7 @@ def test_rule_matches_reference_nonnegative_input(rule_id, layer_id, zero_bias, 
                          ids=['bias', 'nobias', 'zb'])
 def test_zplus_dense_in_blocks_matches_reference(monkeypatch, rule_id, zero_bias, bias):
     """ZPlus on a large dense layer with x >= 0 forms W+ a block of rows at a time (blocks of 3 of 7 rows here)."""
-    import lrpcli.rules.zplus as zplus
+    import lrpcli.engine.rules.zplus as zplus
 
     monkeypatch.setattr(zplus, 'BLOCK_BYTES', 3 * 6 * 8)
     check_against_reference(rule_id, 'linear_6x7', zero_bias, bias, nonnegative=True)
@@ -329,7 +329,7 @@ NORM_LAYERS = [
 
 
 def _norm_rule(mode):
-    from lrpcli.rules import Norm
+    from lrpcli.engine.rules import Norm
 
     if mode is None:
         return Norm(), 1e-6, 'sign'
@@ -341,7 +341,7 @@ def _norm_rule(mode):
 @pytest.mark.parametrize('mode', [None, 'clip', 'rms'])
 @pytest.mark.parametrize('layer_id,factory,in_shape', NORM_LAYERS, ids=[n[0] for n in NORM_LAYERS])
 def test_norm_matches_reference(layer_id, factory, in_shape, mode):
-    from lrpcli.composites import LayerMap
+    from lrpcli.engine.composites import LayerMap
 
     for seed in SEEDS:
         layer = factory()
@@ -374,7 +374,7 @@ class _SumModel(nn.Module):
 @pytest.mark.parametrize('k', [2, 3])
 def test_sum_norm_matches_reference(k, mode):
     import lrpcli
-    from lrpcli.composites import LayerMap
+    from lrpcli.engine.composites import LayerMap
 
     for seed in SEEDS:
         model = _SumModel(k)
@@ -442,7 +442,7 @@ CASES_ZERO_DEN = [
 
 
 def _zero_den_rules(rule_id, eps):
-    from lrpcli.rules import AlphaBeta, ZPlus
+    from lrpcli.engine.rules import AlphaBeta, ZPlus
 
     if rule_id == 'zplus':
         return RefRule('zplus', eps=eps), ZPlus(stabilizer=eps)
@@ -452,7 +452,7 @@ def _zero_den_rules(rule_id, eps):
 @pytest.mark.parametrize('kind,rule_id,eps,seed', CASES_ZERO_DEN)
 def test_exactly_zero_denominator_tiny_stabilizer(kind, rule_id, eps, seed):
     """The zero-denominator term is 0 / s(0) = 0 element-wise, whatever eps is: nothing may blow up."""
-    from lrpcli.composites import LayerMap
+    from lrpcli.engine.composites import LayerMap
 
     layer, x, upper = _linear_with_zero_denominator(seed, kind)
     ref_rule, rule = _zero_den_rules(rule_id, eps)
@@ -466,7 +466,7 @@ def test_exactly_zero_denominator_tiny_stabilizer(kind, rule_id, eps, seed):
 def test_exactly_zero_denominator_float32_default_stabilizer(kind, rule_id):
     """The same situation in float32 (the default relevance dtype) with the default stabilizer 1e-6:
     the engine must stay within float32 accuracy (1e-5 of the largest relevance) of the float64 reference."""
-    from lrpcli.composites import LayerMap
+    from lrpcli.engine.composites import LayerMap
 
     for seed in SEEDS:
         layer, x, upper = _linear_with_zero_denominator(seed, kind)

@@ -168,7 +168,7 @@ def test_classes_and_config_dir_are_root_attributes(tmp_path):
 
 
 def test_file_config_makes_model_paths_absolute(tmp_path, monkeypatch):
-    from lrpcli.config import validate
+    from lrpcli.spec.config import validate
 
     (tmp_path / "cfg").mkdir()
     (tmp_path / "share").mkdir()

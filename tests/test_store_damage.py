@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from lrpcli.cli import main
-from lrpcli.distributed import Shard, merge
+from lrpcli.commands.render.reader import Source
 from lrpcli.errors import DataError
-from lrpcli.render.reader import Source
+from lrpcli.runner.distributed import Shard, merge
 from lrpcli.store import ResultWriter, open_results
 
 ROOT = Path(__file__).resolve().parents[1]

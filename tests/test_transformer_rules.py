@@ -32,7 +32,7 @@ def attribute(model: nn.Module, x: torch.Tensor, upper: torch.Tensor, composite)
 
 
 def layer_map(types, rule):
-    from lrpcli.composites import LayerMap
+    from lrpcli.engine.composites import LayerMap
 
     return LayerMap([(types, rule)])
 
@@ -149,7 +149,7 @@ def _data(fn, ref_fn, in_shape, seed, positive_upper=False):
 @pytest.mark.parametrize('eps', [1e-6, 0.25])
 @pytest.mark.parametrize('case_id,kind,factory,in_shape', NORM_CASES, ids=[c[0] for c in NORM_CASES])
 def test_layernorm_rule_matches_reference(case_id, kind, factory, in_shape, eps, zero_bias):
-    from lrpcli.rules import LayerNormRule, Stabilizer
+    from lrpcli.engine.rules import LayerNormRule, Stabilizer
 
     for seed in SEEDS:
         module = _randomise(factory(), seed)
@@ -173,7 +173,7 @@ def test_layernorm_reference_matches_layer_output():
 class _FunctionalLayerNorm(nn.Module):
     def __init__(self, ln: nn.LayerNorm) -> None:
         super().__init__()
-        from lrpcli.functional_modules import LayerNormFn
+        from lrpcli.engine.functional_modules import LayerNormFn
 
         self.ln = ln
         self.fn = LayerNormFn(ln.normalized_shape, ln.eps)
@@ -184,8 +184,8 @@ class _FunctionalLayerNorm(nn.Module):
 
 def test_layernorm_fn_module_matches_reference():
     """``LayerNormFn`` (what the functional canonizer makes of F.layer_norm) takes weight and bias as inputs."""
-    from lrpcli.functional_modules import LayerNormFn
-    from lrpcli.rules import LayerNormRule
+    from lrpcli.engine.functional_modules import LayerNormFn
+    from lrpcli.engine.rules import LayerNormRule
 
     for seed in SEEDS:
         ln = _randomise(nn.LayerNorm(4), seed)
@@ -201,7 +201,7 @@ def test_layernorm_hand_computed():
     R_out = (1, 0, 1): R / y = (-sqrt(2), 0, sqrt(2)/2); divided by sigma: a = (-1, 0, 1/2); mean(a) = -1/6;
     a - mean(a) = (-5/6, 1/6, 2/3); times x: R_in = (0, 0, 2), which sums to sum(R_out) = 2.
     A weight w scales y and the ratio inversely: the same R_in for w = (2, 2, 2)."""
-    from lrpcli.rules import LayerNormRule
+    from lrpcli.engine.rules import LayerNormRule
 
     x = torch.tensor([[0.0, 0.0, 3.0]], dtype=DT)
     upper = torch.tensor([[1.0, 0.0, 1.0]], dtype=DT)
@@ -214,7 +214,7 @@ def test_layernorm_hand_computed():
 
 
 def test_layernorm_rule_refuses_other_modules():
-    from lrpcli.rules import LayerNormRule
+    from lrpcli.engine.rules import LayerNormRule
 
     with pytest.raises(ValueError, match="LayerNormRule applies to LayerNorm.*'0' is Linear"):
         attribute(nn.Sequential(nn.Linear(2, 2).to(DT)), torch.ones(1, 2, dtype=DT), torch.ones(1, 2, dtype=DT),
@@ -245,7 +245,7 @@ def reference_softmax(x: torch.Tensor, upper: torch.Tensor, dim: int, eps: float
 @pytest.mark.parametrize('eps', [1e-6, 0.25])
 @pytest.mark.parametrize('dim,in_shape', [(-1, (3, 4)), (1, (4, 2)), (2, (2, 3, 2))], ids=['last', 'dim1', 'dim2'])
 def test_softmax_rule_matches_reference(dim, in_shape, eps):
-    from lrpcli.rules import SoftmaxRule
+    from lrpcli.engine.rules import SoftmaxRule
 
     for seed in SEEDS:
         module = nn.Softmax(dim=dim)
@@ -259,7 +259,7 @@ def test_softmax_hand_computed():
     R_out = (1, 1): R_i - s_i * 2 = (1/2, -1/2), R_in = (1, -(2 + ln 3)/2) = (1, -1.5493061443);
     R_out = (4, 0): R_i - s_i * 4 = (3, -3), R_in = (6, -3 (2 + ln 3)) = (6, -9.2958368660).
     Not conservative: the softmax's Taylor "bias" is absorbed."""
-    from lrpcli.rules import SoftmaxRule
+    from lrpcli.engine.rules import SoftmaxRule
 
     x = torch.tensor([[2.0, 2.0 + math.log(3.0)]], dtype=DT)
     for upper, want in (([1.0, 1.0], [1.0, -1.5493061443340549]), ([4.0, 0.0], [6.0, -9.295836866004329])):
@@ -270,7 +270,7 @@ def test_softmax_hand_computed():
 
 def test_softmax_masked_scores_get_no_relevance():
     """A score of -inf (a masked position) has s = 0 and gets 0, not NaN; the others as without it."""
-    from lrpcli.rules import SoftmaxRule
+    from lrpcli.engine.rules import SoftmaxRule
 
     x = torch.tensor([[1.0, float('-inf'), 0.5]], dtype=DT)
     upper = torch.tensor([[1.0, 0.0, 2.0]], dtype=DT)
@@ -319,7 +319,7 @@ class _Split(nn.Module):
 
 
 def _product_cases():
-    from lrpcli.functional_modules import AttentionProduct, MatMul, Product
+    from lrpcli.engine.functional_modules import AttentionProduct, MatMul, Product
 
     return [  # (id, module, fn for the reference, shape a, shape b)
         ('mul', Product(), lambda a, b: a * b, (2, 3), (2, 3)),
@@ -338,7 +338,7 @@ def _product_cases():
 @pytest.mark.parametrize('case', range(7), ids=['mul', 'mul_broadcast', 'matmul', 'matmul_scaled', 'bmm', 'einsum',
                                                  'attention'])
 def test_product_rules_match_reference(case, rule_id, eps):
-    from lrpcli.rules import ConstantOperand, Product
+    from lrpcli.engine.rules import ConstantOperand, Product
 
     case_id, module, fn, shape_a, shape_b = _product_cases()[case]
     if rule_id == 'constant_own' and case_id != 'attention':
@@ -366,8 +366,8 @@ def test_product_hand_computed():
     """a = (2, -3), b = (4, 0.5): a * b = (8, -1.5). R_out = (1, 1): each factor gets half of each output's
     relevance, a b R / (a b) / 2 = (0.5, 0.5) for a and for b. A = [[1, 2]], B = [[3], [4]]: A B = 11 with the
     terms 1*3 = 3 and 2*4 = 8; R_out = 11: R_A = (3, 8) * 11 / 11 / 2 = (1.5, 4) and R_B = (1.5, 4)."""
-    from lrpcli.functional_modules import MatMul, Product
-    from lrpcli.rules import Product as ProductRule
+    from lrpcli.engine.functional_modules import MatMul, Product
+    from lrpcli.engine.rules import Product as ProductRule
 
     model = _Split(Product(), (2,), (2,))
     got = attribute(model, torch.tensor([[2.0, -3.0, 4.0, 0.5]], dtype=DT), torch.tensor([[1.0, 1.0]], dtype=DT),
@@ -383,7 +383,7 @@ def test_gate_passes_all_relevance_to_the_gated_signal():
     """x * sigmoid(g) through ``Gate``: Pass gives x all of R (the gate is a constant); ConstantOperand(1) is
     the same up to its stabilizer, by the Epsilon rule on x -> x * gate."""
     import lrpcli
-    from lrpcli.rules import ConstantOperand, Pass
+    from lrpcli.engine.rules import ConstantOperand, Pass
 
     class Gated(nn.Module):
         def __init__(self):
@@ -402,7 +402,7 @@ def test_gate_passes_all_relevance_to_the_gated_signal():
 
 
 def test_rules_by_name():
-    from lrpcli.rules import ConstantOperand, LayerNormRule, Product, SoftmaxRule, make
+    from lrpcli.engine.rules import ConstantOperand, LayerNormRule, Product, SoftmaxRule, make
 
     assert make('layernorm') == LayerNormRule()
     assert make('layer_norm', zero_params=['bias']) == LayerNormRule(zero_params=['bias'])
@@ -416,15 +416,15 @@ def test_rules_by_name():
 def test_layernorm_fn_is_not_sliced_over_the_batch(monkeypatch):
     """Large relevance is processed in batch slices; LayerNormFn's weight and bias inputs have no batch dimension
     (here as long as the batch), so it is not sliced: the result equals the unsliced one."""
-    import lrpcli.hooks
-    from lrpcli.functional_modules import LayerNormFn
-    from lrpcli.rules import LayerNormRule
+    import lrpcli.engine.hooks
+    from lrpcli.engine.functional_modules import LayerNormFn
+    from lrpcli.engine.rules import LayerNormRule
 
     ln = _randomise(nn.LayerNorm(4), 0)
     model = _FunctionalLayerNorm(ln)
     x = torch.randn(4, 3, 4, dtype=DT)
     upper = torch.randn(4, 3, 4, dtype=DT)
     want = attribute(model, x, upper, layer_map(LayerNormFn, LayerNormRule()))
-    monkeypatch.setattr(lrpcli.layercall, 'CHUNK_BYTES', 64)
+    monkeypatch.setattr(lrpcli.engine.layercall, 'CHUNK_BYTES', 64)
     got = attribute(model, x, upper, layer_map(LayerNormFn, LayerNormRule()))
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lrpcli.cli import main
-from lrpcli.recorder import vanishing_layer
-from lrpcli.rules import Epsilon, Gamma, Pass, Stabilizer
+from lrpcli.engine.recorder import vanishing_layer
+from lrpcli.engine.rules import Epsilon, Gamma, Pass, Stabilizer
 
 MODEL = '''
 import torch

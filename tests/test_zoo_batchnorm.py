@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import lrpcli
-from lrpcli.composites import get
-from lrpcli.functional_modules import MERGED_BATCHNORMS
-from lrpcli.rules import BatchNormRule, Epsilon, Pass, Stabilizer, make
+from lrpcli.engine.composites import get
+from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
+from lrpcli.engine.rules import BatchNormRule, Epsilon, Pass, Stabilizer, make
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +33,7 @@ def _randomise(bn: nn.Module, gen: torch.Generator) -> None:
 
 
 def _one_layer(rule, bn: nn.Module, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    with lrpcli.composites.LayerMap([(nn.BatchNorm2d, rule)]).context(bn) as m:
+    with lrpcli.engine.composites.LayerMap([(nn.BatchNorm2d, rule)]).context(bn) as m:
         xi = x.clone().requires_grad_()
         return torch.autograd.grad(m(xi), xi, r)[0]
 
@@ -78,7 +78,7 @@ def test_batchnorm_rule_is_epsilon_on_the_equivalent_depthwise_conv(training):
     with torch.no_grad():
         conv.weight.copy_(a.view(3, 1, 1, 1))
         conv.bias.copy_(bn.bias - mean * a)
-    with lrpcli.composites.LayerMap([(nn.Conv2d, Epsilon(1e-6, stabilizer=stab))]).context(conv) as m:
+    with lrpcli.engine.composites.LayerMap([(nn.Conv2d, Epsilon(1e-6, stabilizer=stab))]).context(conv) as m:
         xi = x.clone().requires_grad_()
         want = torch.autograd.grad(m(xi), xi, r)[0]
     torch.testing.assert_close(_one_layer(BatchNormRule(stab), bn, x, r), want, rtol=1e-10, atol=1e-12)
@@ -92,12 +92,12 @@ def test_merged_batchnorm_passes_through():
     _randomise(model[1], gen)
     x = torch.randn(2, 2, 6, 6, dtype=DT, generator=gen)
     rules = [(nn.Conv2d, Epsilon()), (nn.BatchNorm2d, BatchNormRule())]
-    with lrpcli.composites.LayerMap(rules).context(model, canonizers=["merge_batchnorm"]) as m:
+    with lrpcli.engine.composites.LayerMap(rules).context(model, canonizers=["merge_batchnorm"]) as m:
         xi = x.clone().requires_grad_()
         out = m(xi)
         got = torch.autograd.grad(out, xi, out)[0]
         assert model[1].forward(out) is out and BatchNormRule().reads_of(model[1]) == ()
-    with lrpcli.composites.LayerMap([(nn.Conv2d, Epsilon()), (nn.BatchNorm2d, Pass())]).context(
+    with lrpcli.engine.composites.LayerMap([(nn.Conv2d, Epsilon()), (nn.BatchNorm2d, Pass())]).context(
             model, canonizers=["merge_batchnorm"]) as m:
         xi = x.clone().requires_grad_()
         out = m(xi)
@@ -137,7 +137,7 @@ def _auto(model: nn.Module, x: torch.Tensor, overrides=None) -> tuple[torch.Tens
         seed = torch.zeros_like(out)
         seed[:, 2] = out[:, 2]
         relevance = torch.autograd.grad(out, xi, seed)[0]
-        coverage = [(a.name, a.rule) for a in lrpcli.hooks.sessions_of(m)[0].coverage()
+        coverage = [(a.name, a.rule) for a in lrpcli.engine.hooks.sessions_of(m)[0].coverage()
                     if a.calls and a.module not in MERGED_BATCHNORMS]
     return relevance, coverage
 
@@ -170,7 +170,7 @@ def test_densenet_post_concatenation_batchnorms_match_a_dense_reference():
 
 def test_config_gives_the_rule_to_any_composite(tmp_path):
     """`{type: BatchNorm2d, rule: batchnorm}` in a config; the composite's zero_params reach it."""
-    from lrpcli.build import composite_kwargs, load_config
+    from lrpcli.explainer.build import composite_kwargs, load_config
 
     path = tmp_path / "densenet.yaml"
     path.write_text("model: {name: densenet121}\ncanonizers: [densenet]\ncomposite:\n  name: epsilon_plus\n"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from lrpcli.composites import get
+from lrpcli.engine.composites import get
 
 DT = torch.float64
 TINY = 1e-12
@@ -93,7 +93,7 @@ def test_vit_cp_lrp_conserves_with_embedding_share():
 def test_vit_attn_lrp_deficit_is_the_softmax_rule(monkeypatch):
     """AttnLRP: everything but the softmax rule conserves; the total deficit (measured: -1.2 % of the output
     relevance) equals the softmaxes' own."""
-    from lrpcli.rules import softmax
+    from lrpcli.engine.rules import softmax
 
     made: list[float] = []
     original = softmax.SoftmaxRule.relevance
@@ -128,7 +128,7 @@ def test_convnext_conserves():
 def test_vit_first_layer_rule_is_configurable():
     """ZBox on the patch embedding by default; an override (here Flat) replaces it."""
     import lrpcli
-    from lrpcli.rules import Flat, ZBox
+    from lrpcli.engine.rules import Flat, ZBox
 
     model = tiny_vit()
     x = torch.randn(1, 3, 32, 32, dtype=DT)
@@ -136,7 +136,7 @@ def test_vit_first_layer_rule_is_configurable():
         comp = get('attn_lrp', overrides=overrides)
         with comp.context(model, canonizers=['transformer']) as m:
             m(x)
-            rule = lrpcli.hooks.sessions_of(m)[0].assignments[model.conv_proj].rule
+            rule = lrpcli.engine.hooks.sessions_of(m)[0].assignments[model.conv_proj].rule
         assert isinstance(rule, want)
 
 
@@ -170,16 +170,17 @@ def test_swin_window_attention_is_explicit_and_conserves(v2):
 
 def test_config_overrides_name_the_new_rules(tmp_path):
     """Config `rules` reach the transformer rules by name; composite-level zero_params reach LayerNormRule."""
-    from lrpcli.build import composite_kwargs, load_config
-    from lrpcli.functional_modules import AttentionProduct
-    from lrpcli.rules import ConstantOperand, Flat, LayerNormRule, SoftmaxRule
+    from lrpcli.engine.functional_modules import AttentionProduct
+    from lrpcli.engine.rules import ConstantOperand, Flat, LayerNormRule, SoftmaxRule
+    from lrpcli.explainer.build import composite_kwargs, load_config
 
     path = tmp_path / 'vit.yaml'
     path.write_text(
         'model: {name: vit_b_16}\ncanonizers: [transformer]\ncomposite:\n  name: attn_lrp\n  zero_params: [bias]\n'
         '  rules:\n    - {match: conv_proj, rule: flat}\n    - {type: LayerNorm, rule: layernorm}\n'
         '    - {type: Softmax, rule: softmax}\n'
-        '    - {type: lrpcli.functional_modules.AttentionProduct, rule: {name: constant_operand, constant: 0}}\n')
+        '    - {type: lrpcli.engine.functional_modules.AttentionProduct,'
+        ' rule: {name: constant_operand, constant: 0}}\n')
     kwargs = composite_kwargs(load_config(path))
     assert kwargs['canonizers'] == ['transformer']
     assert kwargs['overrides'] == [('conv_proj', Flat(zero_params=['bias'])),
@@ -191,7 +192,7 @@ def test_config_overrides_name_the_new_rules(tmp_path):
 def test_swin_recorder_sees_samples_not_windows():
     """The explicit window attention keeps the batch first in every hooked module, so the per-sample table works
     (torchvision folds the windows into the batch dimension)."""
-    from lrpcli.recorder import Recorder
+    from lrpcli.engine.recorder import Recorder
 
     model = tiny_swin(False)
     x = torch.randn(3, 3, 32, 32, dtype=DT)
@@ -229,9 +230,9 @@ def test_maxvit_conserves():
 def test_attention_bias_absorbs_its_share_by_hand():
     """AttentionBias (scores + position bias) is a Sum under Norm: R_scores = scores R / s(scores + bias); the
     detached bias keeps its share."""
-    from lrpcli.composites import LayerMap
-    from lrpcli.functional_modules import AttentionBias
-    from lrpcli.rules import Norm, Stabilizer
+    from lrpcli.engine.composites import LayerMap
+    from lrpcli.engine.functional_modules import AttentionBias
+    from lrpcli.engine.rules import Norm, Stabilizer
 
     eps = 1e-3
     scores = torch.tensor([[1.0, -2.0]], dtype=DT)

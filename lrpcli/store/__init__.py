@@ -46,15 +46,16 @@ knows the format), ``writer`` (``ResultWriter``), ``reader`` (``open_results``, 
 comparison a resume makes). Other lrpcli modules import from ``lrpcli.store`` only.
 
 It needs numpy, h5py and PyYAML only (no torch), so files can be read anywhere; only
-:meth:`Results.load_model` and :meth:`Results.inputs` import torch (through ``lrpcli.models`` and ``lrpcli.data``).
+:meth:`Results.load_model` and :meth:`Results.inputs` import torch (through ``lrpcli.explainer.models`` and
+``lrpcli.explainer.data``).
 """
 
 from __future__ import annotations
 
-from .compression import COMPRESSIONS, choose_compression, pays_to_compress
-from .damage import check_sources, error_text, missing_sources, open_error
-from .join import copy_rows, part_layout, write_joined, write_virtual
-from .layout import (
+from lrpcli.store.compression import COMPRESSIONS, choose_compression, pays_to_compress
+from lrpcli.store.damage import check_sources, error_text, missing_sources, open_error
+from lrpcli.store.join import copy_rows, part_layout, write_joined, write_virtual
+from lrpcli.store.layout import (
     ATTRIBUTION_DATASET,
     CLASSES_ATTR,
     COMPLETE_ATTR,
@@ -99,10 +100,10 @@ from .layout import (
     row_datasets_of,
     write_classes,
 )
-from .locks import being_written, refuse_existing_output
-from .reader import Results, open_results
-from .stored_config import IGNORED_CONFIG_KEYS, config_differences, config_yaml, file_config
-from .writer import ResultWriter
+from lrpcli.store.locks import being_written, refuse_existing_output
+from lrpcli.store.reader import Results, open_results
+from lrpcli.store.stored_config import IGNORED_CONFIG_KEYS, config_differences, config_yaml, file_config
+from lrpcli.store.writer import ResultWriter
 
 __all__ = [
     "ATTRIBUTION_DATASET", "CLASSES_ATTR", "COMPLETE_ATTR", "COMPRESSIONS", "CONFIG_ATTR", "CONFIG_DIR_ATTR",

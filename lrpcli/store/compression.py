@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import h5py
 import numpy as np
 
-from .layout import COMPRESSION
+from lrpcli.store.layout import COMPRESSION
 
 #: ``output.compression`` values: ``auto`` compresses a dataset only where its first rows shrink by MIN_SAVING
 COMPRESSIONS = ("auto", "lzf", "none")

@@ -10,8 +10,8 @@ from typing import Any
 import h5py
 import yaml
 
-from ..errors import DataError
-from .layout import CONFIG_ATTR, LIBVER, REQUIRED_ATTRS, REQUIRED_DATASETS, VERSION_ATTR, attr_str
+from lrpcli.errors import DataError
+from lrpcli.store.layout import CONFIG_ATTR, LIBVER, REQUIRED_ATTRS, REQUIRED_DATASETS, VERSION_ATTR, attr_str
 
 
 def error_text(err: BaseException) -> str:

@@ -2,7 +2,7 @@
 
 Two ways: a copy that has the layout, chunking, dtypes and attributes of a one-process run's file
 (:func:`write_joined`), or HDF5 virtual datasets over the parts, which stay next to it (:func:`write_virtual`).
-Which files are joined, and the checks that they belong together, are the caller's (``lrpcli.shards``); this
+Which files are joined, and the checks that they belong together, are the caller's (``lrpcli.runner.shards``); this
 module only writes. Neither writer is crash safe: the caller writes under a temporary name and renames.
 """
 
@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import h5py
 import numpy as np
 
-from .. import __version__
-from .layout import (
+from lrpcli import __version__
+from lrpcli.store.layout import (
     ATTRIBUTION_DATASET,
     COMPLETE_ATTR,
     CONFIG_ATTR,
@@ -46,7 +46,7 @@ from .layout import (
     row_datasets_of,
     write_classes,
 )
-from .writer import ResultWriter
+from lrpcli.store.writer import ResultWriter
 
 __all__ = ["JoinPart", "part_layout", "write_joined", "write_virtual", "copy_rows"]
 

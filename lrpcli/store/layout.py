@@ -4,8 +4,8 @@ Layout (DESIGN.md section 3; also a ViRelAy attribution file): ``attribution``, 
 ``target``, ``index``, ``filename``, ``input``, ``conservation/*``, ``layers/<name>`` and ``skipped/*``, plus
 root attributes ``classes``, ``config``, ``config_dir``, ``model_fingerprint``, ``lrpcli_version``,
 ``torch_version``, ``created``, ``complete``, ``rows_written`` (and the bookkeeping attributes ``n_rows`` and
-``skipped_written``). The writer, the reader, the render reader (lrpcli.render.reader), the shard merge
-(lrpcli.shards, lrpcli.store.join) and the commands that read result files take the names from here.
+``skipped_written``). The writer, the reader, the render reader (lrpcli.commands.render.reader), the shard merge
+(lrpcli.runner.shards, lrpcli.store.join) and the commands that read result files take the names from here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .. import __version__
+from lrpcli import __version__
 
 #: Compression of the per-sample chunks. lzf measured 3-4x faster than gzip level 1 on float32 relevance
 #: maps (and 1.2x on sparse ones) at a similar ratio; h5py (hence ViRelAy) always ships the lzf filter.
@@ -82,7 +82,7 @@ CLASSES_ATTR = "classes"
 CONFIG_ATTR = "config"
 #: The folder of the run's config file
 CONFIG_DIR_ATTR = "config_dir"
-#: The fingerprint of the model's parameters and buffers (``lrpcli.models.model_fingerprint``)
+#: The fingerprint of the model's parameters and buffers (``lrpcli.explainer.models.model_fingerprint``)
 MODEL_FINGERPRINT_ATTR = "model_fingerprint"
 #: The lrpcli version that wrote the file; its presence marks an lrpcli result file
 VERSION_ATTR = "lrpcli_version"
@@ -98,7 +98,7 @@ SKIPPED_WRITTEN_ATTR = "skipped_written"
 #: A file of virtual datasets over shards: the shards' paths, relative to its folder
 VIRTUAL_SHARDS_ATTR = "virtual_shards"
 #: A shard of a distributed run: its rank, the run's world size, the samples ``[start, stop)`` it holds of the
-#: run's ``total``, and the run's batch size (lrpcli.shards)
+#: run's ``total``, and the run's batch size (lrpcli.runner.shards)
 SHARD_RANK_ATTR = "shard_rank"
 SHARD_WORLD_SIZE_ATTR = "shard_world_size"
 SHARD_START_ATTR = "shard_start"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import DataError
+from lrpcli.errors import DataError
 
 
 def being_written(path: str | os.PathLike) -> bool:

@@ -1,7 +1,7 @@
 """Reading a result file: ``open_results`` and ``Results``, its first ``rows_written`` rows as numpy arrays.
 
 Needs numpy, h5py and PyYAML only; :meth:`Results.load_model` and :meth:`Results.inputs` import torch (through
-``lrpcli.models`` and ``lrpcli.data``) when called.
+``lrpcli.explainer.models`` and ``lrpcli.explainer.data``) when called.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..config import Config
-from ..errors import DataError
-from .damage import check_lrpcli, open_h5
-from .layout import (
+from lrpcli.errors import DataError
+from lrpcli.spec.config import Config
+from lrpcli.store.damage import check_lrpcli, open_h5
+from lrpcli.store.layout import (
     ATTRIBUTION_DATASET,
     COMPLETE_ATTR,
     CONFIG_DIR_ATTR,
@@ -213,7 +213,7 @@ class Results:
         (``(x / 255 - mean) / std``); ``normalised=False`` gives the images scaled to [0, 1]. ``rows`` as in
         :meth:`read`. A file written without ``output.store_input`` raises DataError. Imports torch.
         """
-        from ..data import to_model_input  # lazy: the store stays importable without torch
+        from lrpcli.explainer.data import to_model_input  # lazy: the store stays importable without torch
 
         if INPUT_DATASET not in self._cache and INPUT_DATASET not in self._file():
             raise DataError(f"{self.path} has no 'input' dataset (the run had output.store_input: false), so the "
@@ -237,7 +237,10 @@ class Results:
         weights file, another model.py) raises DataError: its attributions would not be this model's.
         Imports torch.
         """
-        from ..models import load_model, model_fingerprint  # lazy: the store stays importable without torch
+        from lrpcli.explainer.models import (  # lazy: the store stays importable without torch
+            load_model,
+            model_fingerprint,
+        )
 
         base_dir = self.config_dir
         config = Config(self.config, source=f"{self.path} (stored config)", base_dir=base_dir or ".")

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..config import Config, resolve_path
+from lrpcli.spec.config import Config, resolve_path
 
 #: Config keys that do not change the numbers in the file: a resume may change them freely.
 IGNORED_CONFIG_KEYS = frozenset({"run.num_workers", "run.batch_size", "output.path", "run.device", "run.threads",

@@ -13,9 +13,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import DataError, RunError
-from .damage import check_lrpcli, error_text, open_h5
-from .layout import (
+from lrpcli.errors import DataError, RunError
+from lrpcli.store.damage import check_lrpcli, error_text, open_h5
+from lrpcli.store.layout import (
     ATTRIBUTION_DATASET,
     COMPLETE_ATTR,
     CONSERVATION_LAYER,
@@ -40,9 +40,9 @@ from .layout import (
     clean_str,
     row_datasets,
 )
-from .locks import being_written, creation_lock, refuse_existing_output
-from .recovery import WRITE_ERRORS, abandon, cover_eof, fsync_dir, fsync_file, reserve, zero_tail
-from .stored_config import config_differences
+from lrpcli.store.locks import being_written, creation_lock, refuse_existing_output
+from lrpcli.store.recovery import WRITE_ERRORS, abandon, cover_eof, fsync_dir, fsync_file, reserve, zero_tail
+from lrpcli.store.stored_config import config_differences
 
 
 class ResultWriter:

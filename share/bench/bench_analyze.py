@@ -1,11 +1,11 @@
 """Time ``lrpcli analyze`` (SpRAy) stage by stage for N relevance maps of 224 x 224, with its peak memory.
 
-Stages, as ``lrpcli.analysis.spray.analyse`` reports them: preprocess (read + channel sum + pooling),
+Stages, as ``lrpcli.commands.analysis.spray.analyse`` reports them: preprocess (read + channel sum + pooling),
 graph (kNN), eigen (spectral embedding), clustering (k-means for k = 2..10 and HDBSCAN), embedding (t-SNE).
 
 A file of 50,000 x 3 x 224 x 224 float32 is 30 GB, so preprocess is timed on a synthetic file in the lrpcli
 layout (``--file-rows`` rows, lzf-compressed per-row chunks like explain writes) by the function analyze runs
-(``lrpcli.analysis.analyze.compute_features``) and scaled to N (it reads one chunk at a time: linear in N).
+(``lrpcli.commands.analysis.analyze.compute_features``) and scaled to N (it reads one chunk at a time: linear in N).
 The other stages run on N synthetic pooled maps split into ``--classes`` equal classes (each a few planted
 groups plus noise), through ``spray.analyse`` with analyze's defaults. Wall and process CPU seconds are printed
 (CPU time is the check on a shared machine), with the load average and the process's peak RSS; ``--json``
@@ -28,8 +28,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from lrpcli.analysis import spray
-from lrpcli.analysis.analyze import compute_features
+from lrpcli.commands.analysis import spray
+from lrpcli.commands.analysis.analyze import compute_features
 from lrpcli.store import open_results
 
 

@@ -1,7 +1,7 @@
 """Region perturbation speed: ``lrpcli evaluate``'s batched forwards against a naive per-sample loop.
 
 Both compute the same MoRF and LeRF curves (checked to agree) on the same inputs, in the same process:
-- batched: ``lrpcli.evaluate.perturb.perturbation_curves``, perturbed copies of many samples per forward, batch
+- batched: ``lrpcli.commands.evaluate.perturb.perturbation_curves``, perturbed copies of many samples per forward, batch
   size from the memory budget (``auto_batch_size``) unless ``--batch-size``;
 - naive: per sample and order, patches replaced one by one by slicing, one image per forward (the loop a
   metrics library runs).
@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from lrpcli.evaluate import metrics as M  # noqa: E402
-from lrpcli.evaluate.perturb import auto_batch_size, perturbation_curves  # noqa: E402
-from lrpcli.evaluate.run import _budget, pixel_ranks  # noqa: E402
+from lrpcli.commands.evaluate import metrics as M  # noqa: E402
+from lrpcli.commands.evaluate.perturb import auto_batch_size, perturbation_curves  # noqa: E402
+from lrpcli.commands.evaluate.run import _budget, pixel_ranks  # noqa: E402
 
 TARGET = 10.0
 
@@ -97,9 +97,9 @@ def case(name: str, model: torch.nn.Module, x: torch.Tensor, patch: int, steps: 
 
 
 def demo_case(n: int, device: torch.device, batch_size: int | None, naive_n: int | None) -> dict:
-    from lrpcli.build import load_config
-    from lrpcli.data import open_image_folder
-    from lrpcli.models import load_model
+    from lrpcli.explainer.build import load_config
+    from lrpcli.explainer.data import open_image_folder
+    from lrpcli.explainer.models import load_model
 
     config = load_config(ROOT / "configs" / "demo.yaml")
     model = load_model(config).to(device)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="samples for the naive loop (default: all); the ratio compares samples per second")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    from lrpcli.allocator import keep_freed_memory
+    from lrpcli.explainer.allocator import keep_freed_memory
 
     keep_freed_memory()
     only = args.only.split(",")

@@ -1,6 +1,6 @@
 """The ``explain`` pipeline end to end against attribution alone.
 
-End to end is ``lrpcli.runner.run`` (what ``lrpcli explain`` runs): DataLoader workers (with
+End to end is ``lrpcli.runner.local.run`` (what ``lrpcli explain`` runs): DataLoader workers (with
 ``run.num_workers`` 0, which ``auto`` gives on the CPU: a reader thread, or the main process between batches
 where no core is free for a thread) decode and preprocess, the model and composite attribute each batch with the
 per-layer conservation recorder, and the batch is appended to the HDF5 file (by a writer thread where a core is
@@ -22,12 +22,12 @@ import yaml
 from benchlib import log, median, timed
 
 import lrpcli
-from lrpcli.build import composite_kwargs, load_config
-from lrpcli.data import ImageDataset, make_loader
-from lrpcli.models import load_model
-from lrpcli.recorder import Recorder
-from lrpcli.runner import run as explain
-from lrpcli.runtime import resolve_num_workers
+from lrpcli.engine.recorder import Recorder
+from lrpcli.explainer.build import composite_kwargs, load_config
+from lrpcli.explainer.data import ImageDataset, make_loader
+from lrpcli.explainer.models import load_model
+from lrpcli.explainer.runtime import resolve_num_workers
+from lrpcli.runner.local import run as explain
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -115,7 +115,7 @@ def _attribution_pass(config, model, batches, device: torch.device, stats: bool 
     """
     if config.attribution.target != "label":
         raise ValueError("the benchmark configs explain the label")
-    comp = lrpcli.composites.get(config.composite.name, **composite_kwargs(config))
+    comp = lrpcli.engine.composites.get(config.composite.name, **composite_kwargs(config))
 
     def work() -> None:
         recorder = Recorder([]) if stats else None

@@ -34,9 +34,9 @@ CASES = ("demo", "resnet18")
 def _case(name: str) -> tuple[torch.nn.Module, Any, tuple[int, ...], int]:
     """(model, attribute keywords, image shape, classes)."""
     if name == "demo":
-        from lrpcli.build import load_config
-        from lrpcli.explainer import composite_from_config
-        from lrpcli.models import load_model
+        from lrpcli.explainer.build import load_config
+        from lrpcli.explainer.explainer import composite_from_config
+        from lrpcli.explainer.models import load_model
 
         config = load_config(ROOT / "configs" / "demo.yaml")
         return load_model(config), {"composite": composite_from_config(config)}, (3, 64, 64), 4

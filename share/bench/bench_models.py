@@ -25,7 +25,7 @@ import torch
 from benchlib import log, median, peak_memory, timed
 
 import lrpcli
-from lrpcli.layerops import is_linear_layer
+from lrpcli.engine.layerops import is_linear_layer
 
 MODELS = {"vgg16": ["vgg"], "resnet50": ["resnet"]}
 EPSILON_REFERENCE = "epsilon*"  # not a built-in: Epsilon on every weighted layer (the Epsilon-only reference)
@@ -85,11 +85,11 @@ class ModelResult:
     cases: list[Case]
 
 
-def epsilon_reference() -> lrpcli.composites.Composite:
+def epsilon_reference() -> lrpcli.engine.composites.Composite:
     """Epsilon on every Linear/Conv layer plus the shared rules for the other layers."""
-    from lrpcli.composites import LayerMap, Mixture, basics
-    from lrpcli.composites import layers as L
-    from lrpcli.rules import Epsilon, Stabilizer
+    from lrpcli.engine.composites import LayerMap, Mixture, basics
+    from lrpcli.engine.composites import layers as L
+    from lrpcli.engine.rules import Epsilon, Stabilizer
 
     return Mixture([LayerMap([(L.WEIGHTED, Epsilon(1e-6))]), basics(Stabilizer())], name=EPSILON_REFERENCE)
 
@@ -124,7 +124,7 @@ def bench_model(name: str, device: torch.device, batch: int, repeats: int, compo
     log(f"{name}: gradient peak {grad.peak / 2**20:.0f} MiB")
     twin = copy.deepcopy(model)  # the composites' copy: the plain model never carries hooks
 
-    todo = [(c, lrpcli.composites.get(c)) for c in composites]
+    todo = [(c, lrpcli.engine.composites.get(c)) for c in composites]
     if with_reference:
         todo.append((EPSILON_REFERENCE, epsilon_reference()))
     cases = []
@@ -133,7 +133,7 @@ def bench_model(name: str, device: torch.device, batch: int, repeats: int, compo
         session = comp.context(twin, canonizers=MODELS[name])
         with session as m:
 
-            def run(m: torch.nn.Module = m, comp: lrpcli.composites.Composite = comp) -> torch.Tensor:
+            def run(m: torch.nn.Module = m, comp: lrpcli.engine.composites.Composite = comp) -> torch.Tensor:
                 xi = x.detach().requires_grad_(True)
                 out = m(xi)
                 (r,) = torch.autograd.grad(out, xi, lrpcli.initial_relevance(out, target, comp.seed))

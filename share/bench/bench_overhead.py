@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 
 import lrpcli
-from lrpcli.composites import get
-from lrpcli.explainer import Explainer
+from lrpcli.engine.composites import get
+from lrpcli.explainer.explainer import Explainer
 
 FAMILIES = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet0_5", "shufflenet_v2_x0_5",
             "efficientnet_b0", "efficientnet_b1", "squeezenet1_0", "regnet_y_400mf", "resnet50", "vgg16"]

@@ -1,7 +1,7 @@
 """Time ``lrpcli render`` on a synthetic file: 1,000 samples of 3 x 224 x 224 by default.
 
 Writes an HDF5 file in the lrpcli layout (chunked per sample, compressed, with ``input``) to a temp dir, then
-times the function the CLI runs (``lrpcli.render.pipeline.render_file``); file setup is not timed.
+times the function the CLI runs (``lrpcli.commands.render.pipeline.render_file``); file setup is not timed.
 
     .venv/bin/python share/bench/bench_render.py [--n 1000] [--size 224] [--compression gzip] [--overlay 0.5]
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from lrpcli.render.pipeline import RenderOptions, render_file
+from lrpcli.commands.render.pipeline import RenderOptions, render_file
 
 
 def write_file(path: Path, n: int, size: int, compression: str | None, seed: int = 0) -> None:

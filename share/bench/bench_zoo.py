@@ -37,9 +37,9 @@ from benchlib import log, median
 from torch import nn
 
 import lrpcli
-from lrpcli.build import load_config
-from lrpcli.explainer import Explainer
-from lrpcli.models import load_model
+from lrpcli.explainer.build import load_config
+from lrpcli.explainer.explainer import Explainer
+from lrpcli.explainer.models import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "configs" / "efficientnet_b0_auto.yaml"  # a shipped auto config; the model name is replaced
@@ -49,7 +49,8 @@ EXACT = {  # config overrides that make the auto rules exactly conservative (see
     "composite.zero_params": ["bias"],
     "composite.epsilon": 1e-12,
     "composite.stabilizer": {"epsilon": 1e-12, "mode": "rms"},
-    "composite.rules": [{"type": "lrpcli.functional_modules.AttentionProduct", "rule": {"name": "constant_operand"}}],
+    "composite.rules": [{"type": "lrpcli.engine.functional_modules.AttentionProduct",
+                         "rule": {"name": "constant_operand"}}],
 }
 #: what a note says when the canonizers left something without a rule
 UNSEEN = ("left on the plain gradient", "cannot trace", "not decomposed")
@@ -147,7 +148,7 @@ def coverage_left(session) -> list[str]:
 
 
 def hooked_session(explainer: Explainer):
-    return lrpcli.hooks.sessions_of(explainer.model)[0]
+    return lrpcli.engine.hooks.sessions_of(explainer.model)[0]
 
 
 def embedding_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

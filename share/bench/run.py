@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.sections) - set(SECTIONS + OPTIONAL))
     if unknown:
         p.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS + OPTIONAL)}")
-    names = lrpcli.composites.names()
+    names = lrpcli.engine.composites.names()
     args.composite_list = names if not args.composites else [c.strip() for c in args.composites.split(",")]
     bad = sorted(set(args.composite_list) - set(names))
     if bad:
@@ -276,7 +276,7 @@ seconds depend on the machine and on what else ran on it (see the load average o
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # the process as the lrpcli command runs it, from the first gradient on (see lrpcli/allocator.py)
+    # the process as the lrpcli command runs it, from the first gradient on (see lrpcli/explainer/allocator.py)
     malloc = "glibc defaults" if args.system_malloc else (
         "kept freed memory (lrpcli.keep_freed_memory)" if lrpcli.keep_freed_memory()
         else "left as it was (not glibc, or LRPCLI_KEEP_FREED_MEMORY=0)")

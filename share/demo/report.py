@@ -36,8 +36,8 @@ def shares(path: Path) -> tuple[float, float, float]:
 
 
 def compare() -> list[tuple[str, float, float, float]]:
-    from lrpcli.build import load_config
-    from lrpcli.runner import run as explain
+    from lrpcli.explainer.build import load_config
+    from lrpcli.runner.local import run as explain
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,1 @@
+"""The subcommands: explain, render, debug, merge, evaluate, analyze/virelay, export."""

@@ -1,0 +1,123 @@
+"""merge_batchnorm: fold each BatchNorm into the Linear/Conv/ConvTranspose that feeds it, temporarily.
+
+Which layer feeds which BatchNorm is read from a real forward (the session's probe), not from the order in
+which modules were registered. Nothing is written into the model's parameters: while merged, the layer runs
+with weights computed from the original parameters on every call (so gradients reach the original conv and
+BatchNorm parameters) and the BatchNorm runs as identity. On exit both get their own forward back.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrpcli.engine.canonizers.base import Canonizer
+from lrpcli.engine.composites.layers import BATCHNORMS
+from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
+from lrpcli.engine.layerops import CONV_TRANSPOSE_TYPES, CONV_TYPES, LINEAR_TYPES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lrpcli.engine.hooks import Probe, Session
+
+
+def merged_params(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``layer`` followed by ``bn`` in eval mode, as differentiable functions of both."""
+    var = bn.running_var
+    mean = bn.running_mean
+    scale = torch.rsqrt(var + bn.eps)
+    if getattr(bn, "weight", None) is not None:
+        scale = bn.weight * scale
+    shift = -mean * scale
+    if getattr(bn, "bias", None) is not None:
+        shift = shift + bn.bias
+    weight = layer.weight
+    if isinstance(layer, CONV_TRANSPOSE_TYPES):
+        groups = layer.groups
+        in_ch, per_group = weight.shape[0], weight.shape[1]
+        w = weight.view(groups, in_ch // groups, per_group, *weight.shape[2:])
+        s = scale.view(groups, 1, per_group, *([1] * (weight.dim() - 2)))
+        weight = (w * s).view_as(weight)
+    else:
+        weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+    bias = shift if layer.bias is None else layer.bias * scale + shift
+    return weight, bias
+
+
+def _merged_forward(layer: nn.Module, bn: nn.Module):
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        weight, bias = merged_params(layer, bn)
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, weight, bias)
+        if isinstance(layer, CONV_TYPES):
+            return layer._conv_forward(x, weight, bias)
+        output_size = args[0] if args else kwargs.get("output_size")
+        n = x.dim() - 2
+        padding = layer._output_padding(x, output_size, layer.stride, layer.padding, layer.kernel_size, n,
+                                        layer.dilation)
+        return torch.convolution(x, weight, bias, list(layer.stride), list(layer.padding), list(layer.dilation),
+                                 True, list(padding), layer.groups)
+
+    return forward
+
+
+def _identity(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return x
+
+
+class MergeBatchNorm(Canonizer):
+    """Fold BatchNorms (eval mode, running statistics) into the layer whose output they normalise."""
+
+    name = "merge_batchnorm"
+    needs_probe = True
+
+    def __init__(self) -> None:
+        self.merged: list[tuple[nn.Module, nn.Module]] = []
+        self._patched: list[tuple[nn.Module, object]] = []
+
+    def on_probe(self, probe: Probe, session: Session) -> None:
+        producer = {c.output: c for c in probe.calls if c.output is not None}
+        consumers = Counter(i for c in probe.calls for i in c.inputs)
+        calls = Counter(id(c.module) for c in probe.calls)
+        for call in probe.calls:
+            if not isinstance(call.module, BATCHNORMS) or len(call.inputs) != 1:
+                continue
+            bn = call.module
+            source = producer.get(call.inputs[0])
+            if source is None or not isinstance(source.module, LINEAR_TYPES):
+                session.notes.append(f"{call.name}: not merged (its input does not come from a linear layer)")
+                continue
+            layer = source.module
+            if consumers[call.inputs[0]] != 1 or calls[id(layer)] != 1 or calls[id(bn)] != 1:
+                session.notes.append(f"{call.name}: not merged into {source.name} (shared or reused tensors)")
+                continue
+            if bn.training or bn.running_mean is None or bn.running_var is None:
+                session.notes.append(f"{call.name}: not merged (training mode or no running statistics)")
+                continue
+            if isinstance(layer, nn.Linear) and bn.running_mean.shape[0] != layer.out_features:
+                continue
+            self._merge(layer, bn, session)
+            session.notes.append(f"{call.name}: merged into {source.name}")
+
+    def _merge(self, layer: nn.Module, bn: nn.Module, session: Session) -> None:
+        for module, new in ((layer, _merged_forward(layer, bn)), (bn, _identity)):
+            self._patched.append((module, module.__dict__.get("forward")))
+            module.forward = new
+        session.param_overrides[layer] = lambda: merged_params(layer, bn)
+        session.param_sources[layer] = (bn,)
+        self.merged.append((layer, bn))
+        MERGED_BATCHNORMS.add(bn)
+
+    def revert(self) -> None:
+        for module, previous in reversed(self._patched):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        for _, bn in self.merged:
+            MERGED_BATCHNORMS.discard(bn)
+        self._patched.clear()
+        self.merged.clear()

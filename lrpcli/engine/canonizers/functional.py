@@ -1,0 +1,548 @@
+"""``functional``: the operations a model writes in ``forward`` become modules that get rules (torch.fx).
+
+Hooks only see modules. A model that writes ``x * gate``, ``q @ k.transpose(-2, -1)``, ``attn.softmax(-1)``,
+``x.mean((2, 3))`` or ``F.gelu(x)`` in its forward sends relevance through those operations as a plain gradient,
+which neither splits it by contribution nor conserves it. This canonizer traces the model with torch.fx (a copy
+that shares every module and parameter) and puts a module call in place of each such operation:
+
+- tensor + tensor -> ``Sum`` (``EmbeddingSum`` where one side is a parameter, e.g. a position embedding);
+- activation * activation -> ``Product``; -> ``Gate`` where one factor is a sigmoid; activation * parameter or
+  number, activation / parameter or number -> ``Scaled`` (layer scale, 1/sqrt(d): relevance passes);
+- matmul / bmm / two-operand einsum of activations -> ``MatMul``, or ``AttentionProduct`` where an operand
+  comes from a softmax;
+- softmax -> ``nn.Softmax``; relu, gelu, silu, sigmoid, hardswish, ... -> their ``nn`` modules;
+- mean, adaptive/average pooling -> ``Reduce`` (Norm); max pooling -> ``nn.MaxPool*d`` (so that the composite's
+  maxpool choice applies); ``F.layer_norm`` -> ``LayerNormFn``;
+- ``F.scaled_dot_product_attention`` -> ``DotProductAttention`` (score MatMul, Softmax, AttentionProduct).
+
+Pure routing (reshape, permute, cat, split, chunk, getitem, roll, pad, ...) needs nothing: its gradient moves
+relevance with the elements. Every other operation found on a tensor is named in a note ("left on the plain
+gradient"); childless modules that fx inlines are named too. Modules fx cannot trace are canonized child by
+child; the classes that could not be traced are named, and during the first forward a torch-function mode
+counts the operations each of them computes outside its modules, which a second note names.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lrpcli.engine.canonizers.base import Canonizer
+from lrpcli.engine.composites import layers as L
+from lrpcli.engine.functional_modules import (
+    AttentionBias,
+    AttentionProduct,
+    DotProductAttention,
+    ExplicitMultiheadAttention,
+    ExplicitWindowAttention,
+    LayerNormFn,
+    MatMul,
+    Normalize,
+    Product,
+    Reduce,
+    Scaled,
+    mean,
+)
+from lrpcli.engine.modules import Gate, Sum
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lrpcli.engine.hooks import Session
+
+PREFIX = "lrpcli_fn"
+
+
+class EmbeddingSum(Sum):
+    """A Sum where one term is a parameter (a position embedding): the relevance it gets is the embedding's."""
+
+
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__"}
+_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
+_MATMUL = {operator.matmul: torch.matmul, torch.matmul: torch.matmul, torch.bmm: torch.bmm,
+           "matmul": torch.matmul, "bmm": torch.bmm}
+_SOFTMAX = {F.softmax, torch.softmax, "softmax"}
+_ACTIVATIONS: dict[Any, type[nn.Module]] = {
+    F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, F.relu6: nn.ReLU6, F.gelu: nn.GELU, F.silu: nn.SiLU,
+    F.mish: nn.Mish, F.hardswish: nn.Hardswish, F.hardsigmoid: nn.Hardsigmoid, torch.sigmoid: nn.Sigmoid,
+    F.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, torch.tanh: nn.Tanh, F.tanh: nn.Tanh, "tanh": nn.Tanh,
+    F.elu: nn.ELU, F.leaky_relu: nn.LeakyReLU,
+}
+_GATE_SOURCES = (nn.Sigmoid, nn.Hardsigmoid)
+_POOLS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d,
+          F.avg_pool3d}
+_MEAN = {torch.mean, "mean"}
+_MAXPOOLS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d}
+_MAXPOOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+#: operations whose gradient moves elements without changing them (or only on shapes, dtypes, devices)
+ROUTING = {
+    operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape, torch.permute,
+    torch.transpose, torch.split, torch.chunk, torch.unbind, torch.roll, torch.squeeze, torch.unsqueeze,
+    torch.narrow, torch.flip, F.pad, F.dropout, torch.zeros_like, torch.ones_like, torch._assert,
+    "view", "reshape", "permute", "transpose", "flatten", "contiguous", "split", "chunk", "unbind", "squeeze",
+    "unsqueeze", "expand", "expand_as", "repeat", "roll", "narrow", "select", "flip", "to", "type", "float",
+    "double", "half", "clone", "size", "dim", "numel", "masked_fill", "unflatten", "movedim", "view_as",
+    "reshape_as", "detach", "__getitem__", "t", "swapaxes", "swapdims", torch.swapaxes, torch.swapdims,
+    torch.movedim,
+}
+try:  # torchvision's fx-wrapped padding for Swin's patch merging: pad and strided slices, pure routing
+    from torchvision.models.swin_transformer import _patch_merging_pad
+
+    ROUTING.add(_patch_merging_pad)
+except Exception:  # pragma: no cover - torchvision missing or changed
+    pass
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad"}
+
+
+def _kind(node: fx.Node) -> Any:
+    return node.target if node.op in ("call_function", "call_method") else None
+
+
+def _op_name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+class _Tracer(fx.Tracer):
+    """Keeps as calls: lrpcli's modules, torch.nn modules and childless subclasses of them (LayerNorm2d), and
+    every module type a composite knows (StochasticDepth); inlines the rest (their operations get routed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inlined: Counter[str] = Counter()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        own = (Sum, Gate, Product, MatMul, Scaled, Reduce, LayerNormFn, ExplicitMultiheadAttention,
+               ExplicitWindowAttention, Normalize, DotProductAttention)
+        if isinstance(m, own + L.WEIGHTED + L.ACTIVATIONS + L.BATCHNORMS + L.IDENTITIES + L.AVGPOOLS
+                      + L.MAXPOOLS + L.UPSAMPLES + L.PADDINGS + (nn.LayerNorm, nn.GroupNorm, nn.Softmax)):
+            return True
+        if super().is_leaf_module(m, qualname):
+            return True
+        if next(m.children(), None) is None:
+            self.inlined[type(m).__name__] += 1
+        return False
+
+
+class _Rewriter:
+    """Rewrites one traced graph; counts what it did and what it left."""
+
+    def __init__(self, traced: fx.GraphModule) -> None:
+        self.gm = traced
+        self.done: Counter[str] = Counter()
+        self.left: Counter[str] = Counter()
+        self.embeddings: list[str] = []  # parameters that enter as terms of the input (see ``_note_embeddings``)
+        self._count = 0
+        self._tensor: dict[fx.Node, bool] = {}
+
+    # -- what a node is ------------------------------------------------------------------------------------
+    def is_tensor(self, node: Any) -> bool:
+        """Whether a graph value is a tensor (not a size, a shape or a Python number)."""
+        if not isinstance(node, fx.Node):
+            return False
+        if node not in self._tensor:
+            self._tensor[node] = self._is_tensor(node)
+        return self._tensor[node]
+
+    def _is_tensor(self, node: fx.Node) -> bool:
+        if node.op in ("placeholder", "call_module"):
+            return True
+        if node.op == "get_attr":
+            return isinstance(self._attr(node), torch.Tensor)
+        if node.op == "output":
+            return False
+        if node.target in ("size", "dim", "numel") or (node.target is getattr and node.args[1] in _SHAPE_ATTRS):
+            return False
+        if node.target is operator.getitem:
+            return self.is_tensor(node.args[0])
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        return any(self.is_tensor(a) for a in args) if args else True
+
+    def _attr(self, node: fx.Node) -> Any:
+        obj: Any = self.gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part, None)
+        return obj
+
+    def is_activation(self, node: Any) -> bool:
+        """A tensor that depends on the input (not a parameter, buffer or constant)."""
+        if not self.is_tensor(node):
+            return False
+        seen, todo = set(), [node]
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "placeholder":
+                return True
+            todo += [a for a in n.all_input_nodes]
+        return False
+
+    def module_of(self, node: Any) -> nn.Module | None:
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            return self.gm.get_submodule(str(node.target))
+        return None
+
+    def from_softmax(self, node: Any) -> bool:
+        """The node is a softmax output, possibly through dropout or identity modules."""
+        while isinstance(node, fx.Node):
+            module = self.module_of(node)
+            if isinstance(module, nn.Softmax) or _kind(node) in _SOFTMAX:
+                return True
+            if isinstance(module, L.IDENTITIES) or _kind(node) is F.dropout:
+                node = node.args[0]
+                continue
+            return False
+        return False
+
+    # -- rewriting -----------------------------------------------------------------------------------------
+    def replace(self, node: fx.Node, module: nn.Module, args: tuple, label: str) -> None:
+        name = f"{PREFIX}_{label}_{self._count}"
+        self._count += 1
+        self.gm.add_submodule(name, module)
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(name, args)
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+        self.done[label] += 1
+
+    def run(self) -> None:
+        for node in list(self.gm.graph.nodes):
+            kind = _kind(node)
+            if kind is None or not self.is_tensor(node):
+                continue
+            try:
+                handled = self.rewrite(node, kind)
+            except TypeError:  # hashing an unhashable target (a bound method): not one of ours
+                handled = False
+            if not handled and kind not in ROUTING and any(self.is_activation(a) for a in node.all_input_nodes):
+                self.left[_op_name(kind)] += 1
+        self._note_embeddings()
+        self.gm.graph.lint()
+        self.gm.recompile()
+
+    def _parameter_source(self, node: Any) -> str | None:
+        """The parameter a constant term comes from, through routing (expand, reshape, indexing): its name."""
+        while isinstance(node, fx.Node):
+            if node.op == "get_attr":
+                return str(node.target) if isinstance(self._attr(node), nn.Parameter) else None
+            if _kind(node) not in ROUTING or not node.args:
+                return None
+            node = node.args[0]
+        return None
+
+    def _note_embeddings(self) -> None:
+        """Parameters that are terms of the signal: summed with it (a position embedding, ``EmbeddingSum``) or
+        concatenated to it (a class token). Relevance reaches them as it reaches the input; the note names
+        them, so that their share is not taken for a loss."""
+        for node in self.gm.graph.nodes:
+            module = self.module_of(node)
+            if isinstance(module, EmbeddingSum):
+                terms = list(node.args)
+            elif _kind(node) in (torch.cat, torch.concat, torch.stack) and node.args \
+                    and isinstance(node.args[0], (list, tuple)) and any(self.is_activation(a) for a in node.args[0]):
+                terms = list(node.args[0])
+            else:
+                continue
+            for term in terms:
+                name = self._parameter_source(term)  # also an expand to the input's batch size (a class token)
+                if name is not None and name not in self.embeddings:
+                    self.embeddings.append(name)
+
+    def rewrite(self, node: fx.Node, kind: Any) -> bool:
+        args, kwargs = node.args, node.kwargs
+        if kind in _ADD and len(args) == 2 and not kwargs:
+            return self._add(node, args)
+        if kind in _MUL and len(args) == 2 and not kwargs:
+            return self._mul(node, args)
+        if kind in _DIV and len(args) == 2 and not kwargs and self.is_activation(args[0]) \
+                and not self.is_activation(args[1]):
+            self.replace(node, Scaled(torch.div, 0), (args[0], args[1]), "scaled")
+            return True
+        if kind in _MATMUL and len(args) == 2 and not kwargs and all(self.is_activation(a) for a in args):
+            self._matmul(node, args, _MATMUL[kind], None)
+            return True
+        if kind is torch.einsum and len(args) == 3 and isinstance(args[0], str) \
+                and all(self.is_activation(a) for a in args[1:]):
+            self._matmul(node, args[1:], torch.einsum, args[0])
+            return True
+        if kind in _SOFTMAX and self.is_activation(args[0]):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if isinstance(dim, int) and kwargs.get("dtype") is None and len(args) <= 2:
+                self.replace(node, nn.Softmax(dim), (args[0],), "softmax")
+                return True
+            return False
+        if kind in _ACTIVATIONS and len(args) == 1 and self.is_activation(args[0]):
+            module = _activation(kind, kwargs)
+            if module is not None:
+                self.replace(node, module, (args[0],), _op_name(kind))
+                return True
+            return False
+        if (kind in _MEAN or kind in _POOLS) and self.is_activation(args[0]) and _constant(args[1:], kwargs):
+            fn = mean if kind in _MEAN else kind
+            self.replace(node, Reduce(fn, args[1:], dict(kwargs)), (args[0],), "reduce")
+            return True
+        if kind in _MAXPOOLS and self.is_activation(args[0]) and _constant(args[1:], kwargs):
+            options = dict(zip(_MAXPOOL_ARGS, args[1:]))
+            options.update(kwargs)
+            if options.get("return_indices"):
+                return False
+            self.replace(node, _MAXPOOLS[kind](**options), (args[0],), "max_pool")
+            return True
+        if kind is F.layer_norm and self.is_activation(args[0]):
+            return self._layer_norm(node, args, kwargs)
+        if kind is F.scaled_dot_product_attention:
+            return self._attention(node, args, kwargs)
+        return False
+
+    def _attention(self, node: fx.Node, args: tuple, kwargs: dict) -> bool:
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        values = dict(zip(names, args))
+        values.update(kwargs)
+        options = [values.get(k) for k in ("dropout_p", "is_causal", "scale", "enable_gqa")]
+        if any(isinstance(o, fx.Node) for o in options) or values.get("enable_gqa"):
+            return False
+        mask = values.get("attn_mask")
+        module = DotProductAttention(values.get("dropout_p") or 0.0, bool(values.get("is_causal")),
+                                     values.get("scale"), masked=mask is not None)
+        inputs = (values["query"], values["key"], values["value"]) + ((mask,) if mask is not None else ())
+        self.replace(node, module, inputs, "attention")
+        return True
+
+    def feeds_softmax(self, node: fx.Node, depth: int = 4) -> bool:
+        """The node's value reaches a softmax through additions and routing only (attention logits)."""
+        for user in node.users:
+            kind = _kind(user)
+            if isinstance(self.module_of(user), nn.Softmax) or kind in _SOFTMAX:
+                return True
+            if depth > 0 and (kind in _ADD or kind in ROUTING) and self.feeds_softmax(user, depth - 1):
+                return True
+        return False
+
+    def _add(self, node: fx.Node, args: tuple) -> bool:
+        if not all(self.is_tensor(a) for a in args) or not any(self.is_activation(a) for a in args):
+            return False
+        embedding = not all(self.is_activation(a) for a in args)
+        if embedding and self.feeds_softmax(node):
+            # a position bias on attention logits: it absorbs its share, as a layer's bias does, and nothing flows
+            # into the parameters (or the MLP) that made it
+            scores, bias = (args[0], args[1]) if self.is_activation(args[0]) else (args[1], args[0])
+            with self.gm.graph.inserting_before(node):
+                bias = self.gm.graph.call_method("detach", (bias,))
+            self.replace(node, AttentionBias(), (scores, bias), "attention_bias")
+            return True
+        self.replace(node, EmbeddingSum() if embedding else Sum(), tuple(args), "embedding" if embedding else "sum")
+        return True
+
+    def _mul(self, node: fx.Node, args: tuple) -> bool:
+        active = [self.is_activation(a) for a in args]
+        if all(active):
+            gate = [isinstance(self.module_of(a), _GATE_SOURCES) or _kind(a) in (torch.sigmoid, F.sigmoid,
+                                                                                  "sigmoid", F.hardsigmoid)
+                    for a in args]
+            if gate[1] and not gate[0]:
+                self.replace(node, Gate(), (args[0], args[1]), "gate")
+            elif gate[0] and not gate[1]:
+                self.replace(node, Gate(), (args[1], args[0]), "gate")
+            else:
+                self.replace(node, Product(), tuple(args), "product")
+            return True
+        if not any(active):
+            return False
+        position = active.index(True)
+        other = args[1 - position]
+        self.replace(node, Scaled(torch.mul, position), (args[position], other), "scaled")
+        return True
+
+    def _matmul(self, node: fx.Node, args: tuple, fn: Any, equation: str | None) -> None:
+        weights = [self.from_softmax(a) for a in args]
+        if any(weights) and not all(weights):
+            module: MatMul = AttentionProduct(fn, equation, constant_index=weights.index(True))
+            self.replace(node, module, tuple(args), "attention_product")
+        else:
+            self.replace(node, MatMul(fn, equation), tuple(args), "matmul")
+
+    def _layer_norm(self, node: fx.Node, args: tuple, kwargs: dict) -> bool:
+        values = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args))
+        values.update(kwargs)
+        shape, eps = values.get("normalized_shape"), values.get("eps", 1e-5)
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) for s in shape) \
+                or not isinstance(eps, float):
+            return False
+        weight, bias = values.get("weight"), values.get("bias")
+        if weight is None and bias is not None:
+            return False
+        extra = tuple(t for t in (weight, bias) if t is not None)
+        self.replace(node, LayerNormFn(shape, eps), (args[0],) + extra, "layer_norm")
+        return True
+
+
+def _constant(args: tuple, kwargs: dict) -> bool:
+    return not any(isinstance(a, fx.Node) for a in list(args) + list(kwargs.values()))
+
+
+def _activation(kind: Any, kwargs: dict) -> nn.Module | None:
+    cls = _ACTIVATIONS[kind]
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+    if any(isinstance(v, fx.Node) for v in kwargs.values()):
+        return None
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__
+
+
+class _Unseen(TorchFunctionMode):
+    """Counts the torch functions called on tensors that require grad while an untraceable module runs, outside
+    its hooked leaf modules (those have rules): the operations no rule sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = 0
+        self.seen: Counter[str] = Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if not self.paused:
+            name = getattr(func, "__name__", "")
+            name = name[2:-2].lstrip("ir") if name.startswith("__") and name != "__get__" else name
+            if name and name != "__get__" and func not in ROUTING and name not in ROUTING \
+                    and any(isinstance(a, torch.Tensor) and a.requires_grad
+                            for a in list(args) + list(kwargs.values())):
+                self.seen[name] += 1
+        return func(*args, **kwargs)
+
+
+class _Watch:
+    """Runs ``_Unseen`` during the first forward with gradients of one untraceable module; then notes what it saw."""
+
+    def __init__(self, module: nn.Module, label: str, session: Session) -> None:
+        self.label, self.session = label, session
+        self.mode = _Unseen()
+        self.active = False
+        self.handles = [module.register_forward_pre_hook(self._start),
+                        module.register_forward_hook(self._stop, always_call=True)]
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        if not torch.is_grad_enabled() or self.active:
+            return
+        # registered now, after the session's hooks, so that what those do in a leaf's forward hook is paused
+        # too; traced children are paused as a whole (fx saw their operations)
+        for inner in module.modules():
+            if inner is not module and (isinstance(inner, fx.GraphModule) or next(inner.children(), None) is None):
+                self.handles += [inner.register_forward_pre_hook(self._pause),
+                                 inner.register_forward_hook(self._resume, always_call=True)]
+        self.active = True
+        self.mode.__enter__()
+
+    def _stop(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not self.active:
+            return
+        self.mode.__exit__(None, None, None)
+        self.active = False
+        seen = _counts(self.mode.seen)
+        self.session.notes.append(f"functional: {self.label} (not traced) computes outside its modules: "
+                                  f"{seen or 'nothing'}")
+        self.remove()
+
+    def _pause(self, module: nn.Module, args: tuple) -> None:
+        self.mode.paused += 1
+
+    def _resume(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.mode.paused -= 1
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+class FunctionalOperations(Canonizer):
+    """Trace with torch.fx and route functional operations through modules (see the module docstring)."""
+
+    name = "functional"
+
+    def __init__(self) -> None:
+        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self._watches: list[_Watch] = []
+        self._session: Session | None = None
+        self._embeddings: list[str] = []
+
+    def apply(self, model: nn.Module, session: Session) -> nn.Module:
+        self._session = session
+        done: Counter[str] = Counter()
+        left: Counter[str] = Counter()
+        inlined: Counter[str] = Counter()
+        untraced: list[str] = []
+        embeddings: list[str] = []
+        self._embeddings = embeddings
+        result = self._canonize(model, "", done, left, inlined, untraced)
+        constants = done.pop("attention_bias", 0)
+        notes = [f"functional: routed through modules: {_counts(done) or 'nothing'}"]
+        if constants:
+            notes.append(f"functional: position biases of attention logits as AttentionBias (the bias absorbs its "
+                         f"share of relevance, as a layer's bias does): x{constants}")
+        if embeddings:
+            notes.append("functional: parameters that are terms of the signal take relevance as the input does (the "
+                         f"embeddings' share, not a loss): {', '.join(embeddings)}")
+        if inlined:
+            notes.append(f"functional: inlined by torch.fx (their operations are routed above): {_counts(inlined)}")
+        if left:
+            notes.append(f"functional: left on the plain gradient: {_counts(left)}")
+        if untraced:
+            notes.append(f"functional: torch.fx cannot trace {'; '.join(untraced)}: the functional operations "
+                         "in their forward are not seen and pass the plain gradient")
+        session.notes.extend(notes)
+        return result
+
+    def _canonize(self, module: nn.Module, where: str, done: Counter, left: Counter, inlined: Counter,
+                  untraced: list[str]) -> nn.Module:
+        tracer = _Tracer()
+        try:
+            graph = tracer.trace(module)
+        except Exception as err:  # fx raises many kinds of errors on untraceable code
+            label = f"{type(module).__name__} at {where or '<model>'}"
+            untraced.append(f"{label} ({_reason(err)})")
+            for name, child in list(module._modules.items()):
+                if child is None or tracer.is_leaf_module(child, name):
+                    continue
+                new = self._canonize(child, f"{where}.{name}" if where else name, done, left, inlined, untraced)
+                if new is not child:
+                    module._modules[name] = new
+                    self._swapped.append((module, name, child))
+            if self._session is not None:
+                self._watches.append(_Watch(module, label, self._session))
+            return module
+        traced = fx.GraphModule(module, graph, type(module).__name__)
+        rewriter = _Rewriter(traced)
+        rewriter.run()
+        done.update(rewriter.done)
+        self._embeddings.extend(f"{where}.{name}" if where else name for name in rewriter.embeddings)
+        left.update(rewriter.left)
+        inlined.update(tracer.inlined)
+        return traced
+
+    def revert(self) -> None:
+        for watch in self._watches:
+            if watch.active:  # a forward that never finished
+                watch.mode.__exit__(None, None, None)
+            watch.remove()
+        self._watches.clear()
+        for parent, name, original in reversed(self._swapped):
+            parent._modules[name] = original
+        self._swapped.clear()
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{name} x{n}" for name, n in counter.most_common())

@@ -1,0 +1,379 @@
+"""One call of a hooked module: what its rule reads in the backward, and what the session knows about it.
+
+A ``LayerCall`` is made by the session's forward hook (``hooks``) for each call of a module that got a rule
+and is owned by that call's autograd node, so a module called twice in one forward gets two records and all
+is freed with the graph. It keeps only the tensors its rule reads (``release``), may keep relu(z) in place of
+its output z and restore what the rule needs (``rectify``, ``restore_output``), runs the rule over slices of
+the batch where the layer is large (``relevance``) and refuses tensors changed in place (``check_unmodified``).
+
+Besides it: ``ParamCache``, the parameter-derived tensors a session keeps between backward passes;
+``ZeroNotes``, which relevance is known to be zero where an input is; ``known_nonnegative``, read from the
+graph.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lrpcli.engine.layerops import bias_shape, empty_like_layout, forward, tracing
+from lrpcli.engine.rules import formula
+from lrpcli.engine.rules.base import Rule, fits
+
+
+class Session(Protocol):
+    """What a call asks of its session (``hooks.Session``)."""
+
+    active: bool
+    recorder: Any
+    zero_notes: ZeroNotes
+    param_cache: ParamCache
+
+    def params_of(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def param_stamp(self, call: LayerCall) -> tuple | None: ...
+
+
+#: largest relevance tensor (bytes) a rule processes in one piece; larger ones are split over the batch
+CHUNK_BYTES = 16 * 2**20
+
+
+class LayerCall:
+    """One call of a hooked module: what its rule needs in the backward."""
+
+    __slots__ = ("session", "module", "name", "key", "rule", "reads", "inputs", "output", "versions", "rectified",
+                 "output_rectified", "relu_recomputed", "input_nonnegative", "into", "_memo", "__weakref__")
+
+    def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
+                 inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
+                 reads: tuple[str, ...] | None = None) -> None:
+        self.session = session
+        self.module = module
+        self.name = name
+        self.key = key
+        self.rule = rule
+        #: ``rule.reads_of(module)``, given by the session from its per-module dispatch
+        self.reads = rule.reads_of(module) if reads is None else reads
+        self.inputs = inputs
+        self.output = output
+        self.versions = tuple(t._version for t in inputs) + (output._version,)
+        self.rectified = False
+        #: in the backward: the output is relu(z) and the relevance is 0 wherever it is 0 (see restore_output)
+        self.output_rectified = False
+        #: the call is a ReLU whose output is not in the graph (``relu_recompute``): the plain gradient is computed
+        #: from the input here instead of by the ReLU's own autograd node
+        self.relu_recomputed = False
+        self._memo: dict[str, Any] = {}
+        #: where a rule may write the relevance of the first input (``times_input(..., into=call.into)``): this
+        #: slice's rows of the whole batch's result, when the backward runs over slices of the batch; else None
+        self.into: torch.Tensor | None = None
+        #: the first input is a hooked ReLU's output (through pooling or reshaping), unmodified: x >= 0 is known
+        #: without reading x (sign-split rules skip their min/max pass)
+        self.input_nonnegative = bool(inputs) and known_nonnegative(inputs[0])
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.inputs[0]
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias in effect for this call (merged ones while a canonizer is active); computed once
+        per backward of the call, also when the rule runs over several batch slices."""
+        return self.memo("params", lambda: self.session.params_of(self.module))
+
+    def memo(self, key: str, build: Callable[[], Any]) -> Any:
+        """A value computed once per backward of this call and shared by its batch slices (W+, stacked weights,
+        a ZBox's bound terms): work that depends on the parameters, not on the samples. In a first-order
+        backward the session also keeps it for later calls of the module (``ParamCache``)."""
+        memo = self._memo
+        if key not in memo:
+            cache = self.session.param_cache
+            if torch.is_grad_enabled() or formula.enabled() or tracing():  # a capture bakes nothing in
+                memo[key] = build()
+            else:
+                memo[key] = cache.get(self, key, build)
+        return memo[key]
+
+    def output_without_bias(self, bias: torch.Tensor | None) -> torch.Tensor:
+        """z - b: the layer output without its bias term (the one from ``params()``), from the stored output."""
+        if bias is None:
+            return self.output
+        return self.output - bias.view(bias_shape(self.module, self.output))
+
+    def native_vjp(self, v: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The module's own vector-Jacobian product at v, for each input (None where an input has no path)."""
+        wanted = [t for t in self.inputs if t.requires_grad]
+        if not wanted:
+            return tuple(None for _ in self.inputs)
+        grads = iter(torch.autograd.grad(self.output, wanted, v, retain_graph=True,
+                                          create_graph=torch.is_grad_enabled(), allow_unused=True))
+        return tuple(next(grads) if t.requires_grad else None for t in self.inputs)
+
+    def release(self) -> None:
+        """Keep only the tensors the rule reads; the others become shape-only (meta) stand-ins.
+
+        A LayerCall lives as long as the graph: holding every layer's output would keep activations alive that
+        a plain backward frees (a ReLU's Pass needs none, ZPlus no output), doubling peak memory.
+        """
+        if self.rule.needs_graph:
+            return
+        reads = self.reads
+        if "output" not in reads:
+            self.output = torch.empty_like(self.output, device="meta")
+        if "inputs" not in reads:
+            self.inputs = tuple(torch.empty_like(t, device="meta") for t in self.inputs)
+
+    def rectify(self, rectified: torch.Tensor) -> None:
+        """Keep relu(z) instead of z: the ReLU's output, which the next layer keeps anyway (one activation
+        less per layer). Only for rules that ``tolerates_rectified_output()``; ``restore_output`` makes it exact."""
+        self.output = rectified.detach()  # detached: no reference cycle through the graph
+        self.versions = self.versions[:-1] + (self.output._version,)
+        self.rectified = True
+
+    def restore_output(self, relevance: torch.Tensor) -> None:
+        """Give the rule an output that yields exactly its relevance, after ``rectify``.
+
+        Where relu(z) > 0 it equals z. Where it is 0 (z <= 0) the rule's ratio R_j / s(den_j) is 0 whatever
+        den_j is, as long as R_j = 0 — which holds whenever the layers above are proportional to their input
+        (every LRP rule but Flat, WSquare and ZBox, and no gradient rule). When the relevance is the very tensor
+        such a rule made from this output (``ZeroNotes``), that is known without looking; else one pass over
+        both tensors checks it. Where it fails, z is recomputed from the stored input, one forward of this
+        layer; also under create_graph=True, where z must carry its graph.
+        """
+        if not self.rectified:
+            return
+        self.rectified = False
+        zero_where_rectified = not torch.is_grad_enabled() and (
+            self.session.zero_notes.known(relevance, self.output)
+            or not bool(torch.logical_and(relevance != 0, self.output == 0).any()))
+        if zero_where_rectified:
+            self.output_rectified = True  # rules may use it: only outputs > 0 carry relevance
+        else:
+            weight, bias = self.params()
+            self.output = forward(self.module, self.x, weight, bias, self.output)
+            self.versions = self.versions[:-1] + (self.output._version,)
+
+    def relevance(self, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The rule's relevance for each input; over slices of the batch where the layer is large.
+
+        A rule's temporaries are several tensors of the output's size (products, denominators, a pair buffer, the
+        transposed operation's result); at the first layers of an image model they set the peak memory. Rules
+        are per-sample, so slicing the batch changes no number, and bounds those temporaries to CHUNK_BYTES.
+        """
+        if tracing():  # a capture serves any batch size: no slices that depend on it
+            return self.rule.relevance(self, relevance)
+        n = relevance.shape[0] if relevance.dim() else 0
+        parts = min(n, -(-relevance.numel() * relevance.element_size() // CHUNK_BYTES))
+        if parts <= 1 or self.rule.needs_graph or not self.rule.makes_temporaries or torch.is_grad_enabled() \
+                or not self._batched(n) or not self.rule.splits_over_batch(self):
+            return self.rule.relevance(self, relevance)
+        # the first input's result is allocated up front, so that rules write each slice's rows straight into
+        # it (``into``) instead of into a temporary that is then copied
+        # (on the relevance's device: x is a shape-only stand-in where the rule does not read it)
+        first = empty_like_layout(self.x, self.x.shape, dtype=torch.result_type(self.x, relevance),
+                                  device=relevance.device)
+        results: list[torch.Tensor | None] = []
+        for rows in torch.arange(n).tensor_split(parts):
+            start, stop = int(rows[0]), int(rows[-1]) + 1
+            sliced = self._rows(start, stop)
+            sliced.into = first[start:stop]
+            part = self.rule.relevance(sliced, relevance[start:stop])
+            if not results:
+                results = [None if r is None else (first if k == 0 and fits(sliced.into, r)
+                                                   else r.new_empty((n,) + r.shape[1:]))
+                           for k, r in enumerate(part)]
+            for out, r in zip(results, part):
+                if out is not None and r is not None and r.data_ptr() != out[start:stop].data_ptr():
+                    out[start:stop] = r
+        return tuple(results)
+
+    def _batched(self, n: int) -> bool:
+        return all(t.dim() > 0 and t.shape[0] == n for t in self.inputs + (self.output,))
+
+    def _rows(self, start: int, stop: int) -> LayerCall:
+        """This call restricted to samples start:stop (the same module, rule and parameters)."""
+        part = object.__new__(LayerCall)
+        for slot in LayerCall.__slots__:
+            if slot != "__weakref__":
+                setattr(part, slot, getattr(self, slot))
+        part.inputs = tuple(t[start:stop] for t in self.inputs)
+        part.output = self.output[start:stop]
+        return part
+
+    def check_unmodified(self) -> None:
+        """Refuse to compute with tensors that an in-place operation changed after the module ran."""
+        now = tuple(t._version for t in self.inputs) + (self.output._version,)
+        reads = self.reads
+        changed = [a != b for a, b in zip(now, self.versions)]
+        if ("inputs" in reads and any(changed[:-1])) or ("output" in reads and changed[-1]):
+            raise RuntimeError(
+                f"lrpcli: the input or output of module {self.name!r} ({type(self.module).__name__}) was modified "
+                "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
+                "tensors (e.g. `out += identity`: use the 'residual' canonizer, or `out = out + identity`)."
+            )
+
+
+class ParamCache:
+    """Values that depend only on a module's parameters (W+, stacked weights, merged BatchNorm weights), kept by
+    the session from one backward to the next.
+
+    Small networks run many cheap layers: rebuilding each layer's weight-derived tensors in every backward
+    costs as much as the rule's arithmetic on the activations. A module's entries are reused while every
+    parameter and buffer they were built from is the same tensor at the same version (an optimizer step,
+    ``reset_parameters`` or ``load_state_dict`` change them), and the input has the same shape, dtype and device
+    (ZBox's bound terms follow the input's size); else they are all dropped. Modules whose parameters a canonizer
+    substitutes are cached only where it names the modules they come from (``Session.param_sources``). Entries
+    are capped at ``ENTRY_BYTES`` each and ``BUDGET_BYTES`` in all, which bounds what the cache adds to a run's
+    memory (about 0.1x of a resnet50's gradient at batch 8): the large weights of VGG- and ResNet-style models
+    stay uncached, their rebuild being small beside their arithmetic. Only first-order backward passes use it.
+    """
+
+    ENTRY_BYTES = 2**20
+    BUDGET_BYTES = 64 * 2**20
+    __slots__ = ("stamps", "entries", "used")
+
+    def __init__(self) -> None:
+        #: (module, rule id) -> the stamp its entries were built under (``Session.param_stamp``)
+        self.stamps: dict[tuple[nn.Module, int], tuple] = {}
+        #: (module, rule id) -> {key: (value, bytes)}
+        self.entries: dict[tuple[nn.Module, int], dict[str, tuple[Any, int]]] = {}
+        self.used = 0
+
+    def get(self, call: LayerCall, key: str, build: Callable[[], Any]) -> Any:
+        entries = call._memo.get(_ENTRIES, _ENTRIES)
+        if entries is _ENTRIES:  # once per backward of the call
+            entries = call._memo[_ENTRIES] = self._entries_of(call)
+        if entries is None:
+            return build()
+        entry = entries.get(key)
+        if entry is not None:
+            return entry[0]
+        value = build()
+        size = _owned_bytes(value)
+        if size <= self.ENTRY_BYTES and self.used + size <= self.BUDGET_BYTES:
+            entries[key] = (value, size)
+            self.used += size
+        return value
+
+    def _entries_of(self, call: LayerCall) -> dict[str, tuple[Any, int]] | None:
+        """The call's module's entries, emptied first if its parameters changed; None: not cacheable."""
+        stamp = call.session.param_stamp(call)
+        if stamp is None:
+            return None
+        slot = (call.module, id(call.rule))
+        old = self.stamps.get(slot)
+        if old is None or not _same_stamp(old, stamp):
+            self.stamps[slot] = stamp
+            self.used -= sum(size for _, size in self.entries.pop(slot, {}).values())
+            self.entries[slot] = {}
+        return self.entries[slot]
+
+    def clear(self) -> None:
+        self.stamps.clear()
+        self.entries.clear()
+        self.used = 0
+
+
+#: the key under which a call's memo keeps its ParamCache entries
+_ENTRIES = "\0entries"
+
+
+def _same_stamp(a: tuple, b: tuple) -> bool:
+    """Equal stamps: the same tensors (by identity; a stamp holds them, so no id is reused) and equal values."""
+    return len(a) == len(b) and all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+def _owned_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` that are not parameters (a parameter is held by the model anyway)."""
+    if isinstance(value, (tuple, list)):
+        return sum(_owned_bytes(v) for v in value)
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        return value.numel() * value.element_size()
+    return 0
+
+
+#: modules whose output is >= 0 whatever their input, and modules whose output keeps the signs of their input
+_NONNEGATIVE_OUTPUT = (nn.ReLU, nn.ReLU6)
+_SIGN_KEEPING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                 nn.AdaptiveMaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Identity)
+
+
+def known_nonnegative(x: torch.Tensor, depth: int = 4) -> bool:
+    """True when x is, unmodified, what a hooked ReLU returned (possibly through pooling or reshaping layers).
+
+    Read from the autograd graph: a hooked module's result has its ``_RuleFunction`` node as grad_fn, which
+    carries the LayerCall; an in-place change since then gives x another grad_fn or another version.
+    """
+    call = getattr(x.grad_fn, "call", None)
+    if not isinstance(call, LayerCall) or call.versions[-1] != x._version:
+        return False
+    if isinstance(call.module, _NONNEGATIVE_OUTPUT):
+        return True
+    return (depth > 0 and isinstance(call.module, _SIGN_KEEPING) and bool(call.inputs)
+            and known_nonnegative(call.inputs[0], depth - 1))
+
+
+class ZeroNotes:
+    """Which relevance tensors are known to be zero wherever a given tensor is, kept by the session.
+
+    A rule with ``proportional_to_inputs`` makes relevance that is zero wherever its input is; when that input is
+    a ReLU's output, the layer below the ReLU (which keeps relu(z) as its output, ``LayerCall.rectify``) is then
+    spared the pass over its output and relevance that ``restore_output`` would otherwise make. A note is keyed
+    by the relevance tensor's id and holds it weakly (ids of dead tensors are reused), with the versions of both
+    tensors: it holds only while neither changed. Notes are made and read within one backward; the session drops
+    them at the start of each forward.
+    """
+
+    __slots__ = ("notes",)
+
+    def __init__(self) -> None:
+        #: id(relevance) -> (weak relevance, its version, weak input, the input's version)
+        self.notes: dict[int, tuple[weakref.ref, int, weakref.ref, int]] = {}
+
+    def mark(self, inputs: Sequence[torch.Tensor], result: Sequence[torch.Tensor | None]) -> None:
+        """Each input's relevance in ``result`` is zero wherever that input is."""
+        for x, r in zip(inputs, result):
+            if r is not None and r.shape == x.shape and not x.is_meta:
+                self.notes[id(r)] = (weakref.ref(r), r._version, weakref.ref(x), x._version)
+
+    def _note(self, relevance: torch.Tensor) -> tuple[weakref.ref, int, weakref.ref, int] | None:
+        note = self.notes.get(id(relevance))
+        return note if note is not None and note[0]() is relevance else None
+
+    def hand_on(self, relevance: torch.Tensor, result: Sequence[torch.Tensor | None]) -> None:
+        """A result holding the very elements of the relevance (a Pass that reshapes it: Flatten) keeps its
+        note."""
+        note = self._note(relevance)
+        if note is not None:
+            for r in result:
+                if r is not None and r is not relevance and same_elements(r, relevance):
+                    self.notes[id(r)] = (weakref.ref(r),) + note[1:]
+
+    def known(self, relevance: torch.Tensor, output: torch.Tensor) -> bool:
+        """True if ``relevance`` is known to be zero wherever ``output`` is: a note says so for a tensor holding
+        the same elements as ``output``, and neither changed since."""
+        note = self._note(relevance)
+        if note is None:
+            return False
+        _, version, ref, x_version = note
+        x = ref()
+        return (x is not None and relevance._version == version and x._version == x_version
+                and relevance.numel() == output.numel() and same_elements(x, output))
+
+    def clear(self) -> None:
+        self.notes.clear()
+
+
+def same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b hold the same elements in the same order (one is b itself, or both are the same memory with the
+    same layout, or contiguous reshapes of one another)."""
+    if a is b:
+        return True
+    if (a.dim() == 0 or b.dim() == 0 or a.data_ptr() != b.data_ptr() or a.dtype != b.dtype
+            or a.device != b.device or a.numel() != b.numel() or a.shape[0] != b.shape[0]):
+        return False
+    return (a.shape == b.shape and a.stride() == b.stride()) or (a.is_contiguous() and b.is_contiguous())

@@ -1,0 +1,70 @@
+"""AlphaBeta: positive and negative contributions normalised separately, alpha - beta = 1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lrpcli.engine.rules.base import ParamRule, check_number, scaled, total
+from lrpcli.engine.rules.signsplit import SignSplit
+from lrpcli.engine.rules.stabilizer import Stabilizer
+
+
+class AlphaBeta(ParamRule):
+    """R_i = sum_j [alpha (x+W+ + x-W-)_ij / s(z+_j) - beta (x+W- + x-W+)_ij / s(z-_j)] R_j.
+
+    z+ = sum_i (x+ W+ + x- W-) + b+ and z- = sum_i (x+ W- + x- W+) + b-: each bias part is counted once.
+    """
+
+    name = "alpha_beta"
+    proportional_to_inputs = True
+    shown = ("alpha", "beta")
+    ratio_of_output = True
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabilizer | float | None = None,
+                 zero_params: Sequence[str] = ()) -> None:
+        self.alpha = check_number("AlphaBeta", "alpha", alpha)
+        self.beta = check_number("AlphaBeta", "beta", beta)
+        if abs(self.alpha - self.beta - 1.0) > 1e-12:
+            raise ValueError(f"AlphaBeta: alpha - beta must be 1, got alpha={self.alpha:g}, beta={self.beta:g}")
+        super().__init__(stabilizer, zero_params)
+
+    def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        split = SignSplit(call, self.zero_bias)
+        if self.beta and split.pair_fast:
+            return (self._fused(split, relevance),)
+        pos = scaled(self.stabilizer.divide(relevance, total(split.aligned, split.bias_pos())), self.alpha)
+        neg = None
+        if self.beta:
+            neg = scaled(self.stabilizer.divide(relevance, total(split.opposed, split.bias_neg())), -self.beta)
+        return (split.backproject(pos, neg),)
+
+    def _fused(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
+        """The same rule in three passes over the output besides the two convolutions (``split.pair_fast``).
+
+        z+ (the aligned sum plus b+) comes from one forward and z- = z - z+. Their signs are known (z+ >= 0 >= z-),
+        so the sign stabilizer is folded into the forward's bias: s(z+) = P_pp + b+ + eps and s(z-) = z - that.
+        alpha and beta are folded into the stacked weights [alpha W+; beta |W-|], which get R / s(z+) and
+        R / s(z-).
+        """
+        folded = self.stabilizer.mode == "sign"
+        positive = split.positive_sum(self.stabilizer.epsilon if folded else 0.0)
+        buf, to_pos, to_neg = split.pair_buffer()
+        if folded:
+            torch.div(relevance, torch.sub(split.z_rule, positive, out=to_neg), out=to_neg)
+            torch.div(relevance, positive, out=to_pos)
+        else:
+            self.stabilizer.divide(relevance, torch.sub(split.z_rule, positive), out=to_neg)
+            self.stabilizer.divide(relevance, positive, out=to_pos)
+        del positive
+        return split.backproject_pair(buf, self._fill_weights)
+
+    def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_aligned: torch.Tensor, w: torch.Tensor,
+                      negative_inputs: bool = False) -> None:
+        """[alpha W+; beta |W-|] for x+ (w_aligned = W+; |W-| = W+ - W), and [alpha W-; -beta W+] for x-
+        (w_aligned = W-; the same expressions)."""
+        torch.mul(w_aligned, self.alpha, out=first)
+        torch.sub(w_aligned, w, out=second)
+        if self.beta != 1.0:
+            second.mul_(self.beta)

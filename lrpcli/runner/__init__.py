@@ -1,0 +1,1 @@
+"""``lrpcli explain``'s batch runs: one process (``local``) and torchrun ranks with their shard merge."""
