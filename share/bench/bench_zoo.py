@@ -3,6 +3,10 @@
 
     .venv/bin/python share/bench/bench_zoo.py [--models resnet18,vit_*] [--max-params 350] [--repeats 3]
                                               [--no-time] [--no-conservation]
+    .venv/bin/python share/bench/bench_zoo.py --timm [--models resnet50,swin_*]   # timm's models (timm installed)
+
+A ``timm:NAME`` model is given as a user gives one, ``model.entrypoint: timm:create_model`` with
+``kwargs: {model_name: NAME, pretrained: false}``; ``--timm`` sweeps ``TIMM_MODELS``.
 
 Each model is built with random weights (``weights: None``, the seed ``lrpcli explain`` uses) at the smallest
 input size it accepts among ``SIZES`` (ViTs and MaxViT need their own image size), then:
@@ -37,7 +41,8 @@ from benchlib import log, median
 from torch import nn
 
 import lrpcli
-from lrpcli.build import load_config
+from lrpcli.build import ENGINE_CHECKS, load_config
+from lrpcli.config import validate
 from lrpcli.explainer import Explainer
 from lrpcli.models import load_model
 
@@ -51,6 +56,11 @@ EXACT = {  # config overrides that make the auto rules exactly conservative (see
     "composite.stabilizer": {"epsilon": 1e-12, "mode": "rms"},
     "composite.rules": [{"type": "lrpcli.functional_modules.AttentionProduct", "rule": {"name": "constant_operand"}}],
 }
+#: timm models swept by ``--timm`` (random weights; the sweep picks the smallest input each accepts)
+TIMM_MODELS = ("resnet50", "regnety_016", "efficientnet_b0", "mobilenetv3_large_100", "convnext_tiny",
+               "vit_small_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224",
+               "resnet18", "densenet121", "levit_128s")
+TIMM = "timm:"
 #: what a note says when the canonizers left something without a rule
 UNSEEN = ("left on the plain gradient", "cannot trace", "not decomposed")
 
@@ -101,18 +111,25 @@ HEADER = ("model", "params", "size", "coverage left", "finite", "conservation - 
 
 
 def config_for(name: str, exact: bool = False):
-    """The shipped auto config with this model (random weights); ``exact``: the conservative variant."""
-    overrides = {"model.name": name, "model.weights": None}
-    if exact:
-        overrides.update(EXACT)
-    return load_config(TEMPLATE, overrides)
+    """The shipped auto config with this model (random weights); ``exact``: the conservative variant. A
+    ``timm:NAME`` model comes through ``model.entrypoint`` as a user would give it."""
+    overrides = dict(EXACT) if exact else {}
+    if not name.startswith(TIMM):
+        return load_config(TEMPLATE, {"model.name": name, "model.weights": None, **overrides})
+    import yaml
+
+    raw = yaml.safe_load(TEMPLATE.read_text())
+    raw["model"] = {"entrypoint": "timm:create_model",
+                    "kwargs": {"model_name": name[len(TIMM):], "pretrained": False}}
+    return validate(raw, source=f"{TEMPLATE} ({name})", base_dir=TEMPLATE.parent, overrides=overrides,
+                    checks=ENGINE_CHECKS)
 
 
 def build(name: str) -> nn.Module:
     """As ``lrpcli explain`` builds it (``load_model``: eval mode, seeded), random weights. torchvision
     initialises some weights to zero (ViT's classification head): those are drawn at random, so that the output,
     and the relevance, are not zero."""
-    model = load_model({"model": {"name": name, "weights": None}})
+    model = load_model(config_for(name) if name.startswith(TIMM) else {"model": {"name": name, "weights": None}})
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for module in model.modules():
@@ -234,6 +251,8 @@ def coverage_and_time(name: str, size: int, repeats: int, batch: int = 2) -> tup
 def parameters_m(name: str) -> float:
     """Millions of parameters, counted on the meta device where the builder allows (no memory, no random init:
     vit_h_14 takes a minute); RegNet's builders compute their widths with tensors and are built for real."""
+    if name.startswith(TIMM):
+        return sum(p.numel() for p in build(name).parameters()) / 1e6
     import torchvision
 
     try:
@@ -262,10 +281,16 @@ def sweep_one(name: str, max_params_m: float, repeats: int, conserve: bool) -> Z
     return row
 
 
-def select(patterns: str | None) -> list[str]:
+def select(patterns: str | None, timm: bool = False) -> list[str]:
+    """The models matching ``patterns`` among torchvision's (or, ``timm``, among ``TIMM_MODELS``); a
+    ``timm:NAME`` pattern names any timm model."""
     import torchvision
 
-    names = torchvision.models.list_models(module=torchvision.models)
+    names = [TIMM + n for n in TIMM_MODELS] if timm else torchvision.models.list_models(module=torchvision.models)
+    if patterns and timm:
+        patterns = ",".join(p if p.strip().startswith(TIMM) else TIMM + p.strip() for p in patterns.split(","))
+    extra = [p.strip() for p in (patterns or "").split(",") if p.strip().startswith(TIMM) and "*" not in p]
+    names += [n for n in extra if n not in names]
     if not patterns:
         return names
     wanted = [p.strip() for p in patterns.split(",") if p.strip()]
@@ -312,6 +337,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed pairs per model (default 3)")
     p.add_argument("--no-time", action="store_true", help="skip the timing")
     p.add_argument("--no-conservation", action="store_true", help="skip the float64 conservation check")
+    p.add_argument("--timm", action="store_true",
+                   help="sweep timm's models (TIMM_MODELS; --models picks among them) instead of torchvision's")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     return p.parse_args(argv)
 
@@ -320,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(select(args.models), args.max_params, 0 if args.no_time else args.repeats, not args.no_conservation)
+    repeats = 0 if args.no_time else args.repeats
+    rows = run(select(args.models, args.timm), args.max_params, repeats, not args.no_conservation)
     print(markdown(rows) + "\n\n" + summary(rows))
     return 0 if all(r.status in ("ok", "skipped") for r in rows) else 1
 
