@@ -305,6 +305,9 @@ class _Rewriter:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         values = dict(zip(names, args))
         values.update(kwargs)
+        # an option handed down from the model's own forward arguments (timm's ``attn_mask=None``,
+        # ``is_causal=False``) is a placeholder: lrpcli calls the model with the input alone, so its default holds
+        values = {k: _default(v) for k, v in values.items()}
         options = [values.get(k) for k in ("dropout_p", "is_causal", "scale", "enable_gqa")]
         if any(isinstance(o, fx.Node) for o in options) or values.get("enable_gqa"):
             return False
@@ -381,6 +384,13 @@ class _Rewriter:
         extra = tuple(t for t in (weight, bias) if t is not None)
         self.replace(node, LayerNormFn(shape, eps), (args[0],) + extra, "layer_norm")
         return True
+
+
+def _default(value: Any) -> Any:
+    """A placeholder with a default (a model forward's keyword argument) as that default; anything else as is."""
+    if isinstance(value, fx.Node) and value.op == "placeholder" and value.args:
+        return value.args[0]
+    return value
 
 
 def _constant(args: tuple, kwargs: dict) -> bool:
