@@ -61,6 +61,11 @@ TIMM_MODELS = ("resnet50", "regnety_016", "efficientnet_b0", "mobilenetv3_large_
                "vit_small_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224",
                "resnet18", "densenet121", "levit_128s")
 TIMM = "timm:"
+#: listed models known to fail, with why (the slow test skips them; the sweep still shows their row)
+TIMM_EXEMPT = {
+    "levit_128s": "no attention module or LayerNorm at entry, so auto picks the CNN rules, which have none for the "
+                  "attention the functional canonizer finds (MatMul, Softmax, AttentionProduct)",
+}
 #: what a note says when the canonizers left something without a rule
 UNSEEN = ("left on the plain gradient", "cannot trace", "not decomposed")
 
