@@ -287,18 +287,20 @@ def sweep_one(name: str, max_params_m: float, repeats: int, conserve: bool) -> Z
 
 
 def select(patterns: str | None, timm: bool = False) -> list[str]:
-    """The models matching ``patterns`` among torchvision's (or, ``timm``, among ``TIMM_MODELS``); a
-    ``timm:NAME`` pattern names any timm model."""
+    """The models matching ``patterns`` (names or globs) among torchvision's and, as ``timm:NAME``, the
+    ``TIMM_MODELS``; ``timm``: among the latter only, ``timm:`` implied. A ``timm:NAME`` without a glob names
+    any timm model. No patterns: every torchvision model (``timm``: every listed timm model)."""
     import torchvision
 
-    names = [TIMM + n for n in TIMM_MODELS] if timm else torchvision.models.list_models(module=torchvision.models)
+    listed = [TIMM + n for n in TIMM_MODELS]
+    vision = torchvision.models.list_models(module=torchvision.models)
     if patterns and timm:
         patterns = ",".join(p if p.strip().startswith(TIMM) else TIMM + p.strip() for p in patterns.split(","))
-    extra = [p.strip() for p in (patterns or "").split(",") if p.strip().startswith(TIMM) and "*" not in p]
-    names += [n for n in extra if n not in names]
     if not patterns:
-        return names
+        return listed if timm else vision
     wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    names = listed if timm else vision + listed
+    names += [p for p in wanted if p.startswith(TIMM) and not any(c in p for c in "*?[") and p not in names]
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in wanted)]
     unknown = [p for p in wanted if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unknown:
@@ -336,7 +338,8 @@ def run(names: list[str], max_params_m: float, repeats: int, conserve: bool) -> 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", help="comma-separated names or globs (default: the whole list)")
+    p.add_argument("--models", help="comma-separated names or globs (default: the whole list); timm:NAME or "
+                   "timm:* for timm's models")
     p.add_argument("--max-params", type=float, default=350.0,
                    help="skip models above this many million parameters (default 350: vit_h_14, regnet_y_128gf)")
     p.add_argument("--repeats", type=int, default=3, help="timed pairs per model (default 3)")
