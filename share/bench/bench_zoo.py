@@ -59,12 +59,16 @@ EXACT = {  # config overrides that make the auto rules exactly conservative (see
 #: timm models swept by ``--timm`` (random weights; the sweep picks the smallest input each accepts)
 TIMM_MODELS = ("resnet50", "regnety_016", "efficientnet_b0", "mobilenetv3_large_100", "convnext_tiny",
                "vit_small_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224",
-               "resnet18", "densenet121", "levit_128s")
+               "resnet18", "densenet121", "ghostnet_100", "repvgg_a0", "mixer_s16_224", "levit_128s",
+               "deit3_small_patch16_224", "poolformer_s12", "edgenext_xx_small")
 TIMM = "timm:"
 #: listed models known to fail, with why (the slow test skips them; the sweep still shows their row)
 TIMM_EXEMPT = {
     "levit_128s": "no attention module or LayerNorm at entry, so auto picks the CNN rules, which have none for the "
                   "attention the functional canonizer finds (MatMul, Softmax, AttentionProduct)",
+    "deit3_small_patch16_224": "conservation off by about 1e-5 (LayerScale at its initial 1e-5; not yet found)",
+    "poolformer_s12": "pool(x) - x: a subtraction of activations, which the functional canonizer does not route",
+    "edgenext_xx_small": "its position encoding computes cumsum, sin, cos in forward, named as left by the canonizer",
 }
 #: what a note says when the canonizers left something without a rule
 UNSEEN = ("left on the plain gradient", "cannot trace", "not decomposed")
@@ -322,7 +326,9 @@ def summary(rows: list[ZooRow]) -> str:
     text = f"{len(ok)} of {len(ran)} models ok (coverage empty, finite, conservation within {TOLERANCE:g})"
     if skipped:
         text += f"; skipped for size: {', '.join(skipped)}"
-    bad = [f"{r.model}: {r.status}" for r in ran if r.status != "ok"]
+    bad = [f"{r.model}: {r.status}" + (f" (exempt: {TIMM_EXEMPT[r.model[len(TIMM):]]})"
+                                        if r.model.startswith(TIMM) and r.model[len(TIMM):] in TIMM_EXEMPT else "")
+           for r in ran if r.status != "ok"]
     return text + ("; " + "; ".join(bad) if bad else "")
 
 
