@@ -120,6 +120,30 @@ def test_sdpa_with_options_from_the_forward_is_routed_and_conserves():
     assert abs(relevance.sum().item() / total - 1) < 1e-9
 
 
+class PoolMixer(nn.Module):
+    """PoolFormer's token mixer: ``pool(x) - x``, a difference of two activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1, bias=False)
+        self.pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.fc = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.fc((self.pool(h) - h).mean((2, 3)))
+
+
+def test_difference_of_activations_is_routed_and_conserves():
+    torch.manual_seed(0)
+    model = PoolMixer().to(DT).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=DT)
+    notes: list[str] = []
+    relevance, total = _lrp(get("epsilon_gamma_box", **EXACT), model, x, notes)
+    assert "functional: routed through modules: difference x1, reduce x1" in notes, notes
+    assert abs(relevance.sum().item() / total - 1) < 1e-9
+
+
 class Windows(nn.Module):
     """A layer run over batch x windows (Swin's window partition): dimension 0 of its tensors is not the batch."""
 

@@ -6,6 +6,7 @@ which neither splits it by contribution nor conserves it. This canonizer traces 
 that shares every module and parameter) and puts a module call in place of each such operation:
 
 - tensor + tensor -> ``Sum`` (``EmbeddingSum`` where one side is a parameter, e.g. a position embedding);
+  activation - activation -> ``Sum`` of the first and the negated second (``Scaled``);
 - activation * activation -> ``Product``; -> ``Gate`` where one factor is a sigmoid; activation * parameter or
   number, activation / parameter or number -> ``Scaled`` (layer scale, 1/sqrt(d): relevance passes);
 - matmul / bmm / two-operand einsum of activations -> ``MatMul``, or ``AttentionProduct`` where an operand
@@ -64,6 +65,7 @@ class EmbeddingSum(Sum):
 
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__"}
+_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", "__sub__", "__isub__"}
 _DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
 _MATMUL = {operator.matmul: torch.matmul, torch.matmul: torch.matmul, torch.bmm: torch.bmm,
            "matmul": torch.matmul, "bmm": torch.bmm}
@@ -261,6 +263,8 @@ class _Rewriter:
             return self._add(node, args)
         if kind in _MUL and len(args) == 2 and not kwargs:
             return self._mul(node, args)
+        if kind in _SUB and len(args) == 2 and not kwargs and all(self.is_activation(a) for a in args):
+            return self._sub(node, args)
         if kind in _DIV and len(args) == 2 and not kwargs and self.is_activation(args[0]) \
                 and not self.is_activation(args[1]):
             self.replace(node, Scaled(torch.div, 0), (args[0], args[1]), "scaled")
@@ -341,6 +345,17 @@ class _Rewriter:
             self.replace(node, AttentionBias(), (scores, bias), "attention_bias")
             return True
         self.replace(node, EmbeddingSum() if embedding else Sum(), tuple(args), "embedding" if embedding else "sum")
+        return True
+
+    def _sub(self, node: fx.Node, args: tuple) -> bool:
+        """a - b as Sum(a, -b) (PoolFormer's ``pool(x) - x``): the sum splits by contribution, the negation
+        (Scaled) passes, so a gets a R / z and b gets -b R / z, which add up to R."""
+        name = f"{PREFIX}_neg_{self._count}"
+        self._count += 1
+        self.gm.add_submodule(name, Scaled(torch.neg, 0))
+        with self.gm.graph.inserting_before(node):
+            negated = self.gm.graph.call_module(name, (args[1],))
+        self.replace(node, Sum(), (args[0], negated), "difference")
         return True
 
     def _mul(self, node: fx.Node, args: tuple) -> bool:

@@ -68,7 +68,6 @@ TIMM_EXEMPT = {
                   "attention the functional canonizer finds (MatMul, Softmax, AttentionProduct)",
     "deit3_small_patch16_224": "conservation off by 1.1e-5 with LayerScale at its initial 1e-5, "
                                "within 1e-10 with it at 1: not yet found",
-    "poolformer_s12": "pool(x) - x: a subtraction of activations, which the functional canonizer does not route",
     "edgenext_xx_small": "its position encoding computes cumsum, sin, cos in forward, named as left by the canonizer",
 }
 #: what a note says when the canonizers left something without a rule
