@@ -105,7 +105,8 @@ class ZooRow:
         return "ok" if not bad else "FAIL " + "+".join(bad)
 
     def cells(self) -> tuple[str, ...]:
-        left = "-" if not self.left else f"{len(self.left)}: {'; '.join(self.left)}"
+        shown = self.left[:3] + ([f"... {len(self.left) - 3} more"] if len(self.left) > 4 else self.left[3:4])
+        left = "-" if not self.left else f"{len(self.left)}: {'; '.join(shown)}"
         cons = "-" if self.conservation is None else f"{self.conservation - 1:+.1e}"
         if self.embedding_share:
             cons += f" (emb {self.embedding_share:.2f})"
