@@ -144,6 +144,35 @@ def test_difference_of_activations_is_routed_and_conserves():
     assert abs(relevance.sum().item() / total - 1) < 1e-9
 
 
+class CrossCovariance(nn.Module):
+    """EdgeNeXt's pieces: attention over normalised q and k (``F.normalize``), and a position grid built from the
+    input's shape alone (a constant: its cumsum must not be named as left on the gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12, bias=False)
+        self.pos = nn.Linear(1, 4, bias=False)
+        self.head = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        grid = (~torch.zeros((b, n)).to(dtype=torch.bool)).cumsum(1, dtype=x.dtype)
+        x = x + self.pos(grid[..., None])
+        q, k, v = self.qkv(x).chunk(3, -1)
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)).softmax(-1)
+        return self.head((attn @ v).mean(1))
+
+
+def test_normalize_and_shape_constants_are_routed():
+    torch.manual_seed(0)
+    model = CrossCovariance().to(DT).eval()
+    x = torch.randn(2, 5, 4, dtype=DT)
+    notes: list[str] = []
+    _lrp(get("cp_lrp", **EXACT), model, x, notes)
+    assert not any("left on the plain gradient" in n for n in notes), notes
+    assert any("normalize x2" in n for n in notes), notes
+
+
 class Windows(nn.Module):
     """A layer run over batch x windows (Swin's window partition): dimension 0 of its tensors is not the batch."""
 

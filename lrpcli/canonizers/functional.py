@@ -13,7 +13,7 @@ that shares every module and parameter) and puts a module call in place of each 
   comes from a softmax;
 - softmax -> ``nn.Softmax``; relu, gelu, silu, sigmoid, hardswish, ... -> their ``nn`` modules;
 - mean, adaptive/average pooling -> ``Reduce`` (Norm); max pooling -> ``nn.MaxPool*d`` (so that the composite's
-  maxpool choice applies); ``F.layer_norm`` -> ``LayerNormFn``;
+  maxpool choice applies); ``F.layer_norm`` -> ``LayerNormFn``; ``F.normalize`` (p=2) -> ``Normalize``;
 - ``F.scaled_dot_product_attention`` -> ``DotProductAttention`` (score MatMul, Softmax, AttentionProduct).
 
 Pure routing (reshape, permute, cat, split, chunk, getitem, roll, pad, ...) needs nothing: its gradient moves
@@ -183,7 +183,8 @@ class _Rewriter:
             seen.add(n)
             if n.op == "placeholder":
                 return True
-            todo += [a for a in n.all_input_nodes]
+            # not through sizes: a tensor built from x.shape alone (EdgeNeXt's position grid) is a constant
+            todo += [a for a in n.all_input_nodes if self.is_tensor(a)]
         return False
 
     def module_of(self, node: Any) -> nn.Module | None:
@@ -301,6 +302,13 @@ class _Rewriter:
             return True
         if kind is F.layer_norm and self.is_activation(args[0]):
             return self._layer_norm(node, args, kwargs)
+        if kind is F.normalize and self.is_activation(args[0]):
+            options = dict(zip(("p", "dim", "eps"), args[1:]))
+            options.update(kwargs)
+            if options.get("p", 2.0) != 2.0 or options.get("out") is not None or not _constant((), options):
+                return False
+            self.replace(node, Normalize(options.get("dim", 1), options.get("eps", 1e-12)), (args[0],), "normalize")
+            return True
         if kind is F.scaled_dot_product_attention:
             return self._attention(node, args, kwargs)
         return False

@@ -68,7 +68,6 @@ TIMM_EXEMPT = {
                   "attention the functional canonizer finds (MatMul, Softmax, AttentionProduct)",
     "deit3_small_patch16_224": "conservation off by 1.1e-5 with LayerScale at its initial 1e-5 (each of the 24 "
                                "residual Sums loses about 4.7e-7), within 1e-10 with it at 1: not yet found",
-    "edgenext_xx_small": "its position encoding computes cumsum, sin, cos in forward, named as left by the canonizer",
 }
 #: what a note says when the canonizers left something without a rule
 UNSEEN = ("left on the plain gradient", "cannot trace", "not decomposed")
