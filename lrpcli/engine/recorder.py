@@ -107,17 +107,31 @@ class Recorder:
         """(layers, rules, relevance_in N×L, relevance_out N×L) in forward order; NaN where nothing arrived."""
         self._handed_down = []
         layers = list(self.order)
-        ref = next(iter(self.relevance_out.values()), None)
+        # the batch: the leading size at the model's last layer (layers inside run over batch x windows, Swin)
+        last = next((self.relevance_out[k] for k in reversed(layers) if k in self.relevance_out), None)
+        ref = last if last is not None else next(iter(self.relevance_out.values()), None)
         n = ref.shape[0] if ref is not None else 0
         device = ref.device if ref is not None else "cpu"
         r_in = torch.full((n, len(layers)), float("nan"), dtype=torch.float64, device=device)
         r_out = torch.full_like(r_in, float("nan"))
         for j, key in enumerate(layers):
             if key in self.relevance_in:
-                r_in[:, j] = self.relevance_in[key]
+                r_in[:, j] = fold_batch(self.relevance_in[key], n)
             if key in self.relevance_out:
-                r_out[:, j] = self.relevance_out[key]
+                r_out[:, j] = fold_batch(self.relevance_out[key], n)
         return layers, [self.rules[k] for k in layers], r_in, r_out
+
+
+def fold_batch(sums: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-sample sums of a layer whose dimension 0 is not the batch: batch x windows (Swin's window attention
+    runs on ``B * windows`` rows, batch-major) folds to the batch; a size that is no multiple of it gives NaN
+    (the layer's sums cannot be told apart by sample)."""
+    m = sums.shape[0]
+    if m == n:
+        return sums
+    if n and m % n == 0:
+        return sums.reshape(n, m // n).sum(1)
+    return torch.full((n,), float("nan"), dtype=sums.dtype, device=sums.device)
 
 
 def per_sample_sum(t: torch.Tensor) -> torch.Tensor:

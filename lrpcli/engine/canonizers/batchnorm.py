@@ -68,8 +68,32 @@ def _identity(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return x
 
 
+def split_norm_act(bn: nn.Module) -> nn.Module | None:
+    """A BatchNorm subclass with children (timm's ``BatchNormAct2d``: batch norm by ``F.batch_norm``, then its
+    ``drop`` and ``act`` children) as ``Sequential(plain BatchNorm, drop, act)``: the plain BatchNorm shares the
+    parameters and running statistics, so it merges into its conv or gets the BatchNorm rule like any other.
+    None for anything else (a child other than ``drop``/``act``, or no plain BatchNorm class to stand in)."""
+    children = dict(bn.named_children())
+    if not children or not set(children) <= {"drop", "act"}:
+        return None
+    plain = next((c for c in type(bn).__mro__[1:] if c.__module__.startswith("torch.nn")
+                  and issubclass(c, nn.modules.batchnorm._BatchNorm) and c is not nn.modules.batchnorm._BatchNorm),
+                 None)
+    if plain is None:
+        return None
+    norm = plain(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=False,
+                 track_running_stats=False).to(device=getattr(bn.weight, "device", None))
+    norm.weight, norm.bias = bn.weight, bn.bias
+    norm.affine, norm.track_running_stats = bn.affine, bn.track_running_stats
+    norm.running_mean, norm.running_var = bn.running_mean, bn.running_var
+    norm.num_batches_tracked = getattr(bn, "num_batches_tracked", None)
+    norm.train(bn.training)
+    return nn.Sequential(norm, *(children[k] for k in ("drop", "act") if k in children))
+
+
 class MergeBatchNorm(Canonizer):
-    """Fold BatchNorms (eval mode, running statistics) into the layer whose output they normalise."""
+    """Fold BatchNorms (eval mode, running statistics) into the layer whose output they normalise. BatchNorm +
+    activation modules (timm's ``BatchNormAct2d``) are first split into a plain BatchNorm and their activation."""
 
     name = "merge_batchnorm"
     needs_probe = True
@@ -77,6 +101,22 @@ class MergeBatchNorm(Canonizer):
     def __init__(self) -> None:
         self.merged: list[tuple[nn.Module, nn.Module]] = []
         self._patched: list[tuple[nn.Module, object]] = []
+        self._split: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def apply(self, model: nn.Module, session: Session) -> nn.Module:
+        for parent in list(model.modules()):
+            for name, child in list(parent._modules.items()):
+                if isinstance(child, BATCHNORMS) and next(child.children(), None) is not None:
+                    split = split_norm_act(child)
+                    if split is not None:
+                        parent._modules[name] = split
+                        self._split.append((parent, name, child))
+        if self._split:
+            session.notes.append(f"merge_batchnorm: BatchNorm + activation modules split: "
+                                 f"{type(self._split[0][2]).__name__} x{len(self._split)}")
+        if isinstance(model, BATCHNORMS) and next(model.children(), None) is not None:
+            return split_norm_act(model) or model
+        return model
 
     def on_probe(self, probe: Probe, session: Session) -> None:
         producer = {c.output: c for c in probe.calls if c.output is not None}
@@ -121,3 +161,6 @@ class MergeBatchNorm(Canonizer):
             MERGED_BATCHNORMS.discard(bn)
         self._patched.clear()
         self.merged.clear()
+        for parent, name, original in reversed(self._split):
+            parent._modules[name] = original
+        self._split.clear()

@@ -6,13 +6,14 @@ which neither splits it by contribution nor conserves it. This canonizer traces 
 that shares every module and parameter) and puts a module call in place of each such operation:
 
 - tensor + tensor -> ``Sum`` (``EmbeddingSum`` where one side is a parameter, e.g. a position embedding);
+  activation - activation -> ``Sum`` of the first and the negated second (``Scaled``);
 - activation * activation -> ``Product``; -> ``Gate`` where one factor is a sigmoid; activation * parameter or
   number, activation / parameter or number -> ``Scaled`` (layer scale, 1/sqrt(d): relevance passes);
 - matmul / bmm / two-operand einsum of activations -> ``MatMul``, or ``AttentionProduct`` where an operand
   comes from a softmax;
 - softmax -> ``nn.Softmax``; relu, gelu, silu, sigmoid, hardswish, ... -> their ``nn`` modules;
 - mean, adaptive/average pooling -> ``Reduce`` (Norm); max pooling -> ``nn.MaxPool*d`` (so that the composite's
-  maxpool choice applies); ``F.layer_norm`` -> ``LayerNormFn``;
+  maxpool choice applies); ``F.layer_norm`` -> ``LayerNormFn``; ``F.normalize`` (p=2) -> ``Normalize``;
 - ``F.scaled_dot_product_attention`` -> ``DotProductAttention`` (score MatMul, Softmax, AttentionProduct).
 
 Pure routing (reshape, permute, cat, split, chunk, getitem, roll, pad, ...) needs nothing: its gradient moves
@@ -64,6 +65,7 @@ class EmbeddingSum(Sum):
 
 _ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__"}
+_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", "__sub__", "__isub__"}
 _DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
 _MATMUL = {operator.matmul: torch.matmul, torch.matmul: torch.matmul, torch.bmm: torch.bmm,
            "matmul": torch.matmul, "bmm": torch.bmm}
@@ -181,7 +183,8 @@ class _Rewriter:
             seen.add(n)
             if n.op == "placeholder":
                 return True
-            todo += [a for a in n.all_input_nodes]
+            # not through sizes: a tensor built from x.shape alone (EdgeNeXt's position grid) is a constant
+            todo += [a for a in n.all_input_nodes if self.is_tensor(a)]
         return False
 
     def module_of(self, node: Any) -> nn.Module | None:
@@ -261,6 +264,8 @@ class _Rewriter:
             return self._add(node, args)
         if kind in _MUL and len(args) == 2 and not kwargs:
             return self._mul(node, args)
+        if kind in _SUB and len(args) == 2 and not kwargs and all(self.is_activation(a) for a in args):
+            return self._sub(node, args)
         if kind in _DIV and len(args) == 2 and not kwargs and self.is_activation(args[0]) \
                 and not self.is_activation(args[1]):
             self.replace(node, Scaled(torch.div, 0), (args[0], args[1]), "scaled")
@@ -297,6 +302,13 @@ class _Rewriter:
             return True
         if kind is F.layer_norm and self.is_activation(args[0]):
             return self._layer_norm(node, args, kwargs)
+        if kind is F.normalize and self.is_activation(args[0]):
+            options = dict(zip(("p", "dim", "eps"), args[1:]))
+            options.update(kwargs)
+            if options.get("p", 2.0) != 2.0 or options.get("out") is not None or not _constant((), options):
+                return False
+            self.replace(node, Normalize(options.get("dim", 1), options.get("eps", 1e-12)), (args[0],), "normalize")
+            return True
         if kind is F.scaled_dot_product_attention:
             return self._attention(node, args, kwargs)
         return False
@@ -305,6 +317,9 @@ class _Rewriter:
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
         values = dict(zip(names, args))
         values.update(kwargs)
+        # an option handed down from the model's own forward arguments (timm's ``attn_mask=None``,
+        # ``is_causal=False``) is a placeholder: lrpcli calls the model with the input alone, so its default holds
+        values = {k: _default(v) for k, v in values.items()}
         options = [values.get(k) for k in ("dropout_p", "is_causal", "scale", "enable_gqa")]
         if any(isinstance(o, fx.Node) for o in options) or values.get("enable_gqa"):
             return False
@@ -338,6 +353,17 @@ class _Rewriter:
             self.replace(node, AttentionBias(), (scores, bias), "attention_bias")
             return True
         self.replace(node, EmbeddingSum() if embedding else Sum(), tuple(args), "embedding" if embedding else "sum")
+        return True
+
+    def _sub(self, node: fx.Node, args: tuple) -> bool:
+        """a - b as Sum(a, -b) (PoolFormer's ``pool(x) - x``): the sum splits by contribution, the negation
+        (Scaled) passes, so a gets a R / z and b gets -b R / z, which add up to R."""
+        name = f"{PREFIX}_neg_{self._count}"
+        self._count += 1
+        self.gm.add_submodule(name, Scaled(torch.neg, 0))
+        with self.gm.graph.inserting_before(node):
+            negated = self.gm.graph.call_module(name, (args[1],))
+        self.replace(node, Sum(), (args[0], negated), "difference")
         return True
 
     def _mul(self, node: fx.Node, args: tuple) -> bool:
@@ -381,6 +407,13 @@ class _Rewriter:
         extra = tuple(t for t in (weight, bias) if t is not None)
         self.replace(node, LayerNormFn(shape, eps), (args[0],) + extra, "layer_norm")
         return True
+
+
+def _default(value: Any) -> Any:
+    """A placeholder with a default (a model forward's keyword argument) as that default; anything else as is."""
+    if isinstance(value, fx.Node) and value.op == "placeholder" and value.args:
+        return value.args[0]
+    return value
 
 
 def _constant(args: tuple, kwargs: dict) -> bool:

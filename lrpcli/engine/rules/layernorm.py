@@ -8,12 +8,13 @@ x -> w * (x - mean(x)) / sigma is linear, and the rule is the Epsilon rule on it
 
 with N the size of the normalised group. Without a bias (or with ``zero_params: [bias]``) it is conservative:
 sum_i x_i J_ji = z_j. RMSNorm has no centring (J_ji = w_j delta_ij / sigma, relevance stays where it is);
-GroupNorm normalises over groups of channels and scales per channel; torchvision's LayerNorm2d normalises over
-the channel dimension of an NCHW tensor.
+GroupNorm normalises over groups of channels and scales per channel; torchvision's and timm's LayerNorm2d
+normalise over the channel dimension of an NCHW tensor (timm's LayerNorm is nn.LayerNorm's computation).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,12 +38,20 @@ class NormLayout:
     groups: int = 0  # GroupNorm: x is viewed as (N, groups, -1) for the statistics
 
 
+def _timm_norm(*names: str) -> tuple[type, ...]:
+    """timm's normalisation classes of these names, where timm is already imported (a timm model is): timm's
+    ``LayerNorm`` is ``nn.LayerNorm`` with its own forward (``F.layer_norm`` or a fused kernel, same result),
+    its ``LayerNorm2d`` normalises the channels of NCHW as torchvision's does."""
+    norm = sys.modules.get("timm.layers.norm")
+    return tuple(c for c in (getattr(norm, n, None) for n in names) if isinstance(c, type)) if norm else ()
+
+
 def _layernorm2d() -> tuple[type, ...]:
     try:
         from torchvision.models.convnext import LayerNorm2d
     except Exception:  # pragma: no cover - torchvision missing
-        return ()
-    return (LayerNorm2d,)
+        return _timm_norm("LayerNorm2d")
+    return (LayerNorm2d,) + _timm_norm("LayerNorm2d")
 
 
 def norm_types() -> tuple[type, ...]:
@@ -104,7 +113,7 @@ class LayerNormRule(NormalisationRule):
     def check(self, module: nn.Module, name: str) -> None:
         known = norm_types()
         custom = isinstance(module, nn.LayerNorm) and type(module).forward is not nn.LayerNorm.forward \
-            and not isinstance(module, _layernorm2d())
+            and not isinstance(module, _layernorm2d() + _timm_norm("LayerNorm"))
         if not isinstance(module, known) or custom:
             raise ValueError(f"LayerNormRule applies to LayerNorm, LayerNorm2d, RMSNorm and GroupNorm; module "
                              f"{name!r} is {type(module).__name__}")
