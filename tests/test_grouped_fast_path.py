@@ -19,9 +19,9 @@ from lrpcli.rules import AlphaBeta, Gamma, Pass, Stabilizer, ZPlus, plain
 from lrpcli.rules.signsplit import SignSplit
 
 try:
-    from tests.reference_lrp import RefRule, reference_lrp
+    from tests.reference_lrp import RefRule, reference_lrp, stabilize
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from reference_lrp import RefRule, reference_lrp
+    from reference_lrp import RefRule, reference_lrp, stabilize
 
 DT = torch.float64
 # the dense reference sums in another order; denominators are kept >= 1e-2 in size (EPS and redrawn data), so
@@ -170,3 +170,25 @@ def test_pair_vjp_is_the_sum_of_two_transposed_convolutions():
     (expected,) = torch.autograd.grad(out.sum(), xi)
     assert got.shape == x.shape and got.is_contiguous()
     torch.testing.assert_close(got, expected, atol=1e-14, rtol=1e-14)
+
+
+@pytest.mark.parametrize('shape', [(3, 4, 5, 6), (2, 7), (5,)], ids=['conv', 'dense', 'one_dim'])
+def test_fused_rms_divide_matches_the_reference_stabilizer(shape):
+    """The first-order rms division (one norm, copysign) against the reference's stabilizer sample by sample:
+    with exact zeros (sign(0) = +1), an all-zero sample (eps itself), into a strided half of a pair buffer."""
+    g = torch.Generator().manual_seed(3)
+    den = torch.randn(shape, generator=g, dtype=DT)
+    den.view(-1)[::4] = 0.0
+    if len(shape) > 1:
+        den[1] = 0.0
+    numerator = torch.randn(shape, generator=g, dtype=DT)
+    buf = torch.empty((shape[0], 2 * shape[1], *shape[2:]) if len(shape) > 1 else (2 * shape[0],), dtype=DT)
+    out = buf.chunk(2, dim=1 if len(shape) > 1 else 0)[1]
+    with torch.no_grad():
+        got = Stabilizer(0.1, 'rms').divide(numerator, den, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    samples = zip(numerator, den) if len(shape) > 1 else [(numerator, den)]
+    expected = torch.stack([n / stabilize(d, 0.1, 'rms') for n, d in samples]).reshape(shape)
+    torch.testing.assert_close(got, expected, atol=1e-14, rtol=1e-14)
+    if len(shape) > 1:  # the all-zero sample divides by eps itself
+        torch.testing.assert_close(got[1], numerator[1] / 0.1, atol=0, rtol=1e-15)
