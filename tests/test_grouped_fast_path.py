@@ -192,3 +192,21 @@ def test_fused_rms_divide_matches_the_reference_stabilizer(shape):
     torch.testing.assert_close(got, expected, atol=1e-14, rtol=1e-14)
     if len(shape) > 1:  # the all-zero sample divides by eps itself
         torch.testing.assert_close(got[1], numerator[1] / 0.1, atol=0, rtol=1e-15)
+
+
+@pytest.mark.parametrize('rule_id', ['gamma_0.25', 'gamma_rms', 'alphabeta_2_1'])
+@pytest.mark.parametrize('first', [True, False], ids=['mixed', 'after_relu'])
+def test_channels_last_depthwise_equals_plain(rule_id, first):
+    """A channels-last depthwise layer keeps its layout through pair_vjp; the result equals the plain twin's."""
+    engine = dict((r[0], r[1]) for r in RULES)[rule_id]
+    layer = _layer(lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), 2)
+    model = nn.Sequential(layer) if first else nn.Sequential(nn.ReLU(), layer)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn((2, 4, 7, 7), generator=torch.Generator().manual_seed(5), dtype=DT)
+    x = x.to(memory_format=torch.channels_last)
+    composite = LayerMap([(nn.Conv2d, engine()), (nn.ReLU, Pass())])
+    fast = lrpcli.attribute(model, x, target=None, composite=composite)
+    with plain():
+        slow = lrpcli.attribute(model, x, target=None, composite=composite)
+    torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
+    assert slow.abs().max() > 1e-3
