@@ -192,6 +192,33 @@ def pairable(module: nn.Module) -> bool:
     return isinstance(module, CONV_TYPES + CONV_TRANSPOSE_TYPES) and module.groups == 1
 
 
+def pairable_outputs(module: nn.Module) -> bool:
+    """True where ``pair_vjp`` serves W1^T a + W2^T b in one transposed operation: a ``pairable`` layer, or a
+    convolution with groups (depthwise included), whose stacked pair runs as one transposed convolution with
+    twice the groups (``pair_vjp``; zero padding given as numbers: other paddings go through autograd)."""
+    return pairable(module) or isinstance(module, CONV_TYPES) and _simple_padding(module)
+
+
+def pair_vjp(module: nn.Module, x: torch.Tensor, stacked: torch.Tensor, v: torch.Tensor,
+             z: torch.Tensor) -> torch.Tensor:
+    """first^T a + second^T b for ``stacked`` = [first; second] (``stack_pair``) and v = [a; b] along the
+    channels (``pairable_outputs`` modules).
+
+    With groups, [first; second] is a layer with twice the groups: group k < g of it is first's group k, group
+    g + k is second's group k, and the stacked v meets them in that order. Its transposed operation on twice the
+    input channels gives first^T a and second^T b side by side, summed in one pass. An alternating layout
+    (a0, b0, a1, b1, ... in each group) would need no sum, but it turns a depthwise convolution into one with two
+    outputs per group, for which the CPU backends have no fast kernel (several times slower than the sum)."""
+    if pairable(module):
+        return input_vjp(module, x, stacked, v, z)
+    shape = (v.shape[0], 2 * x.shape[1]) + tuple(x.shape[2:])
+    both = torch.ops.aten.convolution_backward(
+        v, empty_like_layout(x, shape), stacked, None, list(module.stride), list(module.padding),
+        list(module.dilation), False, [0] * (x.dim() - 2), 2 * module.groups, [True, False, False])[0]
+    first, second = both.chunk(2, dim=1)
+    return first + second  # fresh: an in-place sum would be a view holding the doubled tensor
+
+
 def stack_pair(module: nn.Module, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """[first; second] along the output channels: ``input_vjp`` with it and v = [a, b] (stacked along the
     channels) gives first^T a + second^T b in one transposed operation, half the passes of two calls and their

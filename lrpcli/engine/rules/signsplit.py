@@ -138,12 +138,17 @@ class SignSplit:
 
     @property
     def pair_fast(self) -> bool:
-        """True for the cases the fused path serves: first order, a convolution without groups, and x >= 0 (after a
-        ReLU) or x of both signs (a first layer: stacked along the input channels). Rules then need one forward of
-        the aligned sum (``positive_sum``) and one transposed operation through stacked weights
-        (``backproject_pair``)."""
-        return (not torch.is_grad_enabled() and pairable(self.module)
-                and (not self.has_neg or self._stacks_inputs))
+        """True for the cases the fused path serves: first order, a convolution, and x >= 0 (after a ReLU) or x of
+        both signs (without groups: stacked along the input channels; with groups, depthwise included: each sign
+        part on its own, ``ops.pair_vjp``). Rules then need one forward of the aligned sum (``positive_sum``) and
+        one transposed operation through stacked weights (``backproject_pair``; two for grouped mixed signs)."""
+        return (not torch.is_grad_enabled()
+                and (self._stacks_inputs or ops.pairable_outputs(self.module) and (self.has_pos or not self.has_neg)))
+
+    @property
+    def _grouped_mixed(self) -> bool:
+        """x of both signs on a grouped convolution (``pair_fast``): x+ and x- go through separate calls."""
+        return self.has_pos and self.has_neg and self.x_stacked is None
 
     @property
     def positive_outputs_only(self) -> bool:
@@ -164,6 +169,9 @@ class SignSplit:
             bias = bias + shift if bias is not None else self.x.new_full((channels,), shift)
         if self.x_stacked is not None:
             return forward(self.module, self.x_stacked, self._aligned_weights, bias, self.z)
+        if self._grouped_mixed:
+            return forward(self.module, self.x_pos, self.weight_pos, bias, self.z).add_(
+                forward(self.module, self.x_neg, self.weight_neg, None, self.z))
         return forward(self.module, self.x, self.weight_pos, bias, self.z)
 
     def pair_buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -189,13 +197,17 @@ class SignSplit:
         weight [[A, A'], [B, B']] over [x+, x-] makes that one transposed operation too."""
         m = self.module
         if self.x_stacked is None:
-            def build() -> torch.Tensor:
+            def build(negative: bool = False) -> torch.Tensor:
                 stacked, first, second = ops.pair_of_weights(m, self.weight)
-                fill(first, second, self.weight_pos, self.weight, False)
+                fill(first, second, self.weight_neg if negative else self.weight_pos, self.weight, negative)
                 return stacked
 
-            vjp = input_vjp(m, self.x, self.call.memo("stacked", build), buf, self.z)
-            return times_input(self.x, vjp, self.call.into)
+            vjp = ops.pair_vjp(m, self.x, self.call.memo("stacked", build), buf, self.z)
+            if not self._grouped_mixed:
+                return times_input(self.x, vjp, self.call.into)
+            # grouped, both signs: [A; B] for x+ and [A'; B'] for x-, one transposed operation each
+            to_neg = ops.pair_vjp(m, self.x, self.call.memo("stacked_neg", lambda: build(True)), buf, self.z)
+            return times_input(self.x_pos, vjp, self.call.into).addcmul_(to_neg, self.x_neg)
 
         def build_block() -> torch.Tensor:
             shape = list(self.weight.shape)

@@ -10,6 +10,7 @@ Three modes, all with sign(0) = +1 so that a zero denominator is pushed to +epsi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Real
 
@@ -77,16 +78,17 @@ class Stabilizer:
         return torch.div(numerator, out, out=out)
 
     def _divide_rms(self, numerator: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        """``numerator / self(den)`` in rms mode, bit for bit, with two buffers instead of five: sign(den) (sign(0)
-        = +1) times the per-sample eps * rms goes into the result's buffer, which then takes den and the division
-        in place (products and sums commute exactly)."""
+        """``numerator / self(den)`` in rms mode in one reduction and three passes over den (one buffer): the
+        per-sample rms from one norm, then s = den + copysign(eps * rms, den) and the division in place.
+
+        Equal to ``self(den)`` up to rounding (the norm sums in another order than mean(den^2)): the rms only
+        scales eps. copysign gives -0.0 the sign -1 where sign0 gives +1; such a denominator is a sum of zero
+        products, whose numerators are zero too, as in the sign mode."""
         dims = tuple(range(1, den.dim()))
-        rms = den.pow(2).mean(dim=dims, keepdim=True).sqrt() if dims else den.pow(2).mean().sqrt()
-        term = self.epsilon * torch.where(rms > 0, rms, 1.0)
-        # sign0(den) * term, the sign written as scalars: a where() between broadcast tensors is many times slower
-        sign = torch.where(den >= 0, 1.0, -1.0)
-        s = torch.mul(sign, term) if out is None else torch.mul(sign, term, out=out)
-        del sign
+        count = math.prod(den.shape[1:]) if dims else den.numel()
+        rms = torch.linalg.vector_norm(den, dim=dims or None, keepdim=bool(dims)).div_(math.sqrt(max(count, 1)))
+        term = torch.where(rms > 0, rms, 1.0).mul_(self.epsilon)  # an all-zero sample: eps itself
+        s = torch.copysign(term, den) if out is None else torch.copysign(term, den, out=out)
         s.add_(den)
         return torch.div(numerator, s, out=s)
 
