@@ -24,6 +24,7 @@ from lrpcli.engine.rules import Stabilizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "share" / "bench"))
 import bench_zoo  # noqa: E402
+from test_zoo_sweep import _check  # noqa: E402  (the same checks as the torchvision sweep)
 
 DT = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,15 +233,6 @@ TIMM_QUICK = ["resnet18"]
 def test_small_timm_model(name):
     pytest.importorskip("timm")
     _check(bench_zoo.TIMM + name)
-
-
-def _check(name: str) -> None:
-    model = bench_zoo.build(name)
-    size = bench_zoo.smallest_size(model)
-    ratio, _, finite, left = bench_zoo.conservation(name, size)
-    assert left == []
-    assert finite
-    assert abs(ratio - 1) < bench_zoo.TOLERANCE, ratio
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """The hook machinery: one autograd node per module call that swaps the gradient for the rule's relevance.
 
 How it works. Inside a ``Session`` every leaf module has a forward hook. When a module that got a rule
-runs, the hook wraps its output ``z`` in ``_RuleFunction``, an identity in the forward whose backward calls
+runs, the hook wraps its output ``z`` in ``RuleFunction``, an identity in the forward whose backward calls
 the rule with the relevance arriving at ``z`` and returns the relevance for each of the module's inputs
 directly. The module's own backward is never run (the rule's result replaces it) and the layer is never
 re-run: the forward already computed ``z``, and rules reuse it.
@@ -34,7 +34,15 @@ import torch
 from torch import nn
 
 from lrpcli.engine import relu_recompute
-from lrpcli.engine.layercall import LayerCall, ParamCache, ZeroNotes, known_nonnegative, same_elements
+from lrpcli.engine.layercall import (
+    LayerCall,
+    ParamCache,
+    RuleFunction,
+    Tap,
+    ZeroNotes,
+    known_nonnegative,
+    same_elements,
+)
 from lrpcli.engine.layerops import is_linear_layer, tracing
 from lrpcli.engine.rules import formula
 from lrpcli.engine.rules.base import Rule
@@ -80,85 +88,6 @@ class Recorder(Protocol):
     def on_backward(self, call: LayerCall, relevance: torch.Tensor, result: Sequence[torch.Tensor | None]) -> None: ...
 
     def on_map(self, key: str, relevance: torch.Tensor) -> None: ...
-
-
-class _RuleFunction(torch.autograd.Function):
-    """Identity in the forward; the rule's relevance in the backward (plain gradient when inactive)."""
-
-    @staticmethod
-    def forward(ctx: Any, call: LayerCall, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        ctx.call = call
-        if call.relu_recomputed:
-            # autograd frees saved tensors once the node ran (unless the graph is retained); a LayerCall lives
-            # as long as the graph. The plain gradient frees each activation as the backward passes it: so must
-            # this one, the only copy of the layer's activation
-            ctx.save_for_backward(*inputs)
-        # an alias, not a view: in-place ops downstream stay legal, and check_unmodified catches those that
-        # change a tensor the rule reads (detach shares the version counter)
-        return z.detach()
-
-    @staticmethod
-    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        call: LayerCall = ctx.call
-        if not call.relu_recomputed:
-            return _RuleFunction._backward(call, relevance)
-        stand_ins, call.inputs = call.inputs, ctx.saved_tensors
-        try:
-            return _RuleFunction._backward(call, relevance)
-        finally:
-            call.inputs = stand_ins
-
-    @staticmethod
-    def _backward(call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        n = len(call.inputs)
-        if not call.session.active:
-            if call.relu_recomputed:  # what the ReLU's own node (ReluBackward0) computes, bit for bit
-                call.check_unmodified()
-                return None, None, torch.ops.aten.threshold_backward(relevance, torch.relu(call.x), 0)
-            return (None, relevance) + (None,) * n
-        call.check_unmodified()
-        if formula.enabled():
-            return (None, None) + tuple(_RuleFunction._plain(call, relevance))
-        call.restore_output(relevance)
-        result = call.relevance(relevance)
-        call._memo.clear()
-        if not torch.is_grad_enabled() and not tracing():  # a capture keeps no notes (they read memory)
-            notes = call.session.zero_notes
-            if call.rule.proportional_to_inputs or (call.rule.keeps_zeros(call.module)
-                                                    and notes.known(relevance, call.output)):
-                notes.mark(call.inputs, result)
-            else:
-                notes.hand_on(relevance, result)
-        if call.session.recorder is not None:
-            call.session.recorder.on_backward(call, relevance, result)
-        return (None, None) + tuple(result)
-
-    @staticmethod
-    def _plain(call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """The rule's formula (``rules.formula``) on the whole batch and the layer's true output."""
-        if call.rectified:  # kept as relu(z) by a forward that ran the fast path: z again, from the input
-            call.rectified = False
-            weight, bias = call.params()
-            call.output = formula.layer(call.module, call.x, weight, bias, call.output)
-        result = formula.relevance(call.rule, call, relevance)
-        call._memo.clear()
-        if call.session.recorder is not None:
-            call.session.recorder.on_backward(call, relevance, result)
-        return result
-
-
-class _Tap(torch.autograd.Function):
-    """Identity both ways; the backward hands the relevance arriving at a module's output to the recorder."""
-
-    @staticmethod
-    def forward(ctx: Any, recorder: Recorder, key: str, z: torch.Tensor) -> torch.Tensor:
-        ctx.recorder, ctx.key = recorder, key
-        return z.detach()
-
-    @staticmethod
-    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[None, None, torch.Tensor]:
-        ctx.recorder.on_map(ctx.key, relevance)
-        return None, None, relevance
 
 
 @dataclass
@@ -455,7 +384,7 @@ class Session:
             count = self._tap_counts.get(name, 0)
             self._tap_counts[name] = count + 1
             key = name if count == 0 else f"{name}#{count + 1}"
-            tapped = _Tap.apply(self.recorder, key, output)
+            tapped = Tap.apply(self.recorder, key, output)
             self._saved.follow(output, tapped)
             return tapped
 
@@ -497,7 +426,7 @@ class Session:
         recompute = (dispatch.recompute and self._in_root and not plain and not traced
                      and relu_recompute.recomputable_relu(rule, module, inputs, output) and self._saved.install())
         call.relu_recomputed = recompute
-        result = _RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
+        result = RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
         call.release()
         if recompute:
             self._saved.add(result, inputs[0])

@@ -6,7 +6,9 @@ is freed with the graph. It keeps only the tensors its rule reads (``release``),
 its output z and restore what the rule needs (``rectify``, ``restore_output``), runs the rule over slices of
 the batch where the layer is large (``relevance``) and refuses tensors changed in place (``check_unmodified``).
 
-Besides it: ``ParamCache``, the parameter-derived tensors a session keeps between backward passes;
+Its autograd node: ``RuleFunction``, an identity in the forward whose backward runs the call's rule (``Tap``
+hands a module's incoming relevance to a recorder). Besides it: ``ParamCache``, the parameter-derived tensors a
+session keeps between backward passes;
 ``ZeroNotes``, which relevance is known to be zero where an input is; ``known_nonnegative``, read from the
 graph.
 """
@@ -305,7 +307,7 @@ _SIGN_KEEPING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
 def known_nonnegative(x: torch.Tensor, depth: int = 4) -> bool:
     """True when x is, unmodified, what a hooked ReLU returned (possibly through pooling or reshaping layers).
 
-    Read from the autograd graph: a hooked module's result has its ``_RuleFunction`` node as grad_fn, which
+    Read from the autograd graph: a hooked module's result has its ``RuleFunction`` node as grad_fn, which
     carries the LayerCall; an in-place change since then gives x another grad_fn or another version.
     """
     call = getattr(x.grad_fn, "call", None)
@@ -377,3 +379,82 @@ def same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
             or a.device != b.device or a.numel() != b.numel() or a.shape[0] != b.shape[0]):
         return False
     return (a.shape == b.shape and a.stride() == b.stride()) or (a.is_contiguous() and b.is_contiguous())
+
+
+class RuleFunction(torch.autograd.Function):
+    """Identity in the forward; the rule's relevance in the backward (plain gradient when inactive)."""
+
+    @staticmethod
+    def forward(ctx: Any, call: LayerCall, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.call = call
+        if call.relu_recomputed:
+            # autograd frees saved tensors once the node ran (unless the graph is retained); a LayerCall lives
+            # as long as the graph. The plain gradient frees each activation as the backward passes it: so must
+            # this one, the only copy of the layer's activation
+            ctx.save_for_backward(*inputs)
+        # an alias, not a view: in-place ops downstream stay legal, and check_unmodified catches those that
+        # change a tensor the rule reads (detach shares the version counter)
+        return z.detach()
+
+    @staticmethod
+    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        call: LayerCall = ctx.call
+        if not call.relu_recomputed:
+            return RuleFunction._backward(call, relevance)
+        stand_ins, call.inputs = call.inputs, ctx.saved_tensors
+        try:
+            return RuleFunction._backward(call, relevance)
+        finally:
+            call.inputs = stand_ins
+
+    @staticmethod
+    def _backward(call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        n = len(call.inputs)
+        if not call.session.active:
+            if call.relu_recomputed:  # what the ReLU's own node (ReluBackward0) computes, bit for bit
+                call.check_unmodified()
+                return None, None, torch.ops.aten.threshold_backward(relevance, torch.relu(call.x), 0)
+            return (None, relevance) + (None,) * n
+        call.check_unmodified()
+        if formula.enabled():
+            return (None, None) + tuple(RuleFunction._plain(call, relevance))
+        call.restore_output(relevance)
+        result = call.relevance(relevance)
+        call._memo.clear()
+        if not torch.is_grad_enabled() and not tracing():  # a capture keeps no notes (they read memory)
+            notes = call.session.zero_notes
+            if call.rule.proportional_to_inputs or (call.rule.keeps_zeros(call.module)
+                                                    and notes.known(relevance, call.output)):
+                notes.mark(call.inputs, result)
+            else:
+                notes.hand_on(relevance, result)
+        if call.session.recorder is not None:
+            call.session.recorder.on_backward(call, relevance, result)
+        return (None, None) + tuple(result)
+
+    @staticmethod
+    def _plain(call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The rule's formula (``rules.formula``) on the whole batch and the layer's true output."""
+        if call.rectified:  # kept as relu(z) by a forward that ran the fast path: z again, from the input
+            call.rectified = False
+            weight, bias = call.params()
+            call.output = formula.layer(call.module, call.x, weight, bias, call.output)
+        result = formula.relevance(call.rule, call, relevance)
+        call._memo.clear()
+        if call.session.recorder is not None:
+            call.session.recorder.on_backward(call, relevance, result)
+        return result
+
+
+class Tap(torch.autograd.Function):
+    """Identity both ways; the backward hands the relevance arriving at a module's output to the recorder."""
+
+    @staticmethod
+    def forward(ctx: Any, recorder: Any, key: str, z: torch.Tensor) -> torch.Tensor:
+        ctx.recorder, ctx.key = recorder, key
+        return z.detach()
+
+    @staticmethod
+    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        ctx.recorder.on_map(ctx.key, relevance)
+        return None, None, relevance

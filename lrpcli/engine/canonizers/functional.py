@@ -33,9 +33,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from lrpcli.engine.canonizers.base import Canonizer
+from lrpcli.engine.canonizers.unseen import Watch, counts
 from lrpcli.engine.composites import layers as L
 from lrpcli.engine.functional_modules import (
     AttentionBias,
@@ -436,71 +436,6 @@ def _reason(err: Exception) -> str:
     return text.splitlines()[0][:160] if text else type(err).__name__
 
 
-class _Unseen(TorchFunctionMode):
-    """Counts the torch functions called on tensors that require grad while an untraceable module runs, outside
-    its hooked leaf modules (those have rules): the operations no rule sees."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.paused = 0
-        self.seen: Counter[str] = Counter()
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if not self.paused:
-            name = getattr(func, "__name__", "")
-            name = name[2:-2].lstrip("ir") if name.startswith("__") and name != "__get__" else name
-            if name and name != "__get__" and func not in ROUTING and name not in ROUTING \
-                    and any(isinstance(a, torch.Tensor) and a.requires_grad
-                            for a in list(args) + list(kwargs.values())):
-                self.seen[name] += 1
-        return func(*args, **kwargs)
-
-
-class _Watch:
-    """Runs ``_Unseen`` during the first forward with gradients of one untraceable module; then notes what it saw."""
-
-    def __init__(self, module: nn.Module, label: str, session: Session) -> None:
-        self.label, self.session = label, session
-        self.mode = _Unseen()
-        self.active = False
-        self.handles = [module.register_forward_pre_hook(self._start),
-                        module.register_forward_hook(self._stop, always_call=True)]
-
-    def _start(self, module: nn.Module, args: tuple) -> None:
-        if not torch.is_grad_enabled() or self.active:
-            return
-        # registered now, after the session's hooks, so that what those do in a leaf's forward hook is paused
-        # too; traced children are paused as a whole (fx saw their operations)
-        for inner in module.modules():
-            if inner is not module and (isinstance(inner, fx.GraphModule) or next(inner.children(), None) is None):
-                self.handles += [inner.register_forward_pre_hook(self._pause),
-                                 inner.register_forward_hook(self._resume, always_call=True)]
-        self.active = True
-        self.mode.__enter__()
-
-    def _stop(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not self.active:
-            return
-        self.mode.__exit__(None, None, None)
-        self.active = False
-        seen = _counts(self.mode.seen)
-        self.session.notes.append(f"functional: {self.label} (not traced) computes outside its modules: "
-                                  f"{seen or 'nothing'}")
-        self.remove()
-
-    def _pause(self, module: nn.Module, args: tuple) -> None:
-        self.mode.paused += 1
-
-    def _resume(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.mode.paused -= 1
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-
 class FunctionalOperations(Canonizer):
     """Trace with torch.fx and route functional operations through modules (see the module docstring)."""
 
@@ -508,7 +443,7 @@ class FunctionalOperations(Canonizer):
 
     def __init__(self) -> None:
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
-        self._watches: list[_Watch] = []
+        self._watches: list[Watch] = []
         self._session: Session | None = None
         self._embeddings: list[str] = []
 
@@ -522,7 +457,7 @@ class FunctionalOperations(Canonizer):
         self._embeddings = embeddings
         result = self._canonize(model, "", done, left, inlined, untraced)
         constants = done.pop("attention_bias", 0)
-        notes = [f"functional: routed through modules: {_counts(done) or 'nothing'}"]
+        notes = [f"functional: routed through modules: {counts(done) or 'nothing'}"]
         if constants:
             notes.append(f"functional: position biases of attention logits as AttentionBias (the bias absorbs its "
                          f"share of relevance, as a layer's bias does): x{constants}")
@@ -530,9 +465,9 @@ class FunctionalOperations(Canonizer):
             notes.append("functional: parameters that are terms of the signal take relevance as the input does (the "
                          f"embeddings' share, not a loss): {', '.join(embeddings)}")
         if inlined:
-            notes.append(f"functional: inlined by torch.fx (their operations are routed above): {_counts(inlined)}")
+            notes.append(f"functional: inlined by torch.fx (their operations are routed above): {counts(inlined)}")
         if left:
-            notes.append(f"functional: left on the plain gradient: {_counts(left)}")
+            notes.append(f"functional: left on the plain gradient: {counts(left)}")
         if untraced:
             notes.append(f"functional: torch.fx cannot trace {'; '.join(untraced)}: the functional operations "
                          "in their forward are not seen and pass the plain gradient")
@@ -555,7 +490,7 @@ class FunctionalOperations(Canonizer):
                     module._modules[name] = new
                     self._swapped.append((module, name, child))
             if self._session is not None:
-                self._watches.append(_Watch(module, label, self._session))
+                self._watches.append(Watch(module, label, self._session, ROUTING))
             return module
         traced = fx.GraphModule(module, graph, type(module).__name__)
         rewriter = _Rewriter(traced)
@@ -575,7 +510,3 @@ class FunctionalOperations(Canonizer):
         for parent, name, original in reversed(self._swapped):
             parent._modules[name] = original
         self._swapped.clear()
-
-
-def _counts(counter: Counter) -> str:
-    return ", ".join(f"{name} x{n}" for name, n in counter.most_common())
