@@ -1,6 +1,6 @@
 """The HDF5 result file: one file per run, written batch by batch, safe to kill at any moment.
 
-Layout (DESIGN.md section 3; also a ViRelAy attribution file): ``attribution``, ``prediction``, ``label``,
+Layout (README, "The HDF5 file"; also a ViRelAy attribution file): ``attribution``, ``prediction``, ``label``,
 ``target``, ``index``, ``filename``, ``input``, ``conservation/*``, ``layers/<name>`` and ``skipped/*``, plus
 root attributes ``classes``, ``config``, ``config_dir``, ``model_fingerprint``, ``lrpcli_version``,
 ``torch_version``, ``created``, ``complete``, ``rows_written`` (and the bookkeeping attributes ``n_rows`` and

@@ -1,6 +1,6 @@
 """The result file's layout, declared once: dataset and attribute names, dtypes, chunking, and the empty file.
 
-Layout (DESIGN.md section 3; also a ViRelAy attribution file): ``attribution``, ``prediction``, ``label``,
+Layout (README, "The HDF5 file"; also a ViRelAy attribution file): ``attribution``, ``prediction``, ``label``,
 ``target``, ``index``, ``filename``, ``input``, ``conservation/*``, ``layers/<name>`` and ``skipped/*``, plus
 root attributes ``classes``, ``config``, ``config_dir``, ``model_fingerprint``, ``lrpcli_version``,
 ``torch_version``, ``created``, ``complete``, ``rows_written`` (and the bookkeeping attributes ``n_rows`` and

@@ -20,8 +20,8 @@ Sections (see the scripts next to this one for what exactly each times):
 - export: the attribution exported by ``lrpcli.export`` and ``torch.compile`` of it against eager
   ``lrpcli.attribute``, same batch, paired runs (share/bench/bench_export.py): s/batch and the median ratio.
 
-Each figure is the median of several repeats after a warm-up. Ratios are the targets (DESIGN.md section 4 and
-issue 7): they compare runs of the same process minutes apart, so they hold on a loaded machine where absolute
+Each figure is the median of several repeats after a warm-up. Ratios are the targets (README, "Benchmarks"):
+they compare runs of the same process minutes apart, so they hold on a loaded machine where absolute
 seconds do not; the load average is printed with the results. ``--write`` appends the table to RESULTS.md.
 """
 
