@@ -1,4 +1,5 @@
-"""A slow, dense, deliberately naive reference for the LRP rules of DESIGN.md section 5.
+"""A slow, dense, deliberately naive reference for the LRP rules (README, "Rules"; the formulas as the cited
+papers state them).
 
 Nothing here imports lrpcli. Every layer is turned into an explicit dense matrix per sample:
 ``A[j, i] = d z_j / d x_i`` for the bias-free layer, flattened over all non-batch dimensions. Modified

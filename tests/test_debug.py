@@ -29,7 +29,7 @@ from torch import nn
 
 
 def build():
-    # DESIGN.md's worked example: W = [[1.5, 1, -0.5], [-1, 1, 0.5]], b = [0.25, -0.5]
+    # the worked example of tests/test_rules_handcomputed.py: W = [[1.5, 1, -0.5], [-1, 1, 0.5]], b = [0.25, -0.5]
     fc = nn.Linear(3, 2)
     with torch.no_grad():
         fc.weight.copy_(torch.tensor([[1.5, 1.0, -0.5], [-1.0, 1.0, 0.5]]))

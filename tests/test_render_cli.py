@@ -32,7 +32,7 @@ M0 = np.array([[-4, -2, 0, 2], [4, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=
 
 def write_h5(path: Path, *, written: int = WRITTEN, with_input: bool = True, lrpcli: bool = True,
              dtype: str = "f4") -> Path:
-    """A file as ``lrpcli explain`` writes it (DESIGN.md section 3), N rows of which ``written`` are final."""
+    """A file as ``lrpcli explain`` writes it (README, "The HDF5 file"), N rows of which ``written`` are final."""
     rng = np.random.default_rng(0)
     att = rng.normal(size=(N, 3, H, W)).astype(np.float32)
     att[0, 0] = M0

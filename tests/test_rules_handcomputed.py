@@ -1,4 +1,4 @@
-"""Rules on tiny layers whose relevance was computed by hand (DESIGN.md section 5 worked example and more).
+"""Rules on tiny layers whose relevance was computed by hand (one worked example and more).
 
 All numbers in the comments were worked out on paper from the formulas, not produced by running code.
 """
@@ -34,7 +34,7 @@ def attribute(layer, x, target, rule):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# DESIGN.md section 5: x = [2, -1, 1], W = [[1.5, 1, -0.5], [-1, 1, 0.5]], b = [0.25, -0.5], z = [1.75, -3],
+# the worked example: x = [2, -1, 1], W = [[1.5, 1, -0.5], [-1, 1, 0.5]], b = [0.25, -0.5], z = [1.75, -3],
 # R = z * onehot(0) = [1.75, 0]; default stabilizer 1e-6 (sign mode).
 
 WORKED = [
