@@ -53,7 +53,7 @@ def test_merge_follows_forward_order_and_keeps_output():
     flags = [p.requires_grad for p in model.parameters()]
     with merged_session(model) as m:
         out = m(x)
-        session = lrpcli.engine.hooks.sessions_of(model)[0]
+        session = lrpcli.hooks.sessions_of(model)[0]
         # BatchNorm acts as identity while merged, without touching eps
         probe = torch.randn(2, 4, 6, 6)
         assert torch.equal(model.layers[0](probe), probe) and model.layers[0].eps == 1e-5
@@ -105,7 +105,7 @@ def test_bn_not_fed_by_linear_layer_is_left_alone():
     x = torch.randn(1, 3, 5, 5)
     with merged_session(model) as m:
         out = m(x)
-        notes = lrpcli.engine.hooks.sessions_of(model)[0].notes
+        notes = lrpcli.hooks.sessions_of(model)[0].notes
     torch.testing.assert_close(out, model(x))
     assert any(n.startswith("2: not merged") for n in notes)
 
@@ -162,7 +162,7 @@ def test_probe_leaves_training_mode_models_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with merged_session(model) as m:
         m(torch.randn(3, 3, 6, 6))
-        notes = lrpcli.engine.hooks.sessions_of(model)[0].notes
+        notes = lrpcli.hooks.sessions_of(model)[0].notes
     assert model.training and all(m.training for m in model.modules())
     assert any("not merged (training mode" in n for n in notes)
     # only the real forward (train mode) updated the statistics, the probe did not

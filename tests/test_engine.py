@@ -49,7 +49,7 @@ def test_context_leaves_model_bitwise_unchanged():
 
 def test_hooks_removed_after_exception_inside_context():
     model = small_net()
-    composite = lrpcli.engine.composites.get("epsilon_plus")
+    composite = lrpcli.composites.get("epsilon_plus")
     with pytest.raises(RuntimeError, match="boom"):
         with composite.context(model) as m:
             m(torch.randn(1, 2, 6, 6))
@@ -127,7 +127,7 @@ def test_first_layer_is_first_in_forward_order_not_definition_order():
     comp = Mixture([FirstLayer(nn.Linear, ZBox(-1.0, 1.0)), LayerMap([(nn.Linear, Epsilon())])])
     with comp.context(model) as m:
         m(torch.randn(1, 4))
-        session = lrpcli.engine.hooks.sessions_of(model)[0]
+        session = lrpcli.hooks.sessions_of(model)[0]
         rules = {a.name: repr(a.rule) for a in session.coverage()}
     assert rules["early"].startswith("ZBox") and rules["late"].startswith("Epsilon")
 
@@ -189,13 +189,13 @@ def test_unhandled_module_warns_and_strict_raises():
 
 
 def test_composite_registry_and_parameters():
-    assert set(lrpcli.engine.composites.names()) >= {
+    assert set(lrpcli.composites.names()) >= {
         "epsilon_gamma_box", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_alpha2_beta1_flat",
         "guided_backprop", "deconvnet", "excitation_backprop", "beta_smooth"}
     with pytest.raises(ValueError, match="valid composites: .*epsilon_plus"):
-        lrpcli.engine.composites.get("epsilon_plsu")
+        lrpcli.composites.get("epsilon_plsu")
     with pytest.raises(ValueError, match="does not use gamma"):
-        lrpcli.engine.composites.get("epsilon_plus", gamma=0.5)
+        lrpcli.composites.get("epsilon_plus", gamma=0.5)
 
 
 @pytest.mark.parametrize("composite,param,values", [
@@ -220,7 +220,7 @@ def test_every_parameter_reaches_its_rules(composite, param, values):
 
 
 def test_composite_object_with_params_is_rejected():
-    comp = lrpcli.engine.composites.get("epsilon_plus")
+    comp = lrpcli.composites.get("epsilon_plus")
     with pytest.raises(ValueError, match="epsilon: only apply with a composite name"):
         lrpcli.attribute(small_net(), torch.randn(1, 2, 6, 6), 0, composite=comp, epsilon=0.1)
 
@@ -239,7 +239,7 @@ def test_gradient_space_composites_start_from_one_hot():
 def test_rules_off_gives_plain_gradient_inside_context():
     model = small_net(7)
     x = torch.randn(2, 2, 6, 6, requires_grad=True)
-    comp = lrpcli.engine.composites.get("epsilon_plus")
+    comp = lrpcli.composites.get("epsilon_plus")
     with comp.context(model) as m:
         out = m(x)
         with lrpcli.rules_off(model):
@@ -309,7 +309,7 @@ def test_memory_flat_over_1000_attributions():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     x = torch.randn(4, 8)
-    comp = lrpcli.engine.composites.get("epsilon_gamma_box", low=-3.0, high=3.0)
+    comp = lrpcli.composites.get("epsilon_gamma_box", low=-3.0, high=3.0)
     grown = _traced_bytes(lambda: lrpcli.attribute(model, x, 0, composite=comp))
     assert grown < 64 * 1024, f"new context each time: memory grew by {grown} bytes over 1000 attributions"
     with comp.context(model) as m:
@@ -596,7 +596,7 @@ def test_submodules_called_directly_leave_no_producer_records():
     model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), nn.Conv2d(2, 2, 3))
     comp = LayerMap([(nn.Conv2d, Epsilon(1e-6)), (nn.ReLU, Pass())])
     with comp.context(model) as m:
-        session = lrpcli.engine.hooks.sessions_of(model)[0]
+        session = lrpcli.hooks.sessions_of(model)[0]
         for _ in range(20):
             x = torch.randn(2, 1, 6, 6, requires_grad=True)
             out = m[0](x)
@@ -641,7 +641,7 @@ def test_inputs_known_nonnegative_from_the_graph_skip_the_sign_pass(monkeypatch)
 
     outputs = []
     handle = model[2].register_forward_pre_hook(lambda module, args: outputs.append(args[0]))  # the ReLU's result
-    with lrpcli.engine.composites.get("epsilon_plus").context(model) as m:
+    with lrpcli.composites.get("epsilon_plus").context(model) as m:
         m(x.clone().requires_grad_(True))
         relu_out = outputs[-1]
         assert hooks.known_nonnegative(relu_out)

@@ -55,8 +55,8 @@ def test_relevance_equals_the_layer_by_layer_formula_over_batches_in_one_context
     with Explainer(net, epsilon_everywhere(), target="label", recorder=recorder) as explainer:
         session = explainer.session
         results = [explainer(x, y) for x, y in zip(batches, labels)]
-        assert lrpcli.engine.hooks.sessions_of(net) == [session]  # one context for both batches
-    assert lrpcli.engine.hooks.sessions_of(net) == []
+        assert lrpcli.hooks.sessions_of(net) == [session]  # one context for both batches
+    assert lrpcli.hooks.sessions_of(net) == []
     for x, y, result in zip(batches, labels, results):
         torch.testing.assert_close(result.relevance, reference(net, x, y), rtol=1e-10, atol=1e-12)
         assert torch.equal(result.target, y) and result.note is None
@@ -78,7 +78,7 @@ def test_without_a_composite_it_is_the_gradient_and_the_methods_go_through_it():
     torch.testing.assert_close(result.relevance, grad)
     torch.testing.assert_close(Explainer(net, method="input_x_gradient", target=1)(x).relevance, grad * x)
     assert torch.equal(Explainer(net, method="smoothgrad", target=1, noise_level=0.0, n_iter=3)(x).relevance,
-                       lrpcli.explainer.attributors.smoothgrad(net, x, 1, noise_level=0.0, n_iter=3)[1])
+                       lrpcli.attributors.smoothgrad(net, x, 1, noise_level=0.0, n_iter=3)[1])
     with pytest.raises(TypeError, match="^smoothgrad: unexpected option window; its options: noise_level, n_iter, "
                                         "seed, memory_budget$"):
         Explainer(net, method="smoothgrad", window=3)

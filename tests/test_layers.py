@@ -77,10 +77,10 @@ def test_maxpool_winner_takes_all_hand_computed():
 
 def test_composite_maxpool_option_reaches_the_pool():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2))
-    comp = lrpcli.engine.composites.get("epsilon_plus", maxpool="average")
+    comp = lrpcli.composites.get("epsilon_plus", maxpool="average")
     with comp.context(model) as m:
         m(torch.randn(1, 1, 4, 4))
-        rules = {a.name: a.rule for a in lrpcli.engine.hooks.sessions_of(model)[0].coverage()}
+        rules = {a.name: a.rule for a in lrpcli.hooks.sessions_of(model)[0].coverage()}
     assert isinstance(rules["2"], MaxPoolAverage)
     a = lrpcli.attribute(model, X, 0, composite="epsilon_plus", maxpool="average")
     b = lrpcli.attribute(model, X, 0, composite="epsilon_plus")

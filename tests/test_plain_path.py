@@ -1,4 +1,4 @@
-"""Every fast path of the engine against the plain, formula-shaped path (``lrpcli.engine.rules.plain()``), in float64.
+"""Every fast path of the engine against the plain, formula-shaped path (``lrpcli.rules.plain()``), in float64.
 
 Each rule runs on each layer type it applies to in three settings: as a first layer (inputs of both signs), after
 a ReLU and before one with relevance only where the ReLU passes (x >= 0, the layer keeps relu(z): the fused and
@@ -219,7 +219,7 @@ def test_plain_formula_on_the_worked_example():
         torch.testing.assert_close(r[0], torch.tensor(values, dtype=DT), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize('composite', lrpcli.engine.composites.names())
+@pytest.mark.parametrize('composite', lrpcli.composites.names())
 def test_builtin_composites_with_merged_batchnorm(composite):
     """Each built-in composite, with its canonizer's merged weights, on a small conv net."""
     torch.manual_seed(0)

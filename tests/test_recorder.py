@@ -32,7 +32,7 @@ class Residual(nn.Module):
 
 
 def _table(model: nn.Module, x: torch.Tensor, recorder: Recorder):
-    comp = lrpcli.engine.composites.get("epsilon_plus")
+    comp = lrpcli.composites.get("epsilon_plus")
     with comp.context(model, recorder=recorder) as m:
         xi = x.clone().requires_grad_(True)
         out = m(xi)

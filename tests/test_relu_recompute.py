@@ -145,7 +145,7 @@ def test_same_numbers_as_without_recomputation(name, monkeypatch):
 
     def everything() -> list[torch.Tensor]:
         results = []
-        comp = lrpcli.engine.composites.get("beta_smooth")
+        comp = lrpcli.composites.get("beta_smooth")
         xr = x.clone().requires_grad_(True)
         with comp.context(model) as m:
             out = m(xr)
@@ -195,7 +195,7 @@ def _relu_storages_freed(model: nn.Module, x: torch.Tensor) -> tuple[list[bool],
     """(ReLU outputs freed after the forward, ReLU inputs freed when the backward reaches the input)."""
     inputs, outputs, handles = _storage_refs(model)
     at_input: list[bool] = []
-    comp = lrpcli.engine.composites.get("beta_smooth")
+    comp = lrpcli.composites.get("beta_smooth")
     try:
         with comp.context(model) as m:
             xr = x.clone().requires_grad_(True)
@@ -275,7 +275,7 @@ def test_no_saved_tensor_hooks_left_after_an_exception_in_the_forward(error):
     raising = Raising(error)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), raising, nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Flatten()).eval()
     x = torch.randn(2, 1, 7, 7)
-    comp = lrpcli.engine.composites.get("beta_smooth")
+    comp = lrpcli.composites.get("beta_smooth")
     want = lrpcli.attribute(model, x, 0, composite=comp)
     assert raising.seen[-1] is not None  # the hooks were in place after the first ReLU
     raising.armed = True

@@ -416,7 +416,7 @@ def test_rules_by_name():
 def test_layernorm_fn_is_not_sliced_over_the_batch(monkeypatch):
     """Large relevance is processed in batch slices; LayerNormFn's weight and bias inputs have no batch dimension
     (here as long as the batch), so it is not sliced: the result equals the unsliced one."""
-    import lrpcli.engine.hooks
+    import lrpcli.engine.layercall
     from lrpcli.engine.functional_modules import LayerNormFn
     from lrpcli.engine.rules import LayerNormRule
 

@@ -76,8 +76,8 @@ def _check(model: nn.Module, x: torch.Tensor, target, canonizers, composite="eps
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out_before = model(x)
     recorder = lrpcli.Recorder()
-    used = lrpcli.engine.composites.parameters(composite)
-    comp = lrpcli.engine.composites.get(composite, **{k: v for k, v in EXACT.items() if k in used})
+    used = lrpcli.composites.parameters(composite)
+    comp = lrpcli.composites.get(composite, **{k: v for k, v in EXACT.items() if k in used})
     with warnings.catch_warnings():
         warnings.simplefilter("error", lrpcli.UnhandledModuleWarning)   # nothing computes without a rule
         with comp.context(model, canonizers=canonizers, recorder=recorder) as m:
@@ -85,7 +85,7 @@ def _check(model: nn.Module, x: torch.Tensor, target, canonizers, composite="eps
             out = m(xi)
             seed = lrpcli.initial_relevance(out, target)
             (relevance,) = torch.autograd.grad(out, xi, seed)
-            session = lrpcli.engine.hooks.sessions_of(model)[0]
+            session = lrpcli.hooks.sessions_of(model)[0]
             assert session.unhandled() == []
     assert relevance.shape == x.shape and torch.isfinite(relevance).all()
     torch.testing.assert_close(out, out_before, rtol=1e-5, atol=1e-9)

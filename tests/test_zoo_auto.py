@@ -43,7 +43,7 @@ def test_auto_config_covers_and_conserves(stem, arch, size):
         warnings.simplefilter("error", lrpcli.UnhandledModuleWarning)
         with Explainer.from_config(config, model) as explainer:
             result = explainer(x)
-            assert lrpcli.engine.hooks.sessions_of(model)[0].unhandled() == []
+            assert lrpcli.hooks.sessions_of(model)[0].unhandled() == []
     assert result.relevance.shape == x.shape and torch.isfinite(result.relevance).all()
     ratio = result.relevance.flatten(1).sum(1) / result.initial.flatten(1).sum(1)
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=TOLERANCE)

@@ -33,7 +33,7 @@ def _randomise(bn: nn.Module, gen: torch.Generator) -> None:
 
 
 def _one_layer(rule, bn: nn.Module, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    with lrpcli.engine.composites.LayerMap([(nn.BatchNorm2d, rule)]).context(bn) as m:
+    with lrpcli.composites.LayerMap([(nn.BatchNorm2d, rule)]).context(bn) as m:
         xi = x.clone().requires_grad_()
         return torch.autograd.grad(m(xi), xi, r)[0]
 
@@ -78,7 +78,7 @@ def test_batchnorm_rule_is_epsilon_on_the_equivalent_depthwise_conv(training):
     with torch.no_grad():
         conv.weight.copy_(a.view(3, 1, 1, 1))
         conv.bias.copy_(bn.bias - mean * a)
-    with lrpcli.engine.composites.LayerMap([(nn.Conv2d, Epsilon(1e-6, stabilizer=stab))]).context(conv) as m:
+    with lrpcli.composites.LayerMap([(nn.Conv2d, Epsilon(1e-6, stabilizer=stab))]).context(conv) as m:
         xi = x.clone().requires_grad_()
         want = torch.autograd.grad(m(xi), xi, r)[0]
     torch.testing.assert_close(_one_layer(BatchNormRule(stab), bn, x, r), want, rtol=1e-10, atol=1e-12)
@@ -92,12 +92,12 @@ def test_merged_batchnorm_passes_through():
     _randomise(model[1], gen)
     x = torch.randn(2, 2, 6, 6, dtype=DT, generator=gen)
     rules = [(nn.Conv2d, Epsilon()), (nn.BatchNorm2d, BatchNormRule())]
-    with lrpcli.engine.composites.LayerMap(rules).context(model, canonizers=["merge_batchnorm"]) as m:
+    with lrpcli.composites.LayerMap(rules).context(model, canonizers=["merge_batchnorm"]) as m:
         xi = x.clone().requires_grad_()
         out = m(xi)
         got = torch.autograd.grad(out, xi, out)[0]
         assert model[1].forward(out) is out and BatchNormRule().reads_of(model[1]) == ()
-    with lrpcli.engine.composites.LayerMap([(nn.Conv2d, Epsilon()), (nn.BatchNorm2d, Pass())]).context(
+    with lrpcli.composites.LayerMap([(nn.Conv2d, Epsilon()), (nn.BatchNorm2d, Pass())]).context(
             model, canonizers=["merge_batchnorm"]) as m:
         xi = x.clone().requires_grad_()
         out = m(xi)
@@ -137,7 +137,7 @@ def _auto(model: nn.Module, x: torch.Tensor, overrides=None) -> tuple[torch.Tens
         seed = torch.zeros_like(out)
         seed[:, 2] = out[:, 2]
         relevance = torch.autograd.grad(out, xi, seed)[0]
-        coverage = [(a.name, a.rule) for a in lrpcli.engine.hooks.sessions_of(m)[0].coverage()
+        coverage = [(a.name, a.rule) for a in lrpcli.hooks.sessions_of(m)[0].coverage()
                     if a.calls and a.module not in MERGED_BATCHNORMS]
     return relevance, coverage
 

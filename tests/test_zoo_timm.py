@@ -65,7 +65,7 @@ def _lrp(composite, model: nn.Module, x: torch.Tensor, notes: list[str] | None =
         seed = lrpcli.initial_relevance(out, out.argmax(1), "output")
         relevance = torch.autograd.grad(out, xi, seed)[0]
         if notes is not None:
-            notes.extend(lrpcli.engine.hooks.sessions_of(m)[0].notes)
+            notes.extend(lrpcli.hooks.sessions_of(m)[0].notes)
     return relevance, seed.sum().item()
 
 

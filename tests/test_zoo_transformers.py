@@ -136,7 +136,7 @@ def test_vit_first_layer_rule_is_configurable():
         comp = get('attn_lrp', overrides=overrides)
         with comp.context(model, canonizers=['transformer']) as m:
             m(x)
-            rule = lrpcli.engine.hooks.sessions_of(m)[0].assignments[model.conv_proj].rule
+            rule = lrpcli.hooks.sessions_of(m)[0].assignments[model.conv_proj].rule
         assert isinstance(rule, want)
 
 

@@ -115,7 +115,7 @@ def _attribution_pass(config, model, batches, device: torch.device, stats: bool 
     """
     if config.attribution.target != "label":
         raise ValueError("the benchmark configs explain the label")
-    comp = lrpcli.engine.composites.get(config.composite.name, **composite_kwargs(config))
+    comp = lrpcli.composites.get(config.composite.name, **composite_kwargs(config))
 
     def work() -> None:
         recorder = Recorder([]) if stats else None

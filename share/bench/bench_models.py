@@ -85,7 +85,7 @@ class ModelResult:
     cases: list[Case]
 
 
-def epsilon_reference() -> lrpcli.engine.composites.Composite:
+def epsilon_reference() -> lrpcli.composites.Composite:
     """Epsilon on every Linear/Conv layer plus the shared rules for the other layers."""
     from lrpcli.engine.composites import LayerMap, Mixture, basics
     from lrpcli.engine.composites import layers as L
@@ -124,7 +124,7 @@ def bench_model(name: str, device: torch.device, batch: int, repeats: int, compo
     log(f"{name}: gradient peak {grad.peak / 2**20:.0f} MiB")
     twin = copy.deepcopy(model)  # the composites' copy: the plain model never carries hooks
 
-    todo = [(c, lrpcli.engine.composites.get(c)) for c in composites]
+    todo = [(c, lrpcli.composites.get(c)) for c in composites]
     if with_reference:
         todo.append((EPSILON_REFERENCE, epsilon_reference()))
     cases = []
@@ -133,7 +133,7 @@ def bench_model(name: str, device: torch.device, batch: int, repeats: int, compo
         session = comp.context(twin, canonizers=MODELS[name])
         with session as m:
 
-            def run(m: torch.nn.Module = m, comp: lrpcli.engine.composites.Composite = comp) -> torch.Tensor:
+            def run(m: torch.nn.Module = m, comp: lrpcli.composites.Composite = comp) -> torch.Tensor:
                 xi = x.detach().requires_grad_(True)
                 out = m(xi)
                 (r,) = torch.autograd.grad(out, xi, lrpcli.initial_relevance(out, target, comp.seed))

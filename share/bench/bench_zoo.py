@@ -174,7 +174,7 @@ def coverage_left(session) -> list[str]:
 
 
 def hooked_session(explainer: Explainer):
-    return lrpcli.engine.hooks.sessions_of(explainer.model)[0]
+    return lrpcli.hooks.sessions_of(explainer.model)[0]
 
 
 def embedding_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

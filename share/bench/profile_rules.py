@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_report("gradient, in-place ReLUs off", gradient)
         for mod in inplace:
             mod.inplace = True
-    comp = lrpcli.engine.composites.get(args.composite)
+    comp = lrpcli.composites.get(args.composite)
     with comp.context(model, canonizers=MODELS[args.model]) as m, labelled_rules():
 
         def explain() -> None:

@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.sections) - set(SECTIONS + OPTIONAL))
     if unknown:
         p.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS + OPTIONAL)}")
-    names = lrpcli.engine.composites.names()
+    names = lrpcli.composites.names()
     args.composite_list = names if not args.composites else [c.strip() for c in args.composites.split(",")]
     bad = sorted(set(args.composite_list) - set(names))
     if bad:
