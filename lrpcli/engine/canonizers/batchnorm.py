@@ -19,6 +19,7 @@ from lrpcli.engine.canonizers.base import Canonizer
 from lrpcli.engine.composites.layers import BATCHNORMS
 from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
 from lrpcli.engine.layerops import CONV_TRANSPOSE_TYPES, CONV_TYPES, LINEAR_TYPES
+from lrpcli.engine.rules.batchnorm import scale_shift
 
 if TYPE_CHECKING:  # pragma: no cover
     from lrpcli.engine.hooks import Probe, Session
@@ -26,14 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def merged_params(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``layer`` followed by ``bn`` in eval mode, as differentiable functions of both."""
-    var = bn.running_var
-    mean = bn.running_mean
-    scale = torch.rsqrt(var + bn.eps)
-    if getattr(bn, "weight", None) is not None:
-        scale = bn.weight * scale
-    shift = -mean * scale
-    if getattr(bn, "bias", None) is not None:
-        shift = shift + bn.bias
+    scale, shift = scale_shift(bn, bn.running_mean, bn.running_var)
     weight = layer.weight
     if isinstance(layer, CONV_TRANSPOSE_TYPES):
         groups = layer.groups

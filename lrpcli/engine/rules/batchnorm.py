@@ -23,6 +23,18 @@ from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
 from lrpcli.engine.rules.layernorm import NormalisationRule
 
 
+def scale_shift(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel a, b of ``bn`` as ``a * x + b`` for the given statistics (its weight and bias if it has
+    them): what the rule applies and what merging into the layer before folds in."""
+    a = torch.rsqrt(var + bn.eps)
+    if getattr(bn, "weight", None) is not None:
+        a = bn.weight * a
+    b = -mean * a
+    if getattr(bn, "bias", None) is not None:
+        b = b + bn.bias
+    return a, b
+
+
 def affine(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b) of y = a x + b for ``module`` applied to ``x``, shaped to broadcast against x."""
     batch_stats = module.training or getattr(module, "running_mean", None) is None
@@ -31,12 +43,7 @@ def affine(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         mean, var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
     else:
         mean, var = module.running_mean, module.running_var
-    a = torch.rsqrt(var + module.eps)
-    if getattr(module, "weight", None) is not None:
-        a = module.weight * a
-    b = -mean * a
-    if getattr(module, "bias", None) is not None:
-        b = b + module.bias
+    a, b = scale_shift(module, mean, var)
     view = (1, -1) + (1,) * (x.dim() - 2)
     return a.to(x.dtype).view(view), b.to(x.dtype).view(view)
 
