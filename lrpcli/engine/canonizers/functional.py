@@ -35,6 +35,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrpcli.engine.canonizers.base import Canonizer
+from lrpcli.engine.canonizers.optables import (
+    ACTIVATIONS,
+    ADD,
+    DIV,
+    GATE_SOURCES,
+    MATMUL,
+    MAXPOOL_ARGS,
+    MAXPOOLS,
+    MEAN,
+    MUL,
+    POOLS,
+    ROUTING,
+    SHAPE_ATTRS,
+    SOFTMAX,
+    SUB,
+)
 from lrpcli.engine.canonizers.unseen import Watch, counts
 from lrpcli.engine.composites import layers as L
 from lrpcli.engine.functional_modules import (
@@ -61,45 +77,6 @@ PREFIX = "lrpcli_fn"
 
 class EmbeddingSum(Sum):
     """A Sum where one term is a parameter (a position embedding): the relevance it gets is the embedding's."""
-
-
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
-_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__"}
-_SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", "__sub__", "__isub__"}
-_DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
-_MATMUL = {operator.matmul: torch.matmul, torch.matmul: torch.matmul, torch.bmm: torch.bmm,
-           "matmul": torch.matmul, "bmm": torch.bmm}
-_SOFTMAX = {F.softmax, torch.softmax, "softmax"}
-_ACTIVATIONS: dict[Any, type[nn.Module]] = {
-    F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, F.relu6: nn.ReLU6, F.gelu: nn.GELU, F.silu: nn.SiLU,
-    F.mish: nn.Mish, F.hardswish: nn.Hardswish, F.hardsigmoid: nn.Hardsigmoid, torch.sigmoid: nn.Sigmoid,
-    F.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, torch.tanh: nn.Tanh, F.tanh: nn.Tanh, "tanh": nn.Tanh,
-    F.elu: nn.ELU, F.leaky_relu: nn.LeakyReLU,
-}
-_GATE_SOURCES = (nn.Sigmoid, nn.Hardsigmoid)
-_POOLS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d,
-          F.avg_pool3d}
-_MEAN = {torch.mean, "mean"}
-_MAXPOOLS = {F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d}
-_MAXPOOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-#: operations whose gradient moves elements without changing them (or only on shapes, dtypes, devices)
-ROUTING = {
-    operator.getitem, getattr, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape, torch.permute,
-    torch.transpose, torch.split, torch.chunk, torch.unbind, torch.roll, torch.squeeze, torch.unsqueeze,
-    torch.narrow, torch.flip, F.pad, F.dropout, torch.zeros_like, torch.ones_like, torch._assert,
-    "view", "reshape", "permute", "transpose", "flatten", "contiguous", "split", "chunk", "unbind", "squeeze",
-    "unsqueeze", "expand", "expand_as", "repeat", "roll", "narrow", "select", "flip", "to", "type", "float",
-    "double", "half", "clone", "size", "dim", "numel", "masked_fill", "unflatten", "movedim", "view_as",
-    "reshape_as", "detach", "__getitem__", "t", "swapaxes", "swapdims", torch.swapaxes, torch.swapdims,
-    torch.movedim,
-}
-try:  # torchvision's fx-wrapped padding for Swin's patch merging: pad and strided slices, pure routing
-    from torchvision.models.swin_transformer import _patch_merging_pad
-
-    ROUTING.add(_patch_merging_pad)
-except Exception:  # pragma: no cover - torchvision missing or changed
-    pass
-_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad"}
 
 
 def _kind(node: fx.Node) -> Any:
@@ -158,7 +135,7 @@ class _Rewriter:
             return isinstance(self._attr(node), torch.Tensor)
         if node.op == "output":
             return False
-        if node.target in ("size", "dim", "numel") or (node.target is getattr and node.args[1] in _SHAPE_ATTRS):
+        if node.target in ("size", "dim", "numel") or (node.target is getattr and node.args[1] in SHAPE_ATTRS):
             return False
         if node.target is operator.getitem:
             return self.is_tensor(node.args[0])
@@ -196,7 +173,7 @@ class _Rewriter:
         """The node is a softmax output, possibly through dropout or identity modules."""
         while isinstance(node, fx.Node):
             module = self.module_of(node)
-            if isinstance(module, nn.Softmax) or _kind(node) in _SOFTMAX:
+            if isinstance(module, nn.Softmax) or _kind(node) in SOFTMAX:
                 return True
             if isinstance(module, L.IDENTITIES) or _kind(node) is F.dropout:
                 node = node.args[0]
@@ -260,45 +237,45 @@ class _Rewriter:
 
     def rewrite(self, node: fx.Node, kind: Any) -> bool:
         args, kwargs = node.args, node.kwargs
-        if kind in _ADD and len(args) == 2 and not kwargs:
+        if kind in ADD and len(args) == 2 and not kwargs:
             return self._add(node, args)
-        if kind in _MUL and len(args) == 2 and not kwargs:
+        if kind in MUL and len(args) == 2 and not kwargs:
             return self._mul(node, args)
-        if kind in _SUB and len(args) == 2 and not kwargs and all(self.is_activation(a) for a in args):
+        if kind in SUB and len(args) == 2 and not kwargs and all(self.is_activation(a) for a in args):
             return self._sub(node, args)
-        if kind in _DIV and len(args) == 2 and not kwargs and self.is_activation(args[0]) \
+        if kind in DIV and len(args) == 2 and not kwargs and self.is_activation(args[0]) \
                 and not self.is_activation(args[1]):
             self.replace(node, Scaled(torch.div, 0), (args[0], args[1]), "scaled")
             return True
-        if kind in _MATMUL and len(args) == 2 and not kwargs and all(self.is_activation(a) for a in args):
-            self._matmul(node, args, _MATMUL[kind], None)
+        if kind in MATMUL and len(args) == 2 and not kwargs and all(self.is_activation(a) for a in args):
+            self._matmul(node, args, MATMUL[kind], None)
             return True
         if kind is torch.einsum and len(args) == 3 and isinstance(args[0], str) \
                 and all(self.is_activation(a) for a in args[1:]):
             self._matmul(node, args[1:], torch.einsum, args[0])
             return True
-        if kind in _SOFTMAX and self.is_activation(args[0]):
+        if kind in SOFTMAX and self.is_activation(args[0]):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             if isinstance(dim, int) and kwargs.get("dtype") is None and len(args) <= 2:
                 self.replace(node, nn.Softmax(dim), (args[0],), "softmax")
                 return True
             return False
-        if kind in _ACTIVATIONS and len(args) == 1 and self.is_activation(args[0]):
+        if kind in ACTIVATIONS and len(args) == 1 and self.is_activation(args[0]):
             module = _activation(kind, kwargs)
             if module is not None:
                 self.replace(node, module, (args[0],), _op_name(kind))
                 return True
             return False
-        if (kind in _MEAN or kind in _POOLS) and self.is_activation(args[0]) and _constant(args[1:], kwargs):
-            fn = mean if kind in _MEAN else kind
+        if (kind in MEAN or kind in POOLS) and self.is_activation(args[0]) and _constant(args[1:], kwargs):
+            fn = mean if kind in MEAN else kind
             self.replace(node, Reduce(fn, args[1:], dict(kwargs)), (args[0],), "reduce")
             return True
-        if kind in _MAXPOOLS and self.is_activation(args[0]) and _constant(args[1:], kwargs):
-            options = dict(zip(_MAXPOOL_ARGS, args[1:]))
+        if kind in MAXPOOLS and self.is_activation(args[0]) and _constant(args[1:], kwargs):
+            options = dict(zip(MAXPOOL_ARGS, args[1:]))
             options.update(kwargs)
             if options.get("return_indices"):
                 return False
-            self.replace(node, _MAXPOOLS[kind](**options), (args[0],), "max_pool")
+            self.replace(node, MAXPOOLS[kind](**options), (args[0],), "max_pool")
             return True
         if kind is F.layer_norm and self.is_activation(args[0]):
             return self._layer_norm(node, args, kwargs)
@@ -334,9 +311,9 @@ class _Rewriter:
         """The node's value reaches a softmax through additions and routing only (attention logits)."""
         for user in node.users:
             kind = _kind(user)
-            if isinstance(self.module_of(user), nn.Softmax) or kind in _SOFTMAX:
+            if isinstance(self.module_of(user), nn.Softmax) or kind in SOFTMAX:
                 return True
-            if depth > 0 and (kind in _ADD or kind in ROUTING) and self.feeds_softmax(user, depth - 1):
+            if depth > 0 and (kind in ADD or kind in ROUTING) and self.feeds_softmax(user, depth - 1):
                 return True
         return False
 
@@ -369,7 +346,7 @@ class _Rewriter:
     def _mul(self, node: fx.Node, args: tuple) -> bool:
         active = [self.is_activation(a) for a in args]
         if all(active):
-            gate = [isinstance(self.module_of(a), _GATE_SOURCES) or _kind(a) in (torch.sigmoid, F.sigmoid,
+            gate = [isinstance(self.module_of(a), GATE_SOURCES) or _kind(a) in (torch.sigmoid, F.sigmoid,
                                                                                   "sigmoid", F.hardsigmoid)
                     for a in args]
             if gate[1] and not gate[0]:
@@ -421,7 +398,7 @@ def _constant(args: tuple, kwargs: dict) -> bool:
 
 
 def _activation(kind: Any, kwargs: dict) -> nn.Module | None:
-    cls = _ACTIVATIONS[kind]
+    cls = ACTIVATIONS[kind]
     kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
     if any(isinstance(v, fx.Node) for v in kwargs.values()):
         return None
