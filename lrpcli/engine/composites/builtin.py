@@ -173,9 +173,9 @@ _CHOICE = "auto:chosen"
 
 
 class _AutoSession(_CheckedSession):
-    """A session that lets ``auto`` choose once the canonizers have run: attention written functionally (LeViT,
-    timm's ViTs) is only visible as modules after the ``functional`` canonizer traced the model. Rules are given
-    at the first forward, after this."""
+    """A session that lets ``auto`` choose once the canonizers have run: attention written functionally (LeViT)
+    is only visible as modules after the ``functional`` canonizer traced the model. Rules are given at the first
+    forward, after this."""
 
     def __enter__(self) -> nn.Module:
         model = super().__enter__()
