@@ -14,7 +14,9 @@ from torch import nn
 
 from lrpcli.catalogue import AUTO_STABILIZER, COMPOSITES, MAXPOOL_MODES
 from lrpcli.engine.composites import layers as L
-from lrpcli.engine.composites.base import Composite, FirstLayer, LayerMap, Mixture, NameMap
+from lrpcli.engine.composites.base import Composite, FirstLayer, LayerMap, Mixture, NameMap, _CheckedSession
+from lrpcli.engine.hooks import Session
+from lrpcli.engine.recorder import Recorder
 from lrpcli.engine.rules import (
     AlphaBeta,
     BatchNormRule,
@@ -166,46 +168,82 @@ builds("attn_lrp")(_transformer(constant_attention=False))
 builds("cp_lrp")(_transformer(constant_attention=True))
 
 
+#: where an auto session keeps its choice (the session's rule state: one composite serves several models)
+_CHOICE = "auto:chosen"
+
+
+class _AutoSession(_CheckedSession):
+    """A session that lets ``auto`` choose once the canonizers have run: attention written functionally (LeViT)
+    is only visible as modules after the ``functional`` canonizer traced the model. Rules are given at the first
+    forward, after this."""
+
+    def __enter__(self) -> nn.Module:
+        model = super().__enter__()
+        composite: AutoComposite = self.composite  # type: ignore[assignment]
+        self._state[_CHOICE] = composite.choose(model, self.notes)
+        return model
+
+
 class AutoComposite(Composite):
-    """``auto``: the model decides. At context entry (before canonizers) a model with attention or a LayerNorm,
-    RMSNorm or GroupNorm gets the ``attn_lrp`` rules, any other the ``epsilon_gamma_box`` rules, both with the
-    same parameters; the session's notes say which. Choosing at entry keeps one composite object usable on
-    several models."""
+    """``auto``: the model decides. Once the canonizers have run, a model with attention (an attention module,
+    or the softmax, attention products and activation products the canonizers route through lrpcli's modules)
+    or a LayerNorm, RMSNorm or GroupNorm gets the ``attn_lrp`` rules, any other the ``epsilon_gamma_box`` rules,
+    both with the same parameters; the session's notes say which. The choice is kept per session, so one
+    composite object serves several models."""
 
     name = "auto"
 
     def __init__(self, transformer: Composite, cnn: Composite, stabilizer: Stabilizer, **options: Any) -> None:
         super().__init__(**options)
         self.transformer, self.cnn, self.stabilizer = transformer, cnn, stabilizer
-        self.chosen: Composite | None = None
 
     @staticmethod
-    def wants_transformer(model: nn.Module) -> bool:
-        """Attention or a normalisation layer epsilon_gamma_box has no rule for (ConvNeXt has LayerNorm only)."""
+    def needs(model: nn.Module) -> str | None:
+        """Why the model needs the attn_lrp rules (it holds a layer epsilon_gamma_box has no rule for), or None.
+        ConvNeXt has LayerNorm only; LeViT's attention is functional, seen after the canonizers as Softmax,
+        MatMul and AttentionProduct modules."""
         from lrpcli.engine.canonizers.attention import (
             _window_attention,  # lazy: canonizers import this package at module level
         )
 
-        kinds = L.NORMS + (nn.MultiheadAttention,) + _window_attention()
-        return any(isinstance(m, kinds) for m in model.modules())
+        attention = L.NORMS + L.SOFTMAXES + L.ATTENTION_PRODUCTS + (nn.MultiheadAttention,) + _window_attention()
+        modules = list(model.modules())
+        if any(isinstance(m, attention) for m in modules):
+            return "attention or LayerNorm found"
+        if any(isinstance(m, L.PRODUCTS) for m in modules):
+            return "products of two activations found"
+        return None
 
-    def context(self, model: nn.Module, **kwargs: Any) -> Any:
-        transformer = self.wants_transformer(model)
-        self.chosen = self.transformer if transformer else self.cnn
-        session = super().context(model, **kwargs)
-        why = "attention or LayerNorm found" if transformer else "no attention or LayerNorm"
-        session.notes.append(f"auto: composite {'attn_lrp' if transformer else 'epsilon_gamma_box'} rules ({why}), "
-                             f"stabilizer {self.stabilizer.mode} {self.stabilizer.epsilon:g}")
-        return session
+    @classmethod
+    def wants_transformer(cls, model: nn.Module) -> bool:
+        """Whether ``needs`` finds a reason for the attn_lrp rules in ``model`` as it is now."""
+        return cls.needs(model) is not None
+
+    def choose(self, model: nn.Module, notes: list[str]) -> Composite:
+        """The rules for ``model`` (as canonized), with a note saying which and why."""
+        why = self.needs(model)
+        notes.append(f"auto: composite {'epsilon_gamma_box' if why is None else 'attn_lrp'} rules "
+                     f"({why or 'no attention or LayerNorm'}), "
+                     f"stabilizer {self.stabilizer.mode} {self.stabilizer.epsilon:g}")
+        return self.cnn if why is None else self.transformer
+
+    def context(self, model: nn.Module, *, canonizers: Sequence[Any] | None = None, strict: bool | None = None,
+                recorder: Recorder | None = None) -> Session:
+        from lrpcli.engine.canonizers import make_all  # lazy: canonizers import this package at their module level
+
+        specs = self.canonizers if canonizers is None else list(canonizers)
+        return _AutoSession(self, model, canonizers=make_all(specs),
+                            strict=self.strict if strict is None else strict, recorder=recorder)
 
     def patterns(self) -> list[str]:
         return self.cnn.patterns()
 
     def rule_for(self, name: str, module: nn.Module, state: dict) -> Rule | None:
-        if self.chosen is None:
+        chosen = state.get(_CHOICE)
+        if chosen is None:
             raise RuntimeError("lrpcli: composite 'auto' chooses its rules from the model; apply it with "
                                "composite.context(model)")
-        return self.chosen.rule_for(name, module, state)
+        return chosen.rule_for(name, module, state)
 
 
 @builds("auto")
