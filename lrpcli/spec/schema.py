@@ -87,7 +87,8 @@ def unknown_key(key: Any, allowed: tuple[str, ...], here: str) -> str:
     """The message for an unknown key of section ``here``: a close key here, or the same key in another section."""
     hint = did_you_mean(key, allowed)
     if not hint:
-        elsewhere = [f"{s}.{key}" for s, keys in SECTION_KEYS.items() if key in keys and s != here]
+        elsewhere = [f"{s}.{key}" for s, field in Spec.model_fields.items()
+                     if s != here and key in getattr(field.annotation, "model_fields", ())]
         elsewhere = ["canonizers"] if key == "canonizers" and here else elsewhere
         hint = f"; did you mean {elsewhere[0]!r}?" if elsewhere else ""
     return f"unknown key{hint} (allowed: {', '.join(allowed)})"
@@ -110,17 +111,6 @@ def _auto_or(check: Callable[[Any], Any], what: str | None = None) -> BeforeVali
             raise expected(what, value) from None
 
     return BeforeValidator(validate)
-
-
-def _at_most(maximum: int, what: str) -> Callable[[Any], int]:
-    """An integer >= 1 that is at most ``maximum`` (a value above it is refused as ``what``)."""
-    def check(value: Any) -> int:
-        checked = integer(value, minimum=1)
-        if checked > maximum:
-            raise expected(what, value)
-        return checked
-
-    return check
 
 
 # ----------------------------------------------------------------------------------------- section values
@@ -341,7 +331,9 @@ class _Composite(Section):
     @model_validator(mode="before")
     @classmethod
     def _used_params(cls, raw: Any) -> Any:
-        """A parameter the composite does not use is an error when given, null when not."""
+        """A parameter the composite does not use is an error when given, null when not. The composite's own
+        defaults (``CompositeDecl.defaults``) fill what is not given; a mapping default sits under a given mapping
+        (or a number, its epsilon), so the keys not given keep the composite's values."""
         if not isinstance(raw, Mapping):
             return raw
         name = at(".name", _composite_name, raw.get("name", "epsilon_gamma_box"))
@@ -351,23 +343,11 @@ class _Composite(Section):
                 raise Bad(f"composite {name!r} does not use {key} (got {show(raw[key])}); remove it (its parameters: "
                           f"{', '.join(p for p in PARAMS if p in used) or 'none'})", f".{key}")
         keep = {k: v for k, v in raw.items() if v is not None or k not in (*used, "rules", "strict")}
-        keep.update(_composite_defaults(COMPOSITES[name].defaults, keep))
+        for key, default in COMPOSITES[name].defaults.items():
+            given = {"epsilon": keep[key]} if is_number(keep.get(key)) else keep.get(key)
+            if given is None or isinstance(default, Mapping) and isinstance(given, Mapping):
+                keep[key] = copy.deepcopy(default) if given is None else {**default, **given}
         return {**keep, **{k: None for k in PARAMS if k not in used}}
-
-
-def _composite_defaults(defaults: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A composite's own defaults (``CompositeDecl.defaults``) for what ``raw`` leaves out; a mapping default
-    sits under a given mapping (or number, its epsilon) so the keys not given keep the composite's values."""
-    out: dict[str, Any] = {}
-    for key, default in defaults.items():
-        given = raw.get(key)
-        if given is None:
-            out[key] = copy.deepcopy(default)
-        elif isinstance(default, Mapping) and isinstance(given, Mapping):
-            out[key] = {**default, **given}
-        elif isinstance(default, Mapping) and is_number(given):
-            out[key] = {**default, "epsilon": given}
-    return out
 
 
 def _composite_fields() -> dict[str, Any]:
@@ -426,19 +406,18 @@ def _device(value: Any) -> str:
     return value.strip().lower()
 
 
-_batch_size = _at_most(MAX_BATCH_SIZE, f"an integer from 1 to {MAX_BATCH_SIZE}")
-_workers = _auto_or(lambda v: integer(v, minimum=0), "auto or an integer >= 0")
-#: torch's intra-op threads for the run; auto keeps torch's own default.
-_threads = _auto_or(_at_most(1024, "auto or an integer from 1 to 1024"))
-
-
 class RunSpec(Section):
-    batch_size: Annotated[int, BeforeValidator(_batch_size)] = 16
-    num_workers: Annotated[int | Literal["auto"], _workers] = "auto"
+    """``threads``: torch's intra-op threads for the run; auto keeps torch's own default."""
+
+    batch_size: Annotated[int, _v(integer, minimum=1, maximum=MAX_BATCH_SIZE,
+                                  above=f"an integer from 1 to {MAX_BATCH_SIZE}")] = 16
+    num_workers: Annotated[int | Literal["auto"], _auto_or(lambda v: integer(v, minimum=0),
+                                                           "auto or an integer >= 0")] = "auto"
     device: Annotated[str, BeforeValidator(_device)] = "auto"
     max_samples: OptPositiveInt = None
     seed: Annotated[int, _v(integer, minimum=0, maximum=MAX_SEED)] = 0
-    threads: Annotated[int | Literal["auto"], _threads] = "auto"
+    threads: Annotated[int | Literal["auto"], _auto_or(lambda v: integer(
+        v, minimum=1, maximum=1024, above="auto or an integer from 1 to 1024"))] = "auto"
 
 
 class OutputSpec(Section):
@@ -496,8 +475,3 @@ class Spec(Section):
 
 def _checks(info: ValidationInfo) -> EngineChecks:
     return (info.context or {}).get("checks", NO_CHECKS)
-
-
-#: The keys of each section (``canonizers`` is a list), for "did you mean 'run.seed'?" hints.
-SECTION_KEYS = {name: tuple(Spec.model_fields[name].annotation.model_fields)
-                for name in Spec.model_fields if name != "canonizers"}
