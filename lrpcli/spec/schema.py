@@ -136,13 +136,14 @@ def bounds_value(spec: Any, which: str, mean: list[float], std: list[float]) -> 
     return spec
 
 
-def check_low_high(low: Any, high: Any, inp: Mapping, prefix: str) -> None:
+def check_low_high(low: Any, high: Any, inp: Mapping) -> None:
+    """``low`` below ``high`` (after ``auto`` is resolved), in every channel; the error is at ``.high``."""
     lo, hi = (bounds_value(v, w, list(inp["mean"]), list(inp["std"])) for v, w in ((low, "low"), (high, "high")))
     n = len(inp["mean"])
     for i, (a, b) in enumerate(zip(lo if isinstance(lo, list) else [lo] * n, hi if isinstance(hi, list) else [hi] * n)):
         if not a < b:
             where = "" if not isinstance(lo, list) and not isinstance(hi, list) else f" (channel {i})"
-            raise Bad(f"expected a value above <at>low ({a:g}){where}, got {show(high)} ({b:g})", f"{prefix}high")
+            raise Bad(f"expected a value above <at>low ({a:g}){where}, got {show(high)} ({b:g})", ".high")
 
 
 def stabilizer(value: Any, default: Mapping | None = None) -> dict | None:
@@ -214,8 +215,7 @@ def rule_spec(spec: Any, comp: Mapping, inp: Mapping, checks: EngineChecks) -> A
         "stabilizer": lambda v: stabilizer(v, comp["stabilizer"]), "zero_params": zero_params}
     checked = {k: at(f".{k}", param_checks.get(k, plain), v) for k, v in params.items()}
     if "low" in checked or "high" in checked:
-        check_low_high(checked.get("low", comp["low"] or "auto"), checked.get("high", comp["high"] or "auto"), inp,
-                       ".")
+        check_low_high(checked.get("low", comp["low"] or "auto"), checked.get("high", comp["high"] or "auto"), inp)
     key = RULE_ALIASES.get(name.lower(), name.lower())
     if key not in RULE_NAMES:
         raise Bad(f"unknown rule {show(name)}{did_you_mean(name.lower(), RULE_NAMES)} (known: {', '.join(RULE_NAMES)})",
@@ -229,7 +229,6 @@ def rule_spec(spec: Any, comp: Mapping, inp: Mapping, checks: EngineChecks) -> A
                 raise Bad(f"{message} (got {show(params[param])})", f".{param}") from None
         raise Bad(f"{message} (got {show(spec)})") from None
     return key if isinstance(spec, str) else {"name": key, **checked}
-
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -467,7 +466,7 @@ class Spec(Section):
         inp_d, comp_d = inp.model_dump(), comp.model_dump()
         update = {k: at(f".{k}", bounds, comp_d[k], len(inp.mean)) for k in ("low", "high") if comp_d[k] is not None}
         if update:
-            check_low_high(update["low"], update["high"], inp_d, ".")
+            check_low_high(update["low"], update["high"], inp_d)
         comp_d.update(update)
         rules = at(".rules", rule_items, comp.rules, comp_d, inp_d, _checks(info))
         return comp.model_copy(update={**update, "rules": rules})
