@@ -22,19 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from lrpcli.catalogue import (
-    CANONIZER_NAMES,
-    COMPOSITES,
-    COMPRESSIONS,
-    MAX_BATCH_SIZE,
-    MAXPOOL_MODES,
-    PARAMS,
-    RULE_ALIASES,
-    RULE_NAMES,
-    STABILIZER_MODES,
-    ZERO_PARAMS,
-    Param,
-)
+from lrpcli import catalogue
 from lrpcli.spec.values import (
     Bad,
     at,
@@ -147,24 +135,24 @@ def check_low_high(low: Any, high: Any, inp: Mapping) -> None:
 
 
 def stabilizer(value: Any, default: Mapping | None = None) -> dict | None:
-    default = default or PARAMS["stabilizer"].default
+    default = default or catalogue.PARAMS["stabilizer"].default
     if is_number(value):
         value = {"epsilon": value}
     given = mapping(value)
     check_keys(given, ("epsilon", "mode"))
     return {"epsilon": at(".epsilon", number, given.get("epsilon", default["epsilon"]), minimum=0, strict=True),
-            "mode": at(".mode", choice, given.get("mode", default["mode"]), STABILIZER_MODES)}
+            "mode": at(".mode", choice, given.get("mode", default["mode"]), catalogue.STABILIZER_MODES)}
 
 
 def zero_params(value: Any) -> list[str]:
-    items = listed(value, f"a list of parameter names from: {', '.join(ZERO_PARAMS)}", one=True)
-    return list(dict.fromkeys(each(items, lambda v: choice(v, ZERO_PARAMS))))
+    items = listed(value, f"a list of parameter names from: {', '.join(catalogue.ZERO_PARAMS)}", one=True)
+    return list(dict.fromkeys(each(items, lambda v: choice(v, catalogue.ZERO_PARAMS))))
 
 
 def canonizer_list(value: Any) -> list[str]:
     out: list[str] = []
     for i, name in enumerate(listed(value, "a list of canonizer names", one=True)):
-        at(f"[{i}]", known, "canonizer", name, CANONIZER_NAMES)
+        at(f"[{i}]", known, "canonizer", name, catalogue.CANONIZER_NAMES)
         if name in out:
             raise Bad(f"canonizer {show(name)} is listed twice", f"[{i}]")
         out.append(name)
@@ -216,10 +204,9 @@ def rule_spec(spec: Any, comp: Mapping, inp: Mapping, checks: EngineChecks) -> A
     checked = {k: at(f".{k}", param_checks.get(k, plain), v) for k, v in params.items()}
     if "low" in checked or "high" in checked:
         check_low_high(checked.get("low", comp["low"] or "auto"), checked.get("high", comp["high"] or "auto"), inp)
-    key = RULE_ALIASES.get(name.lower(), name.lower())
-    if key not in RULE_NAMES:
-        raise Bad(f"unknown rule {show(name)}{did_you_mean(name.lower(), RULE_NAMES)} (known: {', '.join(RULE_NAMES)})",
-                  name_at)
+    key, names = catalogue.RULE_ALIASES.get(name.lower(), name.lower()), catalogue.RULE_NAMES
+    if key not in names:
+        raise Bad(f"unknown rule {show(name)}{did_you_mean(name.lower(), names)} (known: {', '.join(names)})", name_at)
     try:
         checks.rule(key, checked, comp, inp)
     except (ValueError, TypeError, KeyError) as err:
@@ -309,10 +296,10 @@ class InputSpec(Section):
 PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
     "positive": lambda v: number(v, minimum=0, strict=True), "non_negative": lambda v: number(v, minimum=0),
     "bounds": lambda v: v, "zero_params": zero_params, "stabilizer": stabilizer,
-    "maxpool": lambda v: choice(v, MAXPOOL_MODES)}
+    "maxpool": lambda v: choice(v, catalogue.MAXPOOL_MODES)}
 
 
-def _param_field(param: Param) -> tuple[Any, Any]:
+def _param_field(param: catalogue.Param) -> tuple[Any, Any]:
     """A composite parameter as a field: its declared check and default; null for a composite not using it."""
     check = PARAM_CHECKS[param.kind]
     return (Annotated[Any, BeforeValidator(lambda v: None if v is None else check(v))],
@@ -320,7 +307,7 @@ def _param_field(param: Param) -> tuple[Any, Any]:
 
 
 def _composite_name(value: Any) -> str:
-    return known("composite", value, sorted(COMPOSITES))
+    return known("composite", value, sorted(catalogue.COMPOSITES))
 
 
 class _Composite(Section):
@@ -336,22 +323,22 @@ class _Composite(Section):
         if not isinstance(raw, Mapping):
             return raw
         name = at(".name", _composite_name, raw.get("name", "epsilon_gamma_box"))
-        used = COMPOSITES[name].params
-        for key in PARAMS:
+        used = catalogue.COMPOSITES[name].params
+        for key in catalogue.PARAMS:
             if key not in used and raw.get(key) is not None:
                 raise Bad(f"composite {name!r} does not use {key} (got {show(raw[key])}); remove it (its parameters: "
-                          f"{', '.join(p for p in PARAMS if p in used) or 'none'})", f".{key}")
+                          f"{', '.join(p for p in catalogue.PARAMS if p in used) or 'none'})", f".{key}")
         keep = {k: v for k, v in raw.items() if v is not None or k not in (*used, "rules", "strict")}
-        for key, default in COMPOSITES[name].defaults.items():
+        for key, default in catalogue.COMPOSITES[name].defaults.items():
             given = {"epsilon": keep[key]} if is_number(keep.get(key)) else keep.get(key)
             if given is None or isinstance(default, Mapping) and isinstance(given, Mapping):
                 keep[key] = copy.deepcopy(default) if given is None else {**default, **given}
-        return {**keep, **{k: None for k in PARAMS if k not in used}}
+        return {**keep, **{k: None for k in catalogue.PARAMS if k not in used}}
 
 
 def _composite_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {"name": (Annotated[str, BeforeValidator(_composite_name)], "epsilon_gamma_box")}
-    for name, param in PARAMS.items():
+    for name, param in catalogue.PARAMS.items():
         fields[name] = _param_field(param)
         if name == "stabilizer":  # the output order of earlier versions: rules after stabilizer
             fields["rules"] = (Any, Field(default_factory=list))
@@ -408,8 +395,8 @@ def _device(value: Any) -> str:
 class RunSpec(Section):
     """``threads``: torch's intra-op threads for the run; auto keeps torch's own default."""
 
-    batch_size: Annotated[int, _v(integer, minimum=1, maximum=MAX_BATCH_SIZE,
-                                  above=f"an integer from 1 to {MAX_BATCH_SIZE}")] = 16
+    batch_size: Annotated[int, _v(integer, minimum=1, maximum=catalogue.MAX_BATCH_SIZE,
+                                  above=f"an integer from 1 to {catalogue.MAX_BATCH_SIZE}")] = 16
     num_workers: Annotated[int | Literal["auto"], _auto_or(lambda v: integer(v, minimum=0),
                                                            "auto or an integer >= 0")] = "auto"
     device: Annotated[str, BeforeValidator(_device)] = "auto"
@@ -425,7 +412,7 @@ class OutputSpec(Section):
     store_input: Annotated[bool, BeforeValidator(boolean)] = True
     layers: Annotated[list[str], BeforeValidator(lambda v: each(listed(
         v, "a list of module-name globs (e.g. layer4, features.*)", one=True), string))] = Field(default_factory=list)
-    compression: Annotated[str, _v(choice, choices=COMPRESSIONS)] = "auto"
+    compression: Annotated[str, _v(choice, choices=catalogue.COMPRESSIONS)] = "auto"
 
 
 def _model_section(value: Any) -> Any:
