@@ -156,10 +156,8 @@ class _Origin:
         self.source, self.overridden = source, set[str]()
 
     def __call__(self, path: str) -> str:
-        for key in self.overridden:
-            if path == key or path.startswith(key + ".") or path.startswith(key + "["):
-                return "command line"
-        return self.source
+        given = any(path == key or path.startswith((f"{key}.", f"{key}[")) for key in self.overridden)
+        return "command line" if given else self.source
 
     def fail(self, path: str, message: str) -> NoReturn:
         raise ConfigError(f"{self(path)}: {path}: {message}")
@@ -168,8 +166,7 @@ class _Origin:
 def _first_error(err: ValidationError) -> tuple[str, str]:
     """The key path and message of the error to report: unknown keys first (as a reader checks the keys of a
     section before its values), then the first value in output order."""
-    errors = sorted(err.errors(), key=lambda e: e["type"] not in ("extra_forbidden", "invalid_key"))
-    error = errors[0]
+    error = min(err.errors(), key=lambda e: e["type"] not in ("extra_forbidden", "invalid_key"))
     loc = [str(part) for part in error["loc"]]
     path = ".".join(loc)
     if error["type"] in ("extra_forbidden", "invalid_key"):
