@@ -83,6 +83,7 @@ def unknown_key(key: Any, allowed: tuple[str, ...], here: str) -> str:
 
 
 def _v(check: Callable[..., Any], **kwargs: Any) -> BeforeValidator:
+    """A field's check: ``check(value, **kwargs)`` before pydantic sees the value."""
     return BeforeValidator(lambda value: check(value, **kwargs))
 
 
