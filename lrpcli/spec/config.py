@@ -8,7 +8,6 @@ sees a traceback for a typo. ``Config.to_yaml()`` is stored with the results and
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ from lrpcli.spec.yamlfile import MAX_DEPTH, read_yaml
 
 # channels, did_you_mean and show are re-exported for lrpcli.explainer.models.
 __all__ = ["Config", "read_config", "validate", "check_rules", "check_rule_spec", "resolve_path",
-           "channels", "show", "did_you_mean", "matches", "unused_keys", "DEFAULTS", "SECTIONS"]
+           "channels", "show", "did_you_mean", "unused_keys", "DEFAULTS", "SECTIONS"]
 
 #: The resolved defaults (model.name/entrypoint have none: exactly one is required); order = output order.
 DEFAULTS: dict[str, Any] = {name: [] if name == "canonizers" else field.annotation.model_construct().model_dump()
@@ -41,25 +40,24 @@ def _allowed(section: str) -> tuple[str, ...]:
 
 
 class Config(Mapping):
-    """A frozen, resolved config: attribute and item access, ``to_dict()``, ``to_yaml()``, ``base_dir``.
+    """A frozen, resolved config: attribute and item access, ``to_dict()``, ``to_yaml()``.
 
-    Sub-sections are Configs too (``config.model.name``) and remember the file they came from, so code that
-    only gets ``config.model`` can still name the file in its errors (``config.model.source``).
+    Nested mappings are Configs too (``config.model.name``) and lists are tuples, so nothing can change a
+    validated value. Each remembers ``source`` (the file as the user named it, at the start of error messages),
+    ``base_dir`` (the file's folder, where relative model paths are looked up first) and ``prefix`` (its dotted
+    path, ``"model."``), so code that only gets ``config.model`` can still name the file and key in its errors.
     """
 
-    __slots__ = ("_data", "_source", "_base_dir", "_prefix")
+    __slots__ = ("_data", "source", "base_dir", "prefix")
 
-    def __init__(
-        self, data: Mapping, *, source: str = "config", base_dir: str | Path = ".", prefix: str = ""
-    ):
+    def __init__(self, data: Mapping, source: str = "config", base_dir: str | Path = ".", prefix: str = "") -> None:
         object.__setattr__(self, "_data", dict(data))
-        object.__setattr__(self, "_source", source)
-        object.__setattr__(self, "_base_dir", Path(base_dir))
-        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "source", source)
+        object.__setattr__(self, "base_dir", Path(base_dir))
+        object.__setattr__(self, "prefix", prefix)
 
-    # Mapping protocol -------------------------------------------------------------------------------------
     def __getitem__(self, key: str) -> Any:
-        return self._wrap(self._data[key], f"{self._prefix}{key}")
+        return self._wrap(self._data[key], f"{self.prefix}{key}")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._data)
@@ -73,8 +71,7 @@ class Config(Mapping):
         try:
             return self[key]
         except KeyError:
-            where = self._prefix.rstrip(".") or "config"
-            raise AttributeError(f"{where} has no key {key!r}") from None
+            raise AttributeError(f"{self.prefix.rstrip('.') or 'config'} has no key {key!r}") from None
 
     def __setattr__(self, key: str, value: Any) -> NoReturn:
         raise AttributeError("Config is frozen; use load_config(..., overrides=...) to change values")
@@ -83,42 +80,24 @@ class Config(Mapping):
         raise AttributeError("Config is frozen")
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, Config):
-            return self._data == other._data
-        if isinstance(other, Mapping):
-            return self._data == dict(other)
-        return NotImplemented
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return self._data == (other._data if isinstance(other, Config) else dict(other))
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"Config({self._data!r})"
 
-    def __reduce__(self):
-        return (_rebuild, (self._data, self._source, str(self._base_dir), self._prefix))
+    def __reduce__(self) -> tuple:
+        return Config, (self._data, self.source, self.base_dir, self.prefix)
 
     def _wrap(self, value: Any, path: str) -> Any:
         if isinstance(value, dict):
-            return Config(value, source=self._source, base_dir=self._base_dir, prefix=path + ".")
+            return Config(value, self.source, self.base_dir, path + ".")
         if isinstance(value, list):
             return tuple(self._wrap(v, f"{path}[{i}]") for i, v in enumerate(value))
         return value
-
-    # Public helpers ---------------------------------------------------------------------------------------
-    @property
-    def source(self) -> str:
-        """The config file as the user named it (used at the start of error messages)."""
-        return self._source
-
-    @property
-    def base_dir(self) -> Path:
-        """The config file's directory: relative entrypoint and weights paths are looked up here first."""
-        return self._base_dir
-
-    @property
-    def prefix(self) -> str:
-        """The dotted path of this section (``"model."``), empty for the root."""
-        return self._prefix
 
     def to_dict(self) -> dict[str, Any]:
         """A deep, plain-Python copy (defaults filled), safe to modify."""
@@ -130,11 +109,7 @@ class Config(Mapping):
 
     def error(self, key: str, message: str) -> ConfigError:
         """A ConfigError for ``key`` of this section, in the usual ``file: key.path: message`` form."""
-        return ConfigError(f"{self._source}: {self._prefix}{key}: {message}")
-
-
-def _rebuild(data: dict, source: str, base_dir: str, prefix: str) -> Config:
-    return Config(data, source=source, base_dir=base_dir, prefix=prefix)
+        return ConfigError(f"{self.source}: {self.prefix}{key}: {message}")
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -181,10 +156,8 @@ class _Origin:
         self.source, self.overridden = source, set[str]()
 
     def __call__(self, path: str) -> str:
-        for key in self.overridden:
-            if path == key or path.startswith(key + ".") or path.startswith(key + "["):
-                return "command line"
-        return self.source
+        given = any(path == key or path.startswith((f"{key}.", f"{key}[")) for key in self.overridden)
+        return "command line" if given else self.source
 
     def fail(self, path: str, message: str) -> NoReturn:
         raise ConfigError(f"{self(path)}: {path}: {message}")
@@ -193,8 +166,7 @@ class _Origin:
 def _first_error(err: ValidationError) -> tuple[str, str]:
     """The key path and message of the error to report: unknown keys first (as a reader checks the keys of a
     section before its values), then the first value in output order."""
-    errors = sorted(err.errors(), key=lambda e: e["type"] not in ("extra_forbidden", "invalid_key"))
-    error = errors[0]
+    error = min(err.errors(), key=lambda e: e["type"] not in ("extra_forbidden", "invalid_key"))
     loc = [str(part) for part in error["loc"]]
     path = ".".join(loc)
     if error["type"] in ("extra_forbidden", "invalid_key"):
@@ -253,37 +225,32 @@ def _apply_overrides(origin: _Origin, raw: dict, overrides: Mapping[str, Any]) -
     return raw
 
 
-# The keys only some attribution methods read (all others are read by every method).
-_METHOD_ATTRIBUTION_KEYS = ("noise_level", "n_iter", "baseline", "window", "stride", "fill")
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "lrp": ("composite", "canonizers", "output.layers"),
-    "gradient": (),
-    "input_x_gradient": (),
-    "smoothgrad": ("attribution.noise_level", "attribution.n_iter"),
-    "integrated_gradients": ("attribution.n_iter", "attribution.baseline"),
-    "occlusion": ("attribution.window", "attribution.stride", "attribution.fill"),
-}
+#: The keys only some attribution methods read, by key path or section, and which (every method reads the others).
+READ_BY: dict[str, tuple[str, ...]] = {
+    "composite": ("lrp",), "canonizers": ("lrp",), "output.layers": ("lrp",),
+    "attribution.noise_level": ("smoothgrad",), "attribution.n_iter": ("smoothgrad", "integrated_gradients"),
+    "attribution.baseline": ("integrated_gradients",), "attribution.window": ("occlusion",),
+    "attribution.stride": ("occlusion",), "attribution.fill": ("occlusion",)}
 
 
 def unused_keys(raw: Mapping[str, Any], resolved: Mapping[str, Any]) -> list[str]:
     """The keys given in ``raw`` that ``attribution.method`` does not read, where their resolved value is not the
     default (a default changes nothing in any method, so a stored config reads back without a warning)."""
-    used = METHOD_KEYS[resolved["attribution"]["method"]]
-    candidates: list[tuple[str, Any, Any]] = []  # (key path, resolved value, default)
-    composite = raw.get("composite")
-    for key in composite if isinstance(composite, Mapping) else ():
-        if key == "canonizers":
-            candidates.append(("composite.canonizers", resolved["canonizers"], []))
-        elif key in DEFAULTS["composite"]:
-            candidates.append((f"composite.{key}", resolved["composite"][key], DEFAULTS["composite"][key]))
-    if "canonizers" in raw:
-        candidates.append(("canonizers", resolved["canonizers"], []))
-    for section, keys in (("output", ("layers",)), ("attribution", _METHOD_ATTRIBUTION_KEYS)):
-        given = raw.get(section)
-        candidates += [(f"{section}.{key}", resolved[section][key], DEFAULTS[section][key])
-                       for key in keys if isinstance(given, Mapping) and key in given]
-    return [key for key, value, default in candidates
-            if value is not None and value != default and key not in used and key.split(".")[0] not in used]
+    def given(section: str) -> Mapping:
+        return raw[section] if isinstance(raw.get(section), Mapping) else {}
+
+    def unused(path: str) -> bool:
+        section, _, key = path.partition(".")
+        read_by = READ_BY.get(path, READ_BY.get(section, (method,)))
+        canonizers = key in ("", "canonizers")  # composite.canonizers is the top-level list
+        value = resolved["canonizers"] if canonizers else resolved[section][key]
+        return method not in read_by and value is not None and value != ([] if canonizers else DEFAULTS[section][key])
+
+    method = resolved["attribution"]["method"]
+    paths = [f"composite.{key}" for key in given("composite")] + ["canonizers"] * ("canonizers" in raw)
+    paths += [f"{section}.{key}" for section in ("output", "attribution") for key in DEFAULTS[section]
+              if key in given(section)]
+    return [path for path in paths if unused(path)]
 
 
 def _warn_unused(origin: _Origin, raw: Mapping[str, Any], resolved: Mapping[str, Any]) -> None:
@@ -308,7 +275,3 @@ def resolve_path(path: str | Path, base_dir: str | Path | None) -> Path | None:
             return candidate
     return None
 
-
-def matches(name: str, pattern: str) -> bool:
-    """Module-name glob matching used for ``composite.rules[].match`` and ``output.layers``."""
-    return fnmatch.fnmatchcase(name, pattern)

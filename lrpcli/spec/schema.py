@@ -22,19 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from lrpcli.catalogue import (
-    CANONIZER_NAMES,
-    COMPOSITES,
-    COMPRESSIONS,
-    MAX_BATCH_SIZE,
-    MAXPOOL_MODES,
-    PARAMS,
-    RULE_ALIASES,
-    RULE_NAMES,
-    STABILIZER_MODES,
-    ZERO_PARAMS,
-    Param,
-)
+from lrpcli import catalogue
 from lrpcli.spec.values import (
     Bad,
     at,
@@ -87,13 +75,15 @@ def unknown_key(key: Any, allowed: tuple[str, ...], here: str) -> str:
     """The message for an unknown key of section ``here``: a close key here, or the same key in another section."""
     hint = did_you_mean(key, allowed)
     if not hint:
-        elsewhere = [f"{s}.{key}" for s, keys in SECTION_KEYS.items() if key in keys and s != here]
+        elsewhere = [f"{s}.{key}" for s, field in Spec.model_fields.items()
+                     if s != here and key in getattr(field.annotation, "model_fields", ())]
         elsewhere = ["canonizers"] if key == "canonizers" and here else elsewhere
         hint = f"; did you mean {elsewhere[0]!r}?" if elsewhere else ""
     return f"unknown key{hint} (allowed: {', '.join(allowed)})"
 
 
 def _v(check: Callable[..., Any], **kwargs: Any) -> BeforeValidator:
+    """A field's check: ``check(value, **kwargs)`` before pydantic sees the value."""
     return BeforeValidator(lambda value: check(value, **kwargs))
 
 
@@ -110,17 +100,6 @@ def _auto_or(check: Callable[[Any], Any], what: str | None = None) -> BeforeVali
             raise expected(what, value) from None
 
     return BeforeValidator(validate)
-
-
-def _at_most(maximum: int, what: str) -> Callable[[Any], int]:
-    """An integer >= 1 that is at most ``maximum`` (a value above it is refused as ``what``)."""
-    def check(value: Any) -> int:
-        checked = integer(value, minimum=1)
-        if checked > maximum:
-            raise expected(what, value)
-        return checked
-
-    return check
 
 
 # ----------------------------------------------------------------------------------------- section values
@@ -146,34 +125,35 @@ def bounds_value(spec: Any, which: str, mean: list[float], std: list[float]) -> 
     return spec
 
 
-def check_low_high(low: Any, high: Any, inp: Mapping, prefix: str) -> None:
+def check_low_high(low: Any, high: Any, inp: Mapping) -> None:
+    """``low`` below ``high`` (after ``auto`` is resolved), in every channel; the error is at ``.high``."""
     lo, hi = (bounds_value(v, w, list(inp["mean"]), list(inp["std"])) for v, w in ((low, "low"), (high, "high")))
     n = len(inp["mean"])
     for i, (a, b) in enumerate(zip(lo if isinstance(lo, list) else [lo] * n, hi if isinstance(hi, list) else [hi] * n)):
         if not a < b:
             where = "" if not isinstance(lo, list) and not isinstance(hi, list) else f" (channel {i})"
-            raise Bad(f"expected a value above <at>low ({a:g}){where}, got {show(high)} ({b:g})", f"{prefix}high")
+            raise Bad(f"expected a value above <at>low ({a:g}){where}, got {show(high)} ({b:g})", ".high")
 
 
 def stabilizer(value: Any, default: Mapping | None = None) -> dict | None:
-    default = default or PARAMS["stabilizer"].default
+    default = default or catalogue.PARAMS["stabilizer"].default
     if is_number(value):
         value = {"epsilon": value}
     given = mapping(value)
     check_keys(given, ("epsilon", "mode"))
     return {"epsilon": at(".epsilon", number, given.get("epsilon", default["epsilon"]), minimum=0, strict=True),
-            "mode": at(".mode", choice, given.get("mode", default["mode"]), STABILIZER_MODES)}
+            "mode": at(".mode", choice, given.get("mode", default["mode"]), catalogue.STABILIZER_MODES)}
 
 
 def zero_params(value: Any) -> list[str]:
-    items = listed(value, f"a list of parameter names from: {', '.join(ZERO_PARAMS)}", one=True)
-    return list(dict.fromkeys(each(items, lambda v: choice(v, ZERO_PARAMS))))
+    items = listed(value, f"a list of parameter names from: {', '.join(catalogue.ZERO_PARAMS)}", one=True)
+    return list(dict.fromkeys(each(items, lambda v: choice(v, catalogue.ZERO_PARAMS))))
 
 
 def canonizer_list(value: Any) -> list[str]:
     out: list[str] = []
     for i, name in enumerate(listed(value, "a list of canonizer names", one=True)):
-        at(f"[{i}]", known, "canonizer", name, CANONIZER_NAMES)
+        at(f"[{i}]", known, "canonizer", name, catalogue.CANONIZER_NAMES)
         if name in out:
             raise Bad(f"canonizer {show(name)} is listed twice", f"[{i}]")
         out.append(name)
@@ -224,12 +204,10 @@ def rule_spec(spec: Any, comp: Mapping, inp: Mapping, checks: EngineChecks) -> A
         "stabilizer": lambda v: stabilizer(v, comp["stabilizer"]), "zero_params": zero_params}
     checked = {k: at(f".{k}", param_checks.get(k, plain), v) for k, v in params.items()}
     if "low" in checked or "high" in checked:
-        check_low_high(checked.get("low", comp["low"] or "auto"), checked.get("high", comp["high"] or "auto"), inp,
-                       ".")
-    key = RULE_ALIASES.get(name.lower(), name.lower())
-    if key not in RULE_NAMES:
-        raise Bad(f"unknown rule {show(name)}{did_you_mean(name.lower(), RULE_NAMES)} (known: {', '.join(RULE_NAMES)})",
-                  name_at)
+        check_low_high(checked.get("low", comp["low"] or "auto"), checked.get("high", comp["high"] or "auto"), inp)
+    key, names = catalogue.RULE_ALIASES.get(name.lower(), name.lower()), catalogue.RULE_NAMES
+    if key not in names:
+        raise Bad(f"unknown rule {show(name)}{did_you_mean(name.lower(), names)} (known: {', '.join(names)})", name_at)
     try:
         checks.rule(key, checked, comp, inp)
     except (ValueError, TypeError, KeyError) as err:
@@ -239,7 +217,6 @@ def rule_spec(spec: Any, comp: Mapping, inp: Mapping, checks: EngineChecks) -> A
                 raise Bad(f"{message} (got {show(params[param])})", f".{param}") from None
         raise Bad(f"{message} (got {show(spec)})") from None
     return key if isinstance(spec, str) else {"name": key, **checked}
-
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -320,10 +297,10 @@ class InputSpec(Section):
 PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
     "positive": lambda v: number(v, minimum=0, strict=True), "non_negative": lambda v: number(v, minimum=0),
     "bounds": lambda v: v, "zero_params": zero_params, "stabilizer": stabilizer,
-    "maxpool": lambda v: choice(v, MAXPOOL_MODES)}
+    "maxpool": lambda v: choice(v, catalogue.MAXPOOL_MODES)}
 
 
-def _param_field(param: Param) -> tuple[Any, Any]:
+def _param_field(param: catalogue.Param) -> tuple[Any, Any]:
     """A composite parameter as a field: its declared check and default; null for a composite not using it."""
     check = PARAM_CHECKS[param.kind]
     return (Annotated[Any, BeforeValidator(lambda v: None if v is None else check(v))],
@@ -331,7 +308,7 @@ def _param_field(param: Param) -> tuple[Any, Any]:
 
 
 def _composite_name(value: Any) -> str:
-    return known("composite", value, sorted(COMPOSITES))
+    return known("composite", value, sorted(catalogue.COMPOSITES))
 
 
 class _Composite(Section):
@@ -341,38 +318,28 @@ class _Composite(Section):
     @model_validator(mode="before")
     @classmethod
     def _used_params(cls, raw: Any) -> Any:
-        """A parameter the composite does not use is an error when given, null when not."""
+        """A parameter the composite does not use is an error when given, null when not. The composite's own
+        defaults (``CompositeDecl.defaults``) fill what is not given; a mapping default sits under a given mapping
+        (or a number, its epsilon), so the keys not given keep the composite's values."""
         if not isinstance(raw, Mapping):
             return raw
         name = at(".name", _composite_name, raw.get("name", "epsilon_gamma_box"))
-        used = COMPOSITES[name].params
-        for key in PARAMS:
+        used = catalogue.COMPOSITES[name].params
+        for key in catalogue.PARAMS:
             if key not in used and raw.get(key) is not None:
                 raise Bad(f"composite {name!r} does not use {key} (got {show(raw[key])}); remove it (its parameters: "
-                          f"{', '.join(p for p in PARAMS if p in used) or 'none'})", f".{key}")
+                          f"{', '.join(p for p in catalogue.PARAMS if p in used) or 'none'})", f".{key}")
         keep = {k: v for k, v in raw.items() if v is not None or k not in (*used, "rules", "strict")}
-        keep.update(_composite_defaults(COMPOSITES[name].defaults, keep))
-        return {**keep, **{k: None for k in PARAMS if k not in used}}
-
-
-def _composite_defaults(defaults: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A composite's own defaults (``CompositeDecl.defaults``) for what ``raw`` leaves out; a mapping default
-    sits under a given mapping (or number, its epsilon) so the keys not given keep the composite's values."""
-    out: dict[str, Any] = {}
-    for key, default in defaults.items():
-        given = raw.get(key)
-        if given is None:
-            out[key] = copy.deepcopy(default)
-        elif isinstance(default, Mapping) and isinstance(given, Mapping):
-            out[key] = {**default, **given}
-        elif isinstance(default, Mapping) and is_number(given):
-            out[key] = {**default, "epsilon": given}
-    return out
+        for key, default in catalogue.COMPOSITES[name].defaults.items():
+            given = {"epsilon": keep[key]} if is_number(keep.get(key)) else keep.get(key)
+            if given is None or isinstance(default, Mapping) and isinstance(given, Mapping):
+                keep[key] = copy.deepcopy(default) if given is None else {**default, **given}
+        return {**keep, **{k: None for k in catalogue.PARAMS if k not in used}}
 
 
 def _composite_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {"name": (Annotated[str, BeforeValidator(_composite_name)], "epsilon_gamma_box")}
-    for name, param in PARAMS.items():
+    for name, param in catalogue.PARAMS.items():
         fields[name] = _param_field(param)
         if name == "stabilizer":  # the output order of earlier versions: rules after stabilizer
             fields["rules"] = (Any, Field(default_factory=list))
@@ -426,19 +393,18 @@ def _device(value: Any) -> str:
     return value.strip().lower()
 
 
-_batch_size = _at_most(MAX_BATCH_SIZE, f"an integer from 1 to {MAX_BATCH_SIZE}")
-_workers = _auto_or(lambda v: integer(v, minimum=0), "auto or an integer >= 0")
-#: torch's intra-op threads for the run; auto keeps torch's own default.
-_threads = _auto_or(_at_most(1024, "auto or an integer from 1 to 1024"))
-
-
 class RunSpec(Section):
-    batch_size: Annotated[int, BeforeValidator(_batch_size)] = 16
-    num_workers: Annotated[int | Literal["auto"], _workers] = "auto"
+    """``threads``: torch's intra-op threads for the run; auto keeps torch's own default."""
+
+    batch_size: Annotated[int, _v(integer, minimum=1, maximum=catalogue.MAX_BATCH_SIZE,
+                                  above=f"an integer from 1 to {catalogue.MAX_BATCH_SIZE}")] = 16
+    num_workers: Annotated[int | Literal["auto"], _auto_or(lambda v: integer(v, minimum=0),
+                                                           "auto or an integer >= 0")] = "auto"
     device: Annotated[str, BeforeValidator(_device)] = "auto"
     max_samples: OptPositiveInt = None
     seed: Annotated[int, _v(integer, minimum=0, maximum=MAX_SEED)] = 0
-    threads: Annotated[int | Literal["auto"], _threads] = "auto"
+    threads: Annotated[int | Literal["auto"], _auto_or(lambda v: integer(
+        v, minimum=1, maximum=1024, above="auto or an integer from 1 to 1024"))] = "auto"
 
 
 class OutputSpec(Section):
@@ -447,7 +413,7 @@ class OutputSpec(Section):
     store_input: Annotated[bool, BeforeValidator(boolean)] = True
     layers: Annotated[list[str], BeforeValidator(lambda v: each(listed(
         v, "a list of module-name globs (e.g. layer4, features.*)", one=True), string))] = Field(default_factory=list)
-    compression: Annotated[str, _v(choice, choices=COMPRESSIONS)] = "auto"
+    compression: Annotated[str, _v(choice, choices=catalogue.COMPRESSIONS)] = "auto"
 
 
 def _model_section(value: Any) -> Any:
@@ -488,7 +454,7 @@ class Spec(Section):
         inp_d, comp_d = inp.model_dump(), comp.model_dump()
         update = {k: at(f".{k}", bounds, comp_d[k], len(inp.mean)) for k in ("low", "high") if comp_d[k] is not None}
         if update:
-            check_low_high(update["low"], update["high"], inp_d, ".")
+            check_low_high(update["low"], update["high"], inp_d)
         comp_d.update(update)
         rules = at(".rules", rule_items, comp.rules, comp_d, inp_d, _checks(info))
         return comp.model_copy(update={**update, "rules": rules})
@@ -496,8 +462,3 @@ class Spec(Section):
 
 def _checks(info: ValidationInfo) -> EngineChecks:
     return (info.context or {}).get("checks", NO_CHECKS)
-
-
-#: The keys of each section (``canonizers`` is a list), for "did you mean 'run.seed'?" hints.
-SECTION_KEYS = {name: tuple(Spec.model_fields[name].annotation.model_fields)
-                for name in Spec.model_fields if name != "canonizers"}

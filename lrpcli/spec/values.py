@@ -91,9 +91,12 @@ def number(value: Any, minimum: float | None = None, strict: bool = False) -> fl
     return float(got)
 
 
-def integer(value: Any, minimum: int | None = None, maximum: int | None = None, nullable: bool = False) -> Any:
+def integer(value: Any, minimum: int | None = None, maximum: int | None = None, nullable: bool = False,
+            above: str | None = None) -> Any:
+    """An integer (``2.0`` too); a refusal names the range, or where ``above`` is given, names the minimum and
+    says ``above`` for a value over ``maximum`` only."""
     what = "an integer" if minimum is None else f"an integer >= {minimum}"
-    if maximum is not None:
+    if maximum is not None and above is None:
         what = f"an integer from {minimum} to {maximum}"
     if nullable:
         what += " or null"
@@ -101,9 +104,10 @@ def integer(value: Any, minimum: int | None = None, maximum: int | None = None, 
             return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum) or (
-            maximum is not None and value > maximum):
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         raise expected(what, value)
+    if maximum is not None and value > maximum:
+        raise expected(above or what, value)
     return value
 
 

@@ -50,12 +50,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return node
 
     def _count(self, node: yaml.Node) -> None:
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
         if isinstance(node, yaml.MappingNode):
             children = [n for pair in node.value for n in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            children = node.value
-        else:
-            children = []
         size = 1 + sum(self._sizes.get(id(child), 1) for child in children)
         self._sizes[id(node)] = size
         if size > MAX_NODES:
@@ -73,11 +70,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
         try:
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"duplicate key {key!r} (first on line {seen[key].line + 1})",
-                    key_node.start_mark,
-                )
+                    None, None, f"duplicate key {key!r} (first on line {seen[key].line + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark
         except TypeError:  # unhashable key: let PyYAML report it
             pass
