@@ -140,28 +140,20 @@ class Recorder:
         if parts is None:
             return {}
         nan = torch.full((n,), float("nan"), dtype=torch.float64)
-        folded = {name: nan for name in ("negative", "absolute", "nan", "inf")}
-        folded.update({"max": nan, "min": nan})
-        for k, stats in enumerate(parts):
-            for name, reduce in (("negative", "sum"), ("absolute", "sum"), ("nan", "sum"), ("inf", "sum"),
-                                 ("max", "amax"), ("min", "amin")):
+        folded = dict.fromkeys(_ROW_REDUCTIONS, nan)
+        for k, stats in enumerate(parts):  # the inputs of one call (both terms of a Sum), each with its own rows
+            for name, reduce in _ROW_REDUCTIONS.items():
                 value = fold_batch(stats[name].to("cpu", torch.float64), n, reduce)
-                if k == 0:
-                    folded[name] = value
-                elif reduce == "sum":
-                    folded[name] = folded[name] + value
-                else:
-                    folded[name] = (torch.maximum if reduce == "amax" else torch.minimum)(folded[name], value)
+                folded[name] = value if k == 0 else _COMBINE[reduce](folded[name], value)
         negative, absolute = folded["negative"], folded["absolute"]
         share = torch.where(absolute > 0, negative / absolute.clamp(min=1e-300), torch.zeros_like(absolute))
         out_bad = fold_batch(entry["nonfinite_out"].to("cpu", torch.float64), n)
-        result = {"negative_share": torch.where(absolute.isnan(), absolute, share), "max": folded["max"],
-                  "min": folded["min"], "nan": folded["nan"], "inf": folded["inf"], "nonfinite_out": out_bad,
-                  "nonfinite": folded["nan"] + folded["inf"] + out_bad}
-        negative_input = entry.get("input_negative")
-        result["input_negative"] = nan if negative_input is None else \
-            (fold_batch(negative_input.to("cpu", torch.float64), n, "amax") > 0).to(torch.float64)
-        return result
+        seen = entry.get("input_negative")
+        seen = nan if seen is None else fold_batch(seen.to("cpu", torch.float64), n, "amax")
+        return {"negative_share": torch.where(absolute.isnan(), absolute, share), "max": folded["max"],
+                "min": folded["min"], "nan": folded["nan"], "inf": folded["inf"], "nonfinite_out": out_bad,
+                "nonfinite": folded["nan"] + folded["inf"] + out_bad,
+                "input_negative": torch.where(seen.isnan(), seen, (seen > 0).to(torch.float64))}
 
     def table(self) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
         """(layers, rules, relevance_in N×L, relevance_out N×L) in forward order; NaN where nothing arrived."""
@@ -178,6 +170,11 @@ class Recorder:
             if key in self.relevance_out:
                 r_out[:, j] = fold_batch(self.relevance_out[key], n)
         return layers, [self.rules[k] for k in layers], r_in, r_out
+
+
+#: how ``_row_stats``' per-row values fold to a sample, and how two inputs' folded values combine
+_ROW_REDUCTIONS = {"negative": "sum", "absolute": "sum", "nan": "sum", "inf": "sum", "max": "amax", "min": "amin"}
+_COMBINE = {"sum": torch.add, "amax": torch.maximum, "amin": torch.minimum}
 
 
 def fold_batch(values: torch.Tensor, n: int, reduce: str = "sum") -> torch.Tensor:
