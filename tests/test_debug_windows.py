@@ -121,6 +121,25 @@ def test_fold_batch_reductions():
     assert torch.isnan(fold_batch(counts, 3)).all() and fold_batch(counts, 3).dtype == DT
 
 
+def test_torchvision_window_rows_are_batch_major(monkeypatch):
+    """What ``fold_batch`` assumes, on torchvision's own shifted-window attention: its qkv projection runs on
+    B * windows rows, sample b's windows at rows b * windows ... (b + 1) * windows - 1."""
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    seen = []
+    linear = swin.F.linear
+
+    def spy(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        seen.append(x.detach().clone())
+        return linear(x, *args)
+
+    monkeypatch.setattr(swin.F, "linear", spy)
+    attention = swin.ShiftedWindowAttention(4, window_size=[2, 2], shift_size=[1, 1], num_heads=1)
+    x = torch.stack([torch.full((4, 4, 4), 1.0), torch.full((4, 4, 4), 2.0)])  # (B, H, W, C): sample b holds b + 1
+    attention(x)
+    rows = seen[0]  # qkv's input: (2 samples x 4 windows, 4 tokens, C)
+    assert rows.shape == (8, 4, 4) and rows[:4].eq(1).all() and rows[4:].eq(2).all()
+
+
 class Shared(nn.Module):
     """h + a detached bias (a constant, as Swin's position bias) and h + a parameter (a position embedding),
     both broadcast over the batch: neither has per-sample rows."""
