@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from lrpcli.engine.hooks import LayerCall, same_elements
 from lrpcli.engine.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, ZBox, ZPlus
 
-DETAIL_KEYS = ("negative_share", "max", "min", "nonfinite", "input_negative", "dtype")
+#: ``sample_details``' per-sample statistics (``dtype``, a string, is in ``details`` beside them)
+DETAIL_KEYS = ("negative_share", "max", "min", "nan", "inf", "nonfinite_out", "nonfinite", "input_negative")
 
 
 class Recorder:
@@ -24,8 +26,15 @@ class Recorder:
 
     ``layers``: glob patterns of module names (any module, containers too) whose output relevance maps are kept
     in ``maps``.
-    ``detail``: also per-sample negative share, max, min and non-finite count of the input relevance, and
-    whether the layer saw negative inputs (for diagnoses).
+    ``detail``: also per-sample negative share, max, min and NaN/Inf counts of the input relevance, and
+    whether the layer saw negative inputs (for diagnoses): ``sample_details``.
+
+    Dimension 0 of a layer's tensors holds its rows: the samples, or batch x windows where a block runs over
+    windows (Swin's window attention: ``B * windows`` rows, batch-major, so row r is sample r // windows). Per-row
+    numbers are kept and folded to the samples when the batch is known (``table``, ``sample_details``). An
+    operand shared by all samples (a position bias or mask broadcast over the batch, a parameter) has no rows of
+    its own: relevance handed to a constant is absorbed (not counted in ``relevance_in``, as a layer's bias),
+    a parameter's share (a position embedding) counts an equal part per row, and neither enters the details.
     """
 
     def __init__(self, layers: Sequence[str] = (), keep_graph: bool = False, detail: bool = False) -> None:
@@ -48,7 +57,9 @@ class Recorder:
         self.relevance_in: dict[str, torch.Tensor] = {}
         self.maps: dict[str, torch.Tensor] = {}
         self.map_order: list[str] = []
-        self.details: dict[str, dict[str, torch.Tensor | str]] = {}
+        self.details: dict[str, dict[str, Any]] = {}
+        #: per call with several inputs: which inputs are shared by all samples (``shared_operands``)
+        self._shared: dict[str, tuple[str, ...]] = {}
         # (tensor, its version, its per-sample sum) for the relevance the last backward call handed down: in a
         # chain of layers that tensor is the relevance arriving at the next layer's output, summed only once
         self._handed_down: list[tuple[torch.Tensor, int, torch.Tensor]] = []
@@ -64,27 +75,36 @@ class Recorder:
             out = call.output.detach()
             if out.numel() and out.is_floating_point():
                 self.scales[call.key] = float(torch.linalg.vector_norm(out)) / out.numel() ** 0.5
+        if len(call.inputs) > 1:
+            self._shared[call.key] = shared_operands(call.inputs, call.output)
         if self.detail:
             with torch.no_grad():
                 x = call.inputs[0] if call.inputs else call.output
-                negative = (x.detach() < 0).reshape(x.shape[0], -1).any(1) if x.dim() else (x < 0).reshape(1)
+                negative = (x.detach() < 0).reshape(_rows(x), -1).any(1)
             self.details[call.key] = {"input_negative": negative, "dtype": str(x.dtype).replace("torch.", "")}
 
     def on_backward(self, call: LayerCall, relevance: torch.Tensor,
                     result: tuple[torch.Tensor | None, ...]) -> None:
         with torch.no_grad():
             out_sum = self.relevance_out[call.key] = self._sum(relevance)
-            parts = [r for r in result if r is not None]
+            kinds = self._shared.get(call.key, ())
+            parts = [r for i, r in enumerate(result) if r is not None and (kinds[i] if i < len(kinds) else "") == ""]
+            shared = [r for i, r in enumerate(result) if r is not None and i < len(kinds) and kinds[i] == "shared"]
             # a pass-through (Pass on a ReLU, a reshape) hands down the same elements: its input sum is its output sum
             handed = [(r, r._version, out_sum if same_elements(r, relevance) else per_sample_sum(r)) for r in parts]
             self._handed_down = handed
-            if handed:
-                total = handed[0][2]
-                for _, _, s in handed[1:]:
-                    total = total + s
+            total = None
+            for _, _, s in handed:
+                total = s if total is None else add_rows(total, s)
+            for r in shared:  # summed over the batch by the rule: an equal part per row of the layer
+                spread = per_sample_sum(r).sum().expand(_rows(relevance)) / _rows(relevance)
+                total = spread if total is None else add_rows(total, spread)
+            if total is not None:
                 self.relevance_in[call.key] = total
-                if self.detail:
-                    self.details.setdefault(call.key, {}).update(_detail([r.detach() for r in parts], relevance))
+            if self.detail:
+                entry = self.details.setdefault(call.key, {})
+                entry["parts"] = [_row_stats(r.detach()) for r in parts]
+                entry["nonfinite_out"] = (~torch.isfinite(relevance.detach().reshape(_rows(relevance), -1))).sum(1)
 
     def _sum(self, relevance: torch.Tensor) -> torch.Tensor:
         """``per_sample_sum(relevance)``, taken from the last backward call when it handed down this tensor."""
@@ -103,14 +123,44 @@ class Recorder:
         """The maps in forward order (the backward delivers them in reverse)."""
         return {key: self.maps[key] for key in reversed(self.map_order)}
 
+    def batch(self) -> int:
+        """The number of samples: the leading size at the model's last layer (layers inside may run over
+        batch x windows, Swin); 0 before any backward."""
+        last = next((self.relevance_out[k] for k in reversed(self.order) if k in self.relevance_out), None)
+        ref = last if last is not None else next(iter(self.relevance_out.values()), None)
+        return ref.shape[0] if ref is not None else 0
+
+    def sample_details(self, key: str, n: int) -> dict[str, torch.Tensor]:
+        """``DETAIL_KEYS`` -> per-sample float64 values (length ``n``) of one layer call's input relevance, its
+        rows folded to the samples: sums and counts summed, maxima maxed, minima minned, the negative share
+        recomputed from the folded sums; NaN where the rows cannot be told apart by sample. Empty without
+        ``detail`` or when no relevance arrived."""
+        entry = self.details.get(key, {})
+        parts = entry.get("parts")
+        if parts is None:
+            return {}
+        nan = torch.full((n,), float("nan"), dtype=torch.float64)
+        folded = dict.fromkeys(_ROW_REDUCTIONS, nan)
+        for k, stats in enumerate(parts):  # the inputs of one call (both terms of a Sum), each with its own rows
+            for name, reduce in _ROW_REDUCTIONS.items():
+                value = fold_batch(stats[name].to("cpu", torch.float64), n, reduce)
+                folded[name] = value if k == 0 else _COMBINE[reduce](folded[name], value)
+        negative, absolute = folded["negative"], folded["absolute"]
+        share = torch.where(absolute > 0, negative / absolute.clamp(min=1e-300), torch.zeros_like(absolute))
+        out_bad = fold_batch(entry["nonfinite_out"].to("cpu", torch.float64), n)
+        seen = entry.get("input_negative")
+        seen = nan if seen is None else fold_batch(seen.to("cpu", torch.float64), n, "amax")
+        return {"negative_share": torch.where(absolute.isnan(), absolute, share), "max": folded["max"],
+                "min": folded["min"], "nan": folded["nan"], "inf": folded["inf"], "nonfinite_out": out_bad,
+                "nonfinite": folded["nan"] + folded["inf"] + out_bad,
+                "input_negative": torch.where(seen.isnan(), seen, (seen > 0).to(torch.float64))}
+
     def table(self) -> tuple[list[str], list[str], torch.Tensor, torch.Tensor]:
         """(layers, rules, relevance_in N×L, relevance_out N×L) in forward order; NaN where nothing arrived."""
         self._handed_down = []
         layers = list(self.order)
-        # the batch: the leading size at the model's last layer (layers inside run over batch x windows, Swin)
-        last = next((self.relevance_out[k] for k in reversed(layers) if k in self.relevance_out), None)
-        ref = last if last is not None else next(iter(self.relevance_out.values()), None)
-        n = ref.shape[0] if ref is not None else 0
+        n = self.batch()
+        ref = next(iter(self.relevance_out.values()), None)
         device = ref.device if ref is not None else "cpu"
         r_in = torch.full((n, len(layers)), float("nan"), dtype=torch.float64, device=device)
         r_out = torch.full_like(r_in, float("nan"))
@@ -122,16 +172,53 @@ class Recorder:
         return layers, [self.rules[k] for k in layers], r_in, r_out
 
 
-def fold_batch(sums: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-sample sums of a layer whose dimension 0 is not the batch: batch x windows (Swin's window attention
-    runs on ``B * windows`` rows, batch-major) folds to the batch; a size that is no multiple of it gives NaN
-    (the layer's sums cannot be told apart by sample)."""
-    m = sums.shape[0]
+#: how ``_row_stats``' per-row values fold to a sample, and how two inputs' folded values combine
+_ROW_REDUCTIONS = {"negative": "sum", "absolute": "sum", "nan": "sum", "inf": "sum", "max": "amax", "min": "amin"}
+_COMBINE = {"sum": torch.add, "amax": torch.maximum, "amin": torch.minimum}
+
+
+def fold_batch(values: torch.Tensor, n: int, reduce: str = "sum") -> torch.Tensor:
+    """Per-sample values of a layer whose dimension 0 is not the batch: batch x windows (Swin's window attention
+    runs on ``B * windows`` rows, batch-major: row r is sample r // windows) folds to the batch with ``reduce``
+    (``sum``, ``amax``, ``amin``); a size that is no multiple of it gives NaN (the rows cannot be told apart by
+    sample). A NaN row makes its sample NaN."""
+    m = values.shape[0]
     if m == n:
-        return sums
+        return values
     if n and m % n == 0:
-        return sums.reshape(n, m // n).sum(1)
-    return torch.full((n,), float("nan"), dtype=sums.dtype, device=sums.device)
+        rows = values.reshape(n, m // n)
+        return rows.sum(1) if reduce == "sum" else getattr(rows, reduce)(1)
+    return torch.full((n,), float("nan"), dtype=values.dtype if values.is_floating_point() else torch.float64,
+                      device=values.device)
+
+
+def add_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of two inputs of one layer, where one may run over batch x windows and the other over the
+    batch: the longer folds to the shorter (NaN where it cannot)."""
+    if a.shape[0] < b.shape[0]:
+        a, b = b, a
+    return fold_batch(a, b.shape[0]) + b
+
+
+def shared_operands(inputs: Sequence[torch.Tensor], output: torch.Tensor) -> tuple[str, ...]:
+    """Per input of a call with several: '' for an activation with rows of its own, 'constant' for one that
+    needs no gradient (a detached position bias, a mask: relevance handed to it stays there), 'shared' for a
+    parameter or an operand broadcast over the output's leading dimension (fewer dimensions, or size 1 where the
+    output has more): the rule sums its relevance over the batch, so it has no per-sample rows."""
+    kinds = []
+    for t in inputs:
+        if not t.requires_grad:
+            kinds.append("constant")
+        elif isinstance(t, torch.nn.Parameter) or t.dim() < output.dim() or (
+                t.dim() > 0 and t.shape[0] == 1 < output.shape[0]):
+            kinds.append("shared")
+        else:
+            kinds.append("")
+    return tuple(kinds)
+
+
+def _rows(t: torch.Tensor) -> int:
+    return t.shape[0] if t.dim() else 1
 
 
 def per_sample_sum(t: torch.Tensor) -> torch.Tensor:
@@ -144,20 +231,24 @@ def per_sample_sum(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1).to(torch.float64)
 
 
-def _detail(parts: list[torch.Tensor], relevance_out: torch.Tensor) -> dict[str, torch.Tensor]:
-    n = parts[0].shape[0] if parts[0].dim() else 1
-    flat = torch.cat([p.reshape(n, -1).to(torch.float64) for p in parts], dim=1)
+def _row_stats(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per row of one input's relevance: the sums of its negative part and of its magnitude, the largest and
+    smallest finite value (-+float64 max where a row has none) and its NaN and Inf counts; folded to the samples
+    by ``Recorder.sample_details``."""
+    flat = t.reshape(_rows(t), -1).to(torch.float64)
     finite = torch.isfinite(flat)
     clean = torch.where(finite, flat, torch.zeros_like(flat))
-    absolute = clean.abs().sum(1)
-    negative = (-clean.clamp(max=0)).sum(1)
     big = torch.finfo(torch.float64).max
-    out_bad = (~torch.isfinite(relevance_out.detach().reshape(n, -1))).sum(1)
+    bad = (~finite).sum(1)
+    nan = torch.isnan(flat).sum(1) if bool(bad.any()) else torch.zeros_like(bad)  # all finite: no second pass
+    # a row without a finite value (or without elements) gets -+float64 max: "none" for sample_details' readers
+    high = torch.where(finite, flat, torch.full_like(flat, -big))
+    low = torch.where(finite, flat, torch.full_like(flat, big))
+    none = torch.full((flat.shape[0],), big, dtype=torch.float64, device=flat.device)
     return {
-        "negative_share": torch.where(absolute > 0, negative / absolute.clamp(min=1e-300), torch.zeros_like(absolute)),
-        "max": torch.where(finite, flat, torch.full_like(flat, -big)).max(1).values,
-        "min": torch.where(finite, flat, torch.full_like(flat, big)).min(1).values,
-        "nonfinite": (~finite).sum(1) + out_bad,
+        "negative": (-clean.clamp(max=0)).sum(1), "absolute": clean.abs().sum(1),
+        "max": high.amax(1) if flat.shape[1] else -none, "min": low.amin(1) if flat.shape[1] else none,
+        "nan": nan, "inf": bad - nan,
     }
 
 

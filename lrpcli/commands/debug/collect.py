@@ -95,7 +95,7 @@ def _check_output(output: torch.Tensor) -> None:
 
 def _run(config: Any, model: Any, comp: Any, x: Any, labels: Any) -> Report:
     """All chunks of ``x`` through one session; per-chunk Recorder tables joined along the samples."""
-    recorder = _SplitRecorder()
+    recorder = Recorder(detail=True)
     notes: list[str] = []
     chunks: list[dict[str, Any]] = []
     size = max(1, int(config.run.batch_size))
@@ -148,13 +148,13 @@ def _run(config: Any, model: Any, comp: Any, x: Any, labels: Any) -> Report:
     )
 
 
-def _chunk(recorder: _SplitRecorder, seed: Any, relevance: Any) -> dict[str, Any]:
+def _chunk(recorder: Recorder, seed: Any, relevance: Any) -> dict[str, Any]:
     """One forward/backward's numbers as numpy, before the recorder forgets them at the next forward."""
     layers, rules, r_in, r_out = recorder.table()
     n = seed.shape[0]
     shape = (n, len(layers))
     arrays = {"relevance_in": _np(r_in, shape), "relevance_out": _np(r_out, shape)}
-    arrays.update(recorder.detail_arrays(layers, n))
+    arrays.update(_detail_arrays(recorder, layers, n))
     meta = {k: (recorder.types[k], rule, str(recorder.details.get(k, {}).get("dtype", "")))
             for k, rule in zip(layers, rules)}
     return {"layers": layers, "arrays": arrays, "meta": meta, "n": n,
@@ -188,37 +188,16 @@ def _np(t: Any, shape: tuple[int, ...]) -> np.ndarray:
     return t.detach().to("cpu").numpy().astype(np.float64).reshape(shape)
 
 
-class _SplitRecorder(Recorder):
-    """``Recorder(detail=True)`` plus NaN and Inf counted apart (its ``nonfinite`` counts both together)."""
-
-    def __init__(self) -> None:
-        super().__init__(detail=True)
-
-    def on_backward(self, call: Any, relevance: Any, result: tuple) -> None:
-        super().on_backward(call, relevance, result)
-        entry = self.details.setdefault(call.key, {})
-        total = entry.get("nonfinite")
-        if not isinstance(total, torch.Tensor):
-            return
-        nan = inf = torch.zeros_like(total)
-        if bool(total.any()):  # the common case (all finite) costs nothing more
-            with torch.no_grad():
-                parts = [r.detach() for r in result if r is not None]
-                n = total.shape[0]
-                flat = torch.cat([p.reshape(n, -1) for p in parts], dim=1)
-                nan, inf = torch.isnan(flat).sum(1), torch.isinf(flat).sum(1)
-        entry["nan"], entry["inf"], entry["nonfinite_out"] = nan, inf, total - nan - inf
-
-    def detail_arrays(self, layers: list[str], n: int) -> dict[str, np.ndarray]:
-        """DETAIL_FIELDS -> N x L float arrays (NaN where a layer got no relevance)."""
-        out = {}
+def _detail_arrays(recorder: Recorder, layers: list[str], n: int) -> dict[str, np.ndarray]:
+    """DETAIL_FIELDS -> N x L float arrays (NaN where a layer got no relevance): each layer's rows folded to
+    the samples by the Recorder (a window-attention layer's B x windows rows summed, maxed or minned per sample,
+    as its conservation sums are)."""
+    out = {name: np.full((n, len(layers)), np.nan) for name in DETAIL_FIELDS}
+    for j, key in enumerate(layers):
+        values = recorder.sample_details(key, n)
         for name in DETAIL_FIELDS:
-            arr = np.full((n, len(layers)), np.nan)
-            for j, key in enumerate(layers):
-                value = self.details.get(key, {}).get(name)
-                if value is not None and not isinstance(value, str):
-                    arr[:, j] = value.detach().to("cpu").double().numpy().reshape(-1)[:n]
-            if name in ("max", "min"):  # the Recorder's +-float64 max stands for "no finite value"
-                arr[np.abs(arr) >= np.finfo(np.float64).max] = np.nan
-            out[name] = arr
-        return out
+            if name in values:
+                out[name][:, j] = values[name].numpy()
+    for name in ("max", "min"):  # the Recorder's +-float64 max stands for "no finite value"
+        out[name][np.abs(out[name]) >= np.finfo(np.float64).max] = np.nan
+    return out
