@@ -96,11 +96,12 @@ def _data(layer: nn.Module, shape: tuple[int, ...], ref_rule: RefRule, nonnegati
 
 
 class _Spy:
-    """Counts the fused path's transposed operations and the general path's back-projections."""
+    """Counts the fused path's transposed operations, Gamma's mixed-sign back-projections and the general
+    path's back-projections."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.pair = self.general = 0
-        pair_vjp, backproject = layerops.pair_vjp, SignSplit.backproject
+        self.pair = self.general = self.shared = 0
+        pair_vjp, backproject, shared = layerops.pair_vjp, SignSplit.backproject, SignSplit.backproject_shared
 
         def counted_pair(*args, **kwargs):
             self.pair += 1
@@ -110,7 +111,12 @@ class _Spy:
             self.general += 1
             return backproject(split, *args, **kwargs)
 
+        def counted_shared(split, *args, **kwargs):
+            self.shared += 1
+            return shared(split, *args, **kwargs)
+
         monkeypatch.setattr(layerops, 'pair_vjp', counted_pair)
+        monkeypatch.setattr(SignSplit, 'backproject_shared', counted_shared)
         monkeypatch.setattr(SignSplit, 'backproject', counted_general)
 
 
@@ -128,11 +134,13 @@ def test_matches_reference(layer_id, factory, shape, fast, rule_id, engine, ref_
         assert got.dtype == DT and got.shape == x.shape
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL, msg=lambda m, s=seed: f'seed {s}: {m}')
     if not (fast and rule_id.startswith(FUSED)):
-        assert (spy.pair, spy.general) == (0, 2)
+        assert (spy.pair, spy.general, spy.shared) == (0, 2, 0)
     elif signs == 'nonnegative':
-        assert (spy.pair, spy.general) == (2, 0)
+        assert (spy.pair, spy.general, spy.shared) == (2, 0, 0)
+    elif rule_id.startswith('gamma'):  # one pair_vjp shared by x+ and x-, with or without groups
+        assert (spy.pair, spy.general, spy.shared) == (2, 0, 2)
     else:  # with groups, one pair_vjp for x+ and one for x-; without, x+ and x- stacked into one block call
-        assert (spy.pair, spy.general) == ((0, 0) if layer_id == 'groups1' else (4, 0))
+        assert (spy.pair, spy.general, spy.shared) == ((0, 0, 0) if layer_id == 'groups1' else (4, 0, 0))
 
 
 @pytest.mark.parametrize('rule_id,engine,ref_rule', RULES, ids=[r[0] for r in RULES])

@@ -74,7 +74,8 @@ class Gamma(ParamRule):
         (z + gamma (s + eps/gamma) = den + eps and z + gamma (z - s - eps/gamma) = den - eps). With r = R / s(den),
         for x+ W+ gets r (1 + gamma m) and W- gets r (1 + gamma (1 - m)); regrouped by vector that is
         (W + gamma W-)^T r + gamma |W|^T (r m): one transposed operation through [W + gamma W-; gamma |W|] with r
-        and r m in one pair buffer. x- has the roles of W+ and W- swapped: (W + gamma W+)^T r - gamma |W|^T (r m).
+        and r m in one pair buffer. x- has the roles of W+ and W- swapped: (W + gamma W+)^T r - gamma |W|^T (r m),
+        which is x+'s vector plus gamma |W|^T (r (1 - 2m)) (``split.backproject_shared``).
         """
         z, g = split.z_rule, self.gamma
         folded = self.stabilizer.mode == "sign" and g > 0
@@ -88,8 +89,10 @@ class Gamma(ParamRule):
             torch.div(relevance, den, out=ratio)
         else:
             self.stabilizer.divide(relevance, den, out=ratio)
-        del den
         torch.mul(ratio, mask, out=masked)
+        if split.has_neg:  # x- gets [W + gamma W+; -gamma |W|] = [A + B; -B]: r (1 - 2m) through B alone
+            return split.backproject_shared(buf, self._fill_weights, torch.add(ratio, masked, alpha=-2.0, out=den))
+        del den
         return split.backproject_pair(buf, self._fill_weights)
 
     def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_aligned: torch.Tensor, w: torch.Tensor,

@@ -43,24 +43,38 @@ class SignSplit:
             low, high = torch.aminmax(self.x.detach())   # one pass for both signs
             low, high = torch.stack([low, high]).tolist()
             self.has_pos, self.has_neg = high > 0, low < 0
-        #: [x+, x-] along the input channels, for mixed signs on a ``pairable`` layer (else None); x+ and x- are
-        #: then its halves, written straight into it when no graph is recorded
-        self.x_stacked: torch.Tensor | None = None
-        if self._stacks_inputs:
-            channels = channel_dim(self.module)
-            if torch.is_grad_enabled():
-                self.x_stacked = torch.cat([self.x.clamp(min=0), self.x.clamp(max=0)], dim=channels)
-            else:
-                shape = list(self.x.shape)
-                shape[channels] *= 2
-                self.x_stacked = ops.empty_like_layout(self.x, shape)
-                pos, neg = self.x_stacked.chunk(2, dim=channels)
-                torch.clamp(self.x, min=0, out=pos)
-                torch.clamp(self.x, max=0, out=neg)
-            self.x_pos, self.x_neg = self.x_stacked.chunk(2, dim=channels)
-        else:
-            self.x_pos = self.x.clamp(min=0) if self.has_neg else self.x
-            self.x_neg = self.x.clamp(max=0) if self.has_neg else None
+
+    @functools.cached_property
+    def x_stacked(self) -> torch.Tensor | None:
+        """[x+, x-] along the input channels, for mixed signs on a ``pairable`` layer (else None), formed when a
+        path first needs it; x+ and x- are then its halves, written straight into it when no graph is
+        recorded."""
+        if not self._stacks_inputs:
+            return None
+        channels = channel_dim(self.module)
+        if torch.is_grad_enabled():
+            return torch.cat([self.x.clamp(min=0), self.x.clamp(max=0)], dim=channels)
+        shape = list(self.x.shape)
+        shape[channels] *= 2
+        stacked = ops.empty_like_layout(self.x, shape)
+        pos, neg = stacked.chunk(2, dim=channels)
+        torch.clamp(self.x, min=0, out=pos)
+        torch.clamp(self.x, max=0, out=neg)
+        return stacked
+
+    @functools.cached_property
+    def x_pos(self) -> torch.Tensor:
+        """x+ (x itself for x >= 0): a half of ``x_stacked`` where that exists."""
+        if self.x_stacked is not None:
+            return self.x_stacked.chunk(2, dim=channel_dim(self.module))[0]
+        return self.x.clamp(min=0) if self.has_neg else self.x
+
+    @functools.cached_property
+    def x_neg(self) -> torch.Tensor | None:
+        """x- (None for x >= 0): a half of ``x_stacked`` where that was formed already, else its own pass."""
+        if "x_stacked" in self.__dict__ and self.x_stacked is not None:
+            return self.x_stacked.chunk(2, dim=channel_dim(self.module))[1]
+        return self.x.clamp(max=0) if self.has_neg else None
 
     @functools.cached_property
     def weight_pos(self) -> torch.Tensor:
@@ -148,7 +162,7 @@ class SignSplit:
     @property
     def _grouped_mixed(self) -> bool:
         """x of both signs on a grouped convolution (``pair_fast``): x+ and x- go through separate calls."""
-        return self.has_pos and self.has_neg and self.x_stacked is None
+        return self.has_pos and self.has_neg and not self._stacks_inputs
 
     @property
     def positive_outputs_only(self) -> bool:
@@ -162,7 +176,13 @@ class SignSplit:
         tensor: P_pp + b+ for x >= 0, P_pp + P_nn + b+ for mixed signs (``pair_fast``).
 
         It is the sum of the outputs' positive contributions; its complement, z - it, is the opposed sum plus b-,
-        the negative one. ``shift`` lets a rule fold a constant into the same pass (the stabilizer)."""
+        the negative one. ``shift`` lets a rule fold a constant into the same pass (the stabilizer).
+
+        For mixed signs the forward runs on |x| with |W|: f(|x|; |W|) = aligned - opposed and z - b = aligned +
+        opposed, so the aligned sum plus b+ is (z + f(|x|; |W|, |b|))/2 (2 b+ - b = |b|): one convolution over
+        the input channels instead of one over twice as many (or two, with groups)."""
+        if self.has_pos and self.has_neg and not self.z.is_meta:
+            return self._positive_sum_by_magnitude(shift)
         bias = self.bias.clamp(min=0).flatten() if self.bias is not None else None
         if shift:
             channels = self.weight_pos.shape[ops.weight_out_dim(self.module)]
@@ -173,6 +193,23 @@ class SignSplit:
             return forward(self.module, self.x_pos, self.weight_pos, bias, self.z).add_(
                 forward(self.module, self.x_neg, self.weight_neg, None, self.z))
         return forward(self.module, self.x, self.weight_pos, bias, self.z)
+
+    def _positive_sum_by_magnitude(self, shift: float) -> torch.Tensor:
+        """(z + f(|x|; |W|, |b| + 2 shift)) / 2 for x of both signs (``positive_sum``); z is the rule's output
+        (z without b under zero_params=['bias'], then without |b| too)."""
+        m = self.module
+        bias = None
+        if self.bias is not None or shift:
+            def magnitude_bias() -> torch.Tensor:
+                channels = self.weight.shape[ops.weight_out_dim(m)]
+                full = self._bias.abs() if self.bias is not None else self.x.new_zeros((channels,))
+                return full.flatten() + 2.0 * shift if shift else full.flatten()
+            bias = self.call.memo(f"magnitude_bias_{shift!r}", magnitude_bias)
+        weight = self.call.memo("weight_abs", lambda: self.weight.abs())
+        s = forward(m, self.x.abs(), weight, bias, self.z)
+        if torch.is_grad_enabled():
+            return (s + self.z_rule) * 0.5
+        return s.add_(self.z_rule).mul_(0.5)
 
     def pair_buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """An uninitialised buffer shaped like z with twice the channels, and its two halves (a, b) for
@@ -226,6 +263,30 @@ class SignSplit:
         into = self.call.into
         result = torch.mul(to_pos, self.x_pos, out=into) if fits(into, to_pos) else to_pos * self.x_pos
         return result.addcmul_(to_neg, self.x_neg)
+
+    def backproject_shared(self, buf: torch.Tensor, fill: Callable[..., None], flipped: torch.Tensor
+                           ) -> torch.Tensor:
+        """x+ P + x- (P + B^T c) with P = A^T a + B^T b, for x of both signs (``pair_fast``): the rules whose
+        weights for x- are [A + B; -B] when those for x+ are [A; B] (Gamma), with c = ``flipped``.
+
+        ``fill(A, B, W+, W, False)`` writes [A; B] as in ``backproject_pair``, and [a; b] are the halves of
+        ``buf``. x+ (A^T a + B^T b) + x- ((A + B)^T a - B^T b) regrouped is x+ P + x- (P + B^T (a - 2 b)): two
+        transposed operations, over twice the output channels and over the output channels (3 layer's worth of
+        work), where the block weight over [x+, x-] takes 4 (and 2 calls of 2 with groups); the caller passes
+        c = a - 2 b. Returns x P + x- B^T c."""
+        m = self.module
+
+        def build() -> torch.Tensor:
+            stacked, first, second = ops.pair_of_weights(m, self.weight)
+            fill(first, second, self.weight_pos, self.weight, False)
+            return stacked
+
+        stacked = self.call.memo("stacked", build)
+        shared = ops.pair_vjp(m, self.x, stacked, buf, self.z)
+        second = self.call.memo("stacked_second", lambda: stacked.chunk(2, dim=ops.weight_out_dim(m))[1]
+                                .contiguous())
+        to_neg = input_vjp(m, self.x, second, flipped, self.z)
+        return times_input(self.x, shared, self.call.into).addcmul_(to_neg, self.x.clamp(max=0))
 
     # back-projection ------------------------------------------------------------------------------------------
     def backproject(self, same: torch.Tensor, opposite: torch.Tensor | None) -> torch.Tensor:
