@@ -75,7 +75,7 @@ class Gamma(ParamRule):
         for x+ W+ gets r (1 + gamma m) and W- gets r (1 + gamma (1 - m)); regrouped by vector that is
         (W + gamma W-)^T r + gamma |W|^T (r m): one transposed operation through [W + gamma W-; gamma |W|] with r
         and r m in one pair buffer. x- has the roles of W+ and W- swapped: (W + gamma W+)^T r - gamma |W|^T (r m),
-        which is x+'s vector plus gamma |W|^T (r (1 - 2m)) (``split.backproject_shared``).
+        which is regrouped by x and |x| for inputs of both signs (``_mixed_signs``).
         """
         z, g = split.z_rule, self.gamma
         folded = self.stabilizer.mode == "sign" and g > 0
@@ -90,10 +90,20 @@ class Gamma(ParamRule):
         else:
             self.stabilizer.divide(relevance, den, out=ratio)
         torch.mul(ratio, mask, out=masked)
-        if split.has_neg:  # x- gets [W + gamma W+; -gamma |W|] = [A + B; -B]: r (1 - 2m) through B alone
-            return split.backproject_shared(buf, self._fill_weights, torch.add(ratio, masked, alpha=-2.0, out=den))
+        if split.has_neg:
+            return self._mixed_signs(split, ratio, masked.sub_(ratio, alpha=0.5))
         del den
         return split.backproject_pair(buf, self._fill_weights)
+
+    def _mixed_signs(self, split: SignSplit, ratio: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
+        """x of both signs: x+ takes W^T r + gamma (W+^T (r m) + W-^T (r (1 - m))) and x- the same with W+ and
+        W- swapped; with W+- = (W +- |W|)/2 that is x ((1 + gamma/2) W)^T r + |x| (gamma |W|)^T (r (m - 1/2)),
+        two transposed operations (``split.backproject_magnitude``); ``centred`` is r (m - 1/2)."""
+        g = self.gamma
+        call = split.call
+        scaled = call.memo("gamma_scaled", lambda: split.weight * (1.0 + 0.5 * g))
+        magnitude = call.memo("gamma_magnitude", lambda: split.weight.abs().mul_(g))
+        return split.backproject_magnitude(scaled, ratio, magnitude, centred)
 
     def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_aligned: torch.Tensor, w: torch.Tensor,
                       negative_inputs: bool = False) -> None:

@@ -206,7 +206,7 @@ class SignSplit:
                 return full.flatten() + 2.0 * shift if shift else full.flatten()
             bias = self.call.memo(f"magnitude_bias_{shift!r}", magnitude_bias)
         weight = self.call.memo("weight_abs", lambda: self.weight.abs())
-        s = forward(m, self.x.abs(), weight, bias, self.z)
+        s = forward(m, self.x_abs, weight, bias, self.z)
         if torch.is_grad_enabled():
             return (s + self.z_rule) * 0.5
         return s.add_(self.z_rule).mul_(0.5)
@@ -264,29 +264,24 @@ class SignSplit:
         result = torch.mul(to_pos, self.x_pos, out=into) if fits(into, to_pos) else to_pos * self.x_pos
         return result.addcmul_(to_neg, self.x_neg)
 
-    def backproject_shared(self, buf: torch.Tensor, fill: Callable[..., None], flipped: torch.Tensor
-                           ) -> torch.Tensor:
-        """x+ P + x- (P + B^T c) with P = A^T a + B^T b, for x of both signs (``pair_fast``): the rules whose
-        weights for x- are [A + B; -B] when those for x+ are [A; B] (Gamma), with c = ``flipped``.
+    @functools.cached_property
+    def x_abs(self) -> torch.Tensor:
+        """|x|, formed once for the forward on magnitudes and the back-projection that follows it."""
+        return self.x.abs()
 
-        ``fill(A, B, W+, W, False)`` writes [A; B] as in ``backproject_pair``, and [a; b] are the halves of
-        ``buf``. x+ (A^T a + B^T b) + x- ((A + B)^T a - B^T b) regrouped is x+ P + x- (P + B^T (a - 2 b)): two
-        transposed operations, over twice the output channels and over the output channels (3 layer's worth of
-        work), where the block weight over [x+, x-] takes 4 (and 2 calls of 2 with groups); the caller passes
-        c = a - 2 b. Returns x P + x- B^T c."""
+    def backproject_magnitude(self, first: torch.Tensor, a: torch.Tensor, second: torch.Tensor,
+                              b: torch.Tensor) -> torch.Tensor:
+        """x (A^T a) + |x| (B^T b) for weights A = ``first``, B = ``second``: two transposed operations over
+        the output channels (``pair_fast`` layers; a fresh result or the call's ``into``).
+
+        With W+ = (W + |W|)/2 and W- = (W - |W|)/2, a rule whose x+ part is W^T u + W+^T p + W-^T q and whose
+        x- part swaps W+ and W- is x+ (c W^T r + d |W|^T t) + x- (c W^T r - d |W|^T t) = x (c W^T r) + |x| (d
+        |W|^T t): two layer's worth of transposed work for x of both signs, where the sign parts through a
+        block weight over [x+, x-] take 4."""
         m = self.module
-
-        def build() -> torch.Tensor:
-            stacked, first, second = ops.pair_of_weights(m, self.weight)
-            fill(first, second, self.weight_pos, self.weight, False)
-            return stacked
-
-        stacked = self.call.memo("stacked", build)
-        shared = ops.pair_vjp(m, self.x, stacked, buf, self.z)
-        second = self.call.memo("stacked_second", lambda: stacked.chunk(2, dim=ops.weight_out_dim(m))[1]
-                                .contiguous())
-        to_neg = input_vjp(m, self.x, second, flipped, self.z)
-        return times_input(self.x, shared, self.call.into).addcmul_(to_neg, self.x.clamp(max=0))
+        to_x = input_vjp(m, self.x, first, a, self.z)
+        to_abs = input_vjp(m, self.x, second, b, self.z)
+        return times_input(self.x, to_x, self.call.into).addcmul_(to_abs, self.x_abs)
 
     # back-projection ------------------------------------------------------------------------------------------
     def backproject(self, same: torch.Tensor, opposite: torch.Tensor | None) -> torch.Tensor:
