@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from lrpcli.engine.layerops import input_vjp
+from lrpcli.engine import layerops as ops
+from lrpcli.engine.layerops import forward, input_vjp
 from lrpcli.engine.rules.base import ParamRule, check_number, times_input, total
 from lrpcli.engine.rules.signsplit import SignSplit
 from lrpcli.engine.rules.stabilizer import Stabilizer
@@ -65,52 +66,47 @@ class Gamma(ParamRule):
         return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, z), split.call.into)
 
     def _fused(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
-        """The same rule in fewer passes over the output: no torch.where, one transposed operation
-        (``split.pair_fast``: x >= 0, or mixed signs stacked along the input channels).
+        """The same rule in fewer passes over the output: no torch.where, one forward and transposed work over
+        twice the output channels (``split.pair_fast``: x >= 0, or x of both signs on a convolution).
 
-        With s the aligned sum plus b+ (P_pp + b+ for x >= 0), the same-sign sum is s where z >= 0 and z - s (the
-        opposed sum plus b-) where z < 0, chosen by a 0/1 mask m through lerp (exact for weights 0 and 1). The
-        denominator has the sign of z, so the sign stabilizer is folded into s as a bias shift eps / gamma
-        (z + gamma (s + eps/gamma) = den + eps and z + gamma (z - s - eps/gamma) = den - eps). With r = R / s(den),
-        for x+ W+ gets r (1 + gamma m) and W- gets r (1 + gamma (1 - m)); regrouped by vector that is
-        (W + gamma W-)^T r + gamma |W|^T (r m): one transposed operation through [W + gamma W-; gamma |W|] with r
-        and r m in one pair buffer. x- has the roles of W+ and W- swapped: (W + gamma W+)^T r - gamma |W|^T (r m),
-        which is regrouped by x and |x| for inputs of both signs (``_mixed_signs``).
+        With W+- = (W +- |W|)/2 and x+- = (x +- |x|)/2, the aligned sum plus b+ is (z + c)/2 and the opposed
+        one plus b- is (z - c)/2, where c = f(|x|; |W|, |b|) is one forward on magnitudes. The same-sign sum of
+        output j is (z + sigma c)/2 with sigma = +-1 the sign of z, so den = (1 + gamma/2) z + sigma (gamma/2) c,
+        which has the sign of z: the sign stabilizer folds into the forward's bias (+ eps). With r = R / s(den),
+        x+ takes W^T r + gamma (W+^T (r m) + W-^T (r (1 - m))) (m = 1 where z >= 0) and x- the same with W+ and
+        W- swapped, which regroups to x ((1 + gamma/2) W)^T r + |x| ((gamma/2) |W|)^T (sigma r): for x >= 0 one
+        transposed operation through the stacked pair, for mixed signs two (``split.backproject_magnitude``).
+
+        sigma is copysign(1, z): -1 for z = -0.0, where the general path takes +1; such an output is a sum of
+        zero products (and a zero bias), whose numerators are zero whichever sign its denominator gets.
         """
         z, g = split.z_rule, self.gamma
-        folded = self.stabilizer.mode == "sign" and g > 0
-        s = split.positive_sum(self.stabilizer.epsilon / g if folded else 0.0)
-        mask = torch.ge(z, 0, out=torch.empty_like(z))  # 1.0 where z >= 0
-        den = torch.sub(z, s).lerp_(s, mask)
-        del s
-        torch.add(z, den, alpha=g, out=den)
-        buf, ratio, masked = split.pair_buffer()
+        call = split.call
+        folded = self.stabilizer.mode == "sign"
+        shift = self.stabilizer.epsilon if folded else 0.0
+        half_abs = call.memo("gamma_half_abs", lambda: split.weight.abs().mul_(0.5 * g))
+        bias = None
+        if split.bias is not None or shift:
+            bias = call.memo(f"gamma_half_abs_bias_{shift!r}", lambda: self._magnitude_bias(split, shift))
+        buf, ratio, signed = split.pair_buffer()
+        sigma = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), z, out=signed)
+        den = forward(split.module, split.x_abs, half_abs, bias, split.z)
+        den.mul_(sigma).add_(z, alpha=1.0 + 0.5 * g)
         if folded:
             torch.div(relevance, den, out=ratio)
         else:
             self.stabilizer.divide(relevance, den, out=ratio)
-        torch.mul(ratio, mask, out=masked)
-        if split.has_neg:
-            return self._mixed_signs(split, ratio, masked.sub_(ratio, alpha=0.5))
         del den
-        return split.backproject_pair(buf, self._fill_weights)
-
-    def _mixed_signs(self, split: SignSplit, ratio: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
-        """x of both signs: x+ takes W^T r + gamma (W+^T (r m) + W-^T (r (1 - m))) and x- the same with W+ and
-        W- swapped; with W+- = (W +- |W|)/2 that is x ((1 + gamma/2) W)^T r + |x| (gamma |W|)^T (r (m - 1/2)),
-        two transposed operations (``split.backproject_magnitude``); ``centred`` is r (m - 1/2)."""
-        g = self.gamma
-        call = split.call
+        signed.mul_(ratio)  # sigma r
         scaled = call.memo("gamma_scaled", lambda: split.weight * (1.0 + 0.5 * g))
-        magnitude = call.memo("gamma_magnitude", lambda: split.weight.abs().mul_(g))
-        return split.backproject_magnitude(scaled, ratio, magnitude, centred)
+        if split.has_neg:
+            return split.backproject_magnitude(scaled, ratio, half_abs, signed)
+        stacked = call.memo("gamma_stacked", lambda: ops.stack_pair(split.module, scaled, half_abs))
+        return times_input(split.x, ops.pair_vjp(split.module, split.x, stacked, buf, split.z), call.into)
 
-    def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_aligned: torch.Tensor, w: torch.Tensor,
-                      negative_inputs: bool = False) -> None:
-        """[W + gamma W-; gamma |W|] for x+ (w_aligned = W+; W + gamma W- = (1 + gamma) W - gamma W+), and
-        [W + gamma W+; -gamma |W|] for x- (w_aligned = W-)."""
-        g = self.gamma
-        torch.mul(w, 1.0 + g, out=first)
-        first.sub_(w_aligned, alpha=g)
-        torch.abs(w, out=second)
-        second.mul_(-g if negative_inputs else g)
+    def _magnitude_bias(self, split: SignSplit, shift: float) -> torch.Tensor:
+        """(gamma/2) |b| + shift per output channel (shift alone under zero_params=['bias'])."""
+        channels = split.weight.shape[ops.weight_out_dim(split.module)]
+        bias = split.x.new_full((channels,), shift) if split.bias is None else \
+            split.bias.flatten().abs().mul_(0.5 * self.gamma).add_(shift)
+        return bias

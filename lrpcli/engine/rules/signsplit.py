@@ -266,8 +266,9 @@ class SignSplit:
 
     @functools.cached_property
     def x_abs(self) -> torch.Tensor:
-        """|x|, formed once for the forward on magnitudes and the back-projection that follows it."""
-        return self.x.abs()
+        """|x| (x itself for x >= 0), formed once for the forward on magnitudes and the back-projection that
+        follows it."""
+        return self.x.abs() if self.has_neg else self.x
 
     def backproject_magnitude(self, first: torch.Tensor, a: torch.Tensor, second: torch.Tensor,
                               b: torch.Tensor) -> torch.Tensor:
