@@ -221,6 +221,11 @@ class SignSplit:
         a, b = buf.chunk(2, dim=dim)
         return buf, a, b
 
+    def output_buffers(self, count: int) -> list[torch.Tensor]:
+        """``count`` uninitialised tensors shaped like z, in its layout, on x's device (z may be a meta
+        stand-in)."""
+        return [ops.empty_like_layout(self.z, self.z.shape, device=self.x.device) for _ in range(count)]
+
     def backproject_pair(self, buf: torch.Tensor,
                          fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
                          ) -> torch.Tensor:
