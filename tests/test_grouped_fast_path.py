@@ -219,3 +219,29 @@ def test_channels_last_depthwise_equals_plain(rule_id, first):
         slow = lrpcli.attribute(model, x, target=None, composite=composite)
     torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
     assert slow.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('layer_id', ['depthwise', 'groups1'])
+def test_gamma_below_a_relu_takes_one_transposed_operation(layer_id, monkeypatch):
+    """x >= 0 and relevance only where z >= 0 (a ReLU above), under the rms stabilizer (no rectified output):
+    Gamma's pair of transposed operations collapses to one through W + gamma W+, equal to the plain path."""
+    from lrpcli.engine.rules import gamma
+
+    factory, shape = next((f, s) for i, f, s, _ in LAYERS if i == layer_id)
+    layer = _layer(factory, 3)
+    model = nn.Sequential(nn.ReLU(), layer, nn.ReLU())
+    x = torch.randn((3, *shape), generator=torch.Generator().manual_seed(7), dtype=DT)
+    composite = LayerMap([(type(layer), Gamma(0.25, stabilizer=Stabilizer(0.1, 'rms'))), (nn.ReLU, Pass())])
+
+    def target(out: torch.Tensor) -> torch.Tensor:
+        return torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=DT) * (out > 0)
+
+    calls = []
+    vjp = gamma.input_vjp
+    monkeypatch.setattr(gamma, 'input_vjp', lambda *args: calls.append(1) or vjp(*args))
+    fast = lrpcli.attribute(model, x, target=target, composite=composite)
+    assert len(calls) == 1
+    with plain():
+        slow = lrpcli.attribute(model, x, target=target, composite=composite)
+    torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
+    assert slow.abs().max() > 1e-3

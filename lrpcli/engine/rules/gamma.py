@@ -76,6 +76,8 @@ class Gamma(ParamRule):
         x+ takes W^T r + gamma (W+^T (r m) + W-^T (r (1 - m))) (m = 1 where z >= 0) and x- the same with W+ and
         W- swapped, which regroups to x ((1 + gamma/2) W)^T r + |x| ((gamma/2) |W|)^T (sigma r): for x >= 0 one
         transposed operation through the stacked pair, for mixed signs two (``split.backproject_magnitude``).
+        Where sigma r = r (x >= 0 and relevance only at outputs z >= 0, as below a ReLU: the ratio is 0 at the
+        others), the pair sums to ((1 + gamma/2) W + (gamma/2) |W|)^T r = (W + gamma W+)^T r: one operation.
 
         sigma is copysign(1, z): -1 for z = -0.0, where the general path takes +1; such an output is a sum of
         zero products (and a zero bias), whose numerators are zero whichever sign its denominator gets.
@@ -104,6 +106,9 @@ class Gamma(ParamRule):
         scaled = call.memo("gamma_scaled", lambda: split.weight * (1.0 + 0.5 * g))
         if split.has_neg:
             return split.backproject_magnitude(scaled, ratio, half_abs, signed)
+        if torch.equal(signed, ratio):  # relevance only where z >= 0 (a ReLU above): one operation, W + gamma W+
+            weight = call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
+            return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, split.z), call.into)
         if not stacks:
             both = input_vjp(split.module, split.x, scaled, ratio, split.z).add_(
                 input_vjp(split.module, split.x, half_abs, signed, split.z))
