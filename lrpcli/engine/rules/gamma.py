@@ -35,8 +35,10 @@ class Gamma(ParamRule):
         split = SignSplit(call, self.zero_bias)
         if split.positive_outputs_only and self.stabilizer.mode == "sign" and self.gamma > 0:
             return (self._positive_outputs(split, relevance),)
+        if split.any_signs_fast:
+            return (self._fused(split, relevance, mixed=True),)
         if split.pair_fast:
-            return (self._fused(split, relevance),)
+            return (self._fused(split, relevance, mixed=split.has_neg),)
         z = split.z_rule
         positive = z >= 0
         same_sign = torch.where(positive, total(split.aligned, split.bias_pos()),
@@ -65,7 +67,7 @@ class Gamma(ParamRule):
         weight = split.call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
         return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, z), split.call.into)
 
-    def _fused(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
+    def _fused(self, split: SignSplit, relevance: torch.Tensor, mixed: bool) -> torch.Tensor:
         """The same rule in fewer passes over the output: no torch.where, one forward and transposed work over
         twice the output channels (``split.pair_fast``: x >= 0, or x of both signs on a convolution).
 
@@ -79,6 +81,7 @@ class Gamma(ParamRule):
         Where sigma r = r (x >= 0 and relevance only at outputs z >= 0, as below a ReLU: the ratio is 0 at the
         others), the pair sums to ((1 + gamma/2) W + (gamma/2) |W|)^T r = (W + gamma W+)^T r: one operation.
 
+        ``mixed``: x may have both signs (x >= 0 is not known, and no pass looks: the form holds for any x).
         sigma is copysign(1, z): -1 for z = -0.0, where the general path takes +1; such an output is a sum of
         zero products (and a zero bias), whose numerators are zero whichever sign its denominator gets.
         """
@@ -92,7 +95,7 @@ class Gamma(ParamRule):
             bias = call.memo(f"gamma_half_abs_bias_{shift!r}", lambda: self._magnitude_bias(split, shift))
         # a stacked pair for x >= 0 on a layer without groups; with groups two transposed operations over the
         # layer's own groups run faster than one over twice as many (the CPU backends' depthwise kernels)
-        stacks = not split.has_neg and ops.pairable(split.module)
+        stacks = not mixed and ops.pairable(split.module)
         buf, ratio, signed = split.pair_buffer() if stacks else (None, *split.output_buffers(2))
         sigma = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), z, out=signed)
         den = forward(split.module, split.x_abs, half_abs, bias, split.z)
@@ -104,7 +107,7 @@ class Gamma(ParamRule):
         del den
         signed.mul_(ratio)  # sigma r
         scaled = call.memo("gamma_scaled", lambda: split.weight * (1.0 + 0.5 * g))
-        if split.has_neg:
+        if mixed:
             return split.backproject_magnitude(scaled, ratio, half_abs, signed)
         if torch.equal(signed, ratio):  # relevance only where z >= 0 (a ReLU above): one operation, W + gamma W+
             weight = call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))

@@ -35,14 +35,25 @@ class SignSplit:
         self._bias = bias
         self._bias_full = None if bias is None else bias.view(bias_shape(self.module, self.z))
         self.bias = None if zero_bias else self._bias_full
-        if call.input_nonnegative:  # a ReLU's output: no pass over x (has_pos may be True for an all-zero x)
-            self.has_pos, self.has_neg = True, False
-        elif tracing():  # a captured graph serves any input: both signs, no pass that reads values
-            self.has_pos, self.has_neg = True, True
-        else:
-            low, high = torch.aminmax(self.x.detach())   # one pass for both signs
-            low, high = torch.stack([low, high]).tolist()
-            self.has_pos, self.has_neg = high > 0, low < 0
+
+    @functools.cached_property
+    def _signs(self) -> tuple[bool, bool]:
+        """(x has values > 0, x has values < 0), read when a path first asks (``has_pos``, ``has_neg``)."""
+        if self.call.input_nonnegative:  # a ReLU's output: no pass over x (has_pos may be True for an all-zero x)
+            return True, False
+        if tracing():  # a captured graph serves any input: both signs, no pass that reads values
+            return True, True
+        low, high = torch.aminmax(self.x.detach())   # one pass for both signs
+        low, high = torch.stack([low, high]).tolist()
+        return high > 0, low < 0
+
+    @property
+    def has_pos(self) -> bool:
+        return self._signs[0]
+
+    @property
+    def has_neg(self) -> bool:
+        return self._signs[1]
 
     @functools.cached_property
     def x_stacked(self) -> torch.Tensor | None:
@@ -168,8 +179,16 @@ class SignSplit:
     def positive_outputs_only(self) -> bool:
         """x >= 0, first order, and relevance only at outputs > 0 (``LayerCall.output_rectified``) with the bias
         as in the layer: then only the rules' branch for outputs > 0 matters."""
-        return (self.first_order_nonnegative and self.call.output_rectified
+        return (self.call.output_rectified and self.first_order_nonnegative
                 and (self.bias is not None or self._bias_full is None))
+
+    @property
+    def any_signs_fast(self) -> bool:
+        """First order, x not known to be >= 0, on a layer ``pair_fast`` serves with x of both signs: for rules
+        whose fused form holds for inputs of any sign (through |x|), which then skip the pass that finds the
+        signs."""
+        return (not torch.is_grad_enabled() and not self.call.input_nonnegative
+                and ops.pairable_outputs(self.module))
 
     def positive_sum(self, shift: float = 0.0) -> torch.Tensor:
         """The aligned sum plus b+ (+ shift) in one forward, the bias added by the convolution itself; a fresh
@@ -271,9 +290,9 @@ class SignSplit:
 
     @functools.cached_property
     def x_abs(self) -> torch.Tensor:
-        """|x| (x itself for x >= 0), formed once for the forward on magnitudes and the back-projection that
+        """|x| (x itself for x known to be >= 0), formed once for the forward on magnitudes and the back-projection that
         follows it."""
-        return self.x.abs() if self.has_neg else self.x
+        return self.x if self.call.input_nonnegative else self.x.abs()
 
     def backproject_magnitude(self, first: torch.Tensor, a: torch.Tensor, second: torch.Tensor,
                               b: torch.Tensor) -> torch.Tensor:
