@@ -109,7 +109,8 @@ class Gamma(ParamRule):
         scaled = call.memo("gamma_scaled", lambda: split.weight * (1.0 + 0.5 * g))
         if mixed:
             return split.backproject_magnitude(scaled, ratio, half_abs, signed)
-        if torch.equal(signed, ratio):  # relevance only where z >= 0 (a ReLU above): one operation, W + gamma W+
+        # relevance only where z >= 0 (a ReLU above): one operation through W + gamma W+ (a capture reads no values)
+        if not ops.tracing() and torch.equal(signed, ratio):
             weight = call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
             return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, split.z), call.into)
         if not stacks:
