@@ -654,8 +654,9 @@ def test_inputs_known_nonnegative_from_the_graph_skip_the_sign_pass(monkeypatch)
 @pytest.mark.parametrize("rule_name", ["alpha_beta", "gamma"])
 @pytest.mark.parametrize("layer", ["conv", "conv_transpose"])
 def test_mixed_sign_inputs_take_the_fused_path_with_the_general_result(monkeypatch, rule_name, layer):
-    """A first layer sees inputs of both signs: AlphaBeta and Gamma stack [x+, x-] and back-project through one
-    block weight (x- with W+ and W- swapped); the result equals the general sign-split path's."""
+    """A first layer sees inputs of both signs: AlphaBeta stacks [x+, x-] and back-projects through one block
+    weight (x- with W+ and W- swapped), Gamma back-projects by x and |x| (``backproject_magnitude``); the
+    result equals the general sign-split path's."""
     from lrpcli.engine.rules.signsplit import SignSplit
 
     torch.manual_seed(6)
@@ -664,16 +665,22 @@ def test_mixed_sign_inputs_take_the_fused_path_with_the_general_result(monkeypat
     x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
     rule = AlphaBeta() if rule_name == "alpha_beta" else Gamma(0.25)
     comp = LayerMap([(nn.Conv2d, rule), (nn.ConvTranspose2d, rule), (nn.ReLU, Pass())])
-    stacked: list[bool] = []
-    original = SignSplit.backproject_pair
+    taken: list[str] = []
+    pair, magnitude = SignSplit.backproject_pair, SignSplit.backproject_magnitude
 
-    def spy(self, buf, fill):
-        stacked.append(self.x_stacked is not None)
-        return original(self, buf, fill)
+    def spy_pair(self, buf, fill):
+        taken.append("stacked" if self.x_stacked is not None else "pair")
+        return pair(self, buf, fill)
 
-    monkeypatch.setattr(SignSplit, "backproject_pair", spy)
+    def spy_magnitude(self, *args):
+        taken.append("magnitude")
+        return magnitude(self, *args)
+
+    monkeypatch.setattr(SignSplit, "backproject_pair", spy_pair)
+    monkeypatch.setattr(SignSplit, "backproject_magnitude", spy_magnitude)
     fused = lrpcli.attribute(model, x, 1, composite=comp)
-    assert stacked == [False, True]  # backward order: the second layer (x >= 0), then the first (mixed)
+    # backward order: the second layer (x >= 0; Gamma's own stacked pair), then the first (mixed)
+    assert taken == (["pair", "stacked"] if rule_name == "alpha_beta" else ["magnitude"])
     monkeypatch.setattr(SignSplit, "pair_fast", property(lambda self: False))
     general = lrpcli.attribute(model, x, 1, composite=comp)
     torch.testing.assert_close(fused, general, atol=1e-12, rtol=1e-10)

@@ -96,11 +96,12 @@ def _data(layer: nn.Module, shape: tuple[int, ...], ref_rule: RefRule, nonnegati
 
 
 class _Spy:
-    """Counts the fused path's transposed operations and the general path's back-projections."""
+    """Counts the fused path's transposed operations, Gamma's mixed-sign back-projections (by x and |x|) and the general
+    path's back-projections."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.pair = self.general = 0
-        pair_vjp, backproject = layerops.pair_vjp, SignSplit.backproject
+        self.pair = self.general = self.shared = 0
+        pair_vjp, backproject, shared = layerops.pair_vjp, SignSplit.backproject, SignSplit.backproject_magnitude
 
         def counted_pair(*args, **kwargs):
             self.pair += 1
@@ -110,7 +111,12 @@ class _Spy:
             self.general += 1
             return backproject(split, *args, **kwargs)
 
+        def counted_shared(split, *args, **kwargs):
+            self.shared += 1
+            return shared(split, *args, **kwargs)
+
         monkeypatch.setattr(layerops, 'pair_vjp', counted_pair)
+        monkeypatch.setattr(SignSplit, 'backproject_magnitude', counted_shared)
         monkeypatch.setattr(SignSplit, 'backproject', counted_general)
 
 
@@ -123,16 +129,21 @@ def test_matches_reference(layer_id, factory, shape, fast, rule_id, engine, ref_
     for seed in (0, 1):
         layer = _layer(factory, seed)
         x, upper, ref = _data(layer, shape, ref_rule, signs == 'nonnegative', seed)
-        composite = LayerMap([(type(layer), engine())])
-        got = lrpcli.attribute(nn.Sequential(layer), x.clone(), target=upper.clone(), composite=composite)
+        # x >= 0 behind a ReLU (an identity on it, under Pass): the engine then knows the sign without a pass
+        model = nn.Sequential(nn.ReLU(), layer) if signs == 'nonnegative' else nn.Sequential(layer)
+        composite = LayerMap([(type(layer), engine()), (nn.ReLU, Pass())])
+        got = lrpcli.attribute(model, x.clone(), target=upper.clone(), composite=composite)
         assert got.dtype == DT and got.shape == x.shape
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=RTOL, msg=lambda m, s=seed: f'seed {s}: {m}')
     if not (fast and rule_id.startswith(FUSED)):
-        assert (spy.pair, spy.general) == (0, 2)
-    elif signs == 'nonnegative':
-        assert (spy.pair, spy.general) == (2, 0)
+        assert (spy.pair, spy.general, spy.shared) == (0, 2, 0)
+    elif signs == 'nonnegative':  # Gamma with groups: two transposed operations over the layer's own groups
+        pair = 0 if rule_id.startswith('gamma') and layer_id != 'groups1' else 2
+        assert (spy.pair, spy.general, spy.shared) == (pair, 0, 0)
+    elif rule_id.startswith('gamma'):  # x and |x| back-projections, with or without groups
+        assert (spy.pair, spy.general, spy.shared) == (0, 0, 2)
     else:  # with groups, one pair_vjp for x+ and one for x-; without, x+ and x- stacked into one block call
-        assert (spy.pair, spy.general) == ((0, 0) if layer_id == 'groups1' else (4, 0))
+        assert (spy.pair, spy.general, spy.shared) == ((0, 0, 0) if layer_id == 'groups1' else (4, 0, 0))
 
 
 @pytest.mark.parametrize('rule_id,engine,ref_rule', RULES, ids=[r[0] for r in RULES])
@@ -208,5 +219,31 @@ def test_channels_last_depthwise_equals_plain(rule_id, first):
     fast = lrpcli.attribute(model, x, target=None, composite=composite)
     with plain():
         slow = lrpcli.attribute(model, x, target=None, composite=composite)
+    torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
+    assert slow.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('layer_id', ['depthwise', 'groups1'])
+def test_gamma_below_a_relu_takes_one_transposed_operation(layer_id, monkeypatch):
+    """x >= 0 and relevance only where z >= 0 (a ReLU above), under the rms stabilizer (no rectified output):
+    Gamma's pair of transposed operations collapses to one through W + gamma W+, equal to the plain path."""
+    from lrpcli.engine.rules import gamma
+
+    factory, shape = next((f, s) for i, f, s, _ in LAYERS if i == layer_id)
+    layer = _layer(factory, 3)
+    model = nn.Sequential(nn.ReLU(), layer, nn.ReLU())
+    x = torch.randn((3, *shape), generator=torch.Generator().manual_seed(7), dtype=DT)
+    composite = LayerMap([(type(layer), Gamma(0.25, stabilizer=Stabilizer(0.1, 'rms'))), (nn.ReLU, Pass())])
+
+    def target(out: torch.Tensor) -> torch.Tensor:
+        return torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=DT) * (out > 0)
+
+    calls = []
+    vjp = gamma.input_vjp
+    monkeypatch.setattr(gamma, 'input_vjp', lambda *args: calls.append(1) or vjp(*args))
+    fast = lrpcli.attribute(model, x, target=target, composite=composite)
+    assert len(calls) == 1
+    with plain():
+        slow = lrpcli.attribute(model, x, target=target, composite=composite)
     torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
     assert slow.abs().max() > 1e-3

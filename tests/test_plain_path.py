@@ -73,6 +73,9 @@ LAYERS = [
     ('conv2d_same', lambda: nn.Conv2d(2, 3, 3, padding='same', padding_mode='reflect'), (2, 5, 5), False),
     ('conv2d_channels_last', lambda: nn.Conv2d(3, 4, 3, padding=1), (3, 6, 6), True),
     ('conv3d', lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), (2, 3, 4, 3), False),
+    # depthwise (groups == in_channels): the mixed-sign forward on |x| and the shared back-projection
+    ('conv2d_depthwise', lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), (4, 7, 7), False),
+    ('conv1d_depthwise_multiplier2', lambda: nn.Conv1d(3, 6, 3, padding=1, groups=3), (3, 8), False),
     # 1x1 convolutions with at least layerops.POINTWISE_MIN_POSITIONS output positions: matrix products
     ('conv1d_pointwise', lambda: nn.Conv1d(2, 3, 1), (2, 300), False),
     ('conv2d_pointwise', lambda: nn.Conv2d(3, 4, 1), (3, 16, 16), False),

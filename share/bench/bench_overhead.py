@@ -73,8 +73,8 @@ def measure(name: str, batch: int, composite: str, pairs: int, against: str | No
     with contextlib.ExitStack() as stack:
         runs = [grad]
         for package in packages:
-            explainer_cls = importlib.import_module(f"{package}.explainer").Explainer
-            composite_of = importlib.import_module(f"{package}.composites").get
+            explainer_cls = importlib.import_module(f"{package}.explainer.explainer").Explainer
+            composite_of = importlib.import_module(f"{package}.engine.composites").get
             explainer = stack.enter_context(explainer_cls(copy.deepcopy(model), composite_of(composite),
                                                           canonizers=["auto"]))
             runs.append(lambda e=explainer: e(x))
@@ -118,8 +118,8 @@ def fixed_cost(name: str, batch: int, composite: str, package: str, repeats: int
     import importlib
     import pstats
 
-    explainer_cls = importlib.import_module(f"{package}.explainer").Explainer
-    composite_of = importlib.import_module(f"{package}.composites").get
+    explainer_cls = importlib.import_module(f"{package}.explainer.explainer").Explainer
+    composite_of = importlib.import_module(f"{package}.engine.composites").get
     model = build(name)
     x = torch.randn(batch, 3, 224, 224)
     with explainer_cls(model, composite_of(composite), canonizers=["auto"]) as explainer:

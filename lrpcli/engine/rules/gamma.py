@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from lrpcli.engine.layerops import input_vjp
+from lrpcli.engine import layerops as ops
+from lrpcli.engine.layerops import forward, input_vjp
 from lrpcli.engine.rules.base import ParamRule, check_number, times_input, total
 from lrpcli.engine.rules.signsplit import SignSplit
 from lrpcli.engine.rules.stabilizer import Stabilizer
@@ -34,8 +35,10 @@ class Gamma(ParamRule):
         split = SignSplit(call, self.zero_bias)
         if split.positive_outputs_only and self.stabilizer.mode == "sign" and self.gamma > 0:
             return (self._positive_outputs(split, relevance),)
+        if split.any_signs_fast:
+            return (self._fused(split, relevance, mixed=True),)
         if split.pair_fast:
-            return (self._fused(split, relevance),)
+            return (self._fused(split, relevance, mixed=split.has_neg),)
         z = split.z_rule
         positive = z >= 0
         same_sign = torch.where(positive, total(split.aligned, split.bias_pos()),
@@ -64,40 +67,62 @@ class Gamma(ParamRule):
         weight = split.call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
         return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, z), split.call.into)
 
-    def _fused(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
-        """The same rule in fewer passes over the output: no torch.where, one transposed operation
-        (``split.pair_fast``: x >= 0, or mixed signs stacked along the input channels).
+    def _fused(self, split: SignSplit, relevance: torch.Tensor, mixed: bool) -> torch.Tensor:
+        """The same rule in fewer passes over the output: no torch.where, one forward and transposed work over
+        twice the output channels (``split.pair_fast``: x >= 0, or x of both signs on a convolution).
 
-        With s the aligned sum plus b+ (P_pp + b+ for x >= 0), the same-sign sum is s where z >= 0 and z - s (the
-        opposed sum plus b-) where z < 0, chosen by a 0/1 mask m through lerp (exact for weights 0 and 1). The
-        denominator has the sign of z, so the sign stabilizer is folded into s as a bias shift eps / gamma
-        (z + gamma (s + eps/gamma) = den + eps and z + gamma (z - s - eps/gamma) = den - eps). With r = R / s(den),
-        for x+ W+ gets r (1 + gamma m) and W- gets r (1 + gamma (1 - m)); regrouped by vector that is
-        (W + gamma W-)^T r + gamma |W|^T (r m): one transposed operation through [W + gamma W-; gamma |W|] with r
-        and r m in one pair buffer. x- has the roles of W+ and W- swapped: (W + gamma W+)^T r - gamma |W|^T (r m).
+        With W+- = (W +- |W|)/2 and x+- = (x +- |x|)/2, the aligned sum plus b+ is (z + c)/2 and the opposed
+        one plus b- is (z - c)/2, where c = f(|x|; |W|, |b|) is one forward on magnitudes. The same-sign sum of
+        output j is (z + sigma c)/2 with sigma = +-1 the sign of z, so den = (1 + gamma/2) z + sigma (gamma/2) c,
+        which has the sign of z: the sign stabilizer folds into the forward's bias (+ eps). With r = R / s(den),
+        x+ takes W^T r + gamma (W+^T (r m) + W-^T (r (1 - m))) (m = 1 where z >= 0) and x- the same with W+ and
+        W- swapped, which regroups to x ((1 + gamma/2) W)^T r + |x| ((gamma/2) |W|)^T (sigma r): for x >= 0 one
+        transposed operation through the stacked pair, for mixed signs two (``split.backproject_magnitude``).
+        Where sigma r = r (x >= 0 and relevance only at outputs z >= 0, as below a ReLU: the ratio is 0 at the
+        others), the pair sums to ((1 + gamma/2) W + (gamma/2) |W|)^T r = (W + gamma W+)^T r: one operation.
+
+        ``mixed``: x may have both signs (x >= 0 is not known, and no pass looks: the form holds for any x).
+        sigma is copysign(1, z): -1 for z = -0.0, where the general path takes +1; such an output is a sum of
+        zero products (and a zero bias), whose numerators are zero whichever sign its denominator gets.
         """
         z, g = split.z_rule, self.gamma
-        folded = self.stabilizer.mode == "sign" and g > 0
-        s = split.positive_sum(self.stabilizer.epsilon / g if folded else 0.0)
-        mask = torch.ge(z, 0, out=torch.empty_like(z))  # 1.0 where z >= 0
-        den = torch.sub(z, s).lerp_(s, mask)
-        del s
-        torch.add(z, den, alpha=g, out=den)
-        buf, ratio, masked = split.pair_buffer()
+        call = split.call
+        folded = self.stabilizer.mode == "sign"
+        shift = self.stabilizer.epsilon if folded else 0.0
+        half_abs = call.memo("gamma_half_abs", lambda: split.weight.abs().mul_(0.5 * g))
+        bias = None
+        if split.bias is not None or shift:
+            bias = call.memo(f"gamma_half_abs_bias_{shift!r}", lambda: self._magnitude_bias(split, shift))
+        # a stacked pair for x >= 0 on a layer without groups; with groups two transposed operations over the
+        # layer's own groups run faster than one over twice as many (the CPU backends' depthwise kernels)
+        stacks = not mixed and ops.pairable(split.module)
+        buf, ratio, signed = split.pair_buffer() if stacks else (None, *split.output_buffers(2))
+        sigma = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), z, out=signed)
+        den = forward(split.module, split.x_abs, half_abs, bias, split.z)
+        den.mul_(sigma).add_(z, alpha=1.0 + 0.5 * g)
         if folded:
             torch.div(relevance, den, out=ratio)
         else:
             self.stabilizer.divide(relevance, den, out=ratio)
         del den
-        torch.mul(ratio, mask, out=masked)
-        return split.backproject_pair(buf, self._fill_weights)
+        signed.mul_(ratio)  # sigma r
+        scaled = call.memo("gamma_scaled", lambda: split.weight * (1.0 + 0.5 * g))
+        if mixed:
+            return split.backproject_magnitude(scaled, ratio, half_abs, signed)
+        # relevance only where z >= 0 (a ReLU above): one operation through W + gamma W+ (a capture reads no values)
+        if not ops.tracing() and torch.equal(signed, ratio):
+            weight = call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
+            return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, split.z), call.into)
+        if not stacks:
+            both = input_vjp(split.module, split.x, scaled, ratio, split.z).add_(
+                input_vjp(split.module, split.x, half_abs, signed, split.z))
+            return times_input(split.x, both, call.into)
+        stacked = call.memo("gamma_stacked", lambda: ops.stack_pair(split.module, scaled, half_abs))
+        return times_input(split.x, ops.pair_vjp(split.module, split.x, stacked, buf, split.z), call.into)
 
-    def _fill_weights(self, first: torch.Tensor, second: torch.Tensor, w_aligned: torch.Tensor, w: torch.Tensor,
-                      negative_inputs: bool = False) -> None:
-        """[W + gamma W-; gamma |W|] for x+ (w_aligned = W+; W + gamma W- = (1 + gamma) W - gamma W+), and
-        [W + gamma W+; -gamma |W|] for x- (w_aligned = W-)."""
-        g = self.gamma
-        torch.mul(w, 1.0 + g, out=first)
-        first.sub_(w_aligned, alpha=g)
-        torch.abs(w, out=second)
-        second.mul_(-g if negative_inputs else g)
+    def _magnitude_bias(self, split: SignSplit, shift: float) -> torch.Tensor:
+        """(gamma/2) |b| + shift per output channel (shift alone under zero_params=['bias'])."""
+        channels = split.weight.shape[ops.weight_out_dim(split.module)]
+        bias = split.x.new_full((channels,), shift) if split.bias is None else \
+            split.bias.flatten().abs().mul_(0.5 * self.gamma).add_(shift)
+        return bias

@@ -35,32 +35,57 @@ class SignSplit:
         self._bias = bias
         self._bias_full = None if bias is None else bias.view(bias_shape(self.module, self.z))
         self.bias = None if zero_bias else self._bias_full
-        if call.input_nonnegative:  # a ReLU's output: no pass over x (has_pos may be True for an all-zero x)
-            self.has_pos, self.has_neg = True, False
-        elif tracing():  # a captured graph serves any input: both signs, no pass that reads values
-            self.has_pos, self.has_neg = True, True
-        else:
-            low, high = torch.aminmax(self.x.detach())   # one pass for both signs
-            low, high = torch.stack([low, high]).tolist()
-            self.has_pos, self.has_neg = high > 0, low < 0
-        #: [x+, x-] along the input channels, for mixed signs on a ``pairable`` layer (else None); x+ and x- are
-        #: then its halves, written straight into it when no graph is recorded
-        self.x_stacked: torch.Tensor | None = None
-        if self._stacks_inputs:
-            channels = channel_dim(self.module)
-            if torch.is_grad_enabled():
-                self.x_stacked = torch.cat([self.x.clamp(min=0), self.x.clamp(max=0)], dim=channels)
-            else:
-                shape = list(self.x.shape)
-                shape[channels] *= 2
-                self.x_stacked = ops.empty_like_layout(self.x, shape)
-                pos, neg = self.x_stacked.chunk(2, dim=channels)
-                torch.clamp(self.x, min=0, out=pos)
-                torch.clamp(self.x, max=0, out=neg)
-            self.x_pos, self.x_neg = self.x_stacked.chunk(2, dim=channels)
-        else:
-            self.x_pos = self.x.clamp(min=0) if self.has_neg else self.x
-            self.x_neg = self.x.clamp(max=0) if self.has_neg else None
+
+    @functools.cached_property
+    def _signs(self) -> tuple[bool, bool]:
+        """(x has values > 0, x has values < 0), read when a path first asks (``has_pos``, ``has_neg``)."""
+        if self.call.input_nonnegative:  # a ReLU's output: no pass over x (has_pos may be True for an all-zero x)
+            return True, False
+        if tracing():  # a captured graph serves any input: both signs, no pass that reads values
+            return True, True
+        low, high = torch.aminmax(self.x.detach())   # one pass for both signs
+        low, high = torch.stack([low, high]).tolist()
+        return high > 0, low < 0
+
+    @property
+    def has_pos(self) -> bool:
+        return self._signs[0]
+
+    @property
+    def has_neg(self) -> bool:
+        return self._signs[1]
+
+    @functools.cached_property
+    def x_stacked(self) -> torch.Tensor | None:
+        """[x+, x-] along the input channels, for mixed signs on a ``pairable`` layer (else None), formed when a
+        path first needs it; x+ and x- are then its halves, written straight into it when no graph is
+        recorded."""
+        if not self._stacks_inputs:
+            return None
+        channels = channel_dim(self.module)
+        if torch.is_grad_enabled():
+            return torch.cat([self.x.clamp(min=0), self.x.clamp(max=0)], dim=channels)
+        shape = list(self.x.shape)
+        shape[channels] *= 2
+        stacked = ops.empty_like_layout(self.x, shape)
+        pos, neg = stacked.chunk(2, dim=channels)
+        torch.clamp(self.x, min=0, out=pos)
+        torch.clamp(self.x, max=0, out=neg)
+        return stacked
+
+    @functools.cached_property
+    def x_pos(self) -> torch.Tensor:
+        """x+ (x itself for x >= 0): a half of ``x_stacked`` where that exists."""
+        if self.x_stacked is not None:
+            return self.x_stacked.chunk(2, dim=channel_dim(self.module))[0]
+        return self.x.clamp(min=0) if self.has_neg else self.x
+
+    @functools.cached_property
+    def x_neg(self) -> torch.Tensor | None:
+        """x- (None for x >= 0): a half of ``x_stacked`` where that was formed already, else its own pass."""
+        if "x_stacked" in self.__dict__ and self.x_stacked is not None:
+            return self.x_stacked.chunk(2, dim=channel_dim(self.module))[1]
+        return self.x.clamp(max=0) if self.has_neg else None
 
     @functools.cached_property
     def weight_pos(self) -> torch.Tensor:
@@ -148,21 +173,35 @@ class SignSplit:
     @property
     def _grouped_mixed(self) -> bool:
         """x of both signs on a grouped convolution (``pair_fast``): x+ and x- go through separate calls."""
-        return self.has_pos and self.has_neg and self.x_stacked is None
+        return self.has_pos and self.has_neg and not self._stacks_inputs
 
     @property
     def positive_outputs_only(self) -> bool:
         """x >= 0, first order, and relevance only at outputs > 0 (``LayerCall.output_rectified``) with the bias
         as in the layer: then only the rules' branch for outputs > 0 matters."""
-        return (self.first_order_nonnegative and self.call.output_rectified
+        return (self.call.output_rectified and self.first_order_nonnegative
                 and (self.bias is not None or self._bias_full is None))
+
+    @property
+    def any_signs_fast(self) -> bool:
+        """First order, x not known to be >= 0, on a layer ``pair_fast`` serves with x of both signs: for rules
+        whose fused form holds for inputs of any sign (through |x|), which then skip the pass that finds the
+        signs."""
+        return (not torch.is_grad_enabled() and not self.call.input_nonnegative
+                and ops.pairable_outputs(self.module))
 
     def positive_sum(self, shift: float = 0.0) -> torch.Tensor:
         """The aligned sum plus b+ (+ shift) in one forward, the bias added by the convolution itself; a fresh
         tensor: P_pp + b+ for x >= 0, P_pp + P_nn + b+ for mixed signs (``pair_fast``).
 
         It is the sum of the outputs' positive contributions; its complement, z - it, is the opposed sum plus b-,
-        the negative one. ``shift`` lets a rule fold a constant into the same pass (the stabilizer)."""
+        the negative one. ``shift`` lets a rule fold a constant into the same pass (the stabilizer).
+
+        For mixed signs the forward runs on |x| with |W|: f(|x|; |W|) = aligned - opposed and z - b = aligned +
+        opposed, so the aligned sum plus b+ is (z + f(|x|; |W|, |b|))/2 (2 b+ - b = |b|): one convolution over
+        the input channels instead of one over twice as many (or two, with groups)."""
+        if self.has_pos and self.has_neg and not self.z.is_meta:
+            return self._positive_sum_by_magnitude(shift)
         bias = self.bias.clamp(min=0).flatten() if self.bias is not None else None
         if shift:
             channels = self.weight_pos.shape[ops.weight_out_dim(self.module)]
@@ -174,6 +213,23 @@ class SignSplit:
                 forward(self.module, self.x_neg, self.weight_neg, None, self.z))
         return forward(self.module, self.x, self.weight_pos, bias, self.z)
 
+    def _positive_sum_by_magnitude(self, shift: float) -> torch.Tensor:
+        """(z + f(|x|; |W|, |b| + 2 shift)) / 2 for x of both signs (``positive_sum``); z is the rule's output
+        (z without b under zero_params=['bias'], then without |b| too)."""
+        m = self.module
+        bias = None
+        if self.bias is not None or shift:
+            def magnitude_bias() -> torch.Tensor:
+                channels = self.weight.shape[ops.weight_out_dim(m)]
+                full = self._bias.abs() if self.bias is not None else self.x.new_zeros((channels,))
+                return full.flatten() + 2.0 * shift if shift else full.flatten()
+            bias = self.call.memo(f"magnitude_bias_{shift!r}", magnitude_bias)
+        weight = self.call.memo("weight_abs", lambda: self.weight.abs())
+        s = forward(m, self.x_abs, weight, bias, self.z)
+        if torch.is_grad_enabled():
+            return (s + self.z_rule) * 0.5
+        return s.add_(self.z_rule).mul_(0.5)
+
     def pair_buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """An uninitialised buffer shaped like z with twice the channels, and its two halves (a, b) for
         ``backproject_pair``: rules write their two per-output vectors straight into it."""
@@ -183,6 +239,11 @@ class SignSplit:
         buf = ops.empty_like_layout(z, shape, device=self.x.device)  # z may be a meta stand-in
         a, b = buf.chunk(2, dim=dim)
         return buf, a, b
+
+    def output_buffers(self, count: int) -> list[torch.Tensor]:
+        """``count`` uninitialised tensors shaped like z, in its layout, on x's device (z may be a meta
+        stand-in)."""
+        return [ops.empty_like_layout(self.z, self.z.shape, device=self.x.device) for _ in range(count)]
 
     def backproject_pair(self, buf: torch.Tensor,
                          fill: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool], None]
@@ -226,6 +287,26 @@ class SignSplit:
         into = self.call.into
         result = torch.mul(to_pos, self.x_pos, out=into) if fits(into, to_pos) else to_pos * self.x_pos
         return result.addcmul_(to_neg, self.x_neg)
+
+    @functools.cached_property
+    def x_abs(self) -> torch.Tensor:
+        """|x| (x itself for x known to be >= 0), formed once for the forward on magnitudes and the back-projection that
+        follows it."""
+        return self.x if self.call.input_nonnegative else self.x.abs()
+
+    def backproject_magnitude(self, first: torch.Tensor, a: torch.Tensor, second: torch.Tensor,
+                              b: torch.Tensor) -> torch.Tensor:
+        """x (A^T a) + |x| (B^T b) for weights A = ``first``, B = ``second``: two transposed operations over
+        the output channels (``pair_fast`` layers; a fresh result or the call's ``into``).
+
+        With W+ = (W + |W|)/2 and W- = (W - |W|)/2, a rule whose x+ part is W^T u + W+^T p + W-^T q and whose
+        x- part swaps W+ and W- is x+ (c W^T r + d |W|^T t) + x- (c W^T r - d |W|^T t) = x (c W^T r) + |x| (d
+        |W|^T t): two layer's worth of transposed work for x of both signs, where the sign parts through a
+        block weight over [x+, x-] take 4."""
+        m = self.module
+        to_x = input_vjp(m, self.x, first, a, self.z)
+        to_abs = input_vjp(m, self.x, second, b, self.z)
+        return times_input(self.x, to_x, self.call.into).addcmul_(to_abs, self.x_abs)
 
     # back-projection ------------------------------------------------------------------------------------------
     def backproject(self, same: torch.Tensor, opposite: torch.Tensor | None) -> torch.Tensor:
