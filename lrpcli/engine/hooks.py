@@ -42,6 +42,7 @@ from lrpcli.engine.layercall import (
     ZeroNotes,
     known_nonnegative,
     same_elements,
+    tensors_stamp,
 )
 from lrpcli.engine.layerops import is_linear_layer, tracing
 from lrpcli.engine.rules import formula
@@ -365,12 +366,7 @@ class Session:
             if extra is None:
                 return None
             sources += extra
-        stamp: list[Any] = []
-        for source in sources:
-            for tensors in (source._parameters, source._buffers):
-                for t in tensors.values():
-                    if t is not None:  # the tensor itself: compared by identity (ParamCache.get)
-                        stamp += (t, t.data_ptr(), t._version)
+        stamp = tensors_stamp(sources)
         x = call.inputs[0] if call.inputs else call.output
         stamp += (x.shape[1:], x.dtype, x.device)
         return tuple(stamp)

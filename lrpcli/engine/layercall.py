@@ -288,6 +288,23 @@ def _same_stamp(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
 
 
+#: public name: other caches of parameter-derived values (``canonizers.batchnorm``) compare stamps alike
+same_stamp = _same_stamp
+
+
+def tensors_stamp(modules: Sequence[nn.Module]) -> list[Any]:
+    """Each parameter and buffer of ``modules``: the tensor itself, its storage and its version. Equal stamps
+    (``same_stamp``) mean nothing was replaced, moved (``.to``) or changed in place (an optimizer step,
+    ``load_state_dict``, ``reset_parameters``); a write through ``.data`` bypasses the version and is not seen."""
+    stamp: list[Any] = []
+    for source in modules:
+        for tensors in (source._parameters, source._buffers):
+            for t in tensors.values():
+                if t is not None:
+                    stamp += (t, t.data_ptr(), t._version)
+    return stamp
+
+
 def _owned_bytes(value: Any) -> int:
     """Bytes of the tensors in ``value`` that are not parameters (a parameter is held by the model anyway)."""
     if isinstance(value, (tuple, list)):

@@ -4,12 +4,17 @@ Which layer feeds which BatchNorm is read from a real forward (the session's pro
 which modules were registered. Nothing is written into the model's parameters: while merged, the layer runs
 with weights computed from the original parameters on every call (so gradients reach the original conv and
 BatchNorm parameters) and the BatchNorm runs as identity. On exit both get their own forward back.
+
+Those weights are kept between calls (``MergedParams``) while every parameter and buffer they come from is
+unchanged: rebuilding them is about nine small operations per layer, a large share of a small network's
+forward. Where a parameter requires grad, the kept values enter the graph through ``MergedGrad``, whose backward
+differentiates the merge itself, so gradients still reach the original parameters.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +23,8 @@ from torch import nn
 from lrpcli.engine.canonizers.base import Canonizer
 from lrpcli.engine.composites.layers import BATCHNORMS
 from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
-from lrpcli.engine.layerops import CONV_TRANSPOSE_TYPES, CONV_TYPES, LINEAR_TYPES
-from lrpcli.engine.rules.batchnorm import scale_shift
+from lrpcli.engine.layercall import same_stamp, tensors_stamp
+from lrpcli.engine.layerops import CONV_TRANSPOSE_TYPES, CONV_TYPES, LINEAR_TYPES, tracing
 
 if TYPE_CHECKING:  # pragma: no cover
     from lrpcli.engine.hooks import Probe, Session
@@ -27,8 +32,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def merged_params(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``layer`` followed by ``bn`` in eval mode, as differentiable functions of both."""
-    scale, shift = scale_shift(bn, bn.running_mean, bn.running_var)
-    weight = layer.weight
+    return _merge(layer, bn, layer.weight, layer.bias, getattr(bn, "weight", None), getattr(bn, "bias", None))
+
+
+def _merge(layer: nn.Module, bn: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
+           bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merged_params`` from the given parameters (the running statistics and eps read from ``bn``): the
+    operations of ``rules.batchnorm.scale_shift``, in its order, so that the values are the same."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn_weight is not None:
+        scale = bn_weight * scale
+    shift = -bn.running_mean * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias
     if isinstance(layer, CONV_TRANSPOSE_TYPES):
         groups = layer.groups
         in_ch, per_group = weight.shape[0], weight.shape[1]
@@ -37,13 +53,64 @@ def merged_params(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.
         weight = (w * s).view_as(weight)
     else:
         weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
-    bias = shift if layer.bias is None else layer.bias * scale + shift
+    bias = shift if bias is None else bias * scale + shift
     return weight, bias
 
 
-def _merged_forward(layer: nn.Module, bn: nn.Module):
+class MergedParams:
+    """The merged weight and bias of one layer + BatchNorm pair, rebuilt only when a parameter or buffer of
+    either changed (``layercall.tensors_stamp``: replaced, moved, or updated in place)."""
+
+    __slots__ = ("layer", "bn", "stamp", "values")
+
+    def __init__(self, layer: nn.Module, bn: nn.Module) -> None:
+        self.layer, self.bn = layer, bn
+        self.stamp: list | None = None
+        self.values: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        layer, bn = self.layer, self.bn
+        if tracing():  # a capture computes them from the parameters in its graph
+            return merged_params(layer, bn)
+        stamp = tensors_stamp((layer, bn))
+        if self.values is None or not same_stamp(self.stamp, stamp):
+            with torch.no_grad():
+                self.values = merged_params(layer, bn)
+            self.stamp = stamp
+        if torch.is_grad_enabled():
+            params = (layer.weight, layer.bias, getattr(bn, "weight", None), getattr(bn, "bias", None))
+            if any(p is not None and p.requires_grad for p in params):
+                return MergedGrad.apply(self, *params)
+        return self.values
+
+
+class MergedGrad(torch.autograd.Function):
+    """The kept merged weight and bias in the forward; in the backward, the gradient of the merge with respect
+    to the parameters that require grad (computed again from them, so also under create_graph=True)."""
+
+    @staticmethod
+    def forward(ctx: Any, merged: MergedParams, *params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # (weight, bias) of the layer, then of the BatchNorm; None where absent
+        ctx.merged = merged
+        ctx.save_for_backward(*params)
+        weight, bias = merged.values
+        return weight.detach(), bias.detach()  # new tensors: autograd marks these, not the kept ones
+
+    @staticmethod
+    def backward(ctx: Any, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        merged: MergedParams = ctx.merged
+        params = ctx.saved_tensors
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[1:]) if need]
+        with torch.enable_grad():
+            weight, bias = _merge(merged.layer, merged.bn, *params)
+            grads = iter(torch.autograd.grad((weight, bias), wanted, (grad_weight, grad_bias), allow_unused=True,
+                                             create_graph=torch.is_grad_enabled()))
+        return (None, *(next(grads) if need else None for need in ctx.needs_input_grad[1:]))
+
+
+def _merged_forward(layer: nn.Module, params: MergedParams):
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        weight, bias = merged_params(layer, bn)
+        weight, bias = params()
         if isinstance(layer, nn.Linear):
             return F.linear(x, weight, bias)
         if isinstance(layer, CONV_TYPES):
@@ -137,10 +204,11 @@ class MergeBatchNorm(Canonizer):
             session.notes.append(f"{call.name}: merged into {source.name}")
 
     def _merge(self, layer: nn.Module, bn: nn.Module, session: Session) -> None:
-        for module, new in ((layer, _merged_forward(layer, bn)), (bn, _identity)):
+        params = MergedParams(layer, bn)
+        for module, new in ((layer, _merged_forward(layer, params)), (bn, _identity)):
             self._patched.append((module, module.__dict__.get("forward")))
             module.forward = new
-        session.param_overrides[layer] = lambda: merged_params(layer, bn)
+        session.param_overrides[layer] = params
         session.param_sources[layer] = (bn,)
         self.merged.append((layer, bn))
         MERGED_BATCHNORMS.add(bn)
