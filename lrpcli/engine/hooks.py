@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lrpcli.engine import relu_recompute
+from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
 from lrpcli.engine.layercall import (
     LayerCall,
     ParamCache,
@@ -47,6 +48,7 @@ from lrpcli.engine.layercall import (
 from lrpcli.engine.layerops import is_linear_layer, tracing
 from lrpcli.engine.rules import formula
 from lrpcli.engine.rules.base import Rule
+from lrpcli.engine.rules.batchnorm import BatchNormRule
 from lrpcli.engine.rules.passthrough import Pass
 
 # re-exported: callers and tests name them here. CHUNK_BYTES is not: patching hooks.CHUNK_BYTES would change
@@ -113,7 +115,8 @@ class Dispatch:
     forward hook of a small network runs hundreds of times per batch. Rules are stateless, so the answers hold
     for the session."""
 
-    __slots__ = ("reads", "native", "keeps_zeros", "keeps_nothing", "is_relu", "producer", "recompute", "passes")
+    __slots__ = ("reads", "native", "keeps_zeros", "keeps_nothing", "is_relu", "producer", "recompute", "passes",
+                 "bn_rule")
 
     def __init__(self, rule: Rule, module: nn.Module) -> None:
         self.reads = rule.reads_of(module)
@@ -129,6 +132,9 @@ class Dispatch:
         #: the rule hands the relevance on unchanged: on a module that returns its very input (a merged
         #: BatchNorm, Dropout or Identity in eval mode) that is what the missing autograd node does too
         self.passes = type(rule) is Pass
+        #: the BatchNorm rule, which is Pass on a BatchNorm that ``merge_batchnorm`` folded (checked at each call:
+        #: the merge is decided by the probe)
+        self.bn_rule = type(rule) is BatchNormRule
 
 
 @dataclass
@@ -366,10 +372,8 @@ class Session:
             if extra is None:
                 return None
             sources += extra
-        stamp = tensors_stamp(sources)
         x = call.inputs[0] if call.inputs else call.output
-        stamp += (x.shape[1:], x.dtype, x.device)
-        return tuple(stamp)
+        return tensors_stamp(sources, x.shape[1:], x.dtype, x.device)
 
     def _tap_hook(self, name: str) -> Callable[..., Any]:
         """A forward hook that taps the relevance at this module's output (any module, also containers)."""
@@ -402,7 +406,8 @@ class Session:
         inputs = tuple(a for a in args if isinstance(a, torch.Tensor))
         dispatch: Dispatch = assignment.dispatch
         plain = formula.enabled()
-        if dispatch.passes and self.recorder is None and not plain and len(inputs) == 1 and output is inputs[0]:
+        if (dispatch.passes or (dispatch.bn_rule and module in MERGED_BATCHNORMS)) and self.recorder is None \
+                and not plain and len(inputs) == 1 and output is inputs[0]:
             # an identity under Pass: no node, the relevance arrives below as the very tensor (its ZeroNotes
             # hold), and a producer above stays registered under the same tensor
             return None

@@ -15,6 +15,7 @@ graph.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -284,25 +285,23 @@ _ENTRIES = "\0entries"
 
 
 def _same_stamp(a: tuple, b: tuple) -> bool:
-    """Equal stamps: the same tensors (by identity; a stamp holds them, so no id is reused) and equal values."""
-    return len(a) == len(b) and all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+    """Equal stamps (``tensors_stamp`` plus further values): the same tensors, compared by identity (a stamp holds
+    them, so no id is reused), and equal values. One tuple comparison for the values: a stamp is checked at
+    every backward of every cached layer."""
+    return a[1:] == b[1:] and len(a[0]) == len(b[0]) and all(map(operator.is_, a[0], b[0]))
 
 
 #: public name: other caches of parameter-derived values (``canonizers.batchnorm``) compare stamps alike
 same_stamp = _same_stamp
 
 
-def tensors_stamp(modules: Sequence[nn.Module]) -> list[Any]:
-    """Each parameter and buffer of ``modules``: the tensor itself, its storage and its version. Equal stamps
+def tensors_stamp(modules: Sequence[nn.Module], *extra: Any) -> tuple:
+    """(each parameter and buffer of ``modules``, their storages and versions, *extra). Equal stamps
     (``same_stamp``) mean nothing was replaced, moved (``.to``) or changed in place (an optimizer step,
     ``load_state_dict``, ``reset_parameters``); a write through ``.data`` bypasses the version and is not seen."""
-    stamp: list[Any] = []
-    for source in modules:
-        for tensors in (source._parameters, source._buffers):
-            for t in tensors.values():
-                if t is not None:
-                    stamp += (t, t.data_ptr(), t._version)
-    return stamp
+    tensors = [t for source in modules for group in (source._parameters, source._buffers)
+               for t in group.values() if t is not None]
+    return (tuple(tensors), tuple([t.data_ptr() for t in tensors]), tuple([t._version for t in tensors])) + extra
 
 
 def _owned_bytes(value: Any) -> int:

@@ -65,7 +65,7 @@ class MergedParams:
 
     def __init__(self, layer: nn.Module, bn: nn.Module) -> None:
         self.layer, self.bn = layer, bn
-        self.stamp: list | None = None
+        self.stamp: tuple | None = None
         self.values: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
