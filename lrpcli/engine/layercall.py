@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from lrpcli.engine.layerops import bias_shape, empty_like_layout, forward, tracing
 from lrpcli.engine.rules import formula
@@ -111,6 +112,15 @@ class LayerCall:
         wanted = [t for t in self.inputs if t.requires_grad]
         if not wanted:
             return tuple(None for _ in self.inputs)
+        if not torch.is_grad_enabled():
+            node = _single_node(self.output, self.inputs)
+            if node is not None:  # what autograd.grad would run, without starting a graph task
+                direct = node(v)
+                direct = (direct,) if isinstance(direct, torch.Tensor) else tuple(direct)
+                # autograd would still reduce broadcast gradients or cast them: left to it
+                if all(g is None or (g.shape == t.shape and g.dtype == t.dtype and g.device == t.device)
+                       for g, t in zip(direct, self.inputs)):
+                    return tuple(g if t.requires_grad else None for g, t in zip(direct, self.inputs))
         grads = iter(torch.autograd.grad(self.output, wanted, v, retain_graph=True,
                                           create_graph=torch.is_grad_enabled(), allow_unused=True))
         return tuple(next(grads) if t.requires_grad else None for t in self.inputs)
@@ -217,6 +227,30 @@ class LayerCall:
                 "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
                 "tensors (e.g. `out += identity`: use the 'residual' canonizer, or `out = out + identity`)."
             )
+
+
+def _single_node(output: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> Any:
+    """The autograd node of ``output`` where it takes the inputs directly, one edge each, in order (a module that
+    is one operation: a pool, a mean, a product); else None. Calling it is autograd.grad's work for one node,
+    the same kernel on the same saved tensors, without the cost of a graph task (small networks run many)."""
+    node = output.grad_fn
+    if node is None:
+        return None
+    edges = node.next_functions
+    if len(edges) != len(inputs):
+        return None
+    seen: set[tuple[int, int]] = set()
+    for t, (target, index) in zip(inputs, edges):
+        if not t.requires_grad:
+            if target is not None:
+                return None
+            continue
+        edge = get_gradient_edge(t)
+        key = (id(edge.node), edge.output_nr)
+        if edge.node is not target or edge.output_nr != index or key in seen:
+            return None
+        seen.add(key)
+    return node
 
 
 class ParamCache:
