@@ -38,11 +38,13 @@ from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
 from lrpcli.engine.layercall import (
     LayerCall,
     ParamCache,
+    PassFunction,
     RuleFunction,
     Tap,
     ZeroNotes,
     known_nonnegative,
     same_elements,
+    says_signs,
     tensors_stamp,
 )
 from lrpcli.engine.layerops import is_linear_layer, tracing
@@ -116,7 +118,7 @@ class Dispatch:
     for the session."""
 
     __slots__ = ("reads", "native", "keeps_zeros", "keeps_nothing", "is_relu", "producer", "recompute", "passes",
-                 "bn_rule")
+                 "bn_rule", "light")
 
     def __init__(self, rule: Rule, module: nn.Module) -> None:
         self.reads = rule.reads_of(module)
@@ -135,6 +137,9 @@ class Dispatch:
         #: the BatchNorm rule, which is Pass on a BatchNorm that ``merge_batchnorm`` folded (checked at each call:
         #: the merge is decided by the probe)
         self.bn_rule = type(rule) is BatchNormRule
+        #: Pass on a module whose calls need no record (``PassFunction``): not a ReLU (a layer below may keep its
+        #: output) nor a module that ``known_nonnegative`` looks through
+        self.light = self.passes and not self.is_relu and not says_signs(module)
 
 
 @dataclass
@@ -417,13 +422,15 @@ class Session:
             # output that the layer below keeps stays hooked: it hands on the note that saves that layer a check
             # (``ZeroNotes``), and keeps nothing that is not kept anyway
             return None
+        traced = tracing()  # a capture keeps every layer's own output, like the plain path
+        if dispatch.light and self.recorder is None and not plain and not traced and inputs:
+            return PassFunction.apply(self, assignment.name, module, rule, output, *inputs)
         key = assignment.name if count == 0 else f"{assignment.name}#{count + 1}"
         call = LayerCall(self, module, assignment.name, key, rule, inputs, output, dispatch.reads)
         if self.recorder is not None:
             self.recorder.on_forward(call)
         # a ReLU output that can be recomputed stays out of the graph: once the forward has moved on, nothing
         # refers to it or to its autograd node, and its storage is freed
-        traced = tracing()  # a capture keeps every layer's own output, like the plain path
         recompute = (dispatch.recompute and self._in_root and not plain and not traced
                      and relu_recompute.recomputable_relu(rule, module, inputs, output) and self._saved.install())
         call.relu_recomputed = recompute

@@ -218,10 +218,12 @@ class LayerCall:
 
     def check_unmodified(self) -> None:
         """Refuse to compute with tensors that an in-place operation changed after the module ran."""
-        now = tuple(t._version for t in self.inputs) + (self.output._version,)
         reads = self.reads
-        changed = [a != b for a, b in zip(now, self.versions)]
-        if ("inputs" in reads and any(changed[:-1])) or ("output" in reads and changed[-1]):
+        if not reads:  # nothing kept, nothing to check
+            return
+        versions = self.versions
+        if ("output" in reads and self.output._version != versions[-1]) or (
+                "inputs" in reads and any(t._version != v for t, v in zip(self.inputs, versions))):
             raise RuntimeError(
                 f"lrpcli: the input or output of module {self.name!r} ({type(self.module).__name__}) was modified "
                 "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
@@ -352,6 +354,11 @@ _NONNEGATIVE_OUTPUT = (nn.ReLU, nn.ReLU6)
 _SIGN_KEEPING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
                  nn.AdaptiveMaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
                  nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Identity)
+
+
+def says_signs(module: nn.Module) -> bool:
+    """``known_nonnegative`` reads the LayerCall of this module's calls (their output or input is >= 0)."""
+    return isinstance(module, _NONNEGATIVE_OUTPUT + _SIGN_KEEPING)
 
 
 def known_nonnegative(x: torch.Tensor, depth: int = 4) -> bool:
@@ -494,6 +501,51 @@ class RuleFunction(torch.autograd.Function):
         if call.session.recorder is not None:
             call.session.recorder.on_backward(call, relevance, result)
         return result
+
+
+class PassFunction(torch.autograd.Function):
+    """``RuleFunction`` for Pass on a module that computes something (an activation, a gate), without a
+    ``LayerCall``: the relevance goes to the first input unchanged, the plain gradient to z when inactive.
+
+    Pass keeps nothing and checks nothing, and such a module's output says nothing of its input's signs
+    (``known_nonnegative``): of a LayerCall it reads only the first input's shape. Small networks run dozens of
+    these per forward; the record and its shape-only stand-ins are most of their cost. Sessions with a recorder,
+    the plain path and captures keep the LayerCall.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, session: Session, name: str, module: nn.Module, rule: Rule, z: torch.Tensor,
+                *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.session, ctx.name, ctx.module, ctx.rule = session, name, module, rule
+        ctx.shape, ctx.count = inputs[0].shape, len(inputs)
+        return z.detach()
+
+    @staticmethod
+    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rest = (None,) * (ctx.count - 1)
+        if not ctx.session.active:
+            return (None, None, None, None, relevance, None) + rest
+        if relevance.shape == ctx.shape:  # Pass's own answer: the tensor itself
+            return (None, None, None, None, None, relevance) + rest
+        # another shape: the rule reshapes or refuses, on shape-only stand-ins of the inputs
+        x = torch.empty(ctx.shape, dtype=relevance.dtype, device="meta")
+        result = ctx.rule.relevance(_Shapes(ctx.name, ctx.module, (x,) * ctx.count), relevance)
+        if not torch.is_grad_enabled() and not tracing() and not formula.enabled():
+            ctx.session.zero_notes.hand_on(relevance, result)
+        return (None, None, None, None, None) + tuple(result)
+
+
+class _Shapes:
+    """What Pass reads of a call: its name, module and inputs (shape-only)."""
+
+    __slots__ = ("name", "module", "inputs")
+
+    def __init__(self, name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.name, self.module, self.inputs = name, module, inputs
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.inputs[0]
 
 
 class Tap(torch.autograd.Function):
