@@ -112,7 +112,7 @@ class LayerCall:
         wanted = [t for t in self.inputs if t.requires_grad]
         if not wanted:
             return tuple(None for _ in self.inputs)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not tracing():  # a capture records autograd.grad's work as it is
             node = _single_node(self.output, self.inputs)
             if node is not None:  # what autograd.grad would run, without starting a graph task
                 direct = node(v)
