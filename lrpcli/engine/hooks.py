@@ -16,6 +16,10 @@ ReLU outputs that are recomputed. A rule that reads only a ReLU's input keeps z;
 model the session stores what autograd saves of y = relu(z) as a reference to z and recomputes relu(z) when a
 backward needs it (``relu_recompute``), so the model keeps one activation per layer, as the plain gradient does.
 
+Calls that need no record. A module returning its very input under Pass (or a merged BatchNorm) gets no
+node; Pass on an activation or a gate gets ``PassFunction``, a node without a LayerCall; a rule that is the
+module's own gradient leaves the module unhooked. Small networks run hundreds of such calls per batch.
+
 The plain path. Under ``rules.plain()`` every hooked layer keeps its own output and its relevance comes from
 ``rules.formula`` on the whole batch: no rectified outputs, recomputed ReLUs, zero notes, unhooked gradients or
 batch slices.

@@ -7,7 +7,8 @@ its output z and restore what the rule needs (``rectify``, ``restore_output``), 
 the batch where the layer is large (``relevance``) and refuses tensors changed in place (``check_unmodified``).
 
 Its autograd node: ``RuleFunction``, an identity in the forward whose backward runs the call's rule (``Tap``
-hands a module's incoming relevance to a recorder). Besides it: ``ParamCache``, the parameter-derived tensors a
+hands a module's incoming relevance to a recorder; ``PassFunction`` stands in for a LayerCall where Pass needs
+none). Besides it: ``ParamCache``, the parameter-derived tensors a
 session keeps between backward passes;
 ``ZeroNotes``, which relevance is known to be zero where an input is; ``known_nonnegative``, read from the
 graph.
