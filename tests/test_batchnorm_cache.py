@@ -11,7 +11,9 @@ from torch import nn
 import lrpcli
 from lrpcli.engine.canonizers.batchnorm import MergedParams
 from lrpcli.engine.composites import LayerMap
-from lrpcli.engine.rules import Epsilon, Pass
+from lrpcli.engine.layercall import LayerCall
+from lrpcli.engine.recorder import Recorder
+from lrpcli.engine.rules import BatchNormRule, Epsilon, Pass
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -102,3 +104,30 @@ def test_no_parameter_requires_grad_uses_kept_weights_as_they_are():
     x2 = x.detach().requires_grad_(True)
     (expected,) = torch.autograd.grad(model(x2).sum(), x2)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_merged_batchnorm_gets_no_node_and_the_same_relevance(monkeypatch):
+    """BatchNormRule on a merged BatchNorm is the identity: the hook adds no node, as for Pass on an identity
+    (a recorder keeps the LayerCall, and the relevance is the same)."""
+    model = small_model()
+    x = torch.randn(2, 3, 6, 6)
+    comp = LayerMap([((nn.Conv2d, nn.Linear), Epsilon()), (nn.BatchNorm2d, BatchNormRule()),
+                     ((nn.ReLU, nn.Flatten), Pass())])
+    seen: list[str] = []
+    original = LayerCall.__init__
+
+    def init(self, session, module, *args, **kwargs):
+        seen.append(type(module).__name__)
+        original(self, session, module, *args, **kwargs)
+
+    monkeypatch.setattr(LayerCall, "__init__", init)
+    results, modules = [], []
+    for recorder in (None, Recorder()):
+        seen.clear()
+        with comp.context(model, canonizers=["merge_batchnorm"], recorder=recorder) as m:
+            xi = x.clone().requires_grad_(True)
+            out = m(xi)
+            results.append(torch.autograd.grad(out, xi, torch.ones_like(out))[0])
+        modules.append(list(seen))
+    assert "BatchNorm2d" not in modules[0] and modules[1].count("BatchNorm2d") == 2
+    assert torch.equal(results[0], results[1]) and results[0].abs().sum() > 0
