@@ -48,7 +48,8 @@ class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
     __slots__ = ("session", "module", "name", "key", "rule", "reads", "inputs", "output", "versions", "rectified",
-                 "output_rectified", "relu_recomputed", "input_nonnegative", "into", "_memo", "__weakref__")
+                 "output_rectified", "relu_recomputed", "input_nonnegative", "into", "rms", "_memo",
+                 "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
@@ -66,6 +67,8 @@ class LayerCall:
         self.rectified = False
         #: in the backward: the output is relu(z) and the relevance is 0 wherever it is 0 (see restore_output)
         self.output_rectified = False
+        #: rms mode: the per-sample rms of each of the rule's denominators, taken before ``rectify`` (B numbers each)
+        self.rms: tuple[torch.Tensor, ...] | None = None
         #: the call is a ReLU whose output is not in the graph (``relu_recompute``): the plain gradient is computed
         #: from the input here instead of by the ReLU's own autograd node
         self.relu_recomputed = False
@@ -130,10 +133,37 @@ class LayerCall:
 
     def rectify(self, rectified: torch.Tensor) -> None:
         """Keep relu(z) instead of z: the ReLU's output, which the next layer keeps anyway (one activation
-        less per layer). Only for rules that ``tolerates_rectified_output()``; ``restore_output`` makes it exact."""
+        less per layer). Only for rules that ``tolerates_rectified_output()``; ``restore_output`` makes it exact.
+
+        An rms stabilizer scales epsilon by the rms of each whole denominator, which relu(z) does not give: those
+        are taken now, while z is whole, and kept (B numbers each) in place of z. A z changed in place since the
+        layer ran stays (``check_unmodified`` refuses it in the backward)."""
+        if self.output._version != self.versions[-1]:
+            return
+        if self.rule.rms_at_forward():
+            self.rms = self._forward_rms()
         self.output = rectified.detach()  # detached: no reference cycle through the graph
         self.versions = self.versions[:-1] + (self.output._version,)
         self.rectified = True
+
+    def _forward_rms(self) -> tuple[torch.Tensor, ...]:
+        """``rule.rectified_rms`` of this call, over slices of the batch where the layer is large: the
+        denominators are temporaries of the output's size (Gamma's takes one forward through W+), bounded like
+        the backward's (``relevance``). Parameter-derived tensors come from the session's cache, and none is
+        kept on the call until its backward."""
+        rule, z = self.rule, self.output
+        n = z.shape[0] if z.dim() > 1 else 0
+        parts = min(n, -(-z.numel() * z.element_size() // CHUNK_BYTES))
+        with torch.no_grad():
+            if parts <= 1 or not self._batched(n) or not rule.splits_over_batch(self):
+                kept = rule.rectified_rms(self)
+            else:
+                pieces = []
+                for rows in torch.arange(n).tensor_split(parts):
+                    pieces.append(rule.rectified_rms(self._rows(int(rows[0]), int(rows[-1]) + 1)))
+                kept = tuple(torch.cat(column) for column in zip(*pieces))
+        self._memo.clear()
+        return kept
 
     def restore_output(self, relevance: torch.Tensor) -> None:
         """Give the rule an output that yields exactly its relevance, after ``rectify``.
@@ -203,6 +233,8 @@ class LayerCall:
                 setattr(part, slot, getattr(self, slot))
         part.inputs = tuple(t[start:stop] for t in self.inputs)
         part.output = self.output[start:stop]
+        if self.rms is not None:  # per sample; a scalar where the output has no batch dimension
+            part.rms = tuple(r[start:stop] if r.dim() else r for r in self.rms)
         return part
 
     def check_unmodified(self) -> None:
