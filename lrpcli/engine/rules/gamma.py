@@ -75,7 +75,7 @@ class Gamma(ParamRule):
         split = SignSplit(call, self.zero_bias)
         z = split.z_rule
         s = split.positive_sum() if split.pair_fast else total(split.aligned, split.bias_pos())
-        den = torch.sub(z, s).lerp_(s, torch.ge(z, 0).to(z.dtype))
+        den = torch.where(z >= 0, s, z - s)
         return (torch.add(z, den, alpha=self.gamma, out=den),)
 
     def _fused(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
