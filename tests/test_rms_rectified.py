@@ -1,14 +1,18 @@
-"""The rms stabilizer on layers that keep relu(z) in place of their output (``LayerCall.rectify``), in float64.
+"""The rms stabilizer on layers followed by a ReLU, in float64.
 
-A layer followed by a ReLU keeps the ReLU's output and, in rms mode, the per-sample rms of each of its rule's
-denominators, taken in the forward while z is whole. Each rule that forms its denominators from the output
-(Epsilon, Gamma, AlphaBeta, ZBox) must then give the relevance of the plain, formula-shaped path, which forms
-s(den) from the whole z, to 1e-12: on every layer type, after inputs of both signs or after a ReLU, with the
-ReLU in place or not, with relevance only where the ReLU passes or everywhere (z recomputed), sliced over the
-batch, and without a ReLU (nothing rectified).
+Such a layer keeps one activation, in one of two ways: it keeps its whole output z while the ReLU's output leaves
+the graph and is recomputed from z where it is saved (``whole``, ``LayerCall.keeps_whole_output``), or, where
+saved-tensor hooks cannot be used (a caller's own are in effect), it keeps the ReLU's output and the per-sample rms
+of each of its rule's denominators, taken in the forward while z is whole (``rectified``, ``LayerCall.rectify``).
+Each rule that forms its denominators from the output (Epsilon, Gamma, AlphaBeta, ZBox) must give the relevance
+of the plain, formula-shaped path, which forms s(den) from the whole z, to 1e-12 either way: on every layer type,
+after inputs of both signs or after a ReLU, with the ReLU in place or not, with relevance only where the ReLU
+passes or everywhere (z recomputed), sliced over the batch, and without a ReLU (neither way applies).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -74,31 +78,56 @@ def _layer(factory, seed: int) -> nn.Module:
     return layer
 
 
-def _spy_rectify(monkeypatch) -> list[tuple[str, bool]]:
-    """Record each rectified call's name and whether it kept the rms of its denominators."""
-    seen: list[tuple[str, bool]] = []
-    original = layercall.LayerCall.rectify
+def _spy_routes(monkeypatch) -> list[tuple[str, str]]:
+    """Record each call that kept relu(z) and the rms of its denominators (``rectified``), and each backward of a
+    call that kept its whole output, with whether the relevance was known to be 0 wherever z <= 0 (``whole``,
+    ``whole, zero at z <= 0``)."""
+    seen: list[tuple[str, str]] = []
+    rectify, restore = layercall.LayerCall.rectify, layercall.LayerCall.restore_output
 
-    def spy(self, rectified: torch.Tensor) -> None:
-        original(self, rectified)
-        seen.append((self.name, self.rectified and self.rms is not None))
+    def spy_rectify(self, rectified: torch.Tensor) -> None:
+        rectify(self, rectified)
+        if self.rectified and self.rms is not None:
+            seen.append((self.name, 'rectified'))
 
-    monkeypatch.setattr(layercall.LayerCall, 'rectify', spy)
+    def spy_restore(self, relevance: torch.Tensor) -> None:
+        restore(self, relevance)
+        if self.keeps_whole_output:
+            seen.append((self.name, 'whole, zero at z <= 0' if self.zero_at_nonpositive else 'whole'))
+
+    monkeypatch.setattr(layercall.LayerCall, 'rectify', spy_rectify)
+    monkeypatch.setattr(layercall.LayerCall, 'restore_output', spy_restore)
     return seen
 
 
-def _fast_and_plain(model: nn.Module, x: torch.Tensor, composite, target, **kw) -> tuple[torch.Tensor, ...]:
-    fast = lrpcli.attribute(model, x, target=target, composite=composite, **kw)
+def _route(route: str) -> contextlib.AbstractContextManager:
+    """``rectified``: a caller's saved-tensor hooks are in effect, which the session does not shadow."""
+    if route == 'whole':
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
+def _fast_and_plain(model: nn.Module, x: torch.Tensor, composite, target, route: str = 'whole',
+                    **kw) -> tuple[torch.Tensor, ...]:
+    with _route(route):
+        fast = lrpcli.attribute(model, x, target=target, composite=composite, **kw)
     with plain():
         slow = lrpcli.attribute(model, x, target=target, composite=composite, **kw)
     return fast, slow
 
 
+def _expected(name: str, route: str, masked: bool) -> tuple[str, str]:
+    if route == 'rectified':
+        return name, 'rectified'
+    return name, 'whole, zero at z <= 0' if masked else 'whole'
+
+
+@pytest.mark.parametrize('route', ['whole', 'rectified'])
 @pytest.mark.parametrize('setting,mixed,relu,masked,sliced', SETTINGS, ids=[s[0] for s in SETTINGS])
 @pytest.mark.parametrize('layer_id,factory,shape', LAYERS, ids=[c[0] for c in LAYERS])
 @pytest.mark.parametrize('rule_id', list(RULES))
-def test_rectified_rms_equals_the_formula(rule_id, layer_id, factory, shape, setting, mixed, relu, masked, sliced,
-                                          monkeypatch):
+def test_rms_before_a_relu_equals_the_formula(rule_id, layer_id, factory, shape, setting, mixed, relu, masked, sliced,
+                                              route, monkeypatch):
     if sliced:  # the forward's rms and the backward over slices of the batch
         monkeypatch.setattr(layercall, 'CHUNK_BYTES', 64)
     layer = _layer(factory, seed=len(layer_id))
@@ -111,9 +140,9 @@ def test_rectified_rms_equals_the_formula(rule_id, layer_id, factory, shape, set
         upper = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=DT)
         return upper * (out > 0) if masked else upper
 
-    seen = _spy_rectify(monkeypatch)
-    fast, slow = _fast_and_plain(model, x, composite, target)
-    assert seen == ([] if relu is None else [('1' if not mixed else '0', True)])  # the new path ran (fast only)
+    seen = _spy_routes(monkeypatch)
+    fast, slow = _fast_and_plain(model, x, composite, target, route)
+    assert seen == ([] if relu is None else [_expected('0' if mixed else '1', route, masked)])  # (fast path only)
     torch.testing.assert_close(fast, slow, atol=ATOL, rtol=0)
     assert slow.abs().max() > 1e-3  # something was compared
 
@@ -129,17 +158,18 @@ class _FunctionalReLU(nn.Module):
         return self.head(F.relu(self.conv(x), inplace=True))
 
 
+@pytest.mark.parametrize('route', ['whole', 'rectified'])
 @pytest.mark.parametrize('rule_id', list(RULES))
-def test_functional_inplace_relu(rule_id, monkeypatch):
+def test_functional_inplace_relu(rule_id, route, monkeypatch):
     """An in-place functional ReLU runs as a module (out of place) under the functional canonizer: the
-    convolution below it keeps relu(z) and its denominators' rms, taken before the ReLU ran."""
+    convolution below it keeps z, or relu(z) and its denominators' rms taken before the ReLU ran."""
     torch.manual_seed(2)
     model = _FunctionalReLU().to(DT)
     x = torch.randn(2, 3, 6, 6, dtype=DT)
     composite = LayerMap([(nn.Conv2d, RULES[rule_id]()), (nn.ReLU, Pass())])
-    seen = _spy_rectify(monkeypatch)
-    fast, slow = _fast_and_plain(model, x, composite, 1, canonizers=['functional'])
-    assert ('conv', True) in seen
+    seen = _spy_routes(monkeypatch)
+    fast, slow = _fast_and_plain(model, x, composite, 1, route, canonizers=['functional'])
+    assert ('conv', route) in [(name, how.split(',')[0]) for name, how in seen]
     torch.testing.assert_close(fast, slow, atol=ATOL, rtol=0)
     assert slow.abs().max() > 1e-3
 

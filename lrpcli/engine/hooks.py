@@ -425,12 +425,23 @@ class Session:
         traced = tracing()  # a capture keeps every layer's own output, like the plain path
         recompute = (dispatch.recompute and self._in_root and not plain and not traced
                      and relu_recompute.recomputable_relu(rule, module, inputs, output) and self._saved.install())
+        # a ReLU (Pass) over the output of a layer whose rms stabilizer needs that output whole: the layer keeps
+        # z, and relu(z) is recomputed from it like the output above (``LayerCall.keeps_whole_output``)
+        below = (self._whole_output_producer(inputs[0], output) if dispatch.is_relu and dispatch.keeps_nothing
+                 and not recompute and self._in_root and not plain and not traced else None)
+        recompute = recompute or below is not None
         call.relu_recomputed = recompute
+        # inputs that are recomputed ReLU outputs go into the node's context, which stores them as references
+        call.saves_inputs = recompute or (not rule.needs_graph and self._saved.holds_any(inputs))
         result = RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
         call.release()
         if recompute:
             self._saved.add(result, inputs[0])
-            call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # z lives in ctx (above)
+        if call.saves_inputs:
+            call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # they live in ctx (above)
+        if below is not None:
+            below.keeps_whole_output = True
+            return result
         if plain or traced:  # every layer keeps its own output (no relu(z) in its place)
             return result
         keeps_nothing = dispatch.keeps_nothing
@@ -445,6 +456,18 @@ class Session:
             # weak both ways: an entry never keeps a graph alive (e.g. a submodule called outside the root)
             self._producers[id(result)] = (weakref.ref(result), weakref.ref(call))
         return result
+
+    def _whole_output_producer(self, z: torch.Tensor, output: torch.Tensor) -> LayerCall | None:
+        """The producer of ``z`` (a ReLU's input) if its rule takes an rms of whole denominators and the ReLU's
+        output can leave the graph (then the producer keeps z instead of relu(z) and the rms of its denominators,
+        and its backward forms those from z); None otherwise (``_rectify_producer`` then applies)."""
+        entry = self._producers.get(id(z))
+        call = entry[1]() if entry is not None and entry[0]() is z else None
+        if (call is None or not call.rule.rms_at_forward() or call.output._version != call.versions[-1]
+                or not relu_recompute.relu_output_of(z, output) or not self._saved.install()):
+            return None
+        del self._producers[id(z)]
+        return call
 
     def _rectify_producer(self, z: torch.Tensor, rectified: torch.Tensor) -> bool:
         """A ReLU whose rule keeps nothing consumed a hooked layer's output: that layer keeps relu(z) instead.

@@ -48,8 +48,8 @@ class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
     __slots__ = ("session", "module", "name", "key", "rule", "reads", "inputs", "output", "versions", "rectified",
-                 "output_rectified", "relu_recomputed", "input_nonnegative", "into", "rms", "_memo",
-                 "__weakref__")
+                 "output_rectified", "relu_recomputed", "input_nonnegative", "into", "rms", "saves_inputs",
+                 "keeps_whole_output", "zero_at_nonpositive", "_memo", "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
@@ -72,6 +72,13 @@ class LayerCall:
         #: the call is a ReLU whose output is not in the graph (``relu_recompute``): the plain gradient is computed
         #: from the input here instead of by the ReLU's own autograd node
         self.relu_recomputed = False
+        #: the inputs live in the autograd node's context (recomputed ReLU outputs: stored as references to z)
+        self.saves_inputs = False
+        #: a ReLU consumed the output, which this call keeps whole (rms mode) while the ReLU's output is
+        #: recomputed from it (``hooks.Session._whole_output_producer``)
+        self.keeps_whole_output = False
+        #: in the backward, after ``keeps_whole_output``: the relevance is 0 wherever the output is <= 0
+        self.zero_at_nonpositive = False
         self._memo: dict[str, Any] = {}
         #: where a rule may write the relevance of the first input (``times_input(..., into=call.into)``): this
         #: slice's rows of the whole batch's result, when the backward runs over slices of the batch; else None
@@ -175,6 +182,9 @@ class LayerCall:
         both tensors checks it. Where it fails, z is recomputed from the stored input, one forward of this
         layer; also under create_graph=True, where z must carry its graph.
         """
+        if self.keeps_whole_output:
+            self.zero_at_nonpositive = not torch.is_grad_enabled() and not bool(
+                torch.logical_and(relevance != 0, self.output <= 0).any())
         if not self.rectified:
             return
         self.rectified = False
@@ -242,7 +252,8 @@ class LayerCall:
         now = tuple(t._version for t in self.inputs) + (self.output._version,)
         reads = self.reads
         changed = [a != b for a, b in zip(now, self.versions)]
-        if ("inputs" in reads and any(changed[:-1])) or ("output" in reads and changed[-1]):
+        # inputs from the node's context are checked as they are unpacked (``relu_recompute``)
+        if ("inputs" in reads and not self.saves_inputs and any(changed[:-1])) or ("output" in reads and changed[-1]):
             raise RuntimeError(
                 f"lrpcli: the input or output of module {self.name!r} ({type(self.module).__name__}) was modified "
                 "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
@@ -419,7 +430,7 @@ class RuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: LayerCall, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         ctx.call = call
-        if call.relu_recomputed:
+        if call.saves_inputs:
             # autograd frees saved tensors once the node ran (unless the graph is retained); a LayerCall lives
             # as long as the graph. The plain gradient frees each activation as the backward passes it: so must
             # this one, the only copy of the layer's activation
@@ -431,7 +442,7 @@ class RuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: LayerCall = ctx.call
-        if not call.relu_recomputed:
+        if not call.saves_inputs:
             return RuleFunction._backward(call, relevance)
         stand_ins, call.inputs = call.inputs, ctx.saved_tensors
         try:
