@@ -463,7 +463,8 @@ class Session:
         and its backward forms those from z); None otherwise (``_rectify_producer`` then applies)."""
         entry = self._producers.get(id(z))
         call = entry[1]() if entry is not None and entry[0]() is z else None
-        if (call is None or not call.rule.rms_at_forward() or call.output._version != call.versions[-1]
+        if (call is None or not call.rule.rms_at_forward() or not call.rule.denominators_take_a_forward
+                or call.output._version != call.versions[-1]
                 or not relu_recompute.relu_output_of(z, output) or not self._saved.install()):
             return None
         del self._producers[id(z)]

@@ -183,8 +183,7 @@ class LayerCall:
         layer; also under create_graph=True, where z must carry its graph.
         """
         if self.keeps_whole_output:
-            self.zero_at_nonpositive = not torch.is_grad_enabled() and not bool(
-                torch.logical_and(relevance != 0, self.output <= 0).any())
+            self.zero_at_nonpositive = not torch.is_grad_enabled() and _zero_where_nonpositive(relevance, self.output)
         if not self.rectified:
             return
         self.rectified = False
@@ -259,6 +258,15 @@ class LayerCall:
                 "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
                 "tensors (e.g. `out += identity`: use the 'residual' canonizer, or `out = out + identity`)."
             )
+
+
+def _zero_where_nonpositive(relevance: torch.Tensor, z: torch.Tensor) -> bool:
+    """No relevance where z <= 0; checked over slices of the batch (CHUNK_BYTES) where the layer is large: the
+    check's temporaries would otherwise add to the backward's peak memory."""
+    n = z.shape[0] if z.dim() > 1 and relevance.shape == z.shape else 0
+    parts = max(1, min(n, -(-z.numel() * z.element_size() // CHUNK_BYTES)))
+    return not any(bool(torch.logical_and(r != 0, part <= 0).any())
+                   for r, part in zip(relevance.tensor_split(parts), z.tensor_split(parts)))
 
 
 class ParamCache:

@@ -21,6 +21,7 @@ class AlphaBeta(ParamRule):
     proportional_to_inputs = True
     shown = ("alpha", "beta")
     ratio_of_output = True
+    denominators_take_a_forward = True
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabilizer | float | None = None,
                  zero_params: Sequence[str] = ()) -> None:

@@ -215,6 +215,11 @@ class ParamRule(Rule):
 
     #: the output enters only through R_j / s(den_j) (Epsilon, Gamma, AlphaBeta, ZBox)
     ratio_of_output: ClassVar[bool] = False
+    #: forming the denominators from the output takes one more forward of the layer (sums of its positive
+    #: contributions: Gamma, AlphaBeta). In rms mode such a layer followed by a ReLU keeps z whole, the ReLU's
+    #: output being recomputed from it, rather than relu(z) and the rms taken in the forward at that cost
+    #: (``hooks.Session._whole_output_producer``)
+    denominators_take_a_forward: ClassVar[bool] = False
 
     def tolerates_rectified_output(self) -> bool:
         # epsilon 0 could make 0 / s(0) a NaN where the true denominator is not 0. Where relu(z) = 0 the relevance

@@ -24,6 +24,7 @@ class Gamma(ParamRule):
     proportional_to_inputs = True
     shown = ("gamma",)
     ratio_of_output = True
+    denominators_take_a_forward = True
 
     def __init__(self, gamma: float = 0.25, stabilizer: Stabilizer | float | None = None,
                  zero_params: Sequence[str] = ()) -> None:
