@@ -15,6 +15,9 @@ through a relevance (create_graph=True) must see.
 ReLU outputs that are recomputed. A rule that reads only a ReLU's input keeps z; during a forward of the whole
 model the session stores what autograd saves of y = relu(z) as a reference to z and recomputes relu(z) when a
 backward needs it (``relu_recompute``), so the model keeps one activation per layer, as the plain gradient does.
+The same holds for a ReLU after a layer whose rms stabilizer needs that layer's whole output (Gamma, AlphaBeta):
+the layer keeps z (``LayerCall.keeps_whole_output``); other layers followed by a ReLU keep relu(z) instead of z
+(``LayerCall.rectify``).
 
 The plain path. Under ``rules.plain()`` every hooked layer keeps its own output and its relevance comes from
 ``rules.formula`` on the whole batch: no rectified outputs, recomputed ReLUs, zero notes, unhooked gradients or

@@ -17,7 +17,8 @@ Besides ``relevance``, a rule tells the hooks what it allows them to skip; none 
 - ``splits_over_batch``: not a shortcut; it keeps batch slicing away from a rule with per-sample parameters.
 - ``tolerates_rectified_output`` (``ParamRule.ratio_of_output``): memory; a layer followed by a ReLU keeps
   relu(z), which the next layer keeps anyway, instead of z. In rms mode it keeps the per-sample rms of each
-  denominator too, taken while z is whole (``rms_at_forward``, ``rectified_rms``).
+  denominator too, taken while z is whole (``rms_at_forward``, ``rectified_rms``), unless that takes a forward
+  (``denominators_take_a_forward``): such a layer keeps z, and the ReLU's output is recomputed from it.
 """
 
 from __future__ import annotations
