@@ -249,3 +249,46 @@ def test_output_changed_in_place_before_the_relu_is_refused(stabilizer):
     composite = LayerMap([(nn.Conv2d, Gamma(0.25, stabilizer=stabilizer)), (nn.ReLU, Pass())])
     with pytest.raises(RuntimeError, match="'conv' .* was modified in place"):
         lrpcli.attribute(model, torch.randn(2, 2, 5, 5, dtype=DT), 0, composite=composite)
+
+
+def test_whole_output_route_gives_what_the_rectified_route_gives(monkeypatch):
+    """Gamma keeps z whole and the ReLU outputs are recomputed (a max pool's saved input among them): the
+    relevance, the plain gradient under rules_off, a retained graph's second backward and a second-order gradient
+    through the relevance equal those of the rectified route and the plain path."""
+    from lrpcli.engine import hooks
+    from lrpcli.engine.rules import Gradient
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Conv2d(4, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(12, 2)).to(DT)
+    composite = LayerMap([(nn.Conv2d, Gamma(0.25, stabilizer=_rms(0.1))),
+                          (nn.Linear, Epsilon(0.1, stabilizer=_rms(0.1))),
+                          ((nn.ReLU, nn.Flatten), Pass()), (nn.MaxPool2d, Gradient())])
+    x = torch.randn(2, 2, 4, 4, dtype=DT)
+
+    def everything() -> list[torch.Tensor]:
+        xr = x.clone().requires_grad_(True)
+        with composite.context(model) as m:
+            out = m(xr)
+            with lrpcli.rules_off(model):
+                results = list(torch.autograd.grad(out[:, 0].sum(), xr, retain_graph=True))
+            seed = lrpcli.initial_relevance(out, 1)
+            results += torch.autograd.grad(out, xr, seed, retain_graph=True)
+            results += torch.autograd.grad(out, xr, seed)
+        relevance = lrpcli.attribute(model, xr, 1, composite=composite, create_graph=True)
+        return results + list(torch.autograd.grad((relevance ** 2).sum(), [xr, *model.parameters()]))
+
+    seen = _spy_routes(monkeypatch)
+    got = everything()
+    assert ('0', 'whole, zero at z <= 0') in seen and ('2', 'whole, zero at z <= 0') in seen
+    with monkeypatch.context() as mp:
+        mp.setattr(hooks.Session, '_whole_output_producer', lambda self, z, output: None)
+        rectified = everything()
+    with plain():
+        slow = everything()
+    assert len(got) == len(rectified) == len(slow) == 3 + 1 + 8
+    for a, b, c in zip(got, rectified, slow):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+        torch.testing.assert_close(a, c, atol=ATOL, rtol=0)
+        assert c.abs().max() > 1e-6
