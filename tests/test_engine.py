@@ -13,7 +13,7 @@ from torch import nn
 import lrpcli
 from lrpcli.engine import layercall
 from lrpcli.engine.composites import FirstLayer, LayerMap, Mixture, NameMap
-from lrpcli.engine.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
+from lrpcli.engine.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Stabilizer, ZBox, ZPlus
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -337,10 +337,12 @@ def _relu_chain(relu_type: type, lower_rule, upper_rule) -> tuple[nn.Module, obj
 
 
 LOWER_RULES = [Gamma(0.25), Epsilon(1e-6), AlphaBeta(), Gamma(0.25, zero_params=["bias"]),
-               Epsilon(0.01, zero_params=["bias"])]
+               Epsilon(0.01, zero_params=["bias"]), Gamma(0.25, stabilizer=Stabilizer(1e-6, "rms")),
+               Epsilon(1e-6, stabilizer=Stabilizer(1e-6, "rms"))]
 
 
-@pytest.mark.parametrize("lower_rule", LOWER_RULES, ids=["gamma", "epsilon", "alphabeta", "gamma_zb", "epsilon_zb"])
+@pytest.mark.parametrize("lower_rule", LOWER_RULES, ids=["gamma", "epsilon", "alphabeta", "gamma_zb", "epsilon_zb",
+                                                         "gamma_rms", "epsilon_rms"])
 @pytest.mark.parametrize("upper_rule,recomputes", [(Gamma(0.5), 0), (Flat(), 1)], ids=["proportional", "flat"])
 def test_rectified_output_gives_the_same_relevance(monkeypatch, lower_rule, upper_rule, recomputes):
     """A layer followed by a ReLU keeps relu(z), not z; the relevance is the same as with z kept: exactly the
@@ -357,7 +359,9 @@ def test_rectified_output_gives_the_same_relevance(monkeypatch, lower_rule, uppe
     original = layercall.forward
     monkeypatch.setattr(layercall, "forward", lambda *a: calls.append(1) or original(*a))
     got = lrpcli.attribute(model, x, 1, composite=comp)
-    assert len(calls) == recomputes
+    # Gamma with an rms stabilizer keeps z whole (relu(z) is recomputed): nothing to restore
+    whole = lower_rule.rms_at_forward() and lower_rule.denominators_take_a_forward
+    assert len(calls) == (0 if whole else recomputes)
     rectified = []
     monkeypatch.setattr(hooks.LayerCall, "rectify", lambda self, y: rectified.append(self.name))
     want = lrpcli.attribute(reference_model, x, 1, composite=comp)
@@ -470,7 +474,6 @@ def test_large_layers_split_over_the_batch_give_the_same_relevance(monkeypatch):
     """Rules on slices of the batch (CHUNK_BYTES small) give the relevance of one piece: every rule is per
     sample, also the rms stabilizer and a ZBox with bounds per sample (which is never split)."""
     import lrpcli.engine.hooks as hooks
-    from lrpcli.engine.rules import Stabilizer
 
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3), nn.ReLU(),

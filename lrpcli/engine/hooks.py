@@ -15,6 +15,9 @@ through a relevance (create_graph=True) must see.
 ReLU outputs that are recomputed. A rule that reads only a ReLU's input keeps z; during a forward of the whole
 model the session stores what autograd saves of y = relu(z) as a reference to z and recomputes relu(z) when a
 backward needs it (``relu_recompute``), so the model keeps one activation per layer, as the plain gradient does.
+The same holds for a ReLU after a layer whose rms stabilizer needs that layer's whole output (Gamma, AlphaBeta):
+the layer keeps z (``LayerCall.keeps_whole_output``); other layers followed by a ReLU keep relu(z) instead of z
+(``LayerCall.rectify``).
 
 Calls that need no record. A module returning its very input under Pass (or a merged BatchNorm) gets no
 node; Pass on an activation or a gate gets ``PassFunction``, a node without a LayerCall; a rule that is the
@@ -437,12 +440,23 @@ class Session:
         # refers to it or to its autograd node, and its storage is freed
         recompute = (dispatch.recompute and self._in_root and not plain and not traced
                      and relu_recompute.recomputable_relu(rule, module, inputs, output) and self._saved.install())
+        # a ReLU (Pass) over the output of a layer whose rms stabilizer needs that output whole: the layer keeps
+        # z, and relu(z) is recomputed from it like the output above (``LayerCall.keeps_whole_output``)
+        below = (self._whole_output_producer(inputs[0], output) if dispatch.is_relu and dispatch.keeps_nothing
+                 and not recompute and self._in_root and not plain and not traced else None)
+        recompute = recompute or below is not None
         call.relu_recomputed = recompute
+        # inputs that are recomputed ReLU outputs go into the node's context, which stores them as references
+        call.saves_inputs = recompute or (not rule.needs_graph and self._saved.holds_any(inputs))
         result = RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
         call.release()
         if recompute:
             self._saved.add(result, inputs[0])
-            call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # z lives in ctx (above)
+        if call.saves_inputs:
+            call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # they live in ctx (above)
+        if below is not None:
+            below.keeps_whole_output = True
+            return result
         if plain or traced:  # every layer keeps its own output (no relu(z) in its place)
             return result
         keeps_nothing = dispatch.keeps_nothing
@@ -457,6 +471,19 @@ class Session:
             # weak both ways: an entry never keeps a graph alive (e.g. a submodule called outside the root)
             self._producers[id(result)] = (weakref.ref(result), weakref.ref(call))
         return result
+
+    def _whole_output_producer(self, z: torch.Tensor, output: torch.Tensor) -> LayerCall | None:
+        """The producer of ``z`` (a ReLU's input) if its rule takes an rms of whole denominators and the ReLU's
+        output can leave the graph (then the producer keeps z instead of relu(z) and the rms of its denominators,
+        and its backward forms those from z); None otherwise (``_rectify_producer`` then applies)."""
+        entry = self._producers.get(id(z))
+        call = entry[1]() if entry is not None and entry[0]() is z else None
+        if (call is None or not call.rule.rms_at_forward() or not call.rule.denominators_take_a_forward
+                or call.output._version != call.versions[-1]
+                or not relu_recompute.relu_output_of(z, output) or not self._saved.install()):
+            return None
+        del self._producers[id(z)]
+        return call
 
     def _rectify_producer(self, z: torch.Tensor, rectified: torch.Tensor) -> bool:
         """A ReLU whose rule keeps nothing consumed a hooked layer's output: that layer keeps relu(z) instead.

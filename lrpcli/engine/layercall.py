@@ -51,7 +51,8 @@ class LayerCall:
     """One call of a hooked module: what its rule needs in the backward."""
 
     __slots__ = ("session", "module", "name", "key", "rule", "reads", "inputs", "output", "versions", "rectified",
-                 "output_rectified", "relu_recomputed", "input_nonnegative", "into", "_memo", "__weakref__")
+                 "output_rectified", "relu_recomputed", "input_nonnegative", "into", "rms", "saves_inputs",
+                 "keeps_whole_output", "zero_at_nonpositive", "_memo", "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
@@ -69,9 +70,18 @@ class LayerCall:
         self.rectified = False
         #: in the backward: the output is relu(z) and the relevance is 0 wherever it is 0 (see restore_output)
         self.output_rectified = False
+        #: rms mode: the per-sample rms of each of the rule's denominators, taken before ``rectify`` (B numbers each)
+        self.rms: tuple[torch.Tensor, ...] | None = None
         #: the call is a ReLU whose output is not in the graph (``relu_recompute``): the plain gradient is computed
         #: from the input here instead of by the ReLU's own autograd node
         self.relu_recomputed = False
+        #: the inputs live in the autograd node's context (recomputed ReLU outputs: stored as references to z)
+        self.saves_inputs = False
+        #: a ReLU consumed the output, which this call keeps whole (rms mode) while the ReLU's output is
+        #: recomputed from it (``hooks.Session._whole_output_producer``)
+        self.keeps_whole_output = False
+        #: in the backward, after ``keeps_whole_output``: the relevance is 0 wherever the output is <= 0
+        self.zero_at_nonpositive = False
         self._memo: dict[str, Any] = {}
         #: where a rule may write the relevance of the first input (``times_input(..., into=call.into)``): this
         #: slice's rows of the whole batch's result, when the backward runs over slices of the batch; else None
@@ -142,10 +152,37 @@ class LayerCall:
 
     def rectify(self, rectified: torch.Tensor) -> None:
         """Keep relu(z) instead of z: the ReLU's output, which the next layer keeps anyway (one activation
-        less per layer). Only for rules that ``tolerates_rectified_output()``; ``restore_output`` makes it exact."""
+        less per layer). Only for rules that ``tolerates_rectified_output()``; ``restore_output`` makes it exact.
+
+        An rms stabilizer scales epsilon by the rms of each whole denominator, which relu(z) does not give: those
+        are taken now, while z is whole, and kept (B numbers each) in place of z. A z changed in place since the
+        layer ran stays (``check_unmodified`` refuses it in the backward)."""
+        if self.output._version != self.versions[-1]:
+            return
+        if self.rule.rms_at_forward():
+            self.rms = self._forward_rms()
         self.output = rectified.detach()  # detached: no reference cycle through the graph
         self.versions = self.versions[:-1] + (self.output._version,)
         self.rectified = True
+
+    def _forward_rms(self) -> tuple[torch.Tensor, ...]:
+        """``rule.rectified_rms`` of this call, over slices of the batch where the layer is large: the
+        denominators are temporaries of the output's size (Gamma's takes one forward through W+), bounded like
+        the backward's (``relevance``). Parameter-derived tensors come from the session's cache, and none is
+        kept on the call until its backward."""
+        rule, z = self.rule, self.output
+        n = z.shape[0] if z.dim() > 1 else 0
+        parts = min(n, -(-z.numel() * z.element_size() // CHUNK_BYTES))
+        with torch.no_grad():
+            if parts <= 1 or not self._batched(n) or not rule.splits_over_batch(self):
+                kept = rule.rectified_rms(self)
+            else:
+                pieces = []
+                for rows in torch.arange(n).tensor_split(parts):
+                    pieces.append(rule.rectified_rms(self._rows(int(rows[0]), int(rows[-1]) + 1)))
+                kept = tuple(torch.cat(column) for column in zip(*pieces))
+        self._memo.clear()
+        return kept
 
     def restore_output(self, relevance: torch.Tensor) -> None:
         """Give the rule an output that yields exactly its relevance, after ``rectify``.
@@ -157,6 +194,8 @@ class LayerCall:
         both tensors checks it. Where it fails, z is recomputed from the stored input, one forward of this
         layer; also under create_graph=True, where z must carry its graph.
         """
+        if self.keeps_whole_output:
+            self.zero_at_nonpositive = not torch.is_grad_enabled() and _zero_where_nonpositive(relevance, self.output)
         if not self.rectified:
             return
         self.rectified = False
@@ -215,6 +254,8 @@ class LayerCall:
                 setattr(part, slot, getattr(self, slot))
         part.inputs = tuple(t[start:stop] for t in self.inputs)
         part.output = self.output[start:stop]
+        if self.rms is not None:  # per sample; a scalar where the output has no batch dimension
+            part.rms = tuple(r[start:stop] if r.dim() else r for r in self.rms)
         return part
 
     def check_unmodified(self) -> None:
@@ -223,8 +264,11 @@ class LayerCall:
         if not reads:  # nothing kept, nothing to check
             return
         versions = self.versions
-        if ("output" in reads and self.output._version != versions[-1]) or (
-                "inputs" in reads and any(t._version != v for t, v in zip(self.inputs, versions))):
+        # inputs from the node's context are checked as they are unpacked (``relu_recompute``)
+        output_changed = "output" in reads and self.output._version != versions[-1]
+        inputs_changed = "inputs" in reads and not self.saves_inputs and any(
+            t._version != v for t, v in zip(self.inputs, versions))
+        if output_changed or inputs_changed:
             raise RuntimeError(
                 f"lrpcli: the input or output of module {self.name!r} ({type(self.module).__name__}) was modified "
                 "in place after the module ran; relevance would be wrong. Avoid in-place operations on hooked "
@@ -254,6 +298,15 @@ def _single_node(output: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> Any:
             return None
         seen.add(key)
     return node
+
+
+def _zero_where_nonpositive(relevance: torch.Tensor, z: torch.Tensor) -> bool:
+    """No relevance where z <= 0; checked over slices of the batch (CHUNK_BYTES) where the layer is large: the
+    check's temporaries would otherwise add to the backward's peak memory."""
+    n = z.shape[0] if z.dim() > 1 and relevance.shape == z.shape else 0
+    parts = max(1, min(n, -(-z.numel() * z.element_size() // CHUNK_BYTES)))
+    return not any(bool(torch.logical_and(r != 0, part <= 0).any())
+                   for r, part in zip(relevance.tensor_split(parts), z.tensor_split(parts)))
 
 
 class ParamCache:
@@ -445,7 +498,7 @@ class RuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: LayerCall, z: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         ctx.call = call
-        if call.relu_recomputed:
+        if call.saves_inputs:
             # autograd frees saved tensors once the node ran (unless the graph is retained); a LayerCall lives
             # as long as the graph. The plain gradient frees each activation as the backward passes it: so must
             # this one, the only copy of the layer's activation
@@ -457,7 +510,7 @@ class RuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: LayerCall = ctx.call
-        if not call.relu_recomputed:
+        if not call.saves_inputs:
             return RuleFunction._backward(call, relevance)
         stand_ins, call.inputs = call.inputs, ctx.saved_tensors
         try:

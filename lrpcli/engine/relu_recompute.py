@@ -178,6 +178,11 @@ class SavedTensors:
         assert self.scratch is not None, "add() outside install() ... remove()"
         self.aliases[id(alias)] = (weakref.ref(alias), alias._version, Recompute(z, self.scratch))
 
+    def holds_any(self, tensors: tuple[torch.Tensor, ...]) -> bool:
+        """Some of ``tensors`` is a registered alias (saving it stores a reference to z)."""
+        aliases = self.aliases
+        return bool(aliases) and any(_token_of(aliases, t) is not None for t in tensors)
+
     def follow(self, source: torch.Tensor, alias: torch.Tensor) -> None:
         """``alias`` has the contents of ``source`` (a tap): if source is recomputable, so is alias."""
         token = _token_of(self.aliases, source)
@@ -204,7 +209,12 @@ def recomputable_relu(rule: Rule, module: nn.Module, inputs: tuple[torch.Tensor,
     reads = rule.reads_of(module)
     if "output" in reads or "inputs" not in reads:
         return False
-    z, node = inputs[0], output.grad_fn
+    return relu_output_of(inputs[0], output)
+
+
+def relu_output_of(z: torch.Tensor, output: torch.Tensor) -> bool:
+    """``output`` is torch.relu of z, unmodified (its autograd node says so)."""
+    node = output.grad_fn
     return (node is not None and type(node).__name__ == "ReluBackward0" and output is not z
             and output._version == 0 and z.grad_fn is not None
             and node.next_functions[0] == (z.grad_fn, z.output_nr))

@@ -21,6 +21,7 @@ class AlphaBeta(ParamRule):
     proportional_to_inputs = True
     shown = ("alpha", "beta")
     ratio_of_output = True
+    denominators_take_a_forward = True
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: Stabilizer | float | None = None,
                  zero_params: Sequence[str] = ()) -> None:
@@ -34,11 +35,19 @@ class AlphaBeta(ParamRule):
         split = SignSplit(call, self.zero_bias)
         if self.beta and split.pair_fast:
             return (self._fused(split, relevance),)
-        pos = scaled(self.stabilizer.divide(relevance, total(split.aligned, split.bias_pos())), self.alpha)
+        pos = scaled(self.stabilizer.divide(relevance, total(split.aligned, split.bias_pos()),
+                                            rms=self.rms_of(call)), self.alpha)
         neg = None
         if self.beta:
-            neg = scaled(self.stabilizer.divide(relevance, total(split.opposed, split.bias_neg())), -self.beta)
+            neg = scaled(self.stabilizer.divide(relevance, total(split.opposed, split.bias_neg()),
+                                                rms=self.rms_of(call, 1)), -self.beta)
         return (split.backproject(pos, neg),)
+
+    def denominators(self, call) -> tuple[torch.Tensor, ...]:
+        """z+ and z- = z - z+ (the opposed sum plus b-)."""
+        split = SignSplit(call, self.zero_bias)
+        positive = split.positive_sum() if split.pair_fast else total(split.aligned, split.bias_pos())
+        return positive, torch.sub(split.z_rule, positive)
 
     def _fused(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
         """The same rule in three passes over the output besides the two convolutions (``split.pair_fast``).
@@ -55,8 +64,9 @@ class AlphaBeta(ParamRule):
             torch.div(relevance, torch.sub(split.z_rule, positive, out=to_neg), out=to_neg)
             torch.div(relevance, positive, out=to_pos)
         else:
-            self.stabilizer.divide(relevance, torch.sub(split.z_rule, positive), out=to_neg)
-            self.stabilizer.divide(relevance, positive, out=to_pos)
+            self.stabilizer.divide(relevance, torch.sub(split.z_rule, positive), out=to_neg,
+                                   rms=self.rms_of(split.call, 1))
+            self.stabilizer.divide(relevance, positive, out=to_pos, rms=self.rms_of(split.call))
         del positive
         return split.backproject_pair(buf, self._fill_weights)
 

@@ -16,7 +16,9 @@ Besides ``relevance``, a rule tells the hooks what it allows them to skip; none 
   ``LayerCall.restore_output`` (``layercall.ZeroNotes``).
 - ``splits_over_batch``: not a shortcut; it keeps batch slicing away from a rule with per-sample parameters.
 - ``tolerates_rectified_output`` (``ParamRule.ratio_of_output``): memory; a layer followed by a ReLU keeps
-  relu(z), which the next layer keeps anyway, instead of z.
+  relu(z), which the next layer keeps anyway, instead of z. In rms mode it keeps the per-sample rms of each
+  denominator too, taken while z is whole (``rms_at_forward``, ``rectified_rms``), unless that takes a forward
+  (``denominators_take_a_forward``): such a layer keeps z, and the ReLU's output is recomputed from it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class LayerCall(Protocol):
     into: torch.Tensor | None
     input_nonnegative: bool
     output_rectified: bool
+    #: the rms of each of the rule's denominators per sample, taken in the forward (``ParamRule.rectified_rms``)
+    rms: tuple[torch.Tensor, ...] | None
 
     @property
     def x(self) -> torch.Tensor: ...
@@ -100,6 +104,15 @@ class Rule:
         """True if the output enters only through ratios R_j / s(den_j) with s(den_j) != 0: then relu(z) may
         stand in for z wherever R_j = 0 (see ``LayerCall.rectify``)."""
         return False
+
+    def rms_at_forward(self) -> bool:
+        """True if the rule's stabilizer scales by the rms of whole denominators, which relu(z) no longer gives:
+        a call that keeps relu(z) keeps those rms too, taken before (``rectified_rms``)."""
+        return False
+
+    def rectified_rms(self, call: LayerCall) -> tuple[torch.Tensor, ...]:
+        """The per-sample rms of each denominator of the call, from its whole output (``rms_at_forward``)."""
+        raise NotImplementedError
 
     def relevance(self, call: LayerCall, relevance: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Relevance at each input of the call, given the relevance at its output."""
@@ -203,10 +216,36 @@ class ParamRule(Rule):
 
     #: the output enters only through R_j / s(den_j) (Epsilon, Gamma, AlphaBeta, ZBox)
     ratio_of_output: ClassVar[bool] = False
+    #: forming the denominators from the output takes one more forward of the layer (sums of its positive
+    #: contributions: Gamma, AlphaBeta). In rms mode such a layer followed by a ReLU keeps z whole, the ReLU's
+    #: output being recomputed from it, rather than relu(z) and the rms taken in the forward at that cost
+    #: (``hooks.Session._whole_output_producer``)
+    denominators_take_a_forward: ClassVar[bool] = False
 
     def tolerates_rectified_output(self) -> bool:
-        # rms scales epsilon by all of z (relu(z) would change it); epsilon 0 could make 0 / s(0) a NaN
-        return self.ratio_of_output and self.stabilizer.mode != "rms" and self.stabilizer.epsilon > 0
+        # epsilon 0 could make 0 / s(0) a NaN where the true denominator is not 0. Where relu(z) = 0 the relevance
+        # is 0 (``LayerCall.restore_output``), so the ratio is 0 whatever den the rule forms from relu(z) there:
+        # |s(den)| >= eps (sign, clip) or eps * rms > 0 (rms; an all-zero sample has rms 1). Where relu(z) > 0 it
+        # forms the true den, and rms mode takes its scale from the whole den, kept in the forward
+        return self.ratio_of_output and self.stabilizer.epsilon > 0
+
+    def rms_at_forward(self) -> bool:
+        return self.ratio_of_output and self.stabilizer.mode == "rms"
+
+    def denominators(self, call: LayerCall) -> tuple[torch.Tensor, ...]:
+        """The rule's denominators before stabilizing, formed from the call's whole output, in the order of
+        ``rms_of``'s index (rules with ``ratio_of_output`` implement it)."""
+        raise NotImplementedError
+
+    def rectified_rms(self, call: LayerCall) -> tuple[torch.Tensor, ...]:
+        return tuple(Stabilizer.rms(den) for den in self.denominators(call))
+
+    def rms_of(self, call: LayerCall, index: int = 0) -> torch.Tensor | None:
+        """The rms of the ``index``-th denominator kept in the forward (``LayerCall.rectify``) for the stabilizer
+        (``Stabilizer.divide(..., rms=)``); None where none was kept, or with a graph being recorded (the rms is
+        then a function of the denominator, formed from the whole output ``restore_output`` recomputes)."""
+        kept = getattr(call, "rms", None)
+        return None if kept is None or torch.is_grad_enabled() else kept[index]
 
     @property
     def zero_bias(self) -> bool:

@@ -41,5 +41,9 @@ class Epsilon(ParamRule):
         weight, bias = call.params()
         z = call.output_without_bias(bias) if self.zero_bias else call.output
         # relu(z) (bias kept): z >= 0 wherever relevance arrives
-        ratio = self.stabilizer.divide(relevance, z, nonnegative=call.output_rectified and not self.zero_bias)
+        ratio = self.stabilizer.divide(relevance, z, nonnegative=call.output_rectified and not self.zero_bias,
+                                       rms=self.rms_of(call))
         return (times_input(call.x, input_vjp(call.module, call.x, weight, ratio, z), call.into),)
+
+    def denominators(self, call) -> tuple[torch.Tensor, ...]:
+        return (call.output_without_bias(call.params()[1]) if self.zero_bias else call.output,)

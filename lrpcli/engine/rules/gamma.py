@@ -25,6 +25,7 @@ class Gamma(ParamRule):
     proportional_to_inputs = True
     shown = ("gamma",)
     ratio_of_output = True
+    denominators_take_a_forward = True
 
     def __init__(self, gamma: float = 0.25, stabilizer: Stabilizer | float | None = None,
                  zero_params: Sequence[str] = ()) -> None:
@@ -33,8 +34,12 @@ class Gamma(ParamRule):
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = SignSplit(call, self.zero_bias)
-        if split.positive_outputs_only and self.stabilizer.mode == "sign" and self.gamma > 0:
+        if split.positive_outputs_only and self.gamma > 0 and (
+                self.stabilizer.mode == "sign" or self.rms_of(call) is not None):
             return (self._positive_outputs(split, relevance),)
+        if call.zero_at_nonpositive and split.first_order_nonnegative and self.gamma > 0 and (
+                split.bias is not None or split._bias_full is None):
+            return (self._positive_whole_output(split, relevance),)
         if split.any_signs_fast:
             return (self._fused(split, relevance, mixed=True),)
         if split.pair_fast:
@@ -45,7 +50,7 @@ class Gamma(ParamRule):
                                 total(split.opposed, split.bias_neg()))
         first_order = not torch.is_grad_enabled()   # then temporaries are updated in place (fewer fresh tensors)
         den = same_sign.mul_(self.gamma).add_(z) if first_order else z + self.gamma * same_sign
-        ratio = self.stabilizer.divide(relevance, den)
+        ratio = self.stabilizer.divide(relevance, den, rms=self.rms_of(call))
         boosted = ratio * (1.0 + self.gamma)
         boost_pos = torch.where(positive, boosted, ratio)    # outputs >= 0 boost x+W+ and x-W-
         boost_neg = torch.where(positive, ratio, boosted, out=boosted) if first_order else \
@@ -58,14 +63,37 @@ class Gamma(ParamRule):
 
         One forward (with eps / gamma folded into its bias) and ONE transposed operation, through W + gamma W+:
         the same convolution work as Epsilon plus one forward. Where z_j <= 0 the relevance is 0 and the
-        denominator z_j + gamma s_j >= eps > 0, so the ratio is 0 there, as in the general form.
+        denominator z_j + gamma s_j >= eps > 0, so the ratio is 0 there, as in the general form. In rms mode
+        (the rms of the whole denominator kept in the forward) s(den) = den + eps rms, one pass more.
         """
         z, g = split.z_rule, self.gamma
-        den = split.positive_sum(self.stabilizer.epsilon / g)
+        folded = self.stabilizer.mode == "sign"
+        den = split.positive_sum(self.stabilizer.epsilon / g if folded else 0.0)
         torch.add(z, den, alpha=g, out=den)
-        ratio = torch.div(relevance, den, out=den)
+        if folded:
+            ratio = torch.div(relevance, den, out=den)
+        else:
+            ratio = self.stabilizer.divide(relevance, den, out=den, nonnegative=True, rms=self.rms_of(split.call))
         weight = split.call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
         return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, z), split.call.into)
+
+    def _positive_whole_output(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
+        """``_positive_outputs`` on the whole output z (kept where the rms stabilizer needs it): x >= 0 and the
+        relevance 0 wherever z <= 0. The rms takes the whole denominator (``denominators``), which is z + gamma s
+        where z >= 0 and (1 + gamma) z - gamma s < 0 where z < 0; there the relevance, and so the ratio, is 0.
+        Then one transposed operation through W + gamma W+, as in ``_positive_outputs``."""
+        (den,) = self.denominators(split.call, split)
+        ratio = self.stabilizer.divide(relevance, den)  # not into den: s(den) is formed from it
+        weight = split.call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=self.gamma))
+        return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, split.z_rule), split.call.into)
+
+    def denominators(self, call, split: SignSplit | None = None) -> tuple[torch.Tensor, ...]:
+        """z + gamma times the same-sign sum: the aligned sum plus b+ (s) where z >= 0, z - s where z < 0."""
+        split = SignSplit(call, self.zero_bias) if split is None else split
+        z = split.z_rule
+        s = split.positive_sum() if split.pair_fast else total(split.aligned, split.bias_pos())
+        den = torch.where(z >= 0, s, z - s)
+        return (torch.add(z, den, alpha=self.gamma, out=den),)
 
     def _fused(self, split: SignSplit, relevance: torch.Tensor, mixed: bool) -> torch.Tensor:
         """The same rule in fewer passes over the output: no torch.where, one forward and transposed work over
@@ -103,7 +131,7 @@ class Gamma(ParamRule):
         if folded:
             torch.div(relevance, den, out=ratio)
         else:
-            self.stabilizer.divide(relevance, den, out=ratio)
+            self.stabilizer.divide(relevance, den, out=ratio, rms=self.rms_of(split.call))
         del den
         signed.mul_(ratio)  # sigma r
         scaled = call.memo("gamma_scaled", lambda: split.weight * (1.0 + 0.5 * g))

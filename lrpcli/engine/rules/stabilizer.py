@@ -6,6 +6,9 @@ Three modes, all with sign(0) = +1 so that a zero denominator is pushed to +epsi
 - ``rms``:  s(z) = z + eps * rms(z) * sign(z), rms taken over each sample (all non-batch elements), so that
   epsilon is relative to the scale of the layer's output — useful where magnitudes differ by orders between
   layers (residual networks with Gamma). A sample whose denominators are all zero uses eps itself.
+
+The rms of a denominator may also be given (``divide(..., rms=...)``): a layer that keeps relu(z) in place of
+its output z takes it at forward time, while z is whole (``ParamRule.rectified_rms``), as B numbers.
 """
 
 from __future__ import annotations
@@ -52,23 +55,36 @@ class Stabilizer:
         rms = torch.where(rms > 0, rms, 1.0)  # an all-zero sample: eps itself, so 0/s(0) is 0, not NaN
         return z + self.epsilon * rms * sign0(z)
 
+    @staticmethod
+    def rms(den: torch.Tensor) -> torch.Tensor:
+        """The rms mode's per-sample scale of a denominator: sqrt(mean(den^2)) over each sample's elements (all
+        elements for a tensor of at most one dimension), kept as dimensions of size 1; 1 for an all-zero sample.
+        One reduction (a norm), which sums in another order than mean(den^2): equal up to rounding."""
+        dims = tuple(range(1, den.dim()))
+        count = math.prod(den.shape[1:]) if dims else den.numel()
+        rms = torch.linalg.vector_norm(den, dim=dims or None, keepdim=bool(dims)).div_(math.sqrt(max(count, 1)))
+        return torch.where(rms > 0, rms, 1.0)
+
     def divide(self, numerator: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None = None,
-               nonnegative: bool = False) -> torch.Tensor:
+               nonnegative: bool = False, rms: torch.Tensor | None = None) -> torch.Tensor:
         """numerator / s(den), with one new tensor instead of three when no graph is being recorded.
 
         Fresh large tensors cost page faults on the CPU, which can take longer than the arithmetic, so the
         first-order path computes s(den) into one buffer (``out`` when given, e.g. half of a rule's pair buffer)
         and divides into it. With grad enabled (second order) it stays out of place and ``out`` must be None.
         ``nonnegative``: den >= 0 (a rectified output), so s(den) is den + eps or max(den, eps), one pass less.
+        ``rms``: the rms mode's per-sample scale of the whole denominator (``Stabilizer.rms``), taken where den was
+        whole; used in the first order only (with a graph the scale is a function of den, taken here).
         """
-        if nonnegative and self.mode != "rms" and not torch.is_grad_enabled():
-            if self.mode == "sign":
-                s = torch.add(den, self.epsilon) if out is None else torch.add(den, self.epsilon, out=out)
-            else:
+        if nonnegative and not torch.is_grad_enabled() and (self.mode != "rms" or rms is not None):
+            if self.mode == "clip":
                 s = den.clamp(min=self.epsilon) if out is None else torch.clamp(den, min=self.epsilon, out=out)
+            else:
+                term = self.epsilon if rms is None else rms * self.epsilon
+                s = torch.add(den, term) if out is None else torch.add(den, term, out=out)
             return torch.div(numerator, s, out=s)
         if not torch.is_grad_enabled() and self.mode == "rms":
-            return self._divide_rms(numerator, den, out)
+            return self._divide_rms(numerator, den, out, rms)
         if torch.is_grad_enabled() or self.mode != "sign":
             result = numerator / self(den)
             return result if out is None else out.copy_(result)
@@ -77,17 +93,15 @@ class Stabilizer:
         out.add_(den)
         return torch.div(numerator, out, out=out)
 
-    def _divide_rms(self, numerator: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        """``numerator / self(den)`` in rms mode in one reduction and three passes over den (one buffer): the
-        per-sample rms from one norm, then s = den + copysign(eps * rms, den) and the division in place.
+    def _divide_rms(self, numerator: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None,
+                    rms: torch.Tensor | None = None) -> torch.Tensor:
+        """``numerator / self(den)`` in rms mode in three passes over den (one buffer), after the per-sample rms
+        (one reduction, unless ``rms`` is given): s = den + copysign(eps * rms, den) and the division in place.
 
         Equal to ``self(den)`` up to rounding (the norm sums in another order than mean(den^2)): the rms only
         scales eps. copysign gives -0.0 the sign -1 where sign0 gives +1; such a denominator is a sum of zero
         products, whose numerators are zero too, as in the sign mode."""
-        dims = tuple(range(1, den.dim()))
-        count = math.prod(den.shape[1:]) if dims else den.numel()
-        rms = torch.linalg.vector_norm(den, dim=dims or None, keepdim=bool(dims)).div_(math.sqrt(max(count, 1)))
-        term = torch.where(rms > 0, rms, 1.0).mul_(self.epsilon)  # an all-zero sample: eps itself
+        term = (self.rms(den) if rms is None else rms) * self.epsilon
         s = torch.copysign(term, den) if out is None else torch.copysign(term, den, out=out)
         s.add_(den)
         return torch.div(numerator, s, out=s)

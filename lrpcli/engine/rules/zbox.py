@@ -63,17 +63,25 @@ class ZBox(ParamRule):
         return not any(isinstance(b, torch.Tensor) and b.shape == call.x.shape for b in (self.low, self.high))
 
     def relevance(self, call, relevance: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        weight, bias = call.params()
+        weight, _ = call.params()
         x, z, m = call.x, call.output, call.module
+        low, high = expand_bound(self.low, x), expand_bound(self.high, x)
+        w_pos = call.memo("weight_pos", lambda: weight.clamp(min=0))
+        ratio = self.stabilizer.divide(relevance, z - self._offset(call), rms=self.rms_of(call))
+        full, pos = input_vjps(m, x, weight, w_pos, ratio, z)
+        return (x * full - low * pos - high * (full - pos),)
+
+    def denominators(self, call) -> tuple[torch.Tensor, ...]:
+        return (call.output - self._offset(call),)
+
+    def _offset(self, call) -> torch.Tensor:
+        """The bounds' terms and the bias, l W+ + h W- + b: the denominator is z minus them. Computed at the
+        bounds' batch size: 1 (and once for all slices of the batch) unless the bounds are given per sample."""
+        (weight, bias), x, z, m = call.params(), call.x, call.output, call.module
         low, high = expand_bound(self.low, x), expand_bound(self.high, x)
         w_pos = call.memo("weight_pos", lambda: weight.clamp(min=0))
 
         def bound_terms() -> torch.Tensor:
             return forward(m, low, w_pos, bias, z) + forward(m, high, weight - w_pos, None, z)
 
-        # the bounds' terms (and the bias) are computed at the bounds' batch size: 1 (and once for all slices of
-        # the batch) unless the bounds are given per sample
-        offset = call.memo("zbox_bounds", bound_terms) if low.shape[0] == high.shape[0] == 1 else bound_terms()
-        ratio = self.stabilizer.divide(relevance, z - offset)
-        full, pos = input_vjps(m, x, weight, w_pos, ratio, z)
-        return (x * full - low * pos - high * (full - pos),)
+        return call.memo("zbox_bounds", bound_terms) if low.shape[0] == high.shape[0] == 1 else bound_terms()
