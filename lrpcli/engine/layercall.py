@@ -52,7 +52,7 @@ class LayerCall:
 
     __slots__ = ("session", "module", "name", "key", "rule", "reads", "inputs", "output", "versions", "rectified",
                  "output_rectified", "relu_recomputed", "input_nonnegative", "into", "rms", "saves_inputs",
-                 "keeps_whole_output", "zero_at_nonpositive", "_memo", "__weakref__")
+                 "keeps_whole_output", "_memo", "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
@@ -80,8 +80,6 @@ class LayerCall:
         #: a ReLU consumed the output, which this call keeps whole (rms mode) while the ReLU's output is
         #: recomputed from it (``hooks.Session._whole_output_producer``)
         self.keeps_whole_output = False
-        #: in the backward, after ``keeps_whole_output``: the relevance is 0 wherever the output is <= 0
-        self.zero_at_nonpositive = False
         self._memo: dict[str, Any] = {}
         #: where a rule may write the relevance of the first input (``times_input(..., into=call.into)``): this
         #: slice's rows of the whole batch's result, when the backward runs over slices of the batch; else None
@@ -194,8 +192,6 @@ class LayerCall:
         both tensors checks it. Where it fails, z is recomputed from the stored input, one forward of this
         layer; also under create_graph=True, where z must carry its graph.
         """
-        if self.keeps_whole_output:
-            self.zero_at_nonpositive = not torch.is_grad_enabled() and _zero_where_nonpositive(relevance, self.output)
         if not self.rectified:
             return
         self.rectified = False
@@ -298,15 +294,6 @@ def _single_node(output: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> Any:
             return None
         seen.add(key)
     return node
-
-
-def _zero_where_nonpositive(relevance: torch.Tensor, z: torch.Tensor) -> bool:
-    """No relevance where z <= 0; checked over slices of the batch (CHUNK_BYTES) where the layer is large: the
-    check's temporaries would otherwise add to the backward's peak memory."""
-    n = z.shape[0] if z.dim() > 1 and relevance.shape == z.shape else 0
-    parts = max(1, min(n, -(-z.numel() * z.element_size() // CHUNK_BYTES)))
-    return not any(bool(torch.logical_and(r != 0, part <= 0).any())
-                   for r, part in zip(relevance.tensor_split(parts), z.tensor_split(parts)))
 
 
 class ParamCache:

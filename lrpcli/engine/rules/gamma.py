@@ -37,9 +37,6 @@ class Gamma(ParamRule):
         if split.positive_outputs_only and self.gamma > 0 and (
                 self.stabilizer.mode == "sign" or self.rms_of(call) is not None):
             return (self._positive_outputs(split, relevance),)
-        if call.zero_at_nonpositive and split.first_order_nonnegative and self.gamma > 0 and (
-                split.bias is not None or split._bias_full is None):
-            return (self._positive_whole_output(split, relevance),)
         if split.any_signs_fast:
             return (self._fused(split, relevance, mixed=True),)
         if split.pair_fast:
@@ -76,16 +73,6 @@ class Gamma(ParamRule):
             ratio = self.stabilizer.divide(relevance, den, out=den, nonnegative=True, rms=self.rms_of(split.call))
         weight = split.call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
         return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, z), split.call.into)
-
-    def _positive_whole_output(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
-        """``_positive_outputs`` on the whole output z (kept where the rms stabilizer needs it): x >= 0 and the
-        relevance 0 wherever z <= 0. The rms takes the whole denominator (``denominators``), which is z + gamma s
-        where z >= 0 and (1 + gamma) z - gamma s < 0 where z < 0; there the relevance, and so the ratio, is 0.
-        Then one transposed operation through W + gamma W+, as in ``_positive_outputs``."""
-        (den,) = self.denominators(split.call, split)
-        ratio = self.stabilizer.divide(relevance, den)  # not into den: s(den) is formed from it
-        weight = split.call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=self.gamma))
-        return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, split.z_rule), split.call.into)
 
     def denominators(self, call, split: SignSplit | None = None) -> tuple[torch.Tensor, ...]:
         """z + gamma times the same-sign sum: the aligned sum plus b+ (s) where z >= 0, z - s where z < 0."""
