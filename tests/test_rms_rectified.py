@@ -23,6 +23,7 @@ import lrpcli
 from lrpcli.engine import layercall
 from lrpcli.engine.composites.base import LayerMap
 from lrpcli.engine.rules import AlphaBeta, Epsilon, Gamma, Pass, Stabilizer, ZBox, plain
+from tests.test_plain_path import _layer  # layers with exact zeros in W, as the plain-path tests build them
 
 DT = torch.float64
 ATOL = 1e-12
@@ -66,16 +67,6 @@ SETTINGS = [
     ('sliced', False, 'inplace', True, True),
     ('no_relu', False, None, False, False),
 ]
-
-
-def _layer(factory, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    layer = factory().to(DT)
-    with torch.no_grad():
-        layer.weight.mul_(3.0)
-        layer.weight[torch.rand(layer.weight.shape) < 0.1] = 0.0  # exact zeros: W+ = W- = 0
-        layer.bias.normal_(0.0, 0.3)
-    return layer
 
 
 def _spy_routes(monkeypatch) -> list[tuple[str, str]]:
