@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrpcli
-from lrpcli.engine import layercall
+from lrpcli.engine import hooks, layercall
 from lrpcli.engine.composites.base import LayerMap
 from lrpcli.engine.rules import AlphaBeta, Epsilon, Gamma, Pass, Stabilizer, ZBox, plain
 from tests.test_plain_path import _layer  # layers with exact zeros in W, as the plain-path tests build them
@@ -73,20 +73,21 @@ def _spy_routes(monkeypatch) -> list[tuple[str, str]]:
     """Record each call that kept relu(z) and the rms of its denominators (``rectified``), and each backward of a
     call that kept its whole output (``whole``)."""
     seen: list[tuple[str, str]] = []
-    rectify, restore = layercall.LayerCall.rectify, layercall.LayerCall.restore_output
+    rectify, whole = layercall.LayerCall.rectify, hooks.Session._whole_output_producer
 
     def spy_rectify(self, rectified: torch.Tensor) -> None:
         rectify(self, rectified)
         if self.rectified and self.rms is not None:
             seen.append((self.name, 'rectified'))
 
-    def spy_restore(self, relevance: torch.Tensor) -> None:
-        restore(self, relevance)
-        if self.keeps_whole_output:
-            seen.append((self.name, 'whole'))
+    def spy_whole(self, z: torch.Tensor, output: torch.Tensor) -> layercall.LayerCall | None:
+        call = whole(self, z, output)
+        if call is not None:
+            seen.append((call.name, 'whole'))
+        return call
 
     monkeypatch.setattr(layercall.LayerCall, 'rectify', spy_rectify)
-    monkeypatch.setattr(layercall.LayerCall, 'restore_output', spy_restore)
+    monkeypatch.setattr(hooks.Session, '_whole_output_producer', spy_whole)
     return seen
 
 
@@ -245,7 +246,6 @@ def test_whole_output_route_gives_what_the_rectified_route_gives(monkeypatch):
     """Gamma keeps z whole and the ReLU outputs are recomputed (a max pool's saved input among them): the
     relevance, the plain gradient under rules_off, a retained graph's second backward and a second-order gradient
     through the relevance equal those of the rectified route and the plain path."""
-    from lrpcli.engine import hooks
     from lrpcli.engine.rules import Gradient
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ ReLU outputs that are recomputed. A rule that reads only a ReLU's input keeps z;
 model the session stores what autograd saves of y = relu(z) as a reference to z and recomputes relu(z) when a
 backward needs it (``relu_recompute``), so the model keeps one activation per layer, as the plain gradient does.
 The same holds for a ReLU after a layer whose rms stabilizer needs that layer's whole output (Gamma, AlphaBeta):
-the layer keeps z (``LayerCall.keeps_whole_output``); other layers followed by a ReLU keep relu(z) instead of z
+the layer keeps z (``Session._whole_output_producer``); other layers followed by a ReLU keep relu(z) instead of z
 (``LayerCall.rectify``).
 
 Calls that need no record. A module returning its very input under Pass (or a merged BatchNorm) gets no
@@ -441,7 +441,7 @@ class Session:
         recompute = (dispatch.recompute and self._in_root and not plain and not traced
                      and relu_recompute.recomputable_relu(rule, module, inputs, output) and self._saved.install())
         # a ReLU (Pass) over the output of a layer whose rms stabilizer needs that output whole: the layer keeps
-        # z, and relu(z) is recomputed from it like the output above (``LayerCall.keeps_whole_output``)
+        # z, and relu(z) is recomputed from it like the output above
         below = (self._whole_output_producer(inputs[0], output) if dispatch.is_relu and dispatch.keeps_nothing
                  and not recompute and self._in_root and not plain and not traced else None)
         recompute = recompute or below is not None
@@ -454,8 +454,7 @@ class Session:
             self._saved.add(result, inputs[0])
         if call.saves_inputs:
             call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # they live in ctx (above)
-        if below is not None:
-            below.keeps_whole_output = True
+        if below is not None:  # the layer below keeps z itself: nothing to rectify
             return result
         if plain or traced:  # every layer keeps its own output (no relu(z) in its place)
             return result

@@ -52,7 +52,7 @@ class LayerCall:
 
     __slots__ = ("session", "module", "name", "key", "rule", "reads", "inputs", "output", "versions", "rectified",
                  "output_rectified", "relu_recomputed", "input_nonnegative", "into", "rms", "saves_inputs",
-                 "keeps_whole_output", "_memo", "__weakref__")
+                 "_memo", "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
@@ -77,9 +77,6 @@ class LayerCall:
         self.relu_recomputed = False
         #: the inputs live in the autograd node's context (recomputed ReLU outputs: stored as references to z)
         self.saves_inputs = False
-        #: a ReLU consumed the output, which this call keeps whole (rms mode) while the ReLU's output is
-        #: recomputed from it (``hooks.Session._whole_output_producer``)
-        self.keeps_whole_output = False
         self._memo: dict[str, Any] = {}
         #: where a rule may write the relevance of the first input (``times_input(..., into=call.into)``): this
         #: slice's rows of the whole batch's result, when the backward runs over slices of the batch; else None

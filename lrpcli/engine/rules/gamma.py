@@ -74,9 +74,9 @@ class Gamma(ParamRule):
         weight = split.call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
         return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, z), split.call.into)
 
-    def denominators(self, call, split: SignSplit | None = None) -> tuple[torch.Tensor, ...]:
+    def denominators(self, call) -> tuple[torch.Tensor, ...]:
         """z + gamma times the same-sign sum: the aligned sum plus b+ (s) where z >= 0, z - s where z < 0."""
-        split = SignSplit(call, self.zero_bias) if split is None else split
+        split = SignSplit(call, self.zero_bias)
         z = split.z_rule
         s = split.positive_sum() if split.pair_fast else total(split.aligned, split.bias_pos())
         den = torch.where(z >= 0, s, z - s)
