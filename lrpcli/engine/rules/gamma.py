@@ -98,7 +98,8 @@ class Gamma(ParamRule):
 
         ``mixed``: x may have both signs (x >= 0 is not known, and no pass looks: the form holds for any x).
         sigma is copysign(1, z): -1 for z = -0.0, where the general path takes +1; such an output is a sum of
-        zero products (and a zero bias), whose numerators are zero whichever sign its denominator gets.
+        zero products (and a zero bias), whose numerators are zero whichever sign its denominator gets. sigma r is
+        formed as copysign(r, R): both stabilizers keep den's sign, sigma, so sigma r = R / |s(den)|.
         """
         z, g = split.z_rule, self.gamma
         call = split.call
@@ -112,15 +113,15 @@ class Gamma(ParamRule):
         # layer's own groups run faster than one over twice as many (the CPU backends' depthwise kernels)
         stacks = not mixed and ops.pairable(split.module)
         buf, ratio, signed = split.pair_buffer() if stacks else (None, *split.output_buffers(2))
-        sigma = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), z, out=signed)
-        den = forward(split.module, split.x_abs, half_abs, bias, split.z)
-        den.mul_(sigma).add_(z, alpha=1.0 + 0.5 * g)
+        den = forward(split.module, split.x_abs, half_abs, bias, split.z)  # c >= 0: sigma c is copysign(c, z)
+        torch.copysign(den, z, out=den).add_(z, alpha=1.0 + 0.5 * g)
         if folded:
             torch.div(relevance, den, out=ratio)
         else:
             self.stabilizer.divide(relevance, den, out=ratio, rms=self.rms_of(split.call))
         del den
-        signed.mul_(ratio)  # sigma r
+        # sigma r: s(den) has the sign sigma, so sigma r = R / |s(den)|, which has R's sign and r's magnitude
+        torch.copysign(ratio, relevance, out=signed)
         scaled = call.memo("gamma_scaled", lambda: split.weight * (1.0 + 0.5 * g))
         if mixed:
             return split.backproject_magnitude(scaled, ratio, half_abs, signed)

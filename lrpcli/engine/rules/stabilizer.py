@@ -56,14 +56,15 @@ class Stabilizer:
         return z + self.epsilon * rms * sign0(z)
 
     @staticmethod
-    def rms(den: torch.Tensor) -> torch.Tensor:
+    def rms(den: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """The rms mode's per-sample scale of a denominator: sqrt(mean(den^2)) over each sample's elements (all
-        elements for a tensor of at most one dimension), kept as dimensions of size 1; 1 for an all-zero sample.
-        One reduction (a norm), which sums in another order than mean(den^2): equal up to rounding."""
+        elements for a tensor of at most one dimension), kept as dimensions of size 1; 1 for an all-zero sample;
+        times ``scale`` (epsilon, for the term itself in one op less). One reduction (a norm), which sums in
+        another order than mean(den^2): equal up to rounding."""
         dims = tuple(range(1, den.dim()))
-        count = math.prod(den.shape[1:]) if dims else den.numel()
-        rms = torch.linalg.vector_norm(den, dim=dims or None, keepdim=bool(dims)).div_(math.sqrt(max(count, 1)))
-        return torch.where(rms > 0, rms, 1.0)
+        root = math.sqrt(max(math.prod(den.shape[1:]) if dims else den.numel(), 1))
+        norm = torch.linalg.vector_norm(den, dim=dims or None, keepdim=bool(dims))
+        return torch.where(norm > 0, norm, root).mul_(scale / root)
 
     def divide(self, numerator: torch.Tensor, den: torch.Tensor, out: torch.Tensor | None = None,
                nonnegative: bool = False, rms: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,7 +102,7 @@ class Stabilizer:
         Equal to ``self(den)`` up to rounding (the norm sums in another order than mean(den^2)): the rms only
         scales eps. copysign gives -0.0 the sign -1 where sign0 gives +1; such a denominator is a sum of zero
         products, whose numerators are zero too, as in the sign mode."""
-        term = (self.rms(den) if rms is None else rms) * self.epsilon
+        term = self.rms(den, self.epsilon) if rms is None else rms * self.epsilon
         s = torch.copysign(term, den) if out is None else torch.copysign(term, den, out=out)
         s.add_(den)
         return torch.div(numerator, s, out=s)
