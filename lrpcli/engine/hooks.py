@@ -6,11 +6,11 @@ the rule with the relevance arriving at ``z`` and returns the relevance for each
 directly. The module's own backward is never run (the rule's result replaces it) and the layer is never
 re-run: the forward already computed ``z``, and rules reuse it.
 
-Per-call state (inputs, output, rule) lives in a ``LayerCall`` (``lrpcli.engine.layercall``, with the zero notes and
-the parameter cache) owned by the autograd node, so a module called twice in one forward gets two independent
-records, and everything is freed with the graph. The session can be
-made inactive (``inactive()``): nodes then pass the plain gradient to ``z``, which is what a second backward
-through a relevance (create_graph=True) must see.
+Per-call state (inputs, output, rule) lives in a ``LayerCall`` (``lrpcli.engine.layercall``) owned by the
+autograd node, so a module called twice in one forward gets two independent records, and everything is freed
+with the graph; the session's zero notes, parameter cache and per-module facts live in ``zeronotes``,
+``paramcache`` and ``dispatch``. The session can be made inactive (``inactive()``): nodes then pass the plain
+gradient to ``z``, which is what a second backward through a relevance (create_graph=True) must see.
 
 ReLU outputs that are recomputed. A rule that reads only a ReLU's input keeps z; during a forward of the whole
 model the session stores what autograd saves of y = relu(z) as a reference to z and recomputes relu(z) when a
@@ -34,31 +34,20 @@ import contextlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from lrpcli.engine import relu_recompute
+from lrpcli.engine.dispatch import Assignment, Dispatch, Probe, ProbeCall
 from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
-from lrpcli.engine.layercall import (
-    LayerCall,
-    ParamCache,
-    PassFunction,
-    RuleFunction,
-    Tap,
-    ZeroNotes,
-    known_nonnegative,
-    same_elements,
-    says_signs,
-    tensors_stamp,
-)
-from lrpcli.engine.layerops import is_linear_layer, tracing
+from lrpcli.engine.layercall import LayerCall, PassFunction, RuleFunction, Tap, known_nonnegative
+from lrpcli.engine.layerops import tracing
+from lrpcli.engine.paramcache import ParamCache, tensors_stamp
 from lrpcli.engine.rules import formula
 from lrpcli.engine.rules.base import Rule
-from lrpcli.engine.rules.batchnorm import BatchNormRule
-from lrpcli.engine.rules.passthrough import Pass
+from lrpcli.engine.zeronotes import ZeroNotes, same_elements
 
 # re-exported: callers and tests name them here. CHUNK_BYTES is not: patching hooks.CHUNK_BYTES would change
 # nothing, so it fails instead
@@ -100,70 +89,6 @@ class Recorder(Protocol):
     def on_backward(self, call: LayerCall, relevance: torch.Tensor, result: Sequence[torch.Tensor | None]) -> None: ...
 
     def on_map(self, key: str, relevance: torch.Tensor) -> None: ...
-
-
-@dataclass
-class Assignment:
-    """What a leaf module got: its rule (None = nothing, the plain gradient flows) and how often it ran."""
-
-    name: str
-    module: nn.Module
-    rule: Rule | None
-    calls: int = 0
-    order: int = -1
-    #: what the forward hook needs to know of the rule on this module, worked out once (``Dispatch``)
-    dispatch: Dispatch | None = None
-
-    @property
-    def type_name(self) -> str:
-        return type(self.module).__name__
-
-
-class Dispatch:
-    """The rule's answers for one module, asked once when the rule is assigned instead of at every call: the
-    forward hook of a small network runs hundreds of times per batch. Rules are stateless, so the answers hold
-    for the session."""
-
-    __slots__ = ("reads", "native", "keeps_zeros", "keeps_nothing", "is_relu", "producer", "recompute", "passes",
-                 "bn_rule", "light")
-
-    def __init__(self, rule: Rule, module: nn.Module) -> None:
-        self.reads = rule.reads_of(module)
-        self.native = rule.is_native_gradient
-        self.keeps_zeros = rule.keeps_zeros(module)
-        self.keeps_nothing = not self.reads and not rule.needs_graph
-        self.is_relu = type(module) is nn.ReLU
-        #: a linear layer whose rule may keep relu(z) for z (``LayerCall.rectify``)
-        self.producer = is_linear_layer(module) and rule.tolerates_rectified_output()
-        #: the rule's side of ``relu_recompute.recomputable_relu`` (reads only the input); the tensors' side is
-        #: checked at each call
-        self.recompute = not rule.needs_graph and "inputs" in self.reads and "output" not in self.reads
-        #: the rule hands the relevance on unchanged: on a module that returns its very input (a merged
-        #: BatchNorm, Dropout or Identity in eval mode) that is what the missing autograd node does too
-        self.passes = type(rule) is Pass
-        #: the BatchNorm rule, which is Pass on a BatchNorm that ``merge_batchnorm`` folded (checked at each call:
-        #: the merge is decided by the probe)
-        self.bn_rule = type(rule) is BatchNormRule
-        #: Pass on a module whose calls need no record (``PassFunction``): not a ReLU (a layer below may keep its
-        #: output) nor a module that ``known_nonnegative`` looks through
-        self.light = self.passes and not self.is_relu and not says_signs(module)
-
-
-@dataclass
-class ProbeCall:
-    """One leaf call seen by the probe forward: which tensors went in and came out (by identity)."""
-
-    name: str
-    module: nn.Module
-    inputs: tuple[int, ...]
-    output: int | None
-
-
-@dataclass
-class Probe:
-    """The leaf calls of one real forward, in the order they ran (for canonizers that need data flow)."""
-
-    calls: list[ProbeCall] = field(default_factory=list)
 
 
 _SESSIONS: weakref.WeakKeyDictionary[nn.Module, list[Session]] = weakref.WeakKeyDictionary()

@@ -8,17 +8,13 @@ the batch where the layer is large (``relevance``) and refuses tensors changed i
 
 Its autograd node: ``RuleFunction``, an identity in the forward whose backward runs the call's rule (``Tap``
 hands a module's incoming relevance to a recorder; ``PassFunction`` stands in for a LayerCall where Pass needs
-none). Besides it: ``ParamCache``, the parameter-derived tensors a
-session keeps between backward passes;
-``ZeroNotes``, which relevance is known to be zero where an input is; ``known_nonnegative``, read from the
-graph.
+none). Besides it: ``known_nonnegative``, read from the graph. What the session keeps across calls lives
+beside it: ``paramcache`` (parameter-derived tensors) and ``zeronotes`` (relevance known to be zero).
 """
 
 from __future__ import annotations
 
-import operator
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -26,8 +22,10 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from lrpcli.engine.layerops import bias_shape, empty_like_layout, forward, tracing
+from lrpcli.engine.paramcache import ParamCache
 from lrpcli.engine.rules import formula
 from lrpcli.engine.rules.base import Rule, fits
+from lrpcli.engine.zeronotes import ZeroNotes
 
 
 class Session(Protocol):
@@ -293,100 +291,6 @@ def _single_node(output: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> Any:
     return node
 
 
-class ParamCache:
-    """Values that depend only on a module's parameters (W+, stacked weights, merged BatchNorm weights), kept by
-    the session from one backward to the next.
-
-    Small networks run many cheap layers: rebuilding each layer's weight-derived tensors in every backward
-    costs as much as the rule's arithmetic on the activations. A module's entries are reused while every
-    parameter and buffer they were built from is the same tensor at the same version (an optimizer step,
-    ``reset_parameters`` or ``load_state_dict`` change them), and the input has the same shape, dtype and device
-    (ZBox's bound terms follow the input's size); else they are all dropped. Modules whose parameters a canonizer
-    substitutes are cached only where it names the modules they come from (``Session.param_sources``). Entries
-    are capped at ``ENTRY_BYTES`` each and ``BUDGET_BYTES`` in all, which bounds what the cache adds to a run's
-    memory (about 0.1x of a resnet50's gradient at batch 8): the large weights of VGG- and ResNet-style models
-    stay uncached, their rebuild being small beside their arithmetic. Only first-order backward passes use it.
-    """
-
-    ENTRY_BYTES = 2**20
-    BUDGET_BYTES = 64 * 2**20
-    __slots__ = ("stamps", "entries", "used")
-
-    def __init__(self) -> None:
-        #: (module, rule id) -> the stamp its entries were built under (``Session.param_stamp``)
-        self.stamps: dict[tuple[nn.Module, int], tuple] = {}
-        #: (module, rule id) -> {key: (value, bytes)}
-        self.entries: dict[tuple[nn.Module, int], dict[str, tuple[Any, int]]] = {}
-        self.used = 0
-
-    def get(self, call: LayerCall, key: str, build: Callable[[], Any]) -> Any:
-        entries = call._memo.get(_ENTRIES, _ENTRIES)
-        if entries is _ENTRIES:  # once per backward of the call
-            entries = call._memo[_ENTRIES] = self._entries_of(call)
-        if entries is None:
-            return build()
-        entry = entries.get(key)
-        if entry is not None:
-            return entry[0]
-        value = build()
-        size = _owned_bytes(value)
-        if size <= self.ENTRY_BYTES and self.used + size <= self.BUDGET_BYTES:
-            entries[key] = (value, size)
-            self.used += size
-        return value
-
-    def _entries_of(self, call: LayerCall) -> dict[str, tuple[Any, int]] | None:
-        """The call's module's entries, emptied first if its parameters changed; None: not cacheable."""
-        stamp = call.session.param_stamp(call)
-        if stamp is None:
-            return None
-        slot = (call.module, id(call.rule))
-        old = self.stamps.get(slot)
-        if old is None or not _same_stamp(old, stamp):
-            self.stamps[slot] = stamp
-            self.used -= sum(size for _, size in self.entries.pop(slot, {}).values())
-            self.entries[slot] = {}
-        return self.entries[slot]
-
-    def clear(self) -> None:
-        self.stamps.clear()
-        self.entries.clear()
-        self.used = 0
-
-
-#: the key under which a call's memo keeps its ParamCache entries
-_ENTRIES = "\0entries"
-
-
-def _same_stamp(a: tuple, b: tuple) -> bool:
-    """Equal stamps (``tensors_stamp`` plus further values): the same tensors, compared by identity (a stamp holds
-    them, so no id is reused), and equal values. One tuple comparison for the values: a stamp is checked at
-    every backward of every cached layer."""
-    return a[1:] == b[1:] and len(a[0]) == len(b[0]) and all(map(operator.is_, a[0], b[0]))
-
-
-#: public name: other caches of parameter-derived values (``canonizers.batchnorm``) compare stamps alike
-same_stamp = _same_stamp
-
-
-def tensors_stamp(modules: Sequence[nn.Module], *extra: Any) -> tuple:
-    """(each parameter and buffer of ``modules``, their storages and versions, *extra). Equal stamps
-    (``same_stamp``) mean nothing was replaced, moved (``.to``) or changed in place (an optimizer step,
-    ``load_state_dict``, ``reset_parameters``); a write through ``.data`` bypasses the version and is not seen."""
-    tensors = [t for source in modules for group in (source._parameters, source._buffers)
-               for t in group.values() if t is not None]
-    return (tuple(tensors), tuple([t.data_ptr() for t in tensors]), tuple([t._version for t in tensors])) + extra
-
-
-def _owned_bytes(value: Any) -> int:
-    """Bytes of the tensors in ``value`` that are not parameters (a parameter is held by the model anyway)."""
-    if isinstance(value, (tuple, list)):
-        return sum(_owned_bytes(v) for v in value)
-    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-        return value.numel() * value.element_size()
-    return 0
-
-
 #: modules whose output is >= 0 whatever their input, and modules whose output keeps the signs of their input
 _NONNEGATIVE_OUTPUT = (nn.ReLU, nn.ReLU6)
 _SIGN_KEEPING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
@@ -412,68 +316,6 @@ def known_nonnegative(x: torch.Tensor, depth: int = 4) -> bool:
         return True
     return (depth > 0 and isinstance(call.module, _SIGN_KEEPING) and bool(call.inputs)
             and known_nonnegative(call.inputs[0], depth - 1))
-
-
-class ZeroNotes:
-    """Which relevance tensors are known to be zero wherever a given tensor is, kept by the session.
-
-    A rule with ``proportional_to_inputs`` makes relevance that is zero wherever its input is; when that input is
-    a ReLU's output, the layer below the ReLU (which keeps relu(z) as its output, ``LayerCall.rectify``) is then
-    spared the pass over its output and relevance that ``restore_output`` would otherwise make. A note is keyed
-    by the relevance tensor's id and holds it weakly (ids of dead tensors are reused), with the versions of both
-    tensors: it holds only while neither changed. Notes are made and read within one backward; the session drops
-    them at the start of each forward.
-    """
-
-    __slots__ = ("notes",)
-
-    def __init__(self) -> None:
-        #: id(relevance) -> (weak relevance, its version, weak input, the input's version)
-        self.notes: dict[int, tuple[weakref.ref, int, weakref.ref, int]] = {}
-
-    def mark(self, inputs: Sequence[torch.Tensor], result: Sequence[torch.Tensor | None]) -> None:
-        """Each input's relevance in ``result`` is zero wherever that input is."""
-        for x, r in zip(inputs, result):
-            if r is not None and r.shape == x.shape and not x.is_meta:
-                self.notes[id(r)] = (weakref.ref(r), r._version, weakref.ref(x), x._version)
-
-    def _note(self, relevance: torch.Tensor) -> tuple[weakref.ref, int, weakref.ref, int] | None:
-        note = self.notes.get(id(relevance))
-        return note if note is not None and note[0]() is relevance else None
-
-    def hand_on(self, relevance: torch.Tensor, result: Sequence[torch.Tensor | None]) -> None:
-        """A result holding the very elements of the relevance (a Pass that reshapes it: Flatten) keeps its
-        note."""
-        note = self._note(relevance)
-        if note is not None:
-            for r in result:
-                if r is not None and r is not relevance and same_elements(r, relevance):
-                    self.notes[id(r)] = (weakref.ref(r),) + note[1:]
-
-    def known(self, relevance: torch.Tensor, output: torch.Tensor) -> bool:
-        """True if ``relevance`` is known to be zero wherever ``output`` is: a note says so for a tensor holding
-        the same elements as ``output``, and neither changed since."""
-        note = self._note(relevance)
-        if note is None:
-            return False
-        _, version, ref, x_version = note
-        x = ref()
-        return (x is not None and relevance._version == version and x._version == x_version
-                and relevance.numel() == output.numel() and same_elements(x, output))
-
-    def clear(self) -> None:
-        self.notes.clear()
-
-
-def same_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """a and b hold the same elements in the same order (one is b itself, or both are the same memory with the
-    same layout, or contiguous reshapes of one another)."""
-    if a is b:
-        return True
-    if (a.dim() == 0 or b.dim() == 0 or a.data_ptr() != b.data_ptr() or a.dtype != b.dtype
-            or a.device != b.device or a.numel() != b.numel() or a.shape[0] != b.shape[0]):
-        return False
-    return (a.shape == b.shape and a.stride() == b.stride()) or (a.is_contiguous() and b.is_contiguous())
 
 
 class RuleFunction(torch.autograd.Function):

@@ -23,8 +23,8 @@ from torch import nn
 from lrpcli.engine.canonizers.base import Canonizer
 from lrpcli.engine.composites.layers import BATCHNORMS
 from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
-from lrpcli.engine.layercall import same_stamp, tensors_stamp
 from lrpcli.engine.layerops import CONV_TRANSPOSE_TYPES, CONV_TYPES, LINEAR_TYPES, tracing
+from lrpcli.engine.paramcache import same_stamp, tensors_stamp
 
 if TYPE_CHECKING:  # pragma: no cover
     from lrpcli.engine.hooks import Probe, Session
@@ -59,7 +59,7 @@ def _merge(layer: nn.Module, bn: nn.Module, weight: torch.Tensor, bias: torch.Te
 
 class MergedParams:
     """The merged weight and bias of one layer + BatchNorm pair, rebuilt only when a parameter or buffer of
-    either changed (``layercall.tensors_stamp``: replaced, moved, or updated in place)."""
+    either changed (``paramcache.tensors_stamp``: replaced, moved, or updated in place)."""
 
     __slots__ = ("layer", "bn", "stamp", "values")
 

@@ -13,7 +13,7 @@ Besides ``relevance``, a rule tells the hooks what it allows them to skip; none 
 - ``is_native_gradient``: memory and time; the module runs unhooked, with no record and no extra node.
 - ``makes_temporaries``: time; slicing a rule that hands relevance on unchanged (Pass) over the batch only copies.
 - ``proportional_to_inputs`` and ``keeps_zeros``: time; they let the layer below a ReLU skip the check of
-  ``LayerCall.restore_output`` (``layercall.ZeroNotes``).
+  ``LayerCall.restore_output`` (``zeronotes.ZeroNotes``).
 - ``splits_over_batch``: not a shortcut; it keeps batch slicing away from a rule with per-sample parameters.
 - ``tolerates_rectified_output`` (``ParamRule.ratio_of_output``): memory; a layer followed by a ReLU keeps
   relu(z), which the next layer keeps anyway, instead of z. In rms mode it keeps the per-sample rms of each
