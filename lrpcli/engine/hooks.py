@@ -373,10 +373,12 @@ class Session:
         call.relu_recomputed = recompute
         # inputs that are recomputed ReLU outputs go into the node's context, which stores them as references
         call.saves_inputs = recompute or (not rule.needs_graph and self._saved.holds_any(inputs))
+        if call.saves_inputs and not recompute:
+            call.input_relu_of = self._saved.producer_of(inputs[0])
         result = RuleFunction.apply(call, output.detach() if recompute else output, *inputs)
         call.release()
         if recompute:
-            self._saved.add(result, inputs[0])
+            self._saved.add(result, inputs[0], below)
         if call.saves_inputs:
             call.inputs = tuple(torch.empty_like(t, device="meta") for t in inputs)  # they live in ctx (above)
         if below is not None:  # the layer below keeps z itself: nothing to rectify

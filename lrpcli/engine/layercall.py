@@ -50,7 +50,7 @@ class LayerCall:
 
     __slots__ = ("session", "module", "name", "key", "rule", "reads", "inputs", "output", "versions", "rectified",
                  "output_rectified", "relu_recomputed", "input_nonnegative", "into", "rms", "saves_inputs",
-                 "_memo", "__weakref__")
+                 "positive_relevance", "input_relu_of", "_memo", "__weakref__")
 
     def __init__(self, session: Session, module: nn.Module, name: str, key: str, rule: Rule,
                  inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
@@ -68,6 +68,12 @@ class LayerCall:
         self.rectified = False
         #: in the backward: the output is relu(z) and the relevance is 0 wherever it is 0 (see restore_output)
         self.output_rectified = False
+        #: in the backward: the relevance is known to be 0 wherever z <= 0 (output_rectified, or a ReLU above
+        #: whose output is recomputed from the z this call keeps whole); the output itself may be z
+        self.positive_relevance = False
+        #: weak reference to the call below a recomputed ReLU whose output is this call's first input (the
+        #: session's ``relu_recompute`` route): a proportional rule here tells it where its relevance is 0
+        self.input_relu_of: Any = None
         #: rms mode: the per-sample rms of each of the rule's denominators, taken before ``rectify`` (B numbers each)
         self.rms: tuple[torch.Tensor, ...] | None = None
         #: the call is a ReLU whose output is not in the graph (``relu_recompute``): the plain gradient is computed
@@ -188,6 +194,9 @@ class LayerCall:
         layer; also under create_graph=True, where z must carry its graph.
         """
         if not self.rectified:
+            # z kept whole below a recomputed ReLU: the ReLU's relevance may be known to vanish where z <= 0
+            self.positive_relevance = not torch.is_grad_enabled() and \
+                self.session.zero_notes.known_rectified(relevance, self.output)
             return
         self.rectified = False
         zero_where_rectified = not torch.is_grad_enabled() and (
@@ -195,6 +204,7 @@ class LayerCall:
             or not bool(torch.logical_and(relevance != 0, self.output == 0).any()))
         if zero_where_rectified:
             self.output_rectified = True  # rules may use it: only outputs > 0 carry relevance
+            self.positive_relevance = True
         else:
             weight, bias = self.params()
             self.output = forward(self.module, self.x, weight, bias, self.output)
@@ -363,6 +373,9 @@ class RuleFunction(torch.autograd.Function):
             if call.rule.proportional_to_inputs or (call.rule.keeps_zeros(call.module)
                                                     and notes.known(relevance, call.output)):
                 notes.mark(call.inputs, result)
+                below = None if call.input_relu_of is None else call.input_relu_of()
+                if below is not None and result and result[0] is not None:
+                    notes.mark_rectified(result[0], below.output)
             else:
                 notes.hand_on(relevance, result)
         if call.session.recorder is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,12 +76,14 @@ class Recompute:
     """A saved ReLU output stored as the ReLU's input z, which the rule keeps anyway: relu(z) is rebuilt, bit for
     bit, only when a backward node unpacks it."""
 
-    __slots__ = ("z", "version", "scratch")
+    __slots__ = ("z", "version", "scratch", "producer")
 
-    def __init__(self, z: torch.Tensor, scratch: Scratch) -> None:
+    def __init__(self, z: torch.Tensor, scratch: Scratch, producer: Any = None) -> None:
         self.z = z.detach()  # no graph: the token must not keep nodes alive, and relu records none
         self.version = z._version
         self.scratch = scratch
+        #: weak reference to the call that keeps z whole below this ReLU (``hooks.Session._whole_output_producer``)
+        self.producer = None if producer is None else weakref.ref(producer)
 
     def unpack(self) -> torch.Tensor:
         if self.z._version != self.version:
@@ -173,10 +176,15 @@ class SavedTensors:
         self.scratch = Scratch()  # one per forward: it lives as long as that forward's graph
         return True
 
-    def add(self, alias: torch.Tensor, z: torch.Tensor) -> None:
-        """``alias`` is relu(z): saving it stores z instead."""
+    def add(self, alias: torch.Tensor, z: torch.Tensor, producer: Any = None) -> None:
+        """``alias`` is relu(z): saving it stores z instead. ``producer``: the call that keeps z whole."""
         assert self.scratch is not None, "add() outside install() ... remove()"
-        self.aliases[id(alias)] = (weakref.ref(alias), alias._version, Recompute(z, self.scratch))
+        self.aliases[id(alias)] = (weakref.ref(alias), alias._version, Recompute(z, self.scratch, producer))
+
+    def producer_of(self, tensor: torch.Tensor) -> weakref.ref | None:
+        """A weak reference to the call that keeps z whole, where ``tensor`` is a registered relu(z) of one."""
+        token = _token_of(self.aliases, tensor) if self.aliases else None
+        return None if token is None else token.producer
 
     def holds_any(self, tensors: tuple[torch.Tensor, ...]) -> bool:
         """Some of ``tensors`` is a registered alias (saving it stores a reference to z)."""

@@ -23,16 +23,23 @@ class ZeroNotes:
     __slots__ = ("notes",)
 
     def __init__(self) -> None:
-        #: id(relevance) -> (weak relevance, its version, weak input, the input's version)
-        self.notes: dict[int, tuple[weakref.ref, int, weakref.ref, int]] = {}
+        #: id(relevance) -> (weak relevance, its version, weak input, the input's version, zero also where the
+        #: input is < 0)
+        self.notes: dict[int, tuple[weakref.ref, int, weakref.ref, int, bool]] = {}
 
     def mark(self, inputs: Sequence[torch.Tensor], result: Sequence[torch.Tensor | None]) -> None:
         """Each input's relevance in ``result`` is zero wherever that input is."""
         for x, r in zip(inputs, result):
             if r is not None and r.shape == x.shape and not x.is_meta:
-                self.notes[id(r)] = (weakref.ref(r), r._version, weakref.ref(x), x._version)
+                self.notes[id(r)] = (weakref.ref(r), r._version, weakref.ref(x), x._version, False)
 
-    def _note(self, relevance: torch.Tensor) -> tuple[weakref.ref, int, weakref.ref, int] | None:
+    def mark_rectified(self, relevance: torch.Tensor, z: torch.Tensor) -> None:
+        """``relevance`` is zero wherever relu(z) is, i.e. wherever z <= 0: the relevance of a recomputed ReLU
+        output relu(z) (``relu_recompute``), noted against the z the layer below keeps whole."""
+        if relevance.shape == z.shape and not z.is_meta:
+            self.notes[id(relevance)] = (weakref.ref(relevance), relevance._version, weakref.ref(z), z._version, True)
+
+    def _note(self, relevance: torch.Tensor) -> tuple[weakref.ref, int, weakref.ref, int, bool] | None:
         note = self.notes.get(id(relevance))
         return note if note is not None and note[0]() is relevance else None
 
@@ -51,10 +58,15 @@ class ZeroNotes:
         note = self._note(relevance)
         if note is None:
             return False
-        _, version, ref, x_version = note
+        _, version, ref, x_version, _ = note
         x = ref()
         return (x is not None and relevance._version == version and x._version == x_version
                 and relevance.numel() == output.numel() and same_elements(x, output))
+
+    def known_rectified(self, relevance: torch.Tensor, output: torch.Tensor) -> bool:
+        """True if ``relevance`` is known to be zero wherever ``output`` is <= 0 (``mark_rectified``)."""
+        note = self._note(relevance)
+        return note is not None and note[4] and self.known(relevance, output)
 
     def clear(self) -> None:
         self.notes.clear()

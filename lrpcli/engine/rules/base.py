@@ -47,6 +47,8 @@ class LayerCall(Protocol):
     into: torch.Tensor | None
     input_nonnegative: bool
     output_rectified: bool
+    #: the relevance is known to be 0 wherever the layer's output z is <= 0 (a ReLU above)
+    positive_relevance: bool
     #: the rms of each of the rule's denominators per sample, taken in the forward (``ParamRule.rectified_rms``)
     rms: tuple[torch.Tensor, ...] | None
 

@@ -120,13 +120,17 @@ class Gamma(ParamRule):
         else:
             self.stabilizer.divide(relevance, den, out=ratio, rms=self.rms_of(split.call))
         del den
-        # sigma r: s(den) has the sign sigma, so sigma r = R / |s(den)|, which has R's sign and r's magnitude
-        torch.copysign(ratio, relevance, out=signed)
+        # relevance only where z > 0 (a ReLU above) and z is the rule's output (bias kept): sigma r = r wherever
+        # r is not 0, and one operation follows
+        positive = not mixed and call.positive_relevance and z is split.z
+        if not positive:  # sigma r = R / |s(den)|, as s(den) has the sign sigma: R's sign, r's magnitude
+            torch.copysign(ratio, relevance, out=signed)
         scaled = call.memo("gamma_scaled", lambda: split.weight * (1.0 + 0.5 * g))
         if mixed:
             return split.backproject_magnitude(scaled, ratio, half_abs, signed)
-        # relevance only where z >= 0 (a ReLU above): one operation through W + gamma W+ (a capture reads no values)
-        if not ops.tracing() and torch.equal(signed, ratio):
+        # relevance only where z >= 0 (a ReLU above): one operation through W + gamma W+, known or found (a capture
+        # reads no values)
+        if positive or not ops.tracing() and torch.equal(signed, ratio):
             weight = call.memo("gamma_positive", lambda: torch.add(split.weight, split.weight_pos, alpha=g))
             return times_input(split.x, input_vjp(split.module, split.x, weight, ratio, split.z), call.into)
         if not stacks:
