@@ -98,8 +98,7 @@ class Gamma(ParamRule):
 
         ``mixed``: x may have both signs (x >= 0 is not known, and no pass looks: the form holds for any x).
         sigma is copysign(1, z): -1 for z = -0.0, where the general path takes +1; such an output is a sum of
-        zero products (and a zero bias), whose numerators are zero whichever sign its denominator gets. sigma r is
-        formed as copysign(r, R): both stabilizers keep den's sign, sigma, so sigma r = R / |s(den)|.
+        zero products (and a zero bias), whose numerators are zero whichever sign its denominator gets.
         """
         z, g = split.z_rule, self.gamma
         call = split.call
@@ -113,18 +112,23 @@ class Gamma(ParamRule):
         # layer's own groups run faster than one over twice as many (the CPU backends' depthwise kernels)
         stacks = not mixed and ops.pairable(split.module)
         buf, ratio, signed = split.pair_buffer() if stacks else (None, *split.output_buffers(2))
-        den = forward(split.module, split.x_abs, half_abs, bias, split.z)  # c >= 0: sigma c is copysign(c, z)
-        torch.copysign(den, z, out=den).add_(z, alpha=1.0 + 0.5 * g)
+        # relevance only where z > 0 (a ReLU above) and z is the rule's output (bias kept): sigma r = r wherever
+        # r is not 0, and one transposed operation follows
+        positive = not mixed and call.positive_relevance and z is split.z
+        den = forward(split.module, split.x_abs, half_abs, bias, split.z)
+        if positive:  # c >= 0: sigma c is copysign(c, z), and no sigma is needed later
+            torch.copysign(den, z, out=den)
+        else:  # copysign is a slow kernel on the CPU: sigma once, then products
+            sigma = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), z, out=signed)
+            den.mul_(sigma)
+        den.add_(z, alpha=1.0 + 0.5 * g)
         if folded:
             torch.div(relevance, den, out=ratio)
         else:
             self.stabilizer.divide(relevance, den, out=ratio, rms=self.rms_of(split.call))
         del den
-        # relevance only where z > 0 (a ReLU above) and z is the rule's output (bias kept): sigma r = r wherever
-        # r is not 0, and one operation follows
-        positive = not mixed and call.positive_relevance and z is split.z
-        if not positive:  # sigma r = R / |s(den)|, as s(den) has the sign sigma: R's sign, r's magnitude
-            torch.copysign(ratio, relevance, out=signed)
+        if not positive:
+            signed.mul_(ratio)  # sigma r
         scaled = call.memo("gamma_scaled", lambda: split.weight * (1.0 + 0.5 * g))
         if mixed:
             return split.backproject_magnitude(scaled, ratio, half_abs, signed)
