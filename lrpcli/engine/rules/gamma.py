@@ -116,16 +116,24 @@ class Gamma(ParamRule):
         # r is not 0, and one transposed operation follows
         positive = not mixed and call.positive_relevance and z is split.z
         den = forward(split.module, split.x_abs, half_abs, bias, split.z)
-        if positive:  # c >= 0: sigma c is copysign(c, z), and no sigma is needed later
-            torch.copysign(den, z, out=den)
+        if positive:
+            # |den| = c + (1 + gamma/2) |z|, no sign needed: where z > 0 it is den, the other outputs carry no
+            # relevance (their ratio is 0 over any positive number), and its rms is den's
+            den.add_(torch.abs(z, out=signed), alpha=1.0 + 0.5 * g)
+            if folded:  # eps is in c already
+                torch.div(relevance, den, out=ratio)
+            else:
+                rms = self.rms_of(call)
+                if rms is None and self.stabilizer.mode == "rms":
+                    rms = Stabilizer.rms(den)
+                self.stabilizer.divide(relevance, den, out=ratio, nonnegative=True, rms=rms)
         else:  # copysign is a slow kernel on the CPU: sigma once, then products
             sigma = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), z, out=signed)
-            den.mul_(sigma)
-        den.add_(z, alpha=1.0 + 0.5 * g)
-        if folded:
-            torch.div(relevance, den, out=ratio)
-        else:
-            self.stabilizer.divide(relevance, den, out=ratio, rms=self.rms_of(split.call))
+            den.mul_(sigma).add_(z, alpha=1.0 + 0.5 * g)
+            if folded:
+                torch.div(relevance, den, out=ratio)
+            else:
+                self.stabilizer.divide(relevance, den, out=ratio, rms=self.rms_of(split.call))
         del den
         if not positive:
             signed.mul_(ratio)  # sigma r
