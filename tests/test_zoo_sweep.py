@@ -180,3 +180,19 @@ def test_run_passes_the_time_options_through(monkeypatch, capsys):
     bench_run.zoo_section(args)
     assert seen["args"][0] == ["squeezenet1_1"]
     assert (seen["time_size"], seen["time_batch"]) == (224, 8)
+
+
+def test_summary_gives_the_time_range_and_the_models_above_the_target():
+    rows = [bench_zoo.ZooRow("a", 1.0, size=32, finite=True, ratio=1.2, time_size=224, time_batch=8),
+            bench_zoo.ZooRow("b", 1.0, size=32, finite=True, ratio=2.31, time_size=224, time_batch=8),
+            bench_zoo.ZooRow("c", 1.0, size=32, finite=True, ratio=2.05, time_size=224, time_batch=8),
+            bench_zoo.ZooRow("d", 900.0, skipped="too big")]
+    assert bench_zoo.summary(rows) == (
+        "3 of 3 models ok (coverage empty, finite, conservation not run); skipped for size: d; time vs gradient "
+        "1.20x (a) to 2.31x (b), above 2x: b 2.31x, c 2.05x")
+    rows[1].ratio = 1.5
+    rows[2].ratio = None
+    rows[0].conservation = 1.0
+    assert bench_zoo.summary(rows).endswith(
+        "(coverage empty, finite, conservation within 1e-06); skipped for size: d; time vs gradient 1.20x (a) to "
+        "1.50x (b), above 2x: none")

@@ -75,6 +75,8 @@ TIMM_MODELS = ("resnet50", "regnety_016", "efficientnet_b0", "mobilenetv3_large_
 TIMM = "timm:"
 #: listed models known to fail, with why (the slow test skips them; the sweep still shows their row)
 TIMM_EXEMPT: dict[str, str] = {}  # none at present
+#: issue 23's time target for the auto composite: attribution at most this many times a plain gradient
+TIME_TARGET = 2.0
 #: what a note says when the canonizers left something without a rule
 UNSEEN = ("left on the plain gradient", "cannot trace", "not decomposed")
 
@@ -370,13 +372,25 @@ def summary(rows: list[ZooRow]) -> str:
     ran = [r for r in rows if not r.skipped]
     ok = [r for r in ran if r.status == "ok"]
     skipped = [r.model for r in rows if r.skipped]
-    text = f"{len(ok)} of {len(ran)} models ok (coverage empty, finite, conservation within {TOLERANCE:g})"
+    checked = (f"conservation within {TOLERANCE:g}" if any(r.conservation is not None for r in ran)
+               else "conservation not run")
+    text = f"{len(ok)} of {len(ran)} models ok (coverage empty, finite, {checked})"
     if skipped:
         text += f"; skipped for size: {', '.join(skipped)}"
     bad = [f"{r.model}: {r.status}" + (f" (exempt: {TIMM_EXEMPT[r.model[len(TIMM):]]})"
                                         if r.model.startswith(TIMM) and r.model[len(TIMM):] in TIMM_EXEMPT else "")
            for r in ran if r.status != "ok"]
-    return text + ("; " + "; ".join(bad) if bad else "")
+    return text + ("; " + "; ".join(bad) if bad else "") + time_summary(ran)
+
+
+def time_summary(rows: list[ZooRow]) -> str:
+    """The range of the time ratios, and the models above ``TIME_TARGET`` (empty when nothing was timed)."""
+    timed = sorted((r for r in rows if r.ratio is not None), key=lambda r: r.ratio)
+    if not timed:
+        return ""
+    above = [f"{r.model} {r.ratio:.2f}x" for r in reversed(timed) if r.ratio > TIME_TARGET]
+    return (f"; time vs gradient {timed[0].ratio:.2f}x ({timed[0].model}) to {timed[-1].ratio:.2f}x "
+            f"({timed[-1].model}), above {TIME_TARGET:g}x: {', '.join(above) or 'none'}")
 
 
 def run(names: list[str], max_params_m: float, repeats: int, conserve: bool, time_size: int | None = None,
