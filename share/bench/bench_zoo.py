@@ -3,6 +3,7 @@
 
     .venv/bin/python share/bench/bench_zoo.py [--models resnet18,vit_*] [--max-params 350] [--repeats 3]
                                               [--no-time] [--no-conservation]
+                                              [--time-size 224] [--time-batch 8] [--threads 1]
     .venv/bin/python share/bench/bench_zoo.py --timm [--models resnet50,swin_*]   # timm's models (timm installed)
 
 A ``timm:NAME`` model is given as a user gives one, ``model.entrypoint: timm:create_model`` with
@@ -14,8 +15,12 @@ input size it accepts among ``SIZES`` (ViTs and MaxViT need their own image size
 - coverage: float32, batch 2, through the code ``lrpcli explain`` runs for a shipped auto config
   (``Explainer.from_config``): the modules left without a rule and the functional operations the canonizers left
   on the plain gradient (``coverage_left``), and whether the relevance is finite;
-- time: the explainer against the plain input gradient, paired runs in this process (median of ``--repeats``
-  pairs after a warm-up), the ratio of medians;
+- time: the explainer against the plain input gradient in this process, at ``--time-batch`` (default 2) and
+  ``--time-size`` (default: the coverage size; a model that does not run at that size is timed at the accepted
+  size nearest to it, ViTs at 224, and the row says which size it got): ``--repeats`` interleaved pairs
+  (gradient, attribution, in alternating order) after a warm-up, and the median of the per-pair ratios, which
+  drift on a shared machine moves far less than a ratio of medians. At the smallest sizes the fixed cost per
+  module call dominates; ``--time-size 224`` gives the ratio at the size the models are used at;
 - conservation: float64, batch 1, biases zeroed in the model and the rules, epsilon and the rms stabilizer at
   ``EPSILON``, and the attention weights held constant (CP-LRP's ``constant_operand`` on every AttentionProduct, so
   no softmax rule runs): every rule on the path is then conservative, and (relevance at the input + relevance
@@ -33,6 +38,7 @@ import fnmatch
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +75,8 @@ TIMM_MODELS = ("resnet50", "regnety_016", "efficientnet_b0", "mobilenetv3_large_
 TIMM = "timm:"
 #: listed models known to fail, with why (the slow test skips them; the sweep still shows their row)
 TIMM_EXEMPT: dict[str, str] = {}  # none at present
+#: issue 23's time target for the auto composite: attribution at most this many times a plain gradient
+TIME_TARGET = 2.0
 #: what a note says when the canonizers left something without a rule
 UNSEEN = ("left on the plain gradient", "cannot trace", "not decomposed")
 
@@ -83,6 +91,8 @@ class ZooRow:
     left: list[str] = field(default_factory=list)
     finite: bool | None = None
     ratio: float | None = None  # attribution time / plain gradient time
+    time_size: int = 0  # the input the timing ran at: time_batch x 3 x time_size x time_size
+    time_batch: int = 0
     conservation: float | None = None  # (input + embeddings) / output relevance, float64
     embedding_share: float | None = None
     skipped: str = ""
@@ -109,14 +119,15 @@ class ZooRow:
         cons = "-" if self.conservation is None else f"{self.conservation - 1:+.1e}"
         if self.embedding_share:
             cons += f" (emb {self.embedding_share:.2f})"
-        ratio = "-" if self.ratio is None else f"{self.ratio:.2f}x"
+        ratio = "-" if self.ratio is None else f"{self.ratio:.2f}x @{self.time_batch}x{self.time_size}"
         why = self.skipped or self.error
         return (self.model, f"{self.params_m:.0f}M", str(self.size or "-"), left,
                 "-" if self.finite is None else ("yes" if self.finite else "NO"), cons, ratio,
                 self.status + (f" ({why})" if why else ""))
 
 
-HEADER = ("model", "params", "size", "coverage left", "finite", "conservation - 1", "time vs gradient", "status")
+HEADER = ("model", "params", "size", "coverage left", "finite", "conservation - 1", "time vs gradient @batch x size",
+          "status")
 
 
 def config_for(name: str, exact: bool = False):
@@ -148,16 +159,33 @@ def build(name: str) -> nn.Module:
     return model
 
 
+def accepts(model: nn.Module, size: int) -> bool:
+    """Whether the model runs on a square input of this size."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype))
+        return True
+    except Exception:  # too small, or not the one size a ViT takes: a shape error somewhere inside the model
+        return False
+
+
 def smallest_size(model: nn.Module, sizes: tuple[int, ...] = SIZES) -> int:
     """The smallest square input among ``sizes`` the model runs on."""
     for size in sizes:
-        try:
-            with torch.no_grad():
-                model(torch.zeros(1, 3, size, size, dtype=next(model.parameters()).dtype))
+        if accepts(model, size):
             return size
-        except Exception:  # too small: a shape error somewhere inside the model
-            continue
     raise ValueError(f"runs on none of the sizes {sizes}")
+
+
+def timing_size(model: nn.Module, wanted: int, sizes: tuple[int, ...] = SIZES) -> int:
+    """``wanted`` if the model runs on it, else the size among ``sizes`` nearest to it that the model runs on
+    (the larger of two equally near): inception_v3 at 32 gets its smallest accepted size, a ViT gets 224."""
+    if accepts(model, wanted):
+        return wanted
+    for size in sorted(sizes, key=lambda s: (abs(s - wanted), -s)):
+        if size != wanted and accepts(model, size):
+            return size
+    raise ValueError(f"runs on neither {wanted} nor any of the sizes {sizes}")
 
 
 def coverage_left(session) -> list[str]:
@@ -226,35 +254,50 @@ def conservation(name: str, size: int) -> tuple[float, float, bool, list[str]]:
     return (at_input + embedded) / total, embedded / total, finite, left
 
 
-def coverage_and_time(name: str, size: int, repeats: int, batch: int = 2) -> tuple[list[str], bool, float | None]:
-    """Coverage and finiteness of the auto config in float32, and (repeats > 0) its time against the gradient."""
+def paired_ratio(gradient: Callable[[], object], attribution: Callable[[], object], repeats: int) -> float:
+    """The median over ``repeats`` pairs of attribution time / gradient time, the pairs' order alternating
+    (gradient first, then attribution first), after one warm-up call of each."""
+    gradient()
+    attribution()
+    ratios = []
+    for k in range(repeats):
+        first, second = (gradient, attribution) if k % 2 == 0 else (attribution, gradient)
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        grad, lrp = (t1 - t0, t2 - t1) if k % 2 == 0 else (t2 - t1, t1 - t0)
+        ratios.append(lrp / grad)
+    return median(ratios)
+
+
+def coverage_and_time(name: str, size: int, repeats: int, batch: int = 2, time_size: int | None = None,
+                      time_batch: int = 2) -> tuple[list[str], bool, float | None]:
+    """Coverage and finiteness of the auto config in float32 at ``batch`` x ``size``, and (repeats > 0) its
+    time against the gradient at ``time_batch`` x ``time_size`` (default ``size``), in the same explainer."""
     model = build(name)
     twin = copy.deepcopy(model)  # the explainer's copy: the plain gradient runs on a model without hooks
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    t = time_size or size
+    xt = torch.randn(time_batch, 3, t, t, generator=torch.Generator().manual_seed(1))
 
     def gradient() -> torch.Tensor:
-        xi = x.clone().requires_grad_(True)
+        xi = xt.clone().requires_grad_(True)
         out = model(xi)
         return torch.autograd.grad(out, xi, lrpcli.initial_relevance(out, out.argmax(1), "output"))[0]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with Explainer.from_config(config_for(name), twin) as explainer:
-            relevance = explainer(x).relevance  # also the warm-up (the canonizers' probe runs on the first call)
+            relevance = explainer(x).relevance  # also a warm-up (the canonizers' probe runs on the first call)
             left = coverage_left(hooked_session(explainer))
             finite = bool(torch.isfinite(relevance).all())
+            del relevance
             if repeats <= 0:
                 return left, finite, None
-            gradient()
-            grads, lrps = [], []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                gradient()
-                t1 = time.perf_counter()
-                explainer(x)
-                grads.append(t1 - t0)
-                lrps.append(time.perf_counter() - t1)
-    return left, finite, median(lrps) / median(grads)
+            ratio = paired_ratio(gradient, lambda: explainer(xt), repeats)
+    return left, finite, ratio
 
 
 def parameters_m(name: str) -> float:
@@ -272,7 +315,9 @@ def parameters_m(name: str) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def sweep_one(name: str, max_params_m: float, repeats: int, conserve: bool) -> ZooRow:
+def sweep_one(name: str, max_params_m: float, repeats: int, conserve: bool, time_size: int | None = None,
+              time_batch: int = 2) -> ZooRow:
+    """One model's row; ``time_size`` (default: the coverage size) and ``time_batch``: the timing's input."""
     row = ZooRow(name, parameters_m(name))
     if row.params_m > max_params_m:
         row.skipped = f"{row.params_m:.0f}M parameters > --max-params {max_params_m:g}M"
@@ -280,8 +325,12 @@ def sweep_one(name: str, max_params_m: float, repeats: int, conserve: bool) -> Z
     try:
         model = build(name)
         row.size = smallest_size(model)
+        if repeats > 0:
+            row.time_size = row.size if time_size is None else timing_size(model, time_size)
+            row.time_batch = time_batch
         del model
-        row.left, row.finite, row.ratio = coverage_and_time(name, row.size, repeats)
+        row.left, row.finite, row.ratio = coverage_and_time(name, row.size, repeats, time_size=row.time_size or None,
+                                                            time_batch=time_batch)
         if conserve:
             row.conservation, row.embedding_share, finite, _ = conservation(name, row.size)
             row.finite = row.finite and finite
@@ -323,20 +372,33 @@ def summary(rows: list[ZooRow]) -> str:
     ran = [r for r in rows if not r.skipped]
     ok = [r for r in ran if r.status == "ok"]
     skipped = [r.model for r in rows if r.skipped]
-    text = f"{len(ok)} of {len(ran)} models ok (coverage empty, finite, conservation within {TOLERANCE:g})"
+    checked = (f"conservation within {TOLERANCE:g}" if any(r.conservation is not None for r in ran)
+               else "conservation not run")
+    text = f"{len(ok)} of {len(ran)} models ok (coverage empty, finite, {checked})"
     if skipped:
         text += f"; skipped for size: {', '.join(skipped)}"
     bad = [f"{r.model}: {r.status}" + (f" (exempt: {TIMM_EXEMPT[r.model[len(TIMM):]]})"
                                         if r.model.startswith(TIMM) and r.model[len(TIMM):] in TIMM_EXEMPT else "")
            for r in ran if r.status != "ok"]
-    return text + ("; " + "; ".join(bad) if bad else "")
+    return text + ("; " + "; ".join(bad) if bad else "") + time_summary(ran)
 
 
-def run(names: list[str], max_params_m: float, repeats: int, conserve: bool) -> list[ZooRow]:
+def time_summary(rows: list[ZooRow]) -> str:
+    """The range of the time ratios, and the models above ``TIME_TARGET`` (empty when nothing was timed)."""
+    timed = sorted((r for r in rows if r.ratio is not None), key=lambda r: r.ratio)
+    if not timed:
+        return ""
+    above = [f"{r.model} {r.ratio:.2f}x" for r in reversed(timed) if r.ratio > TIME_TARGET]
+    return (f"; time vs gradient {timed[0].ratio:.2f}x ({timed[0].model}) to {timed[-1].ratio:.2f}x "
+            f"({timed[-1].model}), above {TIME_TARGET:g}x: {', '.join(above) or 'none'}")
+
+
+def run(names: list[str], max_params_m: float, repeats: int, conserve: bool, time_size: int | None = None,
+        time_batch: int = 2) -> list[ZooRow]:
     rows = []
     for name in names:
         t0 = time.perf_counter()
-        row = sweep_one(name, max_params_m, repeats, conserve)
+        row = sweep_one(name, max_params_m, repeats, conserve, time_size, time_batch)
         rows.append(row)
         log(f"zoo {name}: {row.status} in {time.perf_counter() - t0:.0f} s | " + " | ".join(row.cells()[2:]))
     return rows
@@ -349,12 +411,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-params", type=float, default=350.0,
                    help="skip models above this many million parameters (default 350: vit_h_14, regnet_y_128gf)")
     p.add_argument("--repeats", type=int, default=3, help="timed pairs per model (default 3)")
+    p.add_argument("--time-size", type=positive, metavar="N",
+                   help="image size of the timing (default: the model's smallest accepted size, the one coverage "
+                   "runs at); a model that does not run at N is timed at the accepted size nearest to it")
+    p.add_argument("--time-batch", type=positive, default=2, metavar="N", help="batch of the timing (default 2)")
     p.add_argument("--no-time", action="store_true", help="skip the timing")
     p.add_argument("--no-conservation", action="store_true", help="skip the float64 conservation check")
     p.add_argument("--timm", action="store_true",
                    help="sweep timm's models (TIMM_MODELS; --models picks among them) instead of torchvision's")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive, help="torch intra-op threads")
     return p.parse_args(argv)
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 0 if args.no_time else args.repeats
-    rows = run(select(args.models, args.timm), args.max_params, repeats, not args.no_conservation)
+    rows = run(select(args.models, args.timm), args.max_params, repeats, not args.no_conservation, args.time_size,
+               args.time_batch)
     print(markdown(rows) + "\n\n" + summary(rows))
     return 0 if all(r.status in ("ok", "skipped") for r in rows) else 1
 

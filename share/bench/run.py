@@ -16,7 +16,8 @@ Sections (see the scripts next to this one for what exactly each times):
 - zoo (not in the default run; ``--zoo`` or ``--only zoo``): every torchvision classification model through
   ``composite: auto`` and ``canonizers: auto``, one row per model (share/bench/bench_zoo.py): coverage left,
   finiteness, float64 conservation, time against the plain gradient. ``--zoo-models`` picks models (globs),
-  ``--zoo-max-params`` skips the largest.
+  ``--zoo-max-params`` skips the largest, ``--zoo-time-size`` and ``--zoo-time-batch`` set the timing's input
+  (default: each model's smallest accepted size, batch 2).
 - export: the attribution exported by ``lrpcli.export`` and ``torch.compile`` of it against eager
   ``lrpcli.attribute``, same batch, paired runs (share/bench/bench_export.py): s/batch and the median ratio.
 
@@ -79,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zoo-models", help="zoo: comma-separated model names or globs (default: every torchvision model)")
     p.add_argument("--zoo-max-params", type=float, default=350.0,
                    help="zoo: skip models above this many million parameters (default 350)")
+    p.add_argument("--zoo-time-size", type=zoo_positive, metavar="N",
+                   help="zoo: image size of the timing (default: each model's smallest accepted size; a model that "
+                   "does not run at N is timed at the accepted size nearest to it)")
+    p.add_argument("--zoo-time-batch", type=zoo_positive, default=2, metavar="N",
+                   help="zoo: batch of the timing (default 2)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,11 +265,19 @@ def git_state() -> str:
     return f"git {head}" + (" + uncommitted changes under lrpcli/" if dirty else "")
 
 
+def zoo_positive(text: str) -> int:
+    """argparse type of the --zoo-time-* options: bench_zoo's, imported only when they are given."""
+    from bench_zoo import positive
+
+    return positive(text)
+
+
 def zoo_section(args: argparse.Namespace) -> str:
     """The zoo sweep (bench_zoo.py): its table, one row per model, and a summary line."""
     from bench_zoo import markdown, run, select, summary
 
-    rows = run(select(args.zoo_models), args.zoo_max_params, 1 if args.quick else 3, conserve=True)
+    rows = run(select(args.zoo_models), args.zoo_max_params, 1 if args.quick else 3, conserve=True,
+               time_size=args.zoo_time_size, time_batch=args.zoo_time_batch)
     return markdown(rows) + "\n\n" + summary(rows)
 
 
