@@ -72,3 +72,20 @@ def test_unknown_sections_and_composites_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench_run.parse_args(["--composites", "epsilon_plus,nosuch"])
     assert "--composites: unknown nosuch" in capsys.readouterr().err
+
+
+def test_overhead_bench_takes_the_epsilon_reference():
+    """``bench_overhead.py --composites 'epsilon*'``: Epsilon on every weighted layer, the floor of the hooks'
+    cost, with the Epsilon-only target; refused against an older package, whose rules it would mix."""
+    import bench_overhead
+    from torch import nn
+
+    from lrpcli.engine.rules import Epsilon
+
+    composite = bench_overhead.composite_in("lrpcli", EPSILON_REFERENCE)
+    assert composite.name == EPSILON_REFERENCE
+    assert isinstance(composite.rule_for("conv", nn.Conv2d(1, 1, 1), {}), Epsilon)
+    assert bench_overhead.TARGET[EPSILON_REFERENCE] == 1.3
+    assert bench_overhead.composite_in("lrpcli", "auto").name == "auto"
+    with pytest.raises(SystemExit, match="not with --against"):
+        bench_overhead.composite_in("lrpcli_base", EPSILON_REFERENCE)
