@@ -132,6 +132,10 @@ class Gamma(ParamRule):
             den.mul_(sigma).add_(z, alpha=1.0 + 0.5 * g)
             if folded:
                 torch.div(relevance, den, out=ratio)
+            elif self.stabilizer.mode == "rms":  # den has the sign sigma: s(den) = den + sigma eps rms, one pass
+                rms = self.rms_of(call)
+                term = Stabilizer.rms(den, self.stabilizer.epsilon) if rms is None else rms * self.stabilizer.epsilon
+                torch.div(relevance, torch.addcmul(den, sigma, term, out=ratio), out=ratio)
             else:
                 self.stabilizer.divide(relevance, den, out=ratio, rms=self.rms_of(split.call))
         del den
