@@ -17,7 +17,8 @@ model the session stores what autograd saves of y = relu(z) as a reference to z 
 backward needs it (``relu_recompute``), so the model keeps one activation per layer, as the plain gradient does.
 The same holds for a ReLU after a layer whose rms stabilizer needs that layer's whole output (Gamma, AlphaBeta):
 the layer keeps z (``Session._whole_output_producer``); other layers followed by a ReLU keep relu(z) instead of z
-(``LayerCall.rectify``).
+(``LayerCall.rectify``). Where the layer above such a recomputed ReLU is proportional to its input, its relevance
+is noted as zero wherever z <= 0 (``ZeroNotes.mark_rectified``, ``LayerCall.positive_relevance``).
 
 Calls that need no record. A module returning its very input under Pass (or a merged BatchNorm) gets no
 node; Pass on an activation or a gate gets ``PassFunction``, a node without a LayerCall; a rule that is the
