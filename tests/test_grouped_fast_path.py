@@ -247,3 +247,22 @@ def test_gamma_below_a_relu_takes_one_transposed_operation(layer_id, monkeypatch
         slow = lrpcli.attribute(model, x, target=target, composite=composite)
     torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
     assert slow.abs().max() > 1e-3
+
+
+ALPHA_BETA = [r for r in RULES if r[0].startswith('alphabeta')]
+
+
+@pytest.mark.parametrize('rule_id,engine,ref_rule', ALPHA_BETA, ids=[r[0] for r in ALPHA_BETA])
+@pytest.mark.parametrize('layer_id,factory,shape,fast', [c for c in LAYERS if c[3]], ids=[c[0] for c in LAYERS if c[3]])
+def test_alphabeta_float32_by_magnitude(layer_id, factory, shape, fast, rule_id, engine, ref_rule, monkeypatch):
+    """AlphaBeta on inputs of both signs in float32: the x and |x| back-projections (``AlphaBeta._magnitude``, two
+    transposed operations where float64's block form takes four), equal to the float64 reference to float32's
+    rounding."""
+    spy = _Spy(monkeypatch)
+    layer = _layer(factory, 0)
+    x, upper, ref = _data(layer, shape, ref_rule, False, 0)
+    composite = LayerMap([(type(layer), engine())])
+    got = lrpcli.attribute(nn.Sequential(layer).float(), x.float(), target=upper.float(), composite=composite)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, atol=2e-5 * float(ref.abs().max()), rtol=2e-5)
+    assert (spy.pair, spy.general, spy.shared) == (0, 0, 1)

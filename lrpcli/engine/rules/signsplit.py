@@ -201,7 +201,7 @@ class SignSplit:
         opposed, so the aligned sum plus b+ is (z + f(|x|; |W|, |b|))/2 (2 b+ - b = |b|): one convolution over
         the input channels instead of one over twice as many (or two, with groups)."""
         if self.has_pos and self.has_neg and not self.z.is_meta:
-            return self._positive_sum_by_magnitude(shift)
+            return self.positive_sum_by_magnitude(shift)
         bias = self.bias.clamp(min=0).flatten() if self.bias is not None else None
         if shift:
             channels = self.weight_pos.shape[ops.weight_out_dim(self.module)]
@@ -213,9 +213,9 @@ class SignSplit:
                 forward(self.module, self.x_neg, self.weight_neg, None, self.z))
         return forward(self.module, self.x, self.weight_pos, bias, self.z)
 
-    def _positive_sum_by_magnitude(self, shift: float) -> torch.Tensor:
-        """(z + f(|x|; |W|, |b| + 2 shift)) / 2 for x of both signs (``positive_sum``); z is the rule's output
-        (z without b under zero_params=['bias'], then without |b| too)."""
+    def positive_sum_by_magnitude(self, shift: float) -> torch.Tensor:
+        """(z + f(|x|; |W|, |b| + 2 shift)) / 2, the aligned sum plus b+ (+ shift) for x of any sign
+        (``positive_sum``); z is the rule's output (z without b under zero_params=['bias'], then without |b| too)."""
         m = self.module
         bias = None
         if self.bias is not None or shift:
