@@ -59,9 +59,16 @@ class AlphaBeta(ParamRule):
         alpha and beta are folded into the stacked weights [alpha W+; beta |W-|], which get R / s(z+) and
         R / s(z-).
         """
-        folded = self.stabilizer.mode == "sign"
-        positive = split.positive_sum(self.stabilizer.epsilon if folded else 0.0)
         buf, to_pos, to_neg = split.pair_buffer()
+        self._ratios(split, relevance, split.positive_sum, to_pos, to_neg)
+        return split.backproject_pair(buf, self._fill_weights)
+
+    def _ratios(self, split: SignSplit, relevance: torch.Tensor, positive_sum, to_pos: torch.Tensor,
+                to_neg: torch.Tensor) -> None:
+        """R / s(z+) into ``to_pos`` and R / s(z-) into ``to_neg``, z+ from ``positive_sum(shift)`` (one forward)
+        and z- = z - z+; the sign stabilizer folded into that forward's bias (z+ >= 0 >= z-)."""
+        folded = self.stabilizer.mode == "sign"
+        positive = positive_sum(self.stabilizer.epsilon if folded else 0.0)
         if folded:
             torch.div(relevance, torch.sub(split.z_rule, positive, out=to_neg), out=to_neg)
             torch.div(relevance, positive, out=to_pos)
@@ -69,8 +76,6 @@ class AlphaBeta(ParamRule):
             self.stabilizer.divide(relevance, torch.sub(split.z_rule, positive), out=to_neg,
                                    rms=self.rms_of(split.call, 1))
             self.stabilizer.divide(relevance, positive, out=to_pos, rms=self.rms_of(split.call))
-        del positive
-        return split.backproject_pair(buf, self._fill_weights)
 
     def _magnitude(self, split: SignSplit, relevance: torch.Tensor) -> torch.Tensor:
         """The same rule for x of any sign on a convolution (``split.any_signs_fast``), without a pass that finds
@@ -84,17 +89,8 @@ class AlphaBeta(ParamRule):
         a few times the block form's: about 3e-14 of the relevance in float64 where the block form keeps 1e-14.
         float64, the dtype of exact comparisons, therefore keeps the block form; in float32 and below the
         difference is far below the dtype's own rounding."""
-        folded = self.stabilizer.mode == "sign"
-        positive = split.positive_sum_by_magnitude(self.stabilizer.epsilon if folded else 0.0)
         to_pos, to_neg = split.output_buffers(2)
-        if folded:
-            torch.div(relevance, torch.sub(split.z_rule, positive, out=to_neg), out=to_neg)
-            torch.div(relevance, positive, out=to_pos)
-        else:
-            self.stabilizer.divide(relevance, torch.sub(split.z_rule, positive), out=to_neg,
-                                   rms=self.rms_of(split.call, 1))
-            self.stabilizer.divide(relevance, positive, out=to_pos, rms=self.rms_of(split.call))
-        del positive
+        self._ratios(split, relevance, split.positive_sum_by_magnitude, to_pos, to_neg)
         k = self.beta / self.alpha
         to_x = torch.add(to_pos, to_neg, alpha=-k)
         to_abs = torch.add(to_pos, to_neg, alpha=k, out=to_neg)
