@@ -55,18 +55,22 @@ class ZeroNotes:
     def known(self, relevance: torch.Tensor, output: torch.Tensor) -> bool:
         """True if ``relevance`` is known to be zero wherever ``output`` is: a note says so for a tensor holding
         the same elements as ``output``, and neither changed since."""
+        return self._holds(self._note(relevance), relevance, output)
+
+    def known_rectified(self, relevance: torch.Tensor, output: torch.Tensor) -> bool:
+        """True if ``relevance`` is known to be zero wherever ``output`` is <= 0 (``mark_rectified``)."""
         note = self._note(relevance)
+        return note is not None and note[4] and self._holds(note, relevance, output)
+
+    @staticmethod
+    def _holds(note: tuple | None, relevance: torch.Tensor, output: torch.Tensor) -> bool:
+        """``note`` is about a tensor holding ``output``'s elements, and neither tensor changed since."""
         if note is None:
             return False
         _, version, ref, x_version, _ = note
         x = ref()
         return (x is not None and relevance._version == version and x._version == x_version
                 and relevance.numel() == output.numel() and same_elements(x, output))
-
-    def known_rectified(self, relevance: torch.Tensor, output: torch.Tensor) -> bool:
-        """True if ``relevance`` is known to be zero wherever ``output`` is <= 0 (``mark_rectified``)."""
-        note = self._note(relevance)
-        return note is not None and note[4] and self.known(relevance, output)
 
     def clear(self) -> None:
         self.notes.clear()

@@ -120,24 +120,18 @@ class Gamma(ParamRule):
             # |den| = c + (1 + gamma/2) |z|, no sign needed: where z > 0 it is den, the other outputs carry no
             # relevance (their ratio is 0 over any positive number), and its rms is den's
             den.add_(torch.abs(z, out=signed), alpha=1.0 + 0.5 * g)
-            if folded:  # eps is in c already
-                torch.div(relevance, den, out=ratio)
-            else:
-                rms = self.rms_of(call)
-                if rms is None and self.stabilizer.mode == "rms":
-                    rms = Stabilizer.rms(den)
-                self.stabilizer.divide(relevance, den, out=ratio, nonnegative=True, rms=rms)
         else:  # copysign is a slow kernel on the CPU: sigma once, then products
             sigma = torch.copysign(torch.ones((), dtype=z.dtype, device=z.device), z, out=signed)
             den.mul_(sigma).add_(z, alpha=1.0 + 0.5 * g)
-            if folded:
-                torch.div(relevance, den, out=ratio)
-            elif self.stabilizer.mode == "rms":  # den has the sign sigma: s(den) = den + sigma eps rms, one pass
-                rms = self.rms_of(call)
-                term = Stabilizer.rms(den, self.stabilizer.epsilon) if rms is None else rms * self.stabilizer.epsilon
-                torch.div(relevance, torch.addcmul(den, sigma, term, out=ratio), out=ratio)
-            else:
-                self.stabilizer.divide(relevance, den, out=ratio, rms=self.rms_of(split.call))
+        if folded:  # eps is in c already
+            torch.div(relevance, den, out=ratio)
+        elif self.stabilizer.mode == "rms":  # den has the sign sigma (or is |den|): s(den) = den + sigma eps rms
+            rms = self.rms_of(call)
+            term = Stabilizer.rms(den, self.stabilizer.epsilon) if rms is None else rms * self.stabilizer.epsilon
+            s = torch.add(den, term, out=ratio) if positive else torch.addcmul(den, sigma, term, out=ratio)
+            torch.div(relevance, s, out=ratio)
+        else:
+            self.stabilizer.divide(relevance, den, out=ratio, nonnegative=positive, rms=self.rms_of(call))
         del den
         if not positive:
             signed.mul_(ratio)  # sigma r
