@@ -27,7 +27,6 @@ import torch
 from bench_models import EPSILON_REFERENCE, epsilon_reference
 
 import lrpcli
-from lrpcli.engine.composites import get
 from lrpcli.explainer.explainer import Explainer
 
 FAMILIES = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet0_5", "shufflenet_v2_x0_5",
@@ -114,7 +113,7 @@ def profile(name: str, batch: int, composite: str) -> None:
 
     model = build(name)
     x = torch.randn(batch, 3, 224, 224)
-    with Explainer(model, get(composite), canonizers=["auto"]) as explainer:
+    with Explainer(model, composite_in("lrpcli", composite), canonizers=["auto"]) as explainer:
         explainer(x)
         prof = cProfile.Profile()
         prof.enable()
@@ -135,10 +134,9 @@ def fixed_cost(name: str, batch: int, composite: str, package: str, repeats: int
     import pstats
 
     explainer_cls = importlib.import_module(f"{package}.explainer.explainer").Explainer
-    composite_of = importlib.import_module(f"{package}.engine.composites").get
     model = build(name)
     x = torch.randn(batch, 3, 224, 224)
-    with explainer_cls(model, composite_of(composite), canonizers=["auto"]) as explainer:
+    with explainer_cls(model, composite_in(package, composite), canonizers=["auto"]) as explainer:
         explainer(x)
         explainer(x)
         prof = cProfile.Profile()
