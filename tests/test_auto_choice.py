@@ -15,7 +15,7 @@ from lrpcli.engine.composites.builtin import AutoComposite
 from lrpcli.engine.composites.layers import BATCHNORMS
 from lrpcli.engine.functional_modules import AttentionProduct
 from lrpcli.engine.rules import BatchNormRule, ConstantOperand, Stabilizer
-from tests.test_composite_auto import tiny_cnn
+from tests.test_composite_auto import relevance_of, tiny_cnn
 from tests.test_zoo_transformers import tiny_vit
 
 DT = torch.float64
@@ -77,16 +77,10 @@ def tiny_levit(seed: int = 0) -> nn.Module:
 def _relevance(model: nn.Module, composite, x: torch.Tensor,
                canonizers: list[str]) -> tuple[torch.Tensor, float, list[str], list[str]]:
     """(input relevance, output relevance, session notes, modules left without a rule)."""
-    session = composite.context(model, canonizers=canonizers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with session as m:
-            xi = x.clone().requires_grad_()
-            out = m(xi)
-            seed = torch.zeros_like(out)
-            seed[:, 1] = out[:, 1]
-            (grad,) = torch.autograd.grad(out, xi, seed)
-    return grad, seed.sum().item(), session.notes, [f"{a.name} ({a.type_name})" for a in session.unhandled()]
+        grad, total, session = relevance_of(model, composite, x, canonizers)
+    return grad, total, session.notes, [f"{a.name} ({a.type_name})" for a in session.unhandled()]
 
 
 def test_levit_like_attention_found_after_the_canonizers():

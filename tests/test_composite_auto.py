@@ -3,6 +3,9 @@ CNN, with a scale-relative (rms) stabilizer unless told otherwise; the session n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -24,14 +27,21 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
                          nn.Linear(32, 5)).to(DT).eval()
 
 
-def _relevance(model: nn.Module, composite, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    session = composite.context(model, canonizers=["auto"])
+def relevance_of(model: nn.Module, composite, x: torch.Tensor, canonizers: Sequence[str] = ("auto",)
+                 ) -> tuple[torch.Tensor, float, Any]:
+    """(input relevance for class 1, its output relevance, the session) under ``composite.context``."""
+    session = composite.context(model, canonizers=list(canonizers))
     with session as m:
         xi = x.clone().requires_grad_()
         out = m(xi)
         seed = torch.zeros_like(out)
         seed[:, 1] = out[:, 1]
         (grad,) = torch.autograd.grad(out, xi, seed)
+    return grad, seed.sum().item(), session
+
+
+def _relevance(model: nn.Module, composite, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    grad, _, session = relevance_of(model, composite, x)
     return grad, session.notes
 
 

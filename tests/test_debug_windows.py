@@ -264,30 +264,20 @@ def test_cli_window_layer_columns_equal_batch_one(tmp_path):
     _assert_same_rows(rows[2], rows[1], 1e-12)
 
 
-def test_cli_tiny_torchvision_swin_runs_and_equals_batch_one(tmp_path):
-    """Swin's position bias (a constant broadcast over the batch) made debug fail with a reshape error."""
-    pytest.importorskip("torchvision")
+@pytest.mark.parametrize("package,entry,size,layer", [
+    # Swin's position bias (a constant broadcast over the batch) made debug fail with a reshape error
+    ("torchvision", "tiny", 32, "features.1.1.attn.position_bias"),
+    # torchvision swin_t, random weights, 64x64: every column of every layer at batch 2 equals batch 1
+    pytest.param("torchvision", "build", 64, "features.1.1.attn.position_bias", marks=pytest.mark.slow),
+    # timm's swin_tiny at 56x56: stage 0 runs its attention on B x 4 windows
+    pytest.param("timm", "timm_swin", 56, "layers.0.blocks.0.attn.proj", marks=pytest.mark.slow),
+], ids=["torchvision_tiny", "torchvision_swin_t", "timm_swin_tiny"])
+def test_cli_swin_equals_batch_one(tmp_path, package, entry, size, layer):
+    """Swin models in ``lrpcli debug``: the window layer's row exists and every column at batch 2 equals batch 1."""
+    pytest.importorskip(package)
     (tmp_path / "swin.py").write_text(SWIN_ENTRY)
-    rows = {b: _debug_json(tmp_path, "swin.py:tiny", 32, b) for b in (2, 1)}
-    assert rows[2]["features.1.1.attn.position_bias"]["max"] is not None
-    _assert_same_rows(rows[2], rows[1], 1e-9)
-
-
-@pytest.mark.slow
-def test_cli_swin_t_equals_batch_one(tmp_path):
-    """torchvision swin_t, random weights, 64x64: every column of every layer at batch 2 equals batch 1."""
-    pytest.importorskip("torchvision")
-    (tmp_path / "swin.py").write_text(SWIN_ENTRY)
-    rows = {b: _debug_json(tmp_path, "swin.py:build", 64, b) for b in (2, 1)}
-    assert rows[2]["features.1.1.attn.position_bias"]["max"] is not None
-    _assert_same_rows(rows[2], rows[1], 1e-9)
-
-
-@pytest.mark.slow
-def test_cli_timm_swin_window_layers_equal_batch_one(tmp_path):
-    """timm's swin_tiny at 56x56: stage 0 runs its attention on B x 4 windows."""
-    pytest.importorskip("timm")
-    (tmp_path / "swin.py").write_text(SWIN_ENTRY)
-    rows = {b: _debug_json(tmp_path, "swin.py:timm_swin", 56, b) for b in (2, 1)}
-    assert "layers.0.blocks.0.attn.proj" in rows[2]
+    rows = {b: _debug_json(tmp_path, f"swin.py:{entry}", size, b) for b in (2, 1)}
+    assert layer in rows[2]
+    if layer.endswith("position_bias"):  # the constant shared by the batch gets its columns
+        assert rows[2][layer]["max"] is not None
     _assert_same_rows(rows[2], rows[1], 1e-9)
