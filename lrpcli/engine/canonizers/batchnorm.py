@@ -25,6 +25,7 @@ from lrpcli.engine.composites.layers import BATCHNORMS
 from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
 from lrpcli.engine.layerops import CONV_TRANSPOSE_TYPES, CONV_TYPES, LINEAR_TYPES, tracing
 from lrpcli.engine.paramcache import same_stamp, tensors_stamp
+from lrpcli.engine.rules.batchnorm import scale_shift
 
 if TYPE_CHECKING:  # pragma: no cover
     from lrpcli.engine.hooks import Probe, Session
@@ -37,14 +38,8 @@ def merged_params(layer: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.
 
 def _merge(layer: nn.Module, bn: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None,
            bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``merged_params`` from the given parameters (the running statistics and eps read from ``bn``): the
-    operations of ``rules.batchnorm.scale_shift``, in its order, so that the values are the same."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn_weight is not None:
-        scale = bn_weight * scale
-    shift = -bn.running_mean * scale
-    if bn_bias is not None:
-        shift = shift + bn_bias
+    """``merged_params`` from the given parameters (the running statistics and eps read from ``bn``)."""
+    scale, shift = scale_shift(bn, bn.running_mean, bn.running_var, (bn_weight, bn_bias))
     if isinstance(layer, CONV_TRANSPOSE_TYPES):
         groups = layer.groups
         in_ch, per_group = weight.shape[0], weight.shape[1]

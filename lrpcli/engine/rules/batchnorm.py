@@ -23,15 +23,20 @@ from lrpcli.engine.functional_modules import MERGED_BATCHNORMS
 from lrpcli.engine.rules.layernorm import NormalisationRule
 
 
-def scale_shift(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_shift(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor,
+                affine_params: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel a, b of ``bn`` as ``a * x + b`` for the given statistics (its weight and bias if it has
-    them): what the rule applies and what merging into the layer before folds in."""
+    them, or ``affine_params`` in their place): what the rule applies and what merging into the layer before
+    folds in."""
+    weight, bias = (getattr(bn, "weight", None), getattr(bn, "bias", None)) if affine_params is None \
+        else affine_params
     a = torch.rsqrt(var + bn.eps)
-    if getattr(bn, "weight", None) is not None:
-        a = bn.weight * a
+    if weight is not None:
+        a = weight * a
     b = -mean * a
-    if getattr(bn, "bias", None) is not None:
-        b = b + bn.bias
+    if bias is not None:
+        b = b + bias
     return a, b
 
 
